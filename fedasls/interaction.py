@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
+STREAM_EPOCH = 1_700_000_000.0  # timestamps are seconds; the virtual clock counts from here
+
 InteractionKind = Literal["chatter", "duplicate", "valuable", "noise", "data"]
 
 
