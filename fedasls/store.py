@@ -1,0 +1,257 @@
+"""Per-device persistent state with atomic writes; memory use independent of population size.
+
+Layout (sharded by the device id's last four digits, so no folder grows past ~100 entries
+per 10,000 devices):
+
+    root/<(id // 100) % 100 :02d>/<id % 100 :02d>/device-<id>/
+        state.json                 manifest: JSON values + which data files hold the rest
+        arrays-<token>.npz         numpy arrays (allow_pickle=False)
+        tensors-<token>.safetensors torch tensors (e.g. a LoRA adapter state dict)
+
+A save writes new data files under a fresh token, then atomically replaces `state.json`
+(temp file in the same folder + fsync + os.replace), then removes files the new manifest no
+longer names. A crash at any point leaves either the old or the new state, never a mix.
+The manifest records a SHA-256 per data file, so any corruption is detected on load.
+One writer per device at a time is assumed (devices never share a folder).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
+
+FORMAT_VERSION = 1
+MANIFEST = "state.json"
+_TMP_MARK = ".tmp-"
+
+
+class CorruptStateError(RuntimeError):
+    """A device's stored state cannot be read. Other devices are unaffected."""
+
+    def __init__(self, device_id: int, path: Path, reason: str, folder: Path):
+        self.device_id, self.path, self.reason, self.folder = device_id, path, reason, folder
+        super().__init__(
+            f"device {device_id}: stored state file {path} is corrupt ({reason}). "
+            f"Fix: delete the folder {folder} (DeviceStore.delete({device_id})) to reset this device; "
+            "other devices are not affected."
+        )
+
+
+def _check_device_id(device_id: Any) -> int:
+    if isinstance(device_id, bool) or not isinstance(device_id, (int, np.integer)) or device_id < 0:
+        raise ValueError(f"device_id must be an integer >= 0, got {device_id!r}")
+    return int(device_id)
+
+
+def _to_json(value: Any, where: str) -> Any:
+    """Validate (and convert numpy scalars in) a JSON value; dict keys must be strings."""
+    if value is None or isinstance(value, (bool, str, int, float)):
+        return value
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, (list, tuple)):
+        return [_to_json(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, dict):
+        out = {}
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise TypeError(f"state{where}: dict key {k!r} is not a string; JSON state needs string keys")
+            out[k] = _to_json(v, f"{where}[{k!r}]")
+        return out
+    raise TypeError(
+        f"state{where}: cannot store {type(value).__name__}; top-level values may be JSON data, "
+        "numpy arrays, torch tensors or dicts of torch tensors"
+    )
+
+
+def _is_tensor_dict(value: Any) -> bool:
+    return isinstance(value, dict) and bool(value) and all(isinstance(v, torch.Tensor) for v in value.values())
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Write bytes to a temp file in the same folder, fsync, then os.replace onto `path`."""
+    tmp = path.with_name(f".{path.name}{_TMP_MARK}{uuid.uuid4().hex}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    _fsync_dir(path.parent)
+
+
+class DeviceStore:
+    """Persistent per-device state: `save`, `load`, `exists`, `delete`, `device_ids`."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def folder(self, device_id: int) -> Path:
+        """The device's folder, e.g. root/00/07/device-7 for device 7."""
+        d = _check_device_id(device_id)
+        return self.root / f"{(d // 100) % 100:02d}" / f"{d % 100:02d}" / f"device-{d}"
+
+    def exists(self, device_id: int) -> bool:
+        return (self.folder(device_id) / MANIFEST).is_file()
+
+    def save(self, device_id: int, state: dict[str, Any]) -> None:
+        """Atomically replace the device's state.
+
+        Top-level values may be JSON data (numpy scalars become Python numbers, tuples
+        become lists), numpy arrays, torch tensors, or non-empty dicts of torch tensors
+        (stored CPU, contiguous, with safetensors).
+        """
+        d = _check_device_id(device_id)
+        if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
+            raise TypeError(f"device {d}: state must be a dict with string keys")
+        folder = self.folder(d)
+        folder.mkdir(parents=True, exist_ok=True)
+        token = uuid.uuid4().hex[:12]
+        manifest: dict[str, Any] = {"format": FORMAT_VERSION, "device_id": d, "json": {}, "files": {}}
+        arrays: dict[str, np.ndarray] = {}
+        tensors: dict[str, torch.Tensor] = {}
+        tensor_index: dict[str, Any] = {}
+        for key, value in state.items():
+            if isinstance(value, np.ndarray):
+                if value.dtype == object:
+                    raise TypeError(f"device {d}: state[{key!r}] is an object array; store numeric/str arrays only")
+                arrays[key] = value
+            elif isinstance(value, torch.Tensor):
+                stored = f"t{len(tensors)}"
+                tensors[stored] = value.detach().cpu().contiguous().clone()
+                tensor_index[key] = stored
+            elif _is_tensor_dict(value):
+                names = {}
+                for name, t in value.items():
+                    stored = f"t{len(tensors)}"
+                    tensors[stored] = t.detach().cpu().contiguous().clone()
+                    names[str(name)] = stored
+                tensor_index[key] = names
+            else:
+                manifest["json"][key] = _to_json(value, f"[{key!r}]")
+        if arrays:
+            buf = io.BytesIO()
+            np.savez(buf, **{f"a{i}": a for i, a in enumerate(arrays.values())})
+            self._write_data(folder, manifest, "arrays", f"arrays-{token}.npz", buf.getvalue())
+            manifest["arrays"] = {key: f"a{i}" for i, key in enumerate(arrays)}
+        if tensors:
+            self._write_data(folder, manifest, "tensors", f"tensors-{token}.safetensors", save_tensors(tensors))
+            manifest["tensors"] = tensor_index
+        _atomic_write(folder / MANIFEST, json.dumps(manifest).encode("utf-8"))
+        keep = {MANIFEST, *(f["name"] for f in manifest["files"].values())}
+        for entry in os.scandir(folder):
+            if entry.name not in keep:
+                os.unlink(entry.path)
+
+    @staticmethod
+    def _write_data(folder: Path, manifest: dict, kind: str, name: str, data: bytes) -> None:
+        _atomic_write(folder / name, data)
+        manifest["files"][kind] = {"name": name, "sha256": hashlib.sha256(data).hexdigest()}
+
+    def load(self, device_id: int) -> dict[str, Any] | None:
+        """The device's state, or None if it was never saved. Raises CorruptStateError."""
+        d = _check_device_id(device_id)
+        folder = self.folder(d)
+        path = folder / MANIFEST
+        if not path.is_file():
+            return None
+
+        def corrupt(p: Path, reason: str) -> CorruptStateError:
+            return CorruptStateError(d, p, reason, folder)
+
+        try:
+            manifest = json.loads(path.read_bytes().decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise corrupt(path, f"not valid JSON: {err}") from None
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_VERSION or manifest.get("device_id") != d:
+            raise corrupt(path, f"not a format-{FORMAT_VERSION} manifest for device {d}")
+        if not isinstance(manifest.get("json"), dict) or not isinstance(manifest.get("files"), dict):
+            raise corrupt(path, "manifest lacks its 'json' or 'files' table")
+        state: dict[str, Any] = dict(manifest["json"])
+        blobs: dict[str, tuple[Path, bytes]] = {}
+        for kind, info in manifest["files"].items():
+            try:
+                p = folder / info["name"]
+                expected = info["sha256"]
+            except (TypeError, KeyError):
+                raise corrupt(path, f"bad entry for data file '{kind}'") from None
+            if not p.is_file():
+                raise corrupt(p, "file named by the manifest is missing")
+            data = p.read_bytes()
+            if hashlib.sha256(data).hexdigest() != expected:
+                raise corrupt(p, "checksum mismatch (truncated or overwritten)")
+            blobs[kind] = (p, data)
+        for kind, table in (("arrays", manifest.get("arrays")), ("tensors", manifest.get("tensors"))):
+            if table is None:
+                continue
+            if kind not in blobs or not isinstance(table, dict):
+                raise corrupt(path, f"manifest lists {kind} but no valid '{kind}' data file")
+            p, data = blobs[kind]
+            try:
+                if kind == "arrays":
+                    with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+                        for key, member in table.items():
+                            state[key] = npz[member]
+                else:
+                    tensors = load_tensors(data)
+                    for key, entry in table.items():
+                        state[key] = tensors[entry] if isinstance(entry, str) else {n: tensors[s] for n, s in entry.items()}
+            except Exception as err:  # noqa: BLE001 - any decode failure means corrupt data
+                raise corrupt(p, f"does not decode: {type(err).__name__}: {err}") from None
+        return state
+
+    def delete(self, device_id: int) -> bool:
+        """Remove the device's state; True if there was any."""
+        folder = self.folder(device_id)
+        if not folder.exists():
+            return False
+        tomb = folder.with_name(f".{folder.name}{_TMP_MARK}{uuid.uuid4().hex}")
+        os.replace(folder, tomb)  # atomic: the device vanishes at once
+        shutil.rmtree(tomb, ignore_errors=True)
+        return True
+
+    def device_ids(self) -> Iterator[int]:
+        """Ids of saved devices, in shard order (streamed: no index of all devices in memory)."""
+        for shard1 in _sorted_dirs(self.root):
+            for shard2 in _sorted_dirs(shard1):
+                for dev in _sorted_dirs(shard2):
+                    name = dev.name
+                    if name.startswith("device-") and name[7:].isdigit() and (dev / MANIFEST).is_file():
+                        yield int(name[7:])
+
+
+def _sorted_dirs(path: Path) -> list[Path]:
+    """Sub-folders of one shard level (at most ~100, or the devices of one leaf shard)."""
+    try:
+        return sorted(Path(e.path) for e in os.scandir(path) if e.is_dir() and not e.name.startswith("."))
+    except FileNotFoundError:
+        return []

@@ -1,0 +1,205 @@
+"""FedScale-style round logic on a virtual clock (pure Python: no Flower, no Ray).
+
+One round:
+1. `sample(now)` picks ceil(cohort_size * overcommit) distinct devices among those available
+   at `now`, by rejection sampling random ids (the population is never enumerated when it
+   is large) - fewer if not enough available devices are found within the try budget.
+2. The caller runs them and reports each finisher's simulated duration (e.g. from
+   `fedasls.heterogeneity.CostModel`), plus devices that failed or went offline
+   (`draw_dropouts` gives the random per-round dropouts from each profile's dropout_prob).
+3. `close_round(now, durations, went_offline)` applies the rules:
+   - dropped: reported offline/failed, no duration reported, or the device's availability
+     window ends before it would finish;
+   - completed: the `cohort_size` fastest finishers (ties by id) within the deadline;
+   - stragglers: other finishers (slower than the K-th, or past the deadline);
+   - round_seconds: the K-th fastest finish; if fewer than K finish within the deadline,
+     the deadline; with no deadline, the slowest finisher (0 if none finished).
+   The clock advances by round_seconds.
+
+Randomness for round r comes from SeedSequence([seed, r]) (and [seed, r, 1] for dropouts),
+so a run restored with `from_state` continues exactly as the original.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from fedasls.heterogeneity import HeterogeneityModel
+
+
+@dataclass
+class VirtualClock:
+    """Simulated seconds since the start of the run."""
+
+    now: float = 0.0
+
+    def advance(self, seconds: float) -> float:
+        if not seconds >= 0:
+            raise ValueError(f"the clock cannot advance by {seconds} seconds")
+        self.now += seconds
+        return self.now
+
+
+@dataclass(frozen=True)
+class RoundOutcome:
+    round_index: int
+    sampled: list[int]
+    completed: list[int]  # in finish order
+    stragglers: list[int]  # in finish order
+    dropped: list[int]  # sorted by id
+    round_seconds: float
+    new_now: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Coordinator:
+    """Availability-aware sampling with over-commitment, K-fastest and deadline rules."""
+
+    population_size: int
+    heterogeneity: HeterogeneityModel
+    cohort_size: int
+    overcommit: float = 1.3
+    deadline_s: float | None = None
+    seed: int = 0
+    max_sample_tries: int | None = None  # default: max(10_000, 100 * target)
+    clock: VirtualClock = field(default_factory=VirtualClock)
+    round_index: int = 0
+    pending: list[int] | None = None
+
+    def __post_init__(self) -> None:
+        if self.population_size < 1:
+            raise ValueError(f"population_size must be >= 1, got {self.population_size}")
+        if self.cohort_size < 1:
+            raise ValueError(f"cohort_size must be >= 1, got {self.cohort_size}")
+        if not self.overcommit >= 1.0:
+            raise ValueError(f"overcommit must be >= 1.0 (1.3 = sample 30% extra), got {self.overcommit}")
+        if self.deadline_s is not None and not self.deadline_s > 0:
+            raise ValueError(f"deadline_s must be > 0 or None, got {self.deadline_s}")
+
+    @property
+    def target(self) -> int:
+        """How many devices a round samples: ceil(cohort_size * overcommit), capped by population."""
+        return min(self.population_size, math.ceil(self.cohort_size * self.overcommit - 1e-9))
+
+    def _rng(self, *extra: int) -> np.random.Generator:
+        return np.random.default_rng(np.random.SeedSequence([self.seed, self.round_index, *extra]))
+
+    def _available(self, device_id: int, now: float) -> bool:
+        return self.heterogeneity.profile(device_id).availability.is_available(now)
+
+    def sample(self, now: float | None = None) -> list[int]:
+        """Distinct device ids available at `now` (default: the clock), uniformly at random."""
+        now = self.clock.now if now is None else float(now)
+        rng = self._rng()
+        target = self.target
+        tries = self.max_sample_tries or max(10_000, 100 * target)
+        chosen: list[int] = []
+        if self.population_size <= tries:  # small population: scan a random permutation
+            for d in rng.permutation(self.population_size):
+                if self._available(int(d), now):
+                    chosen.append(int(d))
+                    if len(chosen) == target:
+                        break
+        else:  # large population: rejection sampling of random ids
+            seen: set[int] = set()
+            while tries > 0 and len(chosen) < target:
+                batch = rng.integers(0, self.population_size, size=min(tries, 4 * target))
+                tries -= len(batch)
+                for d in batch.tolist():
+                    if d in seen:
+                        continue
+                    seen.add(d)
+                    if self._available(d, now):
+                        chosen.append(d)
+                        if len(chosen) == target:
+                            break
+        self.pending = chosen
+        return list(chosen)
+
+    def draw_dropouts(self, device_ids: list[int]) -> set[int]:
+        """Devices that fail this round at random, each with its profile's dropout_prob."""
+        rng = self._rng(1)
+        return {d for d in sorted(device_ids) if rng.random() < self.heterogeneity.profile(d).dropout_prob}
+
+    def close_round(self, now: float | None, durations: dict[int, float], went_offline: set[int] = frozenset()) -> RoundOutcome:
+        """Apply the K-fastest / deadline / dropout rules to the last sample and advance the clock."""
+        if self.pending is None:
+            raise RuntimeError("close_round() needs a preceding sample(): call sample(now) first")
+        now = self.clock.now if now is None else float(now)
+        sampled = list(self.pending)
+        members = set(sampled)
+        strangers = sorted(set(durations) - members)
+        if strangers:
+            raise ValueError(f"durations given for device(s) {strangers[:10]} that were not sampled this round")
+        for d, s in durations.items():
+            if not (isinstance(s, (int, float, np.integer, np.floating)) and s >= 0 and math.isfinite(s)):
+                raise ValueError(f"duration of device {d} must be a finite number >= 0, got {s!r}")
+        dropped: set[int] = set()
+        finishers: list[tuple[float, int]] = []
+        for d in sampled:
+            if d in went_offline or d not in durations:
+                dropped.add(d)
+            elif self.heterogeneity.profile(d).availability.next_change(now) < now + durations[d]:
+                dropped.add(d)  # its availability window closes before it finishes
+            else:
+                finishers.append((float(durations[d]), d))
+        finishers.sort()
+        k = self.cohort_size
+        on_time = [f for f in finishers if self.deadline_s is None or f[0] <= self.deadline_s]
+        completed = on_time[:k]
+        if len(completed) == k:
+            round_seconds = completed[-1][0]
+        elif self.deadline_s is not None:
+            round_seconds = float(self.deadline_s)
+        else:
+            round_seconds = finishers[-1][0] if finishers else 0.0
+        done = {d for _, d in completed}
+        outcome = RoundOutcome(
+            round_index=self.round_index,
+            sampled=sampled,
+            completed=[d for _, d in completed],
+            stragglers=[d for _, d in finishers if d not in done],
+            dropped=sorted(dropped),
+            round_seconds=round_seconds,
+            new_now=now + round_seconds,
+        )
+        self.clock.now = outcome.new_now
+        self.round_index += 1
+        self.pending = None
+        return outcome
+
+    def state(self) -> dict[str, Any]:
+        """JSON-able checkpoint of the coordinator (the heterogeneity model is rebuilt from settings)."""
+        return {
+            "population_size": self.population_size,
+            "cohort_size": self.cohort_size,
+            "overcommit": self.overcommit,
+            "deadline_s": self.deadline_s,
+            "seed": self.seed,
+            "max_sample_tries": self.max_sample_tries,
+            "now": self.clock.now,
+            "round_index": self.round_index,
+            "pending": self.pending,
+        }
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any], heterogeneity: HeterogeneityModel) -> "Coordinator":
+        return cls(
+            population_size=state["population_size"],
+            heterogeneity=heterogeneity,
+            cohort_size=state["cohort_size"],
+            overcommit=state["overcommit"],
+            deadline_s=state["deadline_s"],
+            seed=state["seed"],
+            max_sample_tries=state.get("max_sample_tries"),
+            clock=VirtualClock(state["now"]),
+            round_index=state["round_index"],
+            pending=None if state.get("pending") is None else list(state["pending"]),
+        )
