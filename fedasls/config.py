@@ -13,6 +13,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from fedasls.heterogeneity import HeterogeneitySettings
+
 
 class ConfigError(ValueError):
     """A settings file or override is invalid; the message says where and how to fix it."""
@@ -106,7 +108,7 @@ class AdaptationSettings(_Section):
     batch_size: int = Field(8, ge=1)
     max_length: int = Field(96, ge=16)
     min_new_items: int = Field(4, ge=0, description="Adapt only when this many new buffered items (profile trigger).")
-    drift_trigger: float = Field(0.35, ge=0, le=2, description="Profile drift above which the device re-tunes.")
+    drift_trigger: float = Field(0.5, ge=0, le=2, description="Profile drift above which the device re-tunes.")
     dp: bool = False
     noise_multiplier: float = Field(1.0, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
@@ -115,6 +117,21 @@ class AdaptationSettings(_Section):
 
 class EvaluationSettings(_Section):
     max_new_tokens: int = Field(32, ge=1)
+
+
+class SimulationSettings(_Section):
+    """The fleet run: rounds, cohort, over-commitment, deadline, virtual clock, Ray workers."""
+
+    rounds: int = Field(3, ge=1)
+    cohort_size: int = Field(20, ge=1, description="K: devices whose results a round waits for.")
+    overcommit: float = Field(1.3, ge=1.0, description="Sample ceil(K * overcommit) devices per round.")
+    deadline_s: float = Field(0.0, ge=0, description="Simulated seconds before a round closes; 0 = no deadline.")
+    round_interval_s: float = Field(21_600.0, ge=0, description="Simulated time between round starts (streams advance).")
+    start_time_s: float = Field(43_200.0, ge=0, description="Virtual clock at the first round (noon of day 0).")
+    workers: int = Field(2, ge=1, description="Ray actors running devices in parallel (one base model each).")
+    cpus_per_worker: float = Field(1.0, gt=0)
+    output_dir: str = "results"
+    store_dir: str | None = Field(None, description="Device store; default <output_dir>/<run>/store.")
 
 
 class Settings(_Section):
@@ -127,6 +144,8 @@ class Settings(_Section):
     synthesis: SynthesisSettings = SynthesisSettings()
     adaptation: AdaptationSettings = AdaptationSettings()
     evaluation: EvaluationSettings = EvaluationSettings()
+    heterogeneity: HeterogeneitySettings = HeterogeneitySettings()
+    simulation: SimulationSettings = SimulationSettings()
 
 
 def _format_errors(err: ValidationError, source: str) -> str:
