@@ -1,0 +1,122 @@
+"""Synthesis: the ROUGE-1 filter, the lexical fallback, the LLM path and the auto switch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fedasls.evaluation import rouge1_f
+from fedasls.synthesis import Synthesizer, lexical_fallback, llm_rewrites, rouge_filter
+
+ORIGINAL = "How do I bake bread at home"  # 7 unigrams
+
+QUESTIONS = [
+    "How do I bake sourdough bread at home?",
+    "What is a good beginner running plan for a 5k race?",
+    "Which houseplants are easy to keep alive in low light?",
+    "How can I improve my sleep schedule during the week?",
+    "What should I pack for a weekend hiking trip?",
+]
+PAIRS = [(q, f"answer {i}") for i, q in enumerate(QUESTIONS)]
+
+
+def test_rouge_values_of_hand_chosen_rewrites() -> None:
+    assert rouge1_f("how can i bake bread", ORIGINAL) == pytest.approx(2 / 3)  # P=4/5, R=4/7
+    assert rouge1_f("how do i bake bread at home quickly", ORIGINAL) == pytest.approx(14 / 15)  # P=7/8, R=1
+    assert rouge1_f("bake a cake", ORIGINAL) == pytest.approx(0.2)  # P=1/3, R=1/7
+    assert rouge1_f("how do I bake bread at home ??", ORIGINAL) == pytest.approx(1.0)
+
+
+def test_filter_drops_identical_too_close_unrelated_and_duplicates() -> None:
+    candidates = [
+        "How do I bake bread at home",  # identical
+        "how do i  bake bread at HOME",  # identical up to case/spacing
+        "how do I bake bread at home ??",  # F = 1.0 > rouge_max
+        "what is the weather in paris today",  # F = 0
+        "bake a cake",  # F = 0.2 < rouge_min
+        "how can i bake bread",  # F = 2/3: kept
+        "How can I bake  bread",  # duplicate of the kept one
+        "how do i bake bread at home quickly",  # F = 14/15: kept
+        "",
+    ]
+    assert rouge_filter(ORIGINAL, candidates, 0.3, 0.95) == ["how can i bake bread", "how do i bake bread at home quickly"]
+    assert rouge_filter(ORIGINAL, candidates, 0.3, 0.9) == ["how can i bake bread"]
+    assert rouge_filter(ORIGINAL, candidates, 0.1, 0.95)[0] == "bake a cake"
+    # identical text is never a rewrite, even when the range allows F = 1
+    assert "How do I bake bread at home" not in rouge_filter(ORIGINAL, candidates, 0.0, 1.0)
+
+
+@pytest.mark.parametrize("k", [1, 3, 6])
+def test_lexical_fallback_gives_k_distinct_filtered_rewrites_deterministically(k: int) -> None:
+    for question in QUESTIONS:
+        rewrites = lexical_fallback(question, k, seed=0)
+        assert len(rewrites) == k
+        assert len({r.lower() for r in rewrites}) == k
+        assert question not in rewrites
+        assert all(0.3 <= rouge1_f(r, question) <= 0.95 for r in rewrites)
+        assert lexical_fallback(question, k, seed=0) == rewrites
+    by_seed = [[lexical_fallback(q, k, seed=s) for q in QUESTIONS] for s in (0, 1)]
+    assert by_seed[0] != by_seed[1]
+
+
+def test_fallback_synthesizer_keeps_answers_and_reports_stats() -> None:
+    synth = Synthesizer("fallback", k=3, seed=4)
+    out = synth.synthesize(None, None, PAIRS)
+    assert len(out) == 3 * len(PAIRS)
+    for i, (question, answer) in enumerate(PAIRS):
+        mine = [q for q, a in out if a == answer]
+        assert mine == lexical_fallback(question, 3, seed=4)
+    stats = synth.last_stats
+    assert (stats.method, stats.kept, stats.switched_to_fallback) == ("fallback", len(out), False)
+    assert Synthesizer("fallback", k=0).synthesize(None, None, PAIRS) == []
+
+
+def test_bad_synthesizer_arguments_are_rejected() -> None:
+    with pytest.raises(ValueError, match="method"):
+        Synthesizer("paraphrase")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="rouge_min"):
+        Synthesizer("fallback", rouge_min=0.9, rouge_max=0.5)
+
+
+def _weights(model: torch.nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().flatten() for p in model.parameters()]).clone()
+
+
+def test_llm_rewrites_are_filtered_seeded_and_leave_model_and_rng_alone(tiny_lm) -> None:
+    model, tokenizer = tiny_lm
+    before = _weights(model)
+    rng_state = torch.get_rng_state()
+    synth = Synthesizer("llm", k=3, seed=0, max_new_tokens=12)
+    out = synth.synthesize(model, tokenizer, PAIRS[:2])
+    assert torch.equal(torch.get_rng_state(), rng_state)
+    assert torch.equal(_weights(model), before)
+    assert not model.training
+    assert synth.last_stats.method == "llm"
+    assert synth.last_stats.generated == 3 * 2
+    assert synth.last_stats.kept == len(out) <= 6
+    originals = dict((a, q) for q, a in PAIRS)
+    for rewrite, answer in out:
+        assert 0.3 <= rouge1_f(rewrite, originals[answer]) <= 0.95
+    raw = [llm_rewrites(model, tokenizer, QUESTIONS[0], 3, seed=s, max_new_tokens=12) for s in (5, 5, 6)]
+    assert len(raw[0]) == 3
+    assert raw[0] == raw[1] and raw[0] != raw[2]
+
+
+def test_auto_switches_to_fallback_exactly_when_llm_probe_fails(tiny_lm) -> None:
+    model, tokenizer = tiny_lm
+    probe = Synthesizer("llm", k=3, seed=0, max_new_tokens=12)
+    probe.synthesize(model, tokenizer, PAIRS[:2])
+    llm_passes = 2 * probe.last_stats.kept >= probe.last_stats.generated
+
+    auto = Synthesizer("auto", k=3, seed=0, probe_items=2, max_new_tokens=12)
+    out = auto.synthesize(model, tokenizer, PAIRS)
+    stats = auto.last_stats
+    assert (stats.probe_generated, stats.probe_kept) == (probe.last_stats.generated, probe.last_stats.kept)
+    if llm_passes:
+        assert stats.method == "llm" and not stats.switched_to_fallback
+        assert out == Synthesizer("llm", k=3, seed=0, max_new_tokens=12).synthesize(model, tokenizer, PAIRS)
+    else:
+        assert stats.method == "fallback" and stats.switched_to_fallback
+        assert out == Synthesizer("fallback", k=3, seed=0).synthesize(model, tokenizer, PAIRS)
+        assert len(out) == 3 * len(PAIRS)
+
