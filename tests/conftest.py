@@ -9,7 +9,7 @@ import torch
 
 from fedasls.config import ModelSettings
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)
 
 TINY_MODEL = ModelSettings(
     vocab_size=512,

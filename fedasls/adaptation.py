@@ -1,0 +1,487 @@
+"""Personal LoRA adaptation: peft adapters, the local training loop, optional DP-SGD (opacus).
+
+How a worker process runs many devices: it loads ONE base model, wraps it ONCE with
+`attach_lora`, and per device swaps the adapter weights in and out as plain state dicts:
+
+    peft_model = attach_lora(base, rank, alpha, dropout)          # once per process
+    for device in devices:
+        if device has a saved state: load_adapter_state(peft_model, state)
+        else:                        reset_adapter(peft_model, seed=device_seed)
+        result = train_adapter(peft_model, tokenizer, examples, settings, seed)
+        state = adapter_state(peft_model)                         # cloned tensors, store them
+
+Only the LoRA matrices move (peft's get/set_peft_model_state_dict); the base weights are never
+copied or touched. `save_adapter` / `load_adapter` use peft's own folder format.
+
+Training formats each example as ``format_prompt(question) + " " + answer + eos`` and takes the
+loss on the answer tokens only. With ``settings.dp`` the step is opacus DP-SGD on the LoRA
+parameters: Poisson sampling, per-example clipping to ``max_grad_norm``, Gaussian noise
+``noise_multiplier * max_grad_norm``, accounted with opacus' RDP accountant (add/remove-one).
+Per-example gradients come from opacus' "hooks" mode, which supports the ``nn.Linear`` modules
+peft puts in ``lora_A`` / ``lora_B``; the frozen base weights get no hooks and no gradients.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from opacus import PrivacyEngine
+from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from peft.tuners.lora import LoraLayer
+from peft.utils import load_peft_weights
+from torch.utils.data import DataLoader, TensorDataset
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from fedasls.config import AdaptationSettings
+from fedasls.model import format_prompt
+from fedasls.privacy import PrivacyReport, opacus_report
+
+ATTENTION_QV: tuple[str, ...] = ("q_proj", "v_proj")
+LLAMA_ALL_LINEAR: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# All linear projections of a Llama block: on the small default model, q/v-only LoRA barely moves
+# the answer loss in a few epochs (5.25 -> 5.16 nats), all-linear does (5.25 -> 5.00).
+DEFAULT_TARGET_MODULES: tuple[str, ...] = LLAMA_ALL_LINEAR
+GRAD_SAMPLE_MODE = "hooks"  # opacus mode that works with peft LoRA (nn.Linear) on Llama models
+IGNORE_INDEX = -100
+
+StepCallback = Callable[[PeftModel, int], None]
+
+
+@dataclass(frozen=True)
+class TrainingExample:
+    """One supervised pair; `weight` scales this example's loss (e.g. originals vs rewrites)."""
+
+    question: str
+    answer: str
+    weight: float = 1.0
+
+
+@dataclass
+class TrainResult:
+    """What one call of `train_adapter` did. `epsilon` is None when DP is off."""
+
+    losses: list[float]  # mean training loss per epoch (answer tokens)
+    steps: int  # optimizer steps
+    epsilon: float | None
+    delta: float | None
+    noise_multiplier: float | None
+    sample_rate: float  # batch sampling rate (Poisson rate under DP)
+    seconds: float = 0.0
+    privacy: PrivacyReport | None = field(default=None)
+
+
+# --------------------------------------------------------------------------- adapters
+
+
+@contextmanager
+def _quiet_peft() -> Iterator[None]:
+    """peft 0.21 reads transformers 5's deprecated `is_gradient_checkpointing`; hide that one warning."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
+
+
+def lora_config(
+    rank: int, alpha: int, dropout: float, target_modules: Sequence[str] = DEFAULT_TARGET_MODULES
+) -> LoraConfig:
+    """The peft LoraConfig every adapter uses (causal LM, no bias); also for `PeftModel.add_adapter`.
+
+    `target_modules` are module-name suffixes of a Llama-style model: LLAMA_ALL_LINEAR (default)
+    or ATTENTION_QV, or any other list of Linear module names.
+    """
+    if rank < 1 or alpha < 1 or not (0.0 <= dropout < 1.0):
+        raise ValueError(
+            f"LoRA needs rank >= 1, alpha >= 1 and 0 <= dropout < 1; got rank={rank}, alpha={alpha}, "
+            f"dropout={dropout} (set [adaptation] lora_rank / lora_alpha / lora_dropout)"
+        )
+    return LoraConfig(
+        task_type="CAUSAL_LM",
+        r=rank,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=list(target_modules),
+        bias="none",
+    )
+
+
+def attach_lora(
+    model: PreTrainedModel,
+    rank: int,
+    alpha: int,
+    dropout: float,
+    adapter_name: str = "personal",
+    target_modules: Sequence[str] = DEFAULT_TARGET_MODULES,
+) -> PeftModel:
+    """Wrap `model` IN PLACE with a fresh LoRA adapter (A random, B zero); base weights are frozen.
+
+    Do this once per process; deep-copy `model` first if the caller still needs it unwrapped.
+    """
+    config = lora_config(rank, alpha, dropout, target_modules)
+    try:
+        with _quiet_peft():
+            return get_peft_model(model, config, adapter_name=adapter_name)
+    except ValueError as err:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise ValueError(
+            f"attach_lora: target_modules {list(target_modules)} do not match this model ({err}); "
+            f"its Linear modules are named {linear}"
+        ) from None
+
+
+def _adapter_name(peft_model: PeftModel, adapter_name: str | None) -> str:
+    name = adapter_name or peft_model.active_adapter
+    if name not in peft_model.peft_config:
+        raise KeyError(f"adapter '{name}' is not attached; attached: {sorted(peft_model.peft_config)}")
+    return name
+
+
+def adapter_state(peft_model: PeftModel, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
+    """The adapter's LoRA tensors (peft key names, adapter name stripped), CLONED on CPU.
+
+    Cloning matters: peft returns views of the live parameters, which later training would
+    overwrite in the stored "state".
+    """
+    name = _adapter_name(peft_model, adapter_name)
+    state = get_peft_model_state_dict(peft_model, adapter_name=name)
+    return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
+
+
+def load_adapter_state(
+    peft_model: PeftModel, state: dict[str, torch.Tensor], adapter_name: str | None = None
+) -> None:
+    """Put `state` (from `adapter_state`) into the attached adapter; shapes/keys must match exactly."""
+    name = _adapter_name(peft_model, adapter_name)
+    try:
+        with torch.no_grad():
+            result = set_peft_model_state_dict(peft_model, state, adapter_name=name)
+    except RuntimeError as err:  # size mismatch
+        raise ValueError(
+            f"load_adapter_state: the state does not fit adapter '{name}' ({str(err).splitlines()[1].strip()}); "
+            "it was trained with another LoRA rank: attach the adapter with that rank"
+        ) from None
+    missing = [k for k in result.missing_keys if f".{name}." in k and "lora_" in k]
+    if missing or result.unexpected_keys:
+        raise ValueError(
+            f"load_adapter_state: the state does not match adapter '{name}' (missing {missing[:2]}, "
+            f"unexpected {list(result.unexpected_keys)[:2]}); it was saved with other target modules: attach the "
+            "adapter with the same target_modules. The adapter is now partly loaded: "
+            "reset_adapter or load a valid state"
+        )
+
+
+@contextmanager
+def _seeded(seed: int, model: torch.nn.Module | None = None) -> Iterator[None]:
+    """Seed torch's RNGs inside the block and restore the caller's RNG state afterwards."""
+    devices = []
+    if model is not None:
+        dev = next(model.parameters()).device
+        if dev.type == "cuda":
+            devices = [dev]
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+def reset_adapter(peft_model: PeftModel, seed: int, adapter_name: str | None = None) -> None:
+    """Fresh LoRA init for a new device: A ~ peft's kaiming-uniform (deterministic per seed), B = 0."""
+    name = _adapter_name(peft_model, adapter_name)
+    with _seeded(seed, peft_model), torch.no_grad():
+        for module in peft_model.modules():
+            if isinstance(module, LoraLayer) and name in module.lora_A:
+                module.reset_lora_parameters(name, init_lora_weights=True)
+
+
+def save_adapter(peft_model: PeftModel, directory: str | Path, adapter_name: str | None = None) -> Path:
+    """Save one adapter in peft's format (adapter_config.json + adapter_model.safetensors).
+
+    Returns the folder holding the files (peft puts a non-"default" adapter in a sub-folder
+    named after it).
+    """
+    name = _adapter_name(peft_model, adapter_name)
+    directory = Path(directory)
+    peft_model.save_pretrained(str(directory), selected_adapters=[name])
+    return directory if name == "default" else directory / name
+
+
+def _adapter_dir(directory: str | Path, adapter_name: str) -> Path:
+    d = Path(directory)
+    for candidate in (d, d / adapter_name):
+        if (candidate / "adapter_config.json").is_file():
+            return candidate
+    raise FileNotFoundError(
+        f"no peft adapter in {d} (looked for adapter_config.json there and in {d / adapter_name}); "
+        "pass the folder written by save_adapter"
+    )
+
+
+def load_adapter(
+    base_or_peft_model: PreTrainedModel | PeftModel,
+    directory: str | Path,
+    adapter_name: str = "personal",
+    is_trainable: bool = False,
+) -> PeftModel:
+    """Load a saved adapter. On a PeftModel that already has `adapter_name`, the weights are
+    swapped in (no new modules); on a PeftModel without it, the adapter is added and activated;
+    on a plain base model, a PeftModel is created (the base is wrapped in place)."""
+    folder = _adapter_dir(directory, adapter_name)
+    if isinstance(base_or_peft_model, PeftModel):
+        model = base_or_peft_model
+        if adapter_name in model.peft_config:
+            load_adapter_state(model, load_peft_weights(str(folder)), adapter_name)
+        else:
+            model.load_adapter(str(folder), adapter_name=adapter_name, is_trainable=is_trainable)
+        model.set_adapter(adapter_name)
+        return model
+    with _quiet_peft():
+        return PeftModel.from_pretrained(
+            base_or_peft_model, str(folder), adapter_name=adapter_name, is_trainable=is_trainable
+        )
+
+
+# --------------------------------------------------------------------------- data
+
+
+def _encode(
+    tokenizer: PreTrainedTokenizerBase, example: TrainingExample, max_length: int
+) -> tuple[list[int], list[int]]:
+    """Token ids and labels (-100 on the prompt) for prompt + " " + answer + eos."""
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no eos token; set tokenizer.eos_token before training")
+    prompt = tokenizer(format_prompt(example.question), add_special_tokens=True)["input_ids"]
+    answer = tokenizer(" " + example.answer.strip(), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    # Keep at least half the window for the answer; crop the prompt from the left if needed.
+    answer = answer[: max(max_length - min(len(prompt), max_length // 2), 1)]
+    prompt = prompt[max(len(prompt) - (max_length - len(answer)), 0) :]
+    return prompt + answer, [IGNORE_INDEX] * len(prompt) + answer
+
+
+def _tensorize(
+    tokenizer: PreTrainedTokenizerBase, examples: Sequence[TrainingExample], max_length: int
+) -> TensorDataset:
+    """Right-padded [n, L] ids / mask / labels plus [n] weights."""
+    if not examples:
+        raise ValueError("no training examples: pass at least one TrainingExample")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    encoded = []
+    for i, ex in enumerate(examples):
+        if not (math.isfinite(ex.weight) and ex.weight > 0):
+            raise ValueError(f"examples[{i}].weight must be a finite number > 0, got {ex.weight!r}")
+        encoded.append(_encode(tokenizer, ex, max_length))
+    length = max(len(ids) for ids, _ in encoded)
+    ids = torch.full((len(encoded), length), pad, dtype=torch.long)
+    mask = torch.zeros((len(encoded), length), dtype=torch.long)
+    labels = torch.full((len(encoded), length), IGNORE_INDEX, dtype=torch.long)
+    for row, (x, y) in enumerate(encoded):
+        ids[row, : len(x)] = torch.tensor(x)
+        mask[row, : len(x)] = 1
+        labels[row, : len(y)] = torch.tensor(y)
+    weights = torch.tensor([float(ex.weight) for ex in examples], dtype=torch.float32)
+    return TensorDataset(ids, mask, labels, weights)
+
+
+def _per_example_loss(
+    model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor
+) -> torch.Tensor:
+    """Mean next-token loss over each example's answer tokens, shape [batch].
+
+    Each example's loss depends on that example only (no batch-wide token normalisation), which
+    keeps opacus' per-example gradients exact.
+    """
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+    target = labels[:, 1:]
+    token_loss = F.cross_entropy(
+        logits.reshape(-1, logits.size(-1)).float(), target.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
+    ).view(target.shape)
+    counts = (target != IGNORE_INDEX).sum(dim=1).clamp(min=1)
+    return token_loss.sum(dim=1) / counts
+
+
+def _trim(batch: Sequence[torch.Tensor], device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Drop all-padding columns at the right of a right-padded batch; move it to `device`."""
+    ids, mask, labels, weights = batch
+    width = int(mask.sum(dim=1).max())
+    return ids[:, :width].to(device), mask[:, :width].to(device), labels[:, :width].to(device), weights.to(device)
+
+
+# --------------------------------------------------------------------------- training
+
+
+def _trainable(peft_model: PeftModel) -> list[tuple[str, torch.nn.Parameter]]:
+    """The active adapter's LoRA parameters; anything else requiring grad is an error (opacus would
+    demand per-example gradients for it, and frozen weights must stay frozen)."""
+    if not isinstance(peft_model, PeftModel):
+        raise TypeError(f"expected a peft PeftModel (use attach_lora), got {type(peft_model).__name__}")
+    active = peft_model.active_adapter
+    params = [(n, p) for n, p in peft_model.named_parameters() if p.requires_grad]
+    if not params:
+        raise ValueError(
+            f"adapter '{active}' has no trainable parameters: attach it with attach_lora, or load it with "
+            "load_adapter(..., is_trainable=True)"
+        )
+    stray = [n for n, _ in params if "lora_" not in n or f".{active}." not in n]
+    if stray:
+        raise ValueError(
+            f"only the active adapter '{active}' may be trainable, but {stray[:3]} require grad; "
+            "freeze them (requires_grad_(False)) or switch adapters with set_adapter"
+        )
+    return params
+
+
+def train_adapter(
+    peft_model: PeftModel,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: Sequence[TrainingExample],
+    settings: AdaptationSettings,
+    seed: int,
+    on_step: StepCallback | None = None,
+) -> TrainResult:
+    """Train the active LoRA adapter on `examples` (AdamW, answer-token loss); DP-SGD if settings.dp.
+
+    Example weights scale each example's loss; under DP they act only below the clipping norm.
+
+    Deterministic for a given seed. `on_step(peft_model, step)` is called after each backward pass
+    and before the optimizer step (under DP, each LoRA parameter then holds `.grad_sample`).
+    Returns with the (unwrapped) model in eval mode.
+    """
+    start = time.perf_counter()
+    params = _trainable(peft_model)
+    limit = getattr(getattr(peft_model, "config", None), "max_position_embeddings", None)
+    max_length = min(settings.max_length, limit) if limit else settings.max_length
+    data = _tensorize(tokenizer, examples, max_length)
+    device = next(peft_model.parameters()).device
+    with _seeded(seed, peft_model):
+        loader_gen = torch.Generator().manual_seed(seed)
+        loader = DataLoader(data, batch_size=settings.batch_size, shuffle=True, generator=loader_gen)
+        optimizer = torch.optim.AdamW([p for _, p in params], lr=settings.learning_rate, weight_decay=0.0)
+        peft_model.train()
+        try:
+            if settings.dp:
+                result = _train_dp(peft_model, loader, optimizer, params, settings, seed, device, on_step)
+            else:
+                result = _train_plain(peft_model, loader, optimizer, settings, device, on_step)
+        finally:
+            peft_model.eval()
+            for _, p in params:
+                p.grad = None
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _train_plain(
+    peft_model: PeftModel,
+    loader: DataLoader,
+    optimizer: torch.optim.Optimizer,
+    settings: AdaptationSettings,
+    device: torch.device,
+    on_step: StepCallback | None,
+) -> TrainResult:
+    losses, steps = [], 0
+    for _ in range(settings.epochs):
+        total, count = 0.0, 0
+        for batch in loader:
+            ids, mask, labels, weights = _trim(batch, device)
+            per_example = _per_example_loss(peft_model, ids, mask, labels)
+            loss = (weights * per_example).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if on_step is not None:
+                on_step(peft_model, steps)
+            optimizer.step()
+            steps += 1
+            total += float(per_example.detach().sum())
+            count += len(per_example)
+        losses.append(total / max(count, 1))
+    n = len(loader.dataset)
+    return TrainResult(losses, steps, None, None, None, min(settings.batch_size / n, 1.0))
+
+
+def _train_dp(
+    peft_model: PeftModel,
+    loader: DataLoader,
+    optimizer: torch.optim.Optimizer,
+    params: list[tuple[str, torch.nn.Parameter]],
+    settings: AdaptationSettings,
+    seed: int,
+    device: torch.device,
+    on_step: StepCallback | None,
+) -> TrainResult:
+    with warnings.catch_warnings():
+        # Seeded (non-cryptographic) noise is what a reproducible simulation needs.
+        warnings.filterwarnings("ignore", message="Secure RNG turned off")
+        engine = PrivacyEngine(accountant="rdp")
+        dp_model, dp_optimizer, dp_loader = engine.make_private(
+            module=peft_model,
+            optimizer=optimizer,
+            data_loader=loader,
+            noise_multiplier=settings.noise_multiplier,
+            max_grad_norm=settings.max_grad_norm,
+            poisson_sampling=True,
+            grad_sample_mode=GRAD_SAMPLE_MODE,
+            loss_reduction="mean",
+            noise_generator=torch.Generator(device=device).manual_seed(seed + 1),
+        )
+    losses, steps = [], 0
+    try:
+        with warnings.catch_warnings():
+            # LoRA inputs in the first layer do not require grad; opacus still gets grad_output.
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            for _ in range(settings.epochs):
+                total, count = 0.0, 0
+                for batch in dp_loader:
+                    dp_optimizer.zero_grad(set_to_none=True)
+                    if len(batch[0]) == 0:
+                        # Poisson sampling drew nobody: a Llama forward cannot take an empty batch, so
+                        # give opacus empty per-example gradients; the step then releases noise only.
+                        for _, p in params:
+                            p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+                    else:
+                        ids, mask, labels, weights = _trim(batch, device)
+                        per_example = _per_example_loss(dp_model, ids, mask, labels)
+                        (weights * per_example).mean().backward()
+                        total += float(per_example.detach().sum())
+                        count += len(per_example)
+                    if on_step is not None:
+                        on_step(peft_model, steps)
+                    dp_optimizer.step()
+                    steps += 1
+                losses.append(total / count if count else float("nan"))
+    finally:
+        dp_optimizer.zero_grad(set_to_none=True)
+        dp_model.to_standard_module()  # removes opacus hooks and grad_sample attributes
+    sample_rate = float(dp_loader.sample_rate)
+    report = opacus_report(engine.accountant, settings.delta)  # the engine's RDP history
+    return TrainResult(
+        losses, steps, report.epsilon, settings.delta, settings.noise_multiplier, sample_rate, privacy=report
+    )
+
+
+@torch.no_grad()
+def sequence_loss(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: Sequence[TrainingExample],
+    max_length: int = 96,
+    batch_size: int = 16,
+) -> float:
+    """Mean next-token loss over all answer tokens of `examples` (exp of it = perplexity)."""
+    data = _tensorize(tokenizer, examples, max_length)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total, tokens = 0.0, 0
+    for batch in DataLoader(data, batch_size=batch_size):
+        ids, mask, labels, _ = _trim(batch, device)
+        counts = (labels[:, 1:] != IGNORE_INDEX).sum(dim=1)
+        total += float((_per_example_loss(model, ids, mask, labels) * counts).sum())
+        tokens += int(counts.sum())
+    model.train(was_training)
+    return total / max(tokens, 1)

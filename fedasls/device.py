@@ -1,0 +1,261 @@
+"""One simulated device: its stream, profile, buffer, personal adapter and simulated user.
+
+    observe -> profile + bounded-buffer selection
+    adapt   -> implicit feedback on buffered items, sparse annotation, synthesis, LoRA training
+    evaluate-> held-out future interactions, personalized vs base
+
+All state is plain data (`to_state` / `from_state`) so a device can live in a store between
+rounds; the heavy pieces (base model, tokenizer, lexicons) come from the shared DeviceRuntime.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedasls.adaptation import TrainingExample, adapter_state, load_adapter_state, reset_adapter, train_adapter
+from fedasls.evaluation import EvalResult, evaluate
+from fedasls.feedback import SimulatedUser, feedback_examples
+from fedasls.interaction import Interaction
+from fedasls.model import format_prompt, generate
+from fedasls.profile import UserProfile
+from fedasls.runtime import DeviceRuntime
+from fedasls.selection import Selector, item_text
+from fedasls.synthesis import Synthesizer
+
+STATE_VERSION = 1
+
+
+@dataclass
+class AdaptReport:
+    """What one adaptation did (kept small: it is stored with the device)."""
+
+    buffered: int
+    annotated: int
+    edits: int
+    accepts: int
+    synthesized: int
+    examples: int
+    loss_first: float
+    loss_last: float
+    epsilon: float | None
+    synthesis_method: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class DeviceOptions:
+    """Switches for ablations (ASLS): which parts of the pipeline a device uses."""
+
+    use_feedback: bool = True  # implicit signals (accept/edit) become training data
+    use_profile_trigger: bool = True  # adapt when the profile says so, else on every call
+    use_selection: bool = True  # False: train on the most recent interactions, no buffer scoring
+
+
+@dataclass
+class DeviceCounters:
+    adaptations: int = 0
+    annotations: int = 0
+    observed: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+class Device:
+    """A device: `observe`, `catch_up`, `should_adapt`, `adapt`, `evaluate`, `to_state`."""
+
+    def __init__(
+        self,
+        device_id: int,
+        runtime: DeviceRuntime,
+        *,
+        lora_rank: int | None = None,
+        buffer_bytes: int | None = None,
+        options: DeviceOptions | None = None,
+    ) -> None:
+        s = runtime.settings
+        self.device_id = device_id
+        self.runtime = runtime
+        self.options = options or DeviceOptions()
+        self.lora_rank = lora_rank or s.adaptation.lora_rank
+        self.seed = s.population.seed * 1_000_003 + device_id
+        selection = s.selection.model_copy(update={"buffer_bytes": buffer_bytes or s.selection.buffer_bytes})
+        self.profile = UserProfile(runtime.lexicons.domains)
+        self.selector = Selector.from_settings(selection, runtime.lexicons, self.seed, self.profile)
+        self.user = SimulatedUser(s.feedback, seed=self.seed)
+        self.cursor = 0  # stream interactions consumed so far
+        self.annotations: dict[int, str] = {}  # interaction index -> annotated preference (buffered items only)
+        self.adapter: dict[str, torch.Tensor] | None = None
+        self.counters = DeviceCounters()
+        self.base_eval: EvalResult | None = None
+        self.last_eval: EvalResult | None = None
+
+    # ------------------------------------------------------------------ stream
+    def observe(self, interactions: list[Interaction], embeddings: np.ndarray | None = None) -> int:
+        """Update the profile and offer each interaction to the buffer; returns how many entered.
+
+        `embeddings` (one row per interaction) may be passed when already computed.
+        """
+        if not interactions:
+            return 0
+        lex = self.runtime.lexicons
+        texts = [item_text(it) for it in interactions]
+        if embeddings is None:
+            embeddings = self.runtime.embed(texts)
+        admitted = 0
+        for it, text, emb in zip(interactions, texts, embeddings):
+            self.profile.observe(it, emb, lex.tag(lex.tokenize(text)))
+            admitted += bool(self.selector.observe(it, emb))
+        self.counters.observed += len(interactions)
+        buffered = {it.index for it in self.selector.interactions()}
+        self.annotations = {i: a for i, a in self.annotations.items() if i in buffered}
+        return admitted
+
+    def pending(self, until: float | None = None) -> list[Interaction]:
+        """Stream interactions not yet observed, up to virtual time `until` (all if None)."""
+        rest = self.runtime.population.stream(self.device_id)[self.cursor :]
+        return rest if until is None else [it for it in rest if it.timestamp <= until]
+
+    def catch_up(self, until: float | None = None) -> int:
+        """Observe the stream up to virtual time `until`; returns how many interactions were new."""
+        new = self.pending(until)
+        self.observe(new)
+        self.cursor += len(new)
+        return len(new)
+
+    # ------------------------------------------------------------------ adaptation
+    def should_adapt(self) -> bool:
+        """Re-tune only when the buffer or the profile changed enough (ASLS adaptive trigger)."""
+        a = self.runtime.settings.adaptation
+        if not self.selector.buffer.items():
+            return False
+        if not self.options.use_profile_trigger:
+            return True
+        return self.profile.should_adapt(self.selector.changes_since_adaptation, a.min_new_items, a.drift_trigger)
+
+    def activate(self):
+        """Swap this device's adapter into the shared model and return it."""
+        model = self.runtime.activate(self.lora_rank)
+        if self.adapter is None:
+            reset_adapter(model, seed=self.seed)
+        else:
+            load_adapter_state(model, self.adapter)
+        return model
+
+    def training_items(self) -> list[Interaction]:
+        """Items the device learns from: the buffer, or (no selection) the most recent stream items."""
+        if self.options.use_selection:
+            return self.selector.interactions()
+        n = len(self.selector.interactions())
+        return self.runtime.population.stream(self.device_id)[max(0, self.cursor - n) : self.cursor]
+
+    def adapt(self) -> AdaptReport:
+        """One adaptation: implicit feedback, sparse annotation, synthesis, LoRA training."""
+        s = self.runtime.settings
+        model = self.activate()
+        tokenizer = self.runtime.tokenizer
+        items = self.training_items()
+
+        # Implicit feedback on the buffered items the user has not annotated: edits reveal preferences.
+        unlabelled = [it for it in items if it.index not in self.annotations]
+        feedback_pairs = []
+        if self.options.use_feedback and unlabelled:
+            answers = generate(model, tokenizer, [format_prompt(it.question) for it in unlabelled],
+                               max_new_tokens=s.evaluation.max_new_tokens)
+            for it, answer in zip(unlabelled, answers):
+                fb = self.user.react(it, answer)
+                self.profile.record_feedback(fb.signal)
+                feedback_pairs.append((it, fb))
+        implicit = feedback_examples(feedback_pairs)
+        edited = {it.index for it, fb in feedback_pairs if fb.signal == "edit"}
+
+        # Sparse annotation: only buffered items, only within this adaptation's budget.
+        self.user.reset_budget()
+        to_ask = [it for it in unlabelled if it.index not in edited]
+        for it, preferred in self.user.annotate(to_ask, self.user.budget_remaining):
+            self.annotations[it.index] = preferred
+        self.counters.annotations += self.user.annotations_used
+
+        labelled = [(it.question, self.annotations[it.index]) for it in items if it.index in self.annotations]
+        synthesizer = Synthesizer.from_settings(s.synthesis, seed=self.seed)
+        rewrites = synthesizer.synthesize(model, tokenizer, labelled)
+        examples = [TrainingExample(q, a) for q, a in labelled + rewrites]
+        examples += [TrainingExample(q, a, w) for q, a, w in implicit]
+
+        result = None
+        if examples:
+            result = train_adapter(model, tokenizer, examples, s.adaptation, seed=self.seed + self.counters.adaptations)
+            self.adapter = adapter_state(model)
+        self.selector.mark_adapted()
+        self.profile.mark_adapted()
+        self.counters.adaptations += 1
+        report = AdaptReport(
+            buffered=len(items),
+            annotated=len(labelled),
+            edits=len(edited),
+            accepts=sum(fb.signal == "accept" for _, fb in feedback_pairs),
+            synthesized=len(rewrites),
+            examples=len(examples),
+            loss_first=result.losses[0] if result else float("nan"),
+            loss_last=result.losses[-1] if result else float("nan"),
+            epsilon=result.epsilon if result else None,
+            synthesis_method=synthesizer.last_stats.method,
+        )
+        self.counters.history.append(report.to_dict())
+        return report
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self, heldout: list[Interaction] | None = None) -> tuple[EvalResult, EvalResult]:
+        """(personalized, base) metrics on held-out future interactions; base is computed once."""
+        s = self.runtime.settings
+        heldout = heldout or self.runtime.population.heldout(self.device_id)
+        tokenizer = self.runtime.tokenizer
+        user = SimulatedUser(s.feedback, seed=self.seed)
+        if self.base_eval is None:
+            with self.runtime.base_model() as base:
+                self.base_eval = evaluate(base, tokenizer, heldout, s.evaluation.max_new_tokens, user)
+        if self.adapter is None:
+            self.last_eval = self.base_eval
+        else:
+            self.last_eval = evaluate(self.activate(), tokenizer, heldout, s.evaluation.max_new_tokens, user)
+        return self.last_eval, self.base_eval
+
+    # ------------------------------------------------------------------ state
+    def to_state(self) -> dict[str, Any]:
+        """Everything the device needs to resume: plain data plus the adapter tensors."""
+        return {
+            "version": STATE_VERSION,
+            "device_id": self.device_id,
+            "lora_rank": self.lora_rank,
+            "cursor": self.cursor,
+            "profile": self.profile.to_state(),
+            "selector": self.selector.to_state(),
+            "annotations": {str(k): v for k, v in self.annotations.items()},
+            "counters": asdict(self.counters),
+            "base_eval": self.base_eval.to_dict() if self.base_eval else None,
+            "last_eval": self.last_eval.to_dict() if self.last_eval else None,
+            "adapter": self.adapter,
+        }
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any], runtime: DeviceRuntime, options: DeviceOptions | None = None) -> "Device":
+        """Rebuild a device saved by `to_state` (raises ValueError naming the problem)."""
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(
+                f"device {state.get('device_id')}: state version {state.get('version')} is not {STATE_VERSION}; "
+                "delete the device's folder in the store to start it afresh"
+            )
+        device = cls(state["device_id"], runtime, lora_rank=state["lora_rank"], options=options)
+        device.cursor = int(state["cursor"])
+        device.profile = UserProfile.from_state(state["profile"])
+        device.selector = Selector.from_state(state["selector"], runtime.lexicons, device.seed, device.profile)
+        device.annotations = {int(k): v for k, v in state["annotations"].items()}
+        device.counters = DeviceCounters(**state["counters"])
+        device.base_eval = EvalResult(**state["base_eval"]) if state["base_eval"] else None
+        device.last_eval = EvalResult(**state["last_eval"]) if state["last_eval"] else None
+        device.adapter = state["adapter"]
+        return device

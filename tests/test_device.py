@@ -1,0 +1,139 @@
+"""A device end to end on the tiny real model: observe, adapt, evaluate, persist."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fedasls.config import Settings
+from fedasls.device import Device, DeviceOptions
+from fedasls.device_round import run_device_round
+from fedasls.heterogeneity import HeterogeneityModel
+from fedasls.interaction import STREAM_EPOCH
+from fedasls.runtime import DeviceRuntime
+from fedasls.store import DeviceStore
+
+
+@pytest.fixture(scope="module")
+def runtime(tiny_model_dir) -> DeviceRuntime:
+    settings = Settings.model_validate(
+        {
+            "model": {"path": str(tiny_model_dir)},
+            "population": {"num_devices": 20, "stream_length": 60, "heldout": 4},
+            "selection": {"buffer_bytes": 8192},
+            "feedback": {"annotation_budget": 6},
+            "synthesis": {"rewrites": 2, "method": "fallback"},
+            "adaptation": {"epochs": 2, "lora_rank": 4, "min_new_items": 3},
+            "evaluation": {"max_new_tokens": 12},
+        }
+    )
+    return DeviceRuntime(settings)
+
+
+def test_observe_keeps_buffer_within_budget_and_updates_profile(runtime):
+    device = Device(1, runtime)
+    assert device.catch_up() == 60
+    buf = device.selector.buffer
+    assert 0 < buf.used_bytes <= buf.budget_bytes
+    assert device.profile.n_observed == 60
+    assert device.cursor == 60 and device.catch_up() == 0
+
+
+def test_catch_up_respects_virtual_time(runtime):
+    device = Device(2, runtime)
+    stream = runtime.population.stream(2)
+    middle = stream[30].timestamp
+    n = device.catch_up(until=middle)
+    assert n == sum(it.timestamp <= middle for it in stream)
+    assert device.catch_up(until=middle) == 0
+
+
+def test_adapt_annotates_only_buffered_items_within_budget_and_learns(runtime):
+    device = Device(3, runtime)
+    device.catch_up()
+    assert device.should_adapt()
+    buffered = {it.index for it in device.selector.interactions()}
+    report = device.adapt()
+    assert set(device.annotations) <= buffered
+    assert device.user.annotations_used <= runtime.settings.feedback.annotation_budget
+    assert report.annotated == len(device.annotations) > 0
+    assert report.examples >= report.annotated + report.synthesized
+    assert report.loss_last < report.loss_first
+    assert device.adapter is not None
+    assert not device.should_adapt()  # nothing new since the adaptation
+
+
+def test_personal_adapter_improves_fit_to_own_data(runtime):
+    device = Device(4, runtime)
+    device.catch_up()
+    device.adapt()
+    personal, base = device.evaluate()
+    assert math.isfinite(personal.perplexity) and math.isfinite(base.perplexity)
+    assert personal.perplexity != base.perplexity
+    # evaluating leaves the shared model's base behaviour untouched
+    again_personal, again_base = Device(5, runtime).evaluate()
+    assert again_personal == again_base
+
+
+def test_state_round_trip_restores_everything(runtime):
+    device = Device(6, runtime)
+    device.catch_up(until=runtime.population.stream(6)[40].timestamp)
+    device.adapt()
+    device.evaluate()
+    clone = Device.from_state(device.to_state(), runtime)
+    assert clone.cursor == device.cursor
+    assert clone.annotations == device.annotations
+    assert [it.index for it in clone.selector.interactions()] == [it.index for it in device.selector.interactions()]
+    assert clone.profile.to_state() == device.profile.to_state()
+    assert all(torch.equal(clone.adapter[k], device.adapter[k]) for k in device.adapter)
+    assert clone.evaluate()[0] == device.last_eval
+    # both continue identically
+    assert clone.catch_up() == device.catch_up()
+    assert clone.selector.to_state()["seq"] == device.selector.to_state()["seq"]
+
+
+def test_state_version_mismatch_is_a_clear_error(runtime):
+    state = Device(7, runtime).to_state()
+    state["version"] = 999
+    with pytest.raises(ValueError, match="delete the device's folder"):
+        Device.from_state(state, runtime)
+
+
+def test_without_profile_trigger_the_device_always_adapts(runtime):
+    device = Device(8, runtime, options=DeviceOptions(use_profile_trigger=False))
+    device.catch_up()
+    device.adapt()
+    assert device.should_adapt()
+
+
+def test_device_round_persists_state_between_rounds(runtime, tmp_path):
+    store = DeviceStore(tmp_path / "store")
+    hetero = HeterogeneityModel(seed=0, availability="always")
+    first_ts = min(it.timestamp for it in runtime.population.stream(9))
+    t1 = first_ts - STREAM_EPOCH + 6 * 3600
+    r1 = run_device_round(9, t1, runtime, store, hetero)
+    assert r1.status == "completed" and store.exists(9)
+    saved = store.load(9)
+    assert saved["cursor"] == r1.new_interactions > 0
+    r2 = run_device_round(9, t1 + 10 * 86400, runtime, store, hetero)
+    assert store.load(9)["cursor"] == r1.new_interactions + r2.new_interactions == 60
+    assert r2.sim_seconds > 0 and r2.base_rouge1 == r1.base_rouge1
+
+
+def test_device_going_offline_loses_the_rounds_work(runtime, tmp_path):
+    store = DeviceStore(tmp_path / "store")
+    hetero = HeterogeneityModel(seed=0, availability="diurnal")
+    # find a device and a time at which it is online but goes offline within a second
+    found = [
+        (device_id, end - 0.5)
+        for device_id in range(runtime.population.num_devices)
+        for _, end in hetero.profile(device_id).availability.windows
+        if not hetero.profile(device_id).availability.is_available(end)
+    ]
+    device_id, now = found[0]
+    assert hetero.profile(device_id).availability.is_available(now)
+    result = run_device_round(device_id, now + 20 * 86400, runtime, store, hetero)
+    assert result.status == "offline"
+    assert not store.exists(device_id)
