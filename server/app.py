@@ -1,0 +1,61 @@
+"""Flower ServerApp: the fleet coordinator.
+
+`make_server_app(run)` serves `fedasls simulate` (settings already loaded); the module-level `app`
+serves `flwr run .`, reading the scenario named in the run config (`[tool.flwr.app.config]`).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from importlib import resources
+from pathlib import Path
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from fedasls.config import ConfigError, Settings, load_settings
+from server.fleet import FleetRun, run_fleet
+
+
+def scenario_path(name_or_path: str) -> Path:
+    """A scenario TOML: an existing path, or the name of one shipped in simulations/ (e.g. "quickstart")."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    shipped = resources.files("simulations") / f"{name_or_path.removesuffix('.toml')}.toml"
+    if shipped.is_file():
+        return Path(str(shipped))
+    names = sorted(p.name.removesuffix(".toml") for p in resources.files("simulations").iterdir() if p.name.endswith(".toml"))
+    raise ConfigError(f"scenario '{name_or_path}' is neither a file nor a shipped scenario ({', '.join(names)})")
+
+
+def make_server_app(run: FleetRun) -> ServerApp:
+    """A ServerApp that runs the fleet loop for an already-configured run."""
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        run_fleet(grid, run)
+
+    return server_app
+
+
+def fleet_run_from_config(run_config: dict) -> FleetRun:
+    """A FleetRun from Flower run-config keys: `scenario` (name or TOML path), `output-dir`."""
+    settings: Settings = load_settings(scenario_path(str(run_config.get("scenario", "quickstart"))))
+    out = Path(str(run_config.get("output-dir", settings.simulation.output_dir)))
+    if not out.is_absolute():
+        out = Path(os.environ.get("FEDASLS_HOME", Path.cwd())) / out
+    run_dir = out / time.strftime("flwr-run-%Y%m%d-%H%M%S")
+    return FleetRun(settings, run_dir, Path(settings.simulation.store_dir or run_dir / "store"))
+
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    run = fleet_run_from_config(dict(context.run_config))
+    run_fleet(grid, run)
+    print(f"fedasls: results in {run.run_dir}")

@@ -1,0 +1,250 @@
+"""The `fedasls` command line: one sub-command per job, settings from TOML plus flags."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Callable
+
+from fedasls.config import ConfigError, Settings, load_settings
+from fedasls.loaders import DatasetError
+from fedasls.model import ModelNotFoundError
+from fedasls.store import CorruptStateError
+
+Handler = Callable[[argparse.Namespace, Settings], int]
+
+
+def _settings_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="TOML", help="settings file (tables [model], [population], ...)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one setting, e.g. --set population.num_devices=50 (repeatable)",
+    )
+    p.add_argument("--model", metavar="PATH", help="local Hugging Face causal-LM folder (default: embedded tiny model)")
+    p.add_argument("--cache-dir", metavar="DIR", help="where the embedded model is cached (env FEDASLS_CACHE)")
+
+
+def _load(args: argparse.Namespace) -> Settings:
+    if args.config is None and getattr(args, "default_scenario", None):
+        from server.app import scenario_path
+
+        args.config = str(scenario_path(args.default_scenario))
+    elif args.config is not None and not Path(args.config).is_file():
+        from server.app import scenario_path
+
+        args.config = str(scenario_path(args.config))
+    overrides = list(args.overrides)
+    if getattr(args, "model", None):
+        overrides.append(f"model.path={_toml_str(args.model)}")
+    if getattr(args, "cache_dir", None):
+        overrides.append(f"model.cache_dir={_toml_str(args.cache_dir)}")
+    return load_settings(args.config, overrides)
+
+
+def _toml_str(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+# --- model -----------------------------------------------------------------------------------
+
+
+def cmd_model_build(args: argparse.Namespace, settings: Settings) -> int:
+    from fedasls.model import build_default_model, default_model_dir, load_model, generate, format_prompt
+
+    out = Path(args.out) if args.out else default_model_dir(settings.model)
+    if out.exists() and not args.force:
+        print(f"embedded model already built at {out} (use --force to rebuild)")
+    else:
+        t0 = time.perf_counter()
+        build_default_model(settings.model, out)
+        print(f"built embedded model at {out} in {time.perf_counter() - t0:.1f} s")
+    model, tokenizer = load_model(out)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"parameters: {n_params:,}")
+    for question in ("How do I keep basil fresh?", "What is a good warm-up before running?"):
+        answer = generate(model, tokenizer, [format_prompt(question)], max_new_tokens=24)[0]
+        print(f"  Q: {question}\n  A: {answer}")
+    return 0
+
+
+# --- population ------------------------------------------------------------------------------
+
+
+def cmd_population_show(args: argparse.Namespace, settings: Settings) -> int:
+    from fedasls.population import population_from_settings
+
+    population = population_from_settings(settings.population)
+    ids = args.ids or list(range(min(args.count, population.num_devices)))
+    for i in ids:
+        if not 0 <= i < population.num_devices:
+            raise ConfigError(f"device id {i} is outside the population (0..{population.num_devices - 1})")
+        persona = population.persona(i)
+        stream = population.stream(i)
+        kinds: dict[str, int] = {}
+        for it in stream:
+            kinds[it.kind] = kinds.get(it.kind, 0) + 1
+        print(f"=== device {i}: interests {', '.join(persona.interests)}", end="")
+        if persona.drift_at is not None:
+            print(f" -> drifts to {', '.join(persona.drift_to)} at interaction {persona.drift_at}", end="")
+        print()
+        print(f"    style: {persona.style}")
+        print(f"    facts: {'; '.join(persona.facts)}")
+        print(f"    stream: {len(stream)} interactions " + ", ".join(f"{k}={v}" for k, v in sorted(kinds.items())))
+        for it in stream[: args.excerpt]:
+            print(f"    [{it.timestamp:>9.0f}s {it.kind:<9}] Q: {_short(it.question)}")
+            print(f"    {'':22} preferred: {_short(it.preferred)}")
+    return 0
+
+
+def _short(text: str, width: int = 100) -> str:
+    return textwrap.shorten(text, width=width, placeholder=" ...")
+
+
+# --- device --------------------------------------------------------------------------------
+
+
+def cmd_device(args: argparse.Namespace, settings: Settings) -> int:
+    from tqdm import tqdm
+
+    from fedasls.device import Device
+    from fedasls.runtime import DeviceRuntime
+
+    t0 = time.perf_counter()
+    runtime = DeviceRuntime(settings)
+    n = runtime.population.num_devices
+    if not 0 <= args.id < n:
+        raise ConfigError(f"--id {args.id} is outside the population (0..{n - 1}); set population.num_devices")
+    device = Device(args.id, runtime)
+    stream = runtime.population.stream(args.id)
+    personalized, base = device.evaluate()
+    with tqdm(total=len(stream), desc=f"device {args.id}", unit="msg") as bar:
+        while device.cursor < len(stream):
+            step = min(args.chunk, len(stream) - device.cursor)
+            device.observe(stream[device.cursor : device.cursor + step])
+            device.cursor += step
+            bar.update(step)
+            if device.should_adapt():
+                r = device.adapt()
+                bar.set_postfix(adaptations=device.counters.adaptations, loss=f"{r.loss_last:.2f}")
+                tqdm.write(
+                    f"  adapt #{device.counters.adaptations} at {device.cursor}: buffer {r.buffered}, "
+                    f"annotated {r.annotated}, edits {r.edits}, rewrites {r.synthesized} ({r.synthesis_method}), "
+                    f"loss {r.loss_first:.3f} -> {r.loss_last:.3f}"
+                    + (f", epsilon {r.epsilon:.2f}" if r.epsilon is not None else "")
+                )
+    if device.counters.adaptations == 0:
+        device.adapt()
+    personalized, base = device.evaluate()
+    print(f"\ndevice {args.id}: {device.counters.observed} interactions, buffer "
+          f"{device.selector.buffer.used_bytes}/{device.selector.buffer.budget_bytes} bytes, "
+          f"{device.counters.adaptations} adaptations, {device.counters.annotations} annotations")
+    print(f"{'metric':<14}{'base':>10}{'personal':>10}")
+    for name in ("rouge1", "rougeL", "perplexity", "accept_rate"):
+        print(f"{name:<14}{getattr(base, name):>10.3f}{getattr(personalized, name):>10.3f}")
+    print(f"wall time {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+# --- simulate ------------------------------------------------------------------------------
+
+
+def cmd_simulate(args: argparse.Namespace, settings: Settings) -> int:
+    from simulations.report import format_summary, write_report
+    from simulations.runner import new_run_dir, simulate
+
+    if args.resume:
+        run_dir = Path(args.resume)
+        if not (run_dir / "checkpoint.json").is_file():
+            raise ConfigError(f"--resume {run_dir}: no checkpoint.json there (pass a run folder of an earlier run)")
+    else:
+        run_dir = new_run_dir(settings, args.name)
+    sim = settings.simulation
+    print(f"fedasls simulate: {settings.population.num_devices:,} devices, {sim.rounds} rounds, cohort "
+          f"{sim.cohort_size} (x{sim.overcommit} over-commit), {sim.workers} Ray workers -> {run_dir}")
+    t0 = time.perf_counter()
+    simulate(settings, run_dir, Path(args.config) if args.config else None, resume=bool(args.resume))
+    summary = write_report(run_dir, time.perf_counter() - t0)
+    print(format_summary(summary))
+    print(f"\nresults: {run_dir} (config.toml, rounds.csv, device_rounds.csv, summary.json, *.png)")
+    return 0
+
+
+# --- parser ----------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fedasls",
+        description="Simulate on-device LLM personalization across a federated device fleet (Flower + Ray).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    model = sub.add_parser("model", help="the base model", description="Manage the base model.")
+    model_sub = model.add_subparsers(dest="model_command", required=True, metavar="ACTION")
+    build = model_sub.add_parser(
+        "build",
+        help="build the embedded default model (no download)",
+        description="Train a BPE tokenizer and pretrain a tiny Llama-style model on the population's public "
+        "text, then save it as a Hugging Face folder in the cache. Deterministic for a seed.",
+    )
+    _settings_args(build)
+    build.add_argument("--out", metavar="DIR", help="write here instead of the cache")
+    build.add_argument("--force", action="store_true", help="rebuild even if a cached build exists")
+    build.set_defaults(handler=cmd_model_build)
+
+    pop = sub.add_parser("population", help="the simulated device population", description="Inspect the population.")
+    pop_sub = pop.add_subparsers(dest="population_command", required=True, metavar="ACTION")
+    show = pop_sub.add_parser(
+        "show", help="print personas and stream excerpts", description="Print a few personas and stream excerpts."
+    )
+    _settings_args(show)
+    show.add_argument("--count", type=int, default=3, help="how many devices from id 0 (default 3)")
+    show.add_argument("--ids", type=int, nargs="*", help="specific device ids instead of --count")
+    show.add_argument("--excerpt", type=int, default=6, help="interactions to print per device (default 6)")
+    show.set_defaults(handler=cmd_population_show)
+
+    dev = sub.add_parser(
+        "device",
+        help="run one device's stream end to end",
+        description="Run one device's personalization pipeline over its whole stream (profile, selection, "
+        "annotation, synthesis, LoRA) and print held-out metrics before and after.",
+    )
+    _settings_args(dev)
+    dev.add_argument("--id", type=int, default=0, help="device id (default 0)")
+    dev.add_argument("--chunk", type=int, default=10, help="interactions observed between trigger checks (default 10)")
+    dev.set_defaults(handler=cmd_device)
+
+    sim = sub.add_parser(
+        "simulate",
+        help="the main job: a fleet of devices on Flower's Simulation Engine (Ray)",
+        description="Run a population of devices, each a Flower client personalizing itself, under a "
+        "coordinator with availability-aware sampling, over-commitment, deadlines and a virtual clock. "
+        "Default scenario: simulations/quickstart.toml.",
+    )
+    _settings_args(sim)
+    sim.add_argument("--name", help="run folder name under simulation.output_dir (default: a timestamp)")
+    sim.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
+    sim.set_defaults(handler=cmd_simulate, default_scenario="quickstart")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        settings = _load(args)
+        return args.handler(args, settings)
+    except (ConfigError, ModelNotFoundError, DatasetError, CorruptStateError) as err:
+        print(f"fedasls: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,164 @@
+"""Turn a run folder's JSONL records into CSV tables, a summary (with 95% CIs) and PNG plots."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from fedasls.stats import mean_ci  # noqa: E402
+from server.fleet import DEVICE_ROUNDS_FILE, ROUNDS_FILE  # noqa: E402
+
+PLOTS = ("uplift_distribution.png", "metrics_over_rounds.png", "virtual_time_per_round.png", "participation_by_tier.png")
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    keys: list[str] = []
+    for row in rows:
+        keys += [k for k in row if k not in keys]
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def last_participation(device_rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each device's latest row that ran to completion (completed or straggler: it did personalize)."""
+    latest: dict[int, dict[str, Any]] = {}
+    for row in device_rows:
+        if row.get("status_code") == 0:
+            latest[row["device_id"]] = row
+    return [latest[d] for d in sorted(latest)]
+
+
+def summarize(run_dir: Path, wall_seconds: float) -> dict[str, Any]:
+    """Summary figures of a run (means over devices with bootstrap 95% CIs)."""
+    rounds = read_jsonl(run_dir / ROUNDS_FILE)
+    device_rows = read_jsonl(run_dir / DEVICE_ROUNDS_FILE)
+    devices = last_participation(device_rows)
+    ok = [r for r in device_rows if r.get("status_code") == 0]
+
+    def ci(values: list[float]) -> list[float]:
+        kept = [v for v in values if not math.isnan(v)]
+        return list(mean_ci(kept)) if kept else [math.nan] * 3
+
+    return {
+        "devices_participated": len(devices),
+        "device_rounds": len(ok),
+        "rounds": len(rounds),
+        "stragglers": sum(r["stragglers"] for r in rounds),
+        "dropped": sum(r["dropped"] for r in rounds),
+        "failed": sum(r["failed"] for r in rounds),
+        "uplift_rouge1": ci([r["rouge1"] - r["base_rouge1"] for r in devices]),
+        "uplift_rougeL": ci([r["rougeL"] - r["base_rougeL"] for r in devices]),
+        "perplexity_reduction": ci([r["base_perplexity"] - r["perplexity"] for r in devices]),
+        "rouge1": ci([r["rouge1"] for r in devices]),
+        "base_rouge1": ci([r["base_rouge1"] for r in devices]),
+        "satisfaction": ci([r["accept_rate"] for r in devices]),
+        "base_satisfaction": ci([r["base_accept_rate"] for r in devices]),
+        "fleet_virtual_seconds": sum(r["virtual_round_s"] for r in rounds),
+        "wall_seconds": wall_seconds,
+        "device_rounds_per_second": len(ok) / wall_seconds if wall_seconds > 0 else math.nan,
+    }
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """A plain-text table for the terminal."""
+
+    def fmt_ci(v: list[float]) -> str:
+        mean, low, high = v
+        return "n/a" if math.isnan(mean) else f"{mean:+.4f}  [{low:+.4f}, {high:+.4f}]"
+
+    rows = [
+        ("ROUGE-1 uplift (personal - base)", fmt_ci(summary["uplift_rouge1"])),
+        ("ROUGE-L uplift", fmt_ci(summary["uplift_rougeL"])),
+        ("perplexity reduction (base - personal)", fmt_ci(summary["perplexity_reduction"])),
+        ("satisfaction (accept rate), personal", fmt_ci(summary["satisfaction"])),
+        ("satisfaction (accept rate), base", fmt_ci(summary["base_satisfaction"])),
+        ("devices that participated", str(summary["devices_participated"])),
+        ("device-rounds completed", str(summary["device_rounds"])),
+        ("stragglers / dropped / failed", f"{summary['stragglers']} / {summary['dropped']} / {summary['failed']}"),
+        ("simulated fleet time", f"{summary['fleet_virtual_seconds']:.0f} s"),
+        ("wall time", f"{summary['wall_seconds']:.1f} s"),
+        ("device-rounds per second", f"{summary['device_rounds_per_second']:.2f}"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    lines = ["", "figure".ljust(width) + "  value (mean [95% CI] over devices)", "-" * (width + 40)]
+    lines += [k.ljust(width) + "  " + v for k, v in rows]
+    return "\n".join(lines)
+
+
+def plot_run(run_dir: Path) -> list[Path]:
+    """Write the run's PNG plots and return their paths."""
+    rounds = read_jsonl(run_dir / ROUNDS_FILE)
+    device_rows = read_jsonl(run_dir / DEVICE_ROUNDS_FILE)
+    devices = last_participation(device_rows)
+    paths = [run_dir / name for name in PLOTS]
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    uplift = [r["rouge1"] - r["base_rouge1"] for r in devices]
+    ax.hist(uplift, bins=min(30, max(5, len(uplift) // 3)), color="#4477aa")
+    ax.axvline(0, color="black", lw=1)
+    ax.set(xlabel="ROUGE-1 uplift (personalized - base)", ylabel="devices", title="Personalization uplift across devices")
+    _save(fig, paths[0])
+
+    fig, ax1 = plt.subplots(figsize=(6, 4))
+    x = [r["round"] for r in rounds]
+    ax1.plot(x, [r["rouge1_mean"] for r in rounds], "o-", label="ROUGE-1 personalized")
+    ax1.plot(x, [r["base_rouge1_mean"] for r in rounds], "s--", label="ROUGE-1 base")
+    ax1.set(xlabel="round", ylabel="ROUGE-1 (completed devices)")
+    ax2 = ax1.twinx()
+    ax2.plot(x, [r["perplexity_mean"] for r in rounds], "^:", color="#cc6677", label="perplexity personalized")
+    ax2.set_ylabel("perplexity")
+    ax1.legend(loc="upper left", fontsize=8)
+    ax2.legend(loc="upper right", fontsize=8)
+    ax1.set_title("Metrics over rounds")
+    _save(fig, paths[1])
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.bar(x, [r["virtual_round_s"] for r in rounds], color="#228833")
+    ax.set(xlabel="round", ylabel="simulated seconds", title="Virtual time per round (K-th fastest / deadline)")
+    _save(fig, paths[2])
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    counts: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    for r in device_rows:
+        counts[r["tier"]][r["role"]] += 1
+    tiers = sorted(counts)
+    bottom = [0] * len(tiers)
+    for role, color in (("completed", "#228833"), ("straggler", "#ccbb44"), ("dropped", "#ee6677")):
+        vals = [counts[t][role] for t in tiers]
+        ax.bar(tiers, vals, bottom=bottom, label=role, color=color)
+        bottom = [b + v for b, v in zip(bottom, vals)]
+    ax.set(xlabel="device tier", ylabel="device-rounds", title="Participation by tier")
+    ax.legend()
+    _save(fig, paths[3])
+    return paths
+
+
+def _save(fig: plt.Figure, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(run_dir: Path, wall_seconds: float) -> dict[str, Any]:
+    """CSV copies of the JSONL records, summary.json and the plots; returns the summary."""
+    write_csv(run_dir / "rounds.csv", read_jsonl(run_dir / ROUNDS_FILE))
+    write_csv(run_dir / "device_rounds.csv", read_jsonl(run_dir / DEVICE_ROUNDS_FILE))
+    summary = summarize(run_dir, wall_seconds)
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    plot_run(run_dir)
+    return summary

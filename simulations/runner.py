@@ -1,0 +1,101 @@
+"""Run a scenario on Flower's Simulation Engine (Ray backend) and write its results folder."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from flwr.simulation import run_simulation
+
+from clients.app import app as client_app
+from fedasls.config import Settings
+from fedasls.model import ensure_model
+from server.app import make_server_app
+from server.fleet import FleetRun
+
+
+def new_run_dir(settings: Settings, name: str | None = None) -> Path:
+    """A fresh folder under the output dir: <output_dir>/<name or timestamp>."""
+    root = Path(settings.simulation.output_dir)
+    run_dir = root / (name or time.strftime("run-%Y%m%d-%H%M%S"))
+    suffix = 1
+    while run_dir.exists():
+        suffix += 1
+        run_dir = root / f"{name or 'run'}-{suffix}"
+    return run_dir
+
+
+def num_slots(settings: Settings) -> int:
+    """SuperNodes to start: enough worker slots for one over-committed cohort."""
+    sim = settings.simulation
+    return max(1, min(settings.population.num_devices, math.ceil(sim.cohort_size * sim.overcommit - 1e-9)))
+
+
+def backend_config(settings: Settings) -> dict[str, Any]:
+    """Ray backend: `workers` actors, each with `cpus_per_worker` CPUs (one base model each)."""
+    sim = settings.simulation
+    return {
+        "client_resources": {"num_cpus": sim.cpus_per_worker, "num_gpus": 0.0},
+        "init_args": {
+            "num_cpus": max(1, math.ceil(sim.workers * sim.cpus_per_worker)),
+            "include_dashboard": False,
+            "logging_level": logging.ERROR,
+            "log_to_driver": False,
+        },
+    }
+
+
+def simulate(settings: Settings, run_dir: Path, config_source: Path | None = None, resume: bool = False,
+             quiet: bool = False) -> FleetRun:
+    """Build the model if needed, run every round on Ray, and return the finished FleetRun."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.toml").write_text(settings_toml(settings))
+    if config_source is not None:
+        shutil.copyfile(config_source, run_dir / "scenario.toml")
+    # Build (or find) the base model once here, so Ray workers only load it.
+    model_path = ensure_model(settings.model)
+    settings = settings.model_copy(update={"model": settings.model.model_copy(update={"path": str(model_path)})})
+    store_dir = Path(settings.simulation.store_dir) if settings.simulation.store_dir else run_dir / "store"
+    run = FleetRun(settings, run_dir, store_dir, resume=resume, quiet=quiet, expected_slots=num_slots(settings))
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    run_simulation(
+        server_app=make_server_app(run),
+        client_app=client_app,
+        num_supernodes=num_slots(settings),
+        backend_name="ray",
+        backend_config=backend_config(settings),
+    )
+    return run
+
+
+def settings_toml(settings: Settings) -> str:
+    """The resolved settings as TOML (what the run actually used)."""
+    lines: list[str] = []
+    for section, values in settings.model_dump(mode="json").items():
+        lines.append(f"[{section}]")
+        for key, value in values.items():
+            if value is None:
+                lines.append(f"# {key} = (unset)")
+            else:
+                lines.append(f"{key} = {_toml_value(value)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + " }"
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {type(value).__name__} to TOML")

@@ -1,0 +1,76 @@
+"""Settings: TOML + overrides, rejected unknown keys and invalid values, shipped scenarios."""
+
+from pathlib import Path
+
+import pytest
+
+from fedasls.config import ConfigError, apply_overrides, load_settings
+from server.app import scenario_path
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "run.toml"
+    path.write_text(text)
+    return path
+
+
+def test_toml_and_overrides_are_applied(tmp_path):
+    path = write(tmp_path, "[population]\nnum_devices = 50\n[selection]\npolicy = 'fifo'\n")
+    s = load_settings(path, ["selection.buffer_bytes=4096", "adaptation.dp=true"])
+    assert s.population.num_devices == 50
+    assert s.selection.policy == "fifo"
+    assert s.selection.buffer_bytes == 4096
+    assert s.adaptation.dp is True
+
+
+def test_unknown_key_is_rejected_with_its_name(tmp_path):
+    path = write(tmp_path, "[selection]\npolcy = 'fifo'\n")
+    with pytest.raises(ConfigError) as err:
+        load_settings(path)
+    assert "unknown key 'selection.polcy'" in str(err.value)
+    assert str(path) in str(err.value)
+
+
+def test_unknown_table_is_rejected(tmp_path):
+    with pytest.raises(ConfigError, match="unknown key 'simulaton'"):
+        load_settings(write(tmp_path, "[simulaton]\nrounds = 2\n"))
+
+
+def test_invalid_value_names_field_and_allowed_values(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        load_settings(write(tmp_path, "[selection]\npolicy = 'best'\n"))
+    assert "selection.policy" in str(err.value) and "'full'" in str(err.value)
+    with pytest.raises(ConfigError, match="population.num_devices"):
+        load_settings(None, ["population.num_devices=0"])
+
+
+def test_cross_field_rules(tmp_path):
+    with pytest.raises(ConfigError, match="divisible by num_heads"):
+        load_settings(None, ["model.hidden_size=100", "model.num_heads=3"])
+    with pytest.raises(ConfigError, match="jsonl_path"):
+        load_settings(None, ["population.source='jsonl'"])
+
+
+def test_bad_toml_and_missing_file_name_the_file(tmp_path):
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_settings(write(tmp_path, "[population\n"))
+    with pytest.raises(ConfigError, match="not found"):
+        load_settings(tmp_path / "nope.toml")
+
+
+def test_override_syntax():
+    assert apply_overrides({}, ["a.b=3", "a.c=x y"]) == {"a": {"b": 3, "c": "x y"}}
+    with pytest.raises(ConfigError, match="section.key=value"):
+        apply_overrides({}, ["novalue"])
+
+
+@pytest.mark.parametrize("name", ["quickstart", "population-10k", "heterogeneity"])
+def test_shipped_scenarios_load(name):
+    s = load_settings(scenario_path(name))
+    assert s.simulation.rounds >= 1
+    assert s.population.num_devices >= 200
+
+
+def test_unknown_scenario_lists_the_shipped_ones():
+    with pytest.raises(ConfigError, match="quickstart"):
+        scenario_path("no-such-scenario")
