@@ -36,7 +36,7 @@ class ModelSettings(_Section):
     num_heads: int = Field(4, ge=1)
     intermediate_size: int = Field(384, ge=16)
     max_positions: int = Field(256, ge=32)
-    pretrain_steps: int = Field(600, ge=0)
+    pretrain_steps: int = Field(300, ge=0)
     pretrain_batch_size: int = Field(32, ge=1)
     pretrain_lr: float = Field(3e-3, gt=0)
     corpus_size: int = Field(6000, ge=100, description="Public (non-user) texts used for tokenizer + pretraining.")

@@ -54,7 +54,6 @@ class DeviceOptions:
 
     use_feedback: bool = True  # implicit signals (accept/edit) become training data
     use_profile_trigger: bool = True  # adapt when the profile says so, else on every call
-    use_selection: bool = True  # False: train on the most recent interactions, no buffer scoring
 
 
 @dataclass
@@ -146,19 +145,12 @@ class Device:
             load_adapter_state(model, self.adapter)
         return model
 
-    def training_items(self) -> list[Interaction]:
-        """Items the device learns from: the buffer, or (no selection) the most recent stream items."""
-        if self.options.use_selection:
-            return self.selector.interactions()
-        n = len(self.selector.interactions())
-        return self.runtime.population.stream(self.device_id)[max(0, self.cursor - n) : self.cursor]
-
     def adapt(self) -> AdaptReport:
         """One adaptation: implicit feedback, sparse annotation, synthesis, LoRA training."""
         s = self.runtime.settings
         model = self.activate()
         tokenizer = self.runtime.tokenizer
-        items = self.training_items()
+        items = self.selector.interactions()
 
         # Implicit feedback on the buffered items the user has not annotated: edits reveal preferences.
         unlabelled = [it for it in items if it.index not in self.annotations]

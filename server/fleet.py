@@ -65,13 +65,18 @@ def round_config(settings_json: str, store_dir: Path, device_id: int, now: float
     )
 
 
-def wait_for_slots(grid: Grid, expected: int, timeout_s: float = 120.0) -> list[int]:
-    """Node ids of the connected SuperNodes, once `expected` of them are there (they register
-    asynchronously); raises if none come within `timeout_s`."""
+def wait_for_slots(grid: Grid, expected: int, timeout_s: float = 120.0, settle_s: float = 1.0) -> list[int]:
+    """Node ids of the connected SuperNodes once at least `expected` are there and their number
+    has not changed for `settle_s` (they register asynchronously)."""
     deadline = time.monotonic() + timeout_s
+    slots: list[int] = []
+    stable_since = time.monotonic()
     while True:
-        slots = sorted(grid.get_node_ids())
-        if len(slots) >= expected or (slots and time.monotonic() > deadline):
+        now_slots = sorted(grid.get_node_ids())
+        if now_slots != slots:
+            slots, stable_since = now_slots, time.monotonic()
+        settled = time.monotonic() - stable_since >= settle_s
+        if slots and ((len(slots) >= expected and settled) or time.monotonic() > deadline):
             return slots
         if time.monotonic() > deadline:
             raise RuntimeError(f"no SuperNodes connected after {timeout_s:.0f} s: start at least one SuperNode")

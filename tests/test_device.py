@@ -108,6 +108,19 @@ def test_without_profile_trigger_the_device_always_adapts(runtime):
     assert device.should_adapt()
 
 
+def test_ignoring_feedback_uses_annotations_only(runtime):
+    with_feedback = Device(10, runtime)
+    without = Device(10, runtime, options=DeviceOptions(use_feedback=False))
+    for device in (with_feedback, without):
+        device.catch_up()
+    r_with, r_without = with_feedback.adapt(), without.adapt()
+    assert r_without.edits == r_without.accepts == 0
+    assert r_without.examples == r_without.annotated + r_without.synthesized
+    # the user reacted to every unannotated buffered answer only when feedback is on
+    assert sum(with_feedback.profile.feedback.values()) == r_with.buffered > 0
+    assert sum(without.profile.feedback.values()) == 0
+
+
 def test_device_round_persists_state_between_rounds(runtime, tmp_path):
     store = DeviceStore(tmp_path / "store")
     hetero = HeterogeneityModel(seed=0, availability="always")
