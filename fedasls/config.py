@@ -103,8 +103,13 @@ class AdaptationSettings(_Section):
     lora_rank: int = Field(8, ge=1)
     lora_alpha: int = Field(16, ge=1)
     lora_dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        min_length=1,
+        description="Module-name suffixes that get LoRA (Llama-style names).",
+    )
     learning_rate: float = Field(5e-3, gt=0)
-    epochs: int = Field(3, ge=1)
+    epochs: int = Field(6, ge=1)
     batch_size: int = Field(8, ge=1)
     max_length: int = Field(96, ge=16)
     min_new_items: int = Field(4, ge=0, description="Adapt only when this many new buffered items (profile trigger).")
@@ -116,7 +121,7 @@ class AdaptationSettings(_Section):
 
 
 class EvaluationSettings(_Section):
-    max_new_tokens: int = Field(32, ge=1)
+    max_new_tokens: int = Field(72, ge=1, description="Enough for a full preferred answer (~45 words).")
 
 
 class SimulationSettings(_Section):

@@ -37,7 +37,7 @@ from transformers import (
 from fedasls.config import ModelSettings
 
 BUILD_INFO = "fedasls_build.json"
-BUILD_VERSION = 1  # bump when the build recipe changes, so cached models are rebuilt
+BUILD_VERSION = 2  # bump when the build recipe changes, so cached models are rebuilt
 BOS, EOS, PAD, UNK = "<s>", "</s>", "<pad>", "<unk>"
 PROMPT_TEMPLATE = "Question: {question}\nAnswer:"
 _BLOCK_TOKENS = 128  # pretraining sequence length (capped by max_positions)

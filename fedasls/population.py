@@ -13,6 +13,7 @@ same content in the user's style (length, formality, signature) mentioning relev
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -331,15 +332,22 @@ def _pick(rng: np.random.Generator, items: list | tuple) -> Any:
     return items[int(rng.integers(len(items)))]
 
 
+def topic_tips(domain: str, topic: str) -> list[str]:
+    """The three tips that answer questions about `topic`: fixed per topic (public knowledge the
+    base model can learn), so what sets a user's preferred answer apart is style and facts."""
+    tips = _DOMAIN_DATA[domain]["tips"]
+    rng = np.random.default_rng(zlib.crc32(f"{domain}/{topic}".encode()))
+    return [tips[k] for k in rng.choice(len(tips), size=3, replace=False)]
+
+
 def _question(rng: np.random.Generator, domain: str) -> tuple[str, str, list[str]]:
-    """(question, topic, three tips) for a domain."""
+    """(question, topic, the topic's three tips) for a domain."""
     data = _DOMAIN_DATA[domain]
     t1, t2 = rng.choice(len(data["topics"]), size=2, replace=False)
     topic, topic2 = data["topics"][t1], data["topics"][t2]
     template = _pick(rng, _SHARED_QUESTIONS + data["questions"])
     question = template.format(topic=topic, topic2=topic2)
-    tips = [data["tips"][k] for k in rng.choice(len(data["tips"]), size=3, replace=False)]
-    return question, topic, tips
+    return question, topic, topic_tips(domain, topic)
 
 
 def _generic_answer(rng: np.random.Generator, topic: str, tips: list[str]) -> tuple[str, str]:

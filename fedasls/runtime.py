@@ -36,7 +36,9 @@ class DeviceRuntime:
         self.population = population if population is not None else population_from_settings(settings.population)
         base, self.tokenizer = load_model(ensure_model(settings.model))
         a = settings.adaptation
-        self.model: PeftModel = attach_lora(base, a.lora_rank, a.lora_alpha, a.lora_dropout, slot_name(a.lora_rank))
+        self.model: PeftModel = attach_lora(
+            base, a.lora_rank, a.lora_alpha, a.lora_dropout, slot_name(a.lora_rank), a.target_modules
+        )
         self.model.eval()
 
     @cached_property
@@ -60,7 +62,7 @@ class DeviceRuntime:
         name = slot_name(rank)
         if name not in self.model.peft_config:
             a = self.settings.adaptation
-            self.model.add_adapter(name, lora_config(rank, a.lora_alpha, a.lora_dropout))
+            self.model.add_adapter(name, lora_config(rank, a.lora_alpha, a.lora_dropout, a.target_modules))
         self.model.set_adapter(name)
         return self.model
 
