@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Callable
 
 from fedasls.config import ConfigError, Settings, load_settings
+from fedasls.interaction import STREAM_EPOCH
 from fedasls.loaders import DatasetError
 from fedasls.model import ModelNotFoundError
 from fedasls.store import CorruptStateError
@@ -98,9 +99,15 @@ def cmd_population_show(args: argparse.Namespace, settings: Settings) -> int:
         print(f"    facts: {'; '.join(persona.facts)}")
         print(f"    stream: {len(stream)} interactions " + ", ".join(f"{k}={v}" for k, v in sorted(kinds.items())))
         for it in stream[: args.excerpt]:
-            print(f"    [{it.timestamp:>9.0f}s {it.kind:<9}] Q: {_short(it.question)}")
-            print(f"    {'':22} preferred: {_short(it.preferred)}")
+            print(f"    [{_clock(it.timestamp)} {it.kind:<9}] Q: {_short(it.question)}")
+            print(f"    {'':26} preferred: {_short(it.preferred)}")
     return 0
+
+
+def _clock(timestamp: float) -> str:
+    """Stream time as 'day D HH:MM' on the virtual clock."""
+    seconds = int(timestamp - STREAM_EPOCH)
+    return f"day {seconds // 86400} {seconds % 86400 // 3600:02d}:{seconds % 3600 // 60:02d}"
 
 
 def _short(text: str, width: int = 100) -> str:
