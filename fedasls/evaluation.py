@@ -10,10 +10,9 @@ import math
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
-import torch
-import torch.nn.functional as F
 from rouge_score import rouge_scorer
 
+from fedasls.adaptation import TrainingExample, sequence_loss
 from fedasls.interaction import Interaction
 from fedasls.model import format_prompt, generate
 
@@ -67,57 +66,21 @@ class EvalResult:
         return asdict(self)
 
 
+_DEFAULT_CONTEXT = 1024  # for models whose config states no context length
+
+
 def _max_positions(model: Any) -> int | None:
     return getattr(model.config, "max_position_embeddings", None)
 
 
-@torch.no_grad()
 def answer_perplexity(model: Any, tokenizer: Any, pairs: list[tuple[str, str]], batch_size: int = 16) -> float:
-    """exp(mean NLL) over the answer tokens of (question, answer) pairs, given the prompt.
-
-    The prompt is `format_prompt(question)`; the answer follows it after one space and ends
-    with eos (the training format). Prompt tokens are context only. Sequences longer than the model's context keep the prompt and
-    cut the answer.
-    """
+    """exp(mean NLL) over the answer tokens of (question, answer) pairs, given the prompt, in the
+    training format (`format_prompt(question)`, a space, the answer, eos)."""
     if not pairs:
         raise ValueError("answer_perplexity: no (question, answer) pairs; pass at least one")
-    limit = _max_positions(model)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    device = next(model.parameters()).device
-    total_nll, total_tokens = 0.0, 0
-    for start in range(0, len(pairs), batch_size):
-        seqs: list[tuple[list[int], int]] = []  # (ids, prompt length)
-        for question, answer in pairs[start : start + batch_size]:
-            prompt_ids = tokenizer(format_prompt(question))["input_ids"]
-            answer_ids = tokenizer(" " + answer, add_special_tokens=False)["input_ids"]
-            if tokenizer.eos_token_id is not None:
-                answer_ids = answer_ids + [tokenizer.eos_token_id]
-            ids = prompt_ids + answer_ids
-            if limit is not None:
-                ids = ids[:limit]
-            if len(ids) > len(prompt_ids):
-                seqs.append((ids, len(prompt_ids)))
-        if not seqs:
-            continue
-        width = max(len(ids) for ids, _ in seqs)
-        input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-        attention = torch.zeros((len(seqs), width), dtype=torch.long)
-        labels = torch.full((len(seqs), width), -100, dtype=torch.long)
-        for row, (ids, plen) in enumerate(seqs):
-            input_ids[row, : len(ids)] = torch.tensor(ids)
-            attention[row, : len(ids)] = 1
-            labels[row, plen : len(ids)] = torch.tensor(ids[plen:])
-        logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits
-        shift_logits = logits[:, :-1, :].float()
-        shift_labels = labels[:, 1:].to(device)
-        nll = F.cross_entropy(
-            shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1), ignore_index=-100, reduction="sum"
-        )
-        total_nll += float(nll)
-        total_tokens += int((shift_labels != -100).sum())
-    if total_tokens == 0:
-        raise ValueError("answer_perplexity: every answer was empty or cut off by the context length")
-    return math.exp(total_nll / total_tokens)
+    examples = [TrainingExample(question, answer) for question, answer in pairs]
+    limit = _max_positions(model) or _DEFAULT_CONTEXT
+    return math.exp(sequence_loss(model, tokenizer, examples, max_length=limit, batch_size=batch_size))
 
 
 def evaluate(

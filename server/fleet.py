@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -153,7 +154,7 @@ def run_fleet(grid: Grid, run: FleetRun) -> dict[str, Any]:
         _append_jsonl(run.run_dir / ROUNDS_FILE, [round_row])
         coordinator.clock.now = max(coordinator.clock.now, now + sim.round_interval_s)
         run.rounds_done = server_round
-        checkpoint.write_text(json.dumps({"rounds_done": server_round, "coordinator": coordinator.state()}))
+        _write_atomic(checkpoint, json.dumps({"rounds_done": server_round, "coordinator": coordinator.state()}))
         if bar is not None:
             bar.set_postfix(
                 done=len(outcome.completed), strag=len(outcome.stragglers), drop=len(outcome.dropped),
@@ -215,6 +216,13 @@ def _round_row(server_round: int, now: float, outcome: Any, rows: list[dict[str,
         "accept_rate_mean": mean("accept_rate"),
         "wall_s": wall_s,
     }
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Replace `path` in one step, so a crash never leaves a half-written checkpoint."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def _append_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:

@@ -80,3 +80,21 @@ def test_results_files_and_plots_written(finished_run):
         rows = list(csv.DictReader(f))
     assert len(rows) == 40 and {"rouge1", "base_rouge1", "tier", "role"} <= set(rows[0])
     assert json.loads((run.run_dir / "checkpoint.json").read_text())["rounds_done"] == 2
+
+
+def test_resume_continues_from_the_last_checkpoint(finished_run, tmp_path):
+    import shutil
+
+    run, _ = finished_run
+    copy = tmp_path / "resumed"
+    shutil.copytree(run.run_dir, copy)
+    before = {d: DeviceStore(copy / "store").load(d)["cursor"] for d in range(20)}
+    settings = run.settings.model_copy(
+        update={"simulation": run.settings.simulation.model_copy(update={"rounds": 3})}
+    )
+    resumed = simulate(settings, copy, resume=True, quiet=True)
+    rounds = read_jsonl(copy / "rounds.jsonl")
+    assert [r["round"] for r in rounds] == [1, 2, 3]  # rounds 1-2 kept, only round 3 ran
+    assert rounds[2]["virtual_start_s"] == rounds[1]["virtual_start_s"] + settings.simulation.round_interval_s
+    after = {d: DeviceStore(resumed.store_dir).load(d)["cursor"] for d in range(20)}
+    assert all(after[d] >= before[d] for d in range(20)) and after != before
