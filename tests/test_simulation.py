@@ -82,13 +82,16 @@ def test_results_files_and_plots_written(finished_run):
     assert json.loads((run.run_dir / "checkpoint.json").read_text())["rounds_done"] == 2
 
 
-def test_resume_continues_from_the_last_checkpoint(finished_run, tmp_path):
+def test_resume_continues_and_one_corrupt_device_does_not_stop_the_others(finished_run, tmp_path):
     import shutil
 
     run, _ = finished_run
     copy = tmp_path / "resumed"
     shutil.copytree(run.run_dir, copy)
-    before = {d: DeviceStore(copy / "store").load(d)["cursor"] for d in range(20)}
+    store = DeviceStore(copy / "store")
+    before = {d: store.load(d)["cursor"] for d in range(1, 20)}
+    corrupt = store.folder(0) / "state.json"
+    corrupt.write_text("{ not json")
     settings = run.settings.model_copy(
         update={"simulation": run.settings.simulation.model_copy(update={"rounds": 3})}
     )
@@ -96,5 +99,7 @@ def test_resume_continues_from_the_last_checkpoint(finished_run, tmp_path):
     rounds = read_jsonl(copy / "rounds.jsonl")
     assert [r["round"] for r in rounds] == [1, 2, 3]  # rounds 1-2 kept, only round 3 ran
     assert rounds[2]["virtual_start_s"] == rounds[1]["virtual_start_s"] + settings.simulation.round_interval_s
-    after = {d: DeviceStore(resumed.store_dir).load(d)["cursor"] for d in range(20)}
-    assert all(after[d] >= before[d] for d in range(20)) and after != before
+    assert rounds[2]["failed"] == 1  # device 0's ClientApp raised on its corrupt state ...
+    assert corrupt.read_text() == "{ not json"  # ... which was left for the user to inspect
+    after = {d: DeviceStore(resumed.store_dir).load(d)["cursor"] for d in range(1, 20)}
+    assert all(after[d] >= before[d] for d in after) and after != before  # the others went on
