@@ -101,14 +101,13 @@ class Device:
         """
         if not interactions:
             return 0
-        lex = self.runtime.lexicons
-        texts = [item_text(it) for it in interactions]
         if embeddings is None:
-            embeddings = self.runtime.embed(texts)
+            embeddings = self.runtime.embed([item_text(it) for it in interactions])
         admitted = 0
-        for it, text, emb in zip(interactions, texts, embeddings):
-            self.profile.observe(it, emb, lex.tag(lex.tokenize(text)))
-            admitted += bool(self.selector.observe(it, emb))
+        for it, emb in zip(interactions, embeddings):
+            item = self.selector.score(it, emb)
+            self.profile.observe(it, emb, item.domain)
+            admitted += self.selector.offer(item)
         self.counters.observed += len(interactions)
         buffered = {it.index for it in self.selector.interactions()}
         self.annotations = {i: a for i, a in self.annotations.items() if i in buffered}

@@ -528,14 +528,17 @@ class Selector:
         item.idd = self.buffer.candidate_idd(item)
         return item
 
-    def observe(self, interaction: Interaction, embedding: np.ndarray, n_tokens: int | None = None) -> bool:
-        """Score and offer one interaction; True if it entered the buffer."""
-        item = self.score(interaction, embedding, n_tokens)
+    def offer(self, item: BufferItem) -> bool:
+        """Offer a scored item (from `score`) to the buffer; True if it entered."""
         self.seq += 1
         admitted = self.policy.offer(self.buffer, item)
         if admitted:
             self.changes_since_adaptation += 1
         return admitted
+
+    def observe(self, interaction: Interaction, embedding: np.ndarray, n_tokens: int | None = None) -> bool:
+        """Score and offer one interaction; True if it entered the buffer."""
+        return self.offer(self.score(interaction, embedding, n_tokens))
 
     def new_items(self) -> list[BufferItem]:
         """Buffered items that arrived after the last adaptation."""

@@ -63,6 +63,7 @@ def simulate(settings: Settings, run_dir: Path, config_source: Path | None = Non
     store_dir = Path(settings.simulation.store_dir) if settings.simulation.store_dir else run_dir / "store"
     run = FleetRun(settings, run_dir, store_dir, resume=resume, quiet=quiet, expected_slots=num_slots(settings))
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # CPU actors: keep Ray's GPU env as is
     # Flower logs through its own console handler; a root handler (installed by another library's
     # logging.basicConfig) would otherwise echo its DEBUG records too.
     logging.getLogger("flwr").propagate = False
