@@ -21,12 +21,13 @@ from fedasls.evaluation import EvalResult, evaluate
 from fedasls.feedback import SimulatedUser, feedback_examples
 from fedasls.interaction import Interaction
 from fedasls.model import format_prompt, generate
+from fedasls.privacy import composed_epsilon
 from fedasls.profile import UserProfile
 from fedasls.runtime import DeviceRuntime
 from fedasls.selection import Selector, item_text
 from fedasls.synthesis import Synthesizer
 
-STATE_VERSION = 1
+STATE_VERSION = 2
 
 
 @dataclass
@@ -41,7 +42,7 @@ class AdaptReport:
     examples: int
     loss_first: float
     loss_last: float
-    epsilon: float | None
+    epsilon: float | None  # the device's cumulative example-level epsilon over all its DP runs
     synthesis_method: str
 
     def to_dict(self) -> dict[str, Any]:
@@ -92,6 +93,7 @@ class Device:
         self.counters = DeviceCounters()
         self.base_eval: EvalResult | None = None
         self.last_eval: EvalResult | None = None
+        self.dp_history: list[tuple[float, float, int]] = []  # (noise, sample rate, steps) per DP run
 
     # ------------------------------------------------------------------ stream
     def observe(self, interactions: list[Interaction], embeddings: np.ndarray | None = None) -> int:
@@ -181,6 +183,8 @@ class Device:
         if examples:
             result = train_adapter(model, tokenizer, examples, s.adaptation, seed=self.seed + self.counters.adaptations)
             self.adapter = adapter_state(model)
+            if result.epsilon is not None:
+                self.dp_history.append((result.noise_multiplier, result.sample_rate, result.steps))
         self.selector.mark_adapted()
         self.profile.mark_adapted()
         self.counters.adaptations += 1
@@ -193,7 +197,7 @@ class Device:
             examples=len(examples),
             loss_first=result.losses[0] if result else float("nan"),
             loss_last=result.losses[-1] if result else float("nan"),
-            epsilon=result.epsilon if result else None,
+            epsilon=composed_epsilon(self.dp_history, s.adaptation.delta) if self.dp_history else None,
             synthesis_method=synthesizer.last_stats.method,
         )
         self.counters.history.append(report.to_dict())
@@ -229,6 +233,7 @@ class Device:
             "counters": asdict(self.counters),
             "base_eval": self.base_eval.to_dict() if self.base_eval else None,
             "last_eval": self.last_eval.to_dict() if self.last_eval else None,
+            "dp_history": [list(run) for run in self.dp_history],
             "adapter": self.adapter,
         }
 
@@ -248,5 +253,6 @@ class Device:
         device.counters = DeviceCounters(**state["counters"])
         device.base_eval = EvalResult(**state["base_eval"]) if state["base_eval"] else None
         device.last_eval = EvalResult(**state["last_eval"]) if state["last_eval"] else None
+        device.dp_history = [(float(s), float(q), int(n)) for s, q, n in state["dp_history"]]
         device.adapter = state["adapter"]
         return device

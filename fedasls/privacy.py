@@ -12,6 +12,8 @@ sum by up to 2 * clip, so the accountant is given `noise_multiplier / 2` (see `u
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import logging
 import math
 import warnings
@@ -139,6 +141,17 @@ def opacus_report(accountant: RDPAccountant | PRVAccountant, delta: float) -> Pr
     steps = sum(int(n) for _, _, n in accountant.history)
     sigma, q = settings.pop() if settings else (0.0, 1.0)
     return example_level_epsilon(sigma, q, steps, delta, kind)  # same history -> same epsilon
+
+
+def composed_epsilon(history: Sequence[tuple[float, float, int]], delta: float) -> float:
+    """Example-level epsilon of several DP-SGD runs over the same device data, composed by opacus'
+    RDP accountant: `history` holds one (noise_multiplier, sample_rate, steps) per run (Poisson
+    sampling, add/remove-one). 0.0 for no runs."""
+    if not history:
+        return 0.0
+    accountant = RDPAccountant()
+    accountant.history = [(float(s), float(q), int(n)) for s, q, n in history]
+    return float(accountant.get_epsilon(delta))
 
 
 def user_level_epsilon(

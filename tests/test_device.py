@@ -150,3 +150,24 @@ def test_device_going_offline_loses_the_rounds_work(runtime, tmp_path):
     result = run_device_round(device_id, now + 20 * 86400, runtime, store, hetero)
     assert result.status == "offline"
     assert not store.exists(device_id)
+
+
+def test_dp_device_reports_its_cumulative_epsilon(runtime):
+    from fedasls.privacy import composed_epsilon
+
+    dp = runtime.settings.adaptation.model_copy(update={"dp": True, "noise_multiplier": 1.0, "epochs": 1})
+    saved = runtime.settings
+    runtime.settings = saved.model_copy(update={"adaptation": dp})
+    try:
+        device = Device(11, runtime, options=DeviceOptions(use_profile_trigger=False))
+        stream = runtime.population.stream(11)
+        device.catch_up(until=stream[30].timestamp)
+        first = device.adapt().epsilon
+        device.catch_up()
+        second = device.adapt().epsilon
+    finally:
+        runtime.settings = saved
+    assert 0 < first < second
+    assert second == pytest.approx(composed_epsilon(device.dp_history, dp.delta))
+    assert len(device.dp_history) == 2
+    assert Device.from_state(device.to_state(), runtime).dp_history == device.dp_history

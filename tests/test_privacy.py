@@ -130,3 +130,13 @@ def test_bad_inputs_are_named():
         example_level_epsilon(1.0, 0.1, 10, DELTA, "gdp")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="cohort of 0"):
         user_level_epsilon(1.0, 0.001, 10, DELTA, "fixed", population=100)
+
+
+def test_composed_epsilon_matches_one_run_and_grows_with_more_runs():
+    from fedasls.privacy import composed_epsilon, example_level_epsilon
+
+    one = composed_epsilon([(1.0, 0.1, 100)], 1e-5)
+    assert one == pytest.approx(example_level_epsilon(1.0, 0.1, 100, 1e-5, "rdp").epsilon, rel=1e-9)
+    two = composed_epsilon([(1.0, 0.1, 100), (1.0, 0.2, 50)], 1e-5)
+    assert two > one
+    assert composed_epsilon([], 1e-5) == 0.0
