@@ -6,7 +6,6 @@ serves `flwr run .`, reading the scenario named in the run config (`[tool.flwr.a
 
 from __future__ import annotations
 
-import os
 import time
 from importlib import resources
 from pathlib import Path
@@ -45,9 +44,7 @@ def fleet_run_from_config(run_config: dict) -> FleetRun:
     """A FleetRun from Flower run-config keys: `scenario` (name or TOML path), `output-dir`."""
     settings: Settings = load_settings(scenario_path(str(run_config.get("scenario", "quickstart"))))
     out = Path(str(run_config.get("output-dir", settings.simulation.output_dir)))
-    if not out.is_absolute():
-        out = Path(os.environ.get("FEDASLS_HOME", Path.cwd())) / out
-    run_dir = out / time.strftime("flwr-run-%Y%m%d-%H%M%S")
+    run_dir = out.resolve() / time.strftime("flwr-run-%Y%m%d-%H%M%S")
     return FleetRun(settings, run_dir, Path(settings.simulation.store_dir or run_dir / "store"))
 
 
@@ -58,4 +55,4 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     run = fleet_run_from_config(dict(context.run_config))
     run_fleet(grid, run)
-    print(f"fedasls: results in {run.run_dir}")
+    print(f"fedasls: results in {run.run_dir}; tables and plots: fedasls report {run.run_dir}")

@@ -183,6 +183,21 @@ def cmd_simulate(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+# --- report --------------------------------------------------------------------------------
+
+
+def cmd_report(args: argparse.Namespace, settings: Settings) -> int:
+    from simulations.report import format_summary, write_report
+
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "rounds.jsonl").is_file():
+        raise ConfigError(f"{run_dir}: no rounds.jsonl there (pass the folder of a simulate or flwr run)")
+    summary = write_report(run_dir, wall_seconds=args.wall_seconds)
+    print(format_summary(summary))
+    print(f"\nwritten: {run_dir} (rounds.csv, device_rounds.csv, summary.json, *.png)")
+    return 0
+
+
 # --- parser ----------------------------------------------------------------------------------
 
 
@@ -239,6 +254,16 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--name", help="run folder name under simulation.output_dir (default: a timestamp)")
     sim.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
     sim.set_defaults(handler=cmd_simulate, default_scenario="quickstart")
+
+    rep = sub.add_parser(
+        "report",
+        help="tables, summary and plots for a run folder",
+        description="Write CSV tables, summary.json and PNG plots for a run folder (e.g. one written by `flwr run .`) "
+        "and print the summary.",
+    )
+    rep.add_argument("run_dir", metavar="RUN_DIR", help="folder holding rounds.jsonl and device_rounds.jsonl")
+    rep.add_argument("--wall-seconds", type=float, default=float("nan"), help="wall time to report (default: unknown)")
+    rep.set_defaults(handler=cmd_report, config=None, overrides=[])
     return parser
 
 

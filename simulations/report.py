@@ -118,7 +118,7 @@ def plot_run(run_dir: Path) -> list[Path]:
     x = [r["round"] for r in rounds]
     ax1.plot(x, [r["rouge1_mean"] for r in rounds], "o-", label="ROUGE-1 personalized")
     ax1.plot(x, [r["base_rouge1_mean"] for r in rounds], "s--", label="ROUGE-1 base")
-    ax1.set(xlabel="round", ylabel="ROUGE-1 (completed devices)")
+    ax1.set(xlabel="round", ylabel="ROUGE-1 (completed devices)", xticks=x)
     ax2 = ax1.twinx()
     ax2.plot(x, [r["perplexity_mean"] for r in rounds], "^:", color="#cc6677", label="perplexity personalized")
     ax2.set_ylabel("perplexity")
@@ -129,14 +129,15 @@ def plot_run(run_dir: Path) -> list[Path]:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.bar(x, [r["virtual_round_s"] for r in rounds], color="#228833")
-    ax.set(xlabel="round", ylabel="simulated seconds", title="Virtual time per round (K-th fastest / deadline)")
+    ax.set(xlabel="round", ylabel="simulated seconds", title="Virtual time per round (K-th fastest / deadline)", xticks=x)
     _save(fig, paths[2])
 
     fig, ax = plt.subplots(figsize=(6, 4))
     counts: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
     for r in device_rows:
         counts[r["tier"]][r["role"]] += 1
-    tiers = sorted(counts)
+    order = {"low": 0, "mid": 1, "high": 2}  # the default tiers by capability; others after, by name
+    tiers = sorted(counts, key=lambda t: (order.get(t, len(order)), t))
     bottom = [0] * len(tiers)
     for role, color in (("completed", "#228833"), ("straggler", "#ccbb44"), ("dropped", "#ee6677")):
         vals = [counts[t][role] for t in tiers]

@@ -103,3 +103,18 @@ def test_resume_continues_and_one_corrupt_device_does_not_stop_the_others(finish
     assert corrupt.read_text() == "{ not json"  # ... which was left for the user to inspect
     after = {d: DeviceStore(resumed.store_dir).load(d)["cursor"] for d in range(1, 20)}
     assert all(after[d] >= before[d] for d in after) and after != before  # the others went on
+
+
+def test_report_command_rebuilds_tables_and_plots(finished_run, tmp_path, capsys):
+    import shutil
+
+    from simulations.cli import main
+
+    run, _ = finished_run
+    copy = tmp_path / "copy"
+    shutil.copytree(run.run_dir, copy, ignore=shutil.ignore_patterns("*.csv", "*.png", "summary.json", "store"))
+    assert main(["report", str(copy)]) == 0
+    assert "ROUGE-1 uplift" in capsys.readouterr().out
+    for name in ("rounds.csv", "device_rounds.csv", "summary.json", *PLOTS):
+        assert (copy / name).is_file(), name
+    assert json.loads((copy / "summary.json").read_text())["devices_participated"] == 20
