@@ -113,6 +113,9 @@ class AdaptationSettings(_Section):
     batch_size: int = Field(8, ge=1)
     max_length: int = Field(96, ge=16)
     min_new_items: int = Field(4, ge=0, description="Adapt only when this many new buffered items (profile trigger).")
+    min_new_fraction: float = Field(
+        0.5, ge=0, le=1, description="... and at least this share of the buffer is new since the last adaptation."
+    )
     drift_trigger: float = Field(0.5, ge=0, le=2, description="Profile drift above which the device re-tunes.")
     dp: bool = False
     noise_multiplier: float = Field(1.0, ge=0)
