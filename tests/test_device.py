@@ -171,3 +171,25 @@ def test_dp_device_reports_its_cumulative_epsilon(runtime):
     assert second == pytest.approx(composed_epsilon(device.dp_history, dp.delta))
     assert len(device.dp_history) == 2
     assert Device.from_state(device.to_state(), runtime).dp_history == device.dp_history
+
+
+def test_trigger_waits_until_half_the_buffer_is_new(runtime):
+    import math
+
+    saved = runtime.settings
+    no_drift = saved.adaptation.model_copy(update={"drift_trigger": 2.0})  # drift can never fire
+    runtime.settings = saved.model_copy(update={"adaptation": no_drift})
+    try:
+        device = Device(12, runtime)
+        stream = runtime.population.stream(12)
+        device.observe(stream[:30])
+        device.adapt()
+        decisions = []
+        for it in stream[30:]:
+            device.observe([it])
+            enough = max(no_drift.min_new_items, math.ceil(no_drift.min_new_fraction * len(device.selector.buffer)))
+            decisions.append(device.should_adapt())
+            assert decisions[-1] == (device.selector.changes_since_adaptation >= enough)
+    finally:
+        runtime.settings = saved
+    assert not decisions[0] and any(decisions)  # it waits, then fires
