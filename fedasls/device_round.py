@@ -24,7 +24,7 @@ class DeviceRoundResult:
     """Scalar outcome of one device round (what may leave the device: numbers only)."""
 
     device_id: int
-    status: str  # "completed" | "offline" | "failed"
+    status: str  # "completed" | "offline" (a device that raises is reported by Flower as an error reply)
     sim_seconds: float
     new_interactions: int
     adapted: int
@@ -43,9 +43,9 @@ class DeviceRoundResult:
     epsilon: float
 
     def metrics(self) -> dict[str, float | int]:
-        """Numbers only, for the reply's MetricRecord (status as a code: 0 ok, 1 offline, 2 failed)."""
+        """Numbers only, for the reply's MetricRecord (status as a code: 0 completed, 1 offline)."""
         out = {k: v for k, v in asdict(self).items() if k != "status"}
-        out["status_code"] = {"completed": 0, "offline": 1, "failed": 2}[self.status]
+        out["status_code"] = {"completed": 0, "offline": 1}[self.status]
         return out
 
 
