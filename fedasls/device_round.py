@@ -43,6 +43,9 @@ class DeviceRoundResult:
     base_perplexity: float
     base_accept_rate: float
     epsilon: float
+    gate_accepted: int = 0  # the device's lifetime count of adapters the gate kept
+    gate_rejected: int = 0  # ... refused (the device kept its previous adapter or the base model)
+    gate_waiting: int = 0  # ... adaptation steps that trained nothing (too few labelled items)
 
     def metrics(self) -> dict[str, float | int]:
         """Numbers only, for the reply's MetricRecord (status as a code: 0 completed, 1 offline)."""
@@ -80,12 +83,15 @@ def run_device_round(
     new, examples, adapted = progress.new_interactions, progress.examples, bool(progress.adaptations)
     had_base = device.base_eval is not None
     personal, base = device.evaluate()
+    trained = [r for r in progress.adaptations if r.epochs]
+    epoch_examples = sum(r.examples * r.epochs * r.attempts for r in trained)
     work = {
         "embed_items": new,
         "train_examples": examples,
-        "epochs": settings.adaptation.epochs,
+        "epochs": epoch_examples / examples if examples else settings.adaptation.epochs,  # early stopping
         "rank": device.lora_rank,
-        "eval_items": personal.n * (1 if had_base else 2),
+        # held-out evaluation, plus the gate scoring both adapters on the held-back items
+        "eval_items": personal.n * (1 if had_base else 2) + sum((1 + r.attempts) * r.heldback for r in trained),
         "upload_bytes": UPLOAD_BYTES,
     }
     seconds = cost.round_seconds(profile, work)
@@ -113,4 +119,7 @@ def run_device_round(
         base_perplexity=base.perplexity,
         base_accept_rate=base.accept_rate if base.accept_rate is not None else math.nan,
         epsilon=last.get("epsilon") if last.get("epsilon") is not None else math.nan,
+        gate_accepted=device.counters.gate_accepted,
+        gate_rejected=device.counters.gate_rejected,
+        gate_waiting=device.counters.gate_waiting,
     )
