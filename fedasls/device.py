@@ -225,12 +225,12 @@ class Device:
         by_index = {it.index: it for it in items}
         heldback = [replace(by_index[i], preferred=own[i][1]) for i in sorted(own) if i in self.heldback]
         train_own = [own[i] for i in sorted(own) if i not in self.heldback]
-        # An accepted model answer is a weaker target than the user's own answer to the same item:
-        # training on both (the generic answer and the annotation) taught conflicting targets.
-        train_accepted = feedback_examples([
-            (it, fb) for it, fb in feedback_pairs
-            if fb.signal == "accept" and it.index not in self.heldback and it.index not in own
-        ])
+        # Accepted model answers stay training data (weight 0.5) even where the user also annotated
+        # the item: dropping them made adapters worse (6 quickstart devices x 2 learning rates:
+        # held-out ROUGE-1 -0.10 on average), they anchor the base model's content.
+        train_accepted = feedback_examples(
+            [(it, fb) for it, fb in feedback_pairs if fb.signal == "accept" and it.index not in self.heldback]
+        )
 
         synthesizer = Synthesizer.from_settings(s.synthesis, seed=self.seed)
         status, result, rewrites, examples = "waiting", None, [], []
