@@ -98,7 +98,12 @@ class SynthesisSettings(_Section):
 
 
 class AdaptationSettings(_Section):
-    """Personal LoRA adapter training, optional example-level DP-SGD."""
+    """Personal LoRA adapter training (the safe adaptation step), optional example-level DP-SGD.
+
+    The defaults fit the embedded model and were chosen by measurement on the quickstart fleet
+    (benchmarks/adaptation_fleet.py; figures in the README, "The adaptation step"). Per-model
+    defaults go into ADAPTATION_DEFAULTS_BY_MODEL below.
+    """
 
     lora_rank: int = Field(8, ge=1)
     lora_alpha: int = Field(16, ge=1)

@@ -1,7 +1,8 @@
 """One simulated device: its stream, profile, buffer, personal adapter and simulated user.
 
     observe -> profile + bounded-buffer selection
-    adapt   -> implicit feedback on buffered items, sparse annotation, synthesis, LoRA training
+    adapt   -> implicit feedback on buffered items, sparse annotation, held-back split, synthesis,
+               LoRA training with early stopping, the gate (keep the new adapter only if it wins)
     evaluate-> held-out future interactions, personalized vs base
 
 All state is plain data (`to_state` / `from_state`) so a device can live in a store between
