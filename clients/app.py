@@ -14,25 +14,30 @@ device. Replies pass the privacy guard.
 from __future__ import annotations
 
 import hashlib
+from typing import TYPE_CHECKING
 
-import torch
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from clients.device_pool import run_devices
 from clients.reply import build_batch_reply, build_reply, privacy_guard
-from fedasls.config import Settings
-from fedasls.device_round import keep_always, load_device, run_device_round
-from fedasls.heterogeneity import HeterogeneityModel
-from fedasls.runtime import DeviceRuntime
-from fedasls.simulated_timing import SimulatedTiming
-from fedasls.store import DeviceStore
 
+if TYPE_CHECKING:
+    from fedasls.heterogeneity import HeterogeneityModel
+    from fedasls.runtime import DeviceRuntime
+
+# The device library (torch, transformers) is imported on first use, not at import: on the
+# Deployment Engine every message starts a fresh ClientApp process, and a QUERY needs none of it.
 _WORKER: dict[str, tuple[DeviceRuntime, HeterogeneityModel]] = {}
 
 
 def worker_resources(settings_json: str) -> tuple[DeviceRuntime, HeterogeneityModel]:
     """This process's runtime for these settings, built on first use (one base model per process)."""
+    import torch
+
+    from fedasls.config import Settings
+    from fedasls.heterogeneity import HeterogeneityModel
+    from fedasls.runtime import DeviceRuntime
+
     key = hashlib.sha256(settings_json.encode()).hexdigest()
     if key not in _WORKER:
         _WORKER.clear()  # a new run in the same process: drop the old model
@@ -46,6 +51,10 @@ def device_round_metrics(settings_json: str, device_id: int, now: float, store_d
                          simulated_timing: bool) -> dict[str, float | int]:
     """Run one device round in this process; its reply metrics. Simulated devices keep their
     state only if they finish inside their availability window; real devices always keep it."""
+    from fedasls.device_round import keep_always, run_device_round
+    from fedasls.simulated_timing import SimulatedTiming
+    from fedasls.store import DeviceStore
+
     runtime, hetero = worker_resources(settings_json)
     keep = SimulatedTiming(hetero).keep_if_online(device_id, now) if simulated_timing else keep_always
     return run_device_round(device_id, now, runtime, DeviceStore(store_dir), hetero, keep=keep).metrics()
@@ -85,6 +94,8 @@ def train(msg: Message, context: Context) -> Message:
     settings_json, now, store = str(config["settings"]), float(config["now"]), _store_dir(msg, context)
     simulated = bool(config.get("simulated-timing", False))
     if "device-ids" in config:  # a worker slot running several devices side by side
+        from clients.device_pool import run_devices
+
         rows = run_devices(device_round_metrics, settings_json, [int(d) for d in config["device-ids"]], now,
                            store, simulated, int(config.get("parallel", 1)))
         return build_batch_reply(msg, rows)
@@ -94,6 +105,9 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Personalized vs base metrics on the device's held-out interactions; state is not changed."""
+    from fedasls.device_round import load_device
+    from fedasls.store import DeviceStore
+
     config = msg.content["config"]
     runtime, hetero = worker_resources(str(config["settings"]))
     device_id = device_id_of(msg, context)
