@@ -252,8 +252,13 @@ def cmd_fleet_status(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_fleet_stop(args: argparse.Namespace, settings: Settings) -> int:
-    from simulations.fleet import stop_fleet
+    from simulations.fleet import local_superlink_port, stop_fleet, stop_local_superlink
 
+    if getattr(args, "local", False):
+        stopped = stop_local_superlink()
+        print(f"stopped {stopped} processes of Flower's managed local SuperLink (127.0.0.1:{local_superlink_port()})"
+              if stopped else f"no managed local SuperLink on 127.0.0.1:{local_superlink_port()}")
+        return 0
     print(f"stopped {stop_fleet(Path(args.dir))} processes of the fleet in {args.dir}")
     return 0
 
@@ -366,6 +371,10 @@ def build_parser() -> argparse.ArgumentParser:
                  start=False, run=False)
     fleet_parser("stop", "stop every process the fleet started (by pid, with their children)", cmd_fleet_stop,
                  start=False, run=False)
+    fleet_sub.choices["stop"].add_argument(
+        "--local", action="store_true",
+        help="instead, stop the SuperLink + SuperExec that `flwr run .` starts on its default `local` connection "
+        "and leaves running (127.0.0.1:$FLWR_LOCAL_SUPERLINK_HTTP_API_PORT, default 39091)")
     fleet_parser("up", "start, run, show status, and stop, in one command", cmd_fleet_up, start=True, run=True)
     return parser
 

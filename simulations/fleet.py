@@ -262,3 +262,23 @@ def format_status(status: dict[str, Any]) -> str:
         for run in status["runs"]:
             lines.append(f"  run {run.get('run-id', run.get('run_id', '?'))}: {run.get('status', run)}")
     return "\n".join(lines)
+
+
+def local_superlink_port() -> int:
+    """The port of Flower's managed local SuperLink (`flwr run .` on the default `local` connection)."""
+    return int(os.environ.get("FLWR_LOCAL_SUPERLINK_HTTP_API_PORT", "39091"))
+
+
+def stop_local_superlink(port: int | None = None) -> int:
+    """Stop the managed local SuperLink that `flwr run .` starts and leaves running (with its
+    SuperExec and any app process below it), found as the flower-superlink listening on 127.0.0.1:`port`.
+    Returns how many processes stopped (0: none was running)."""
+    port = local_superlink_port() if port is None else port
+    for conn in psutil.net_connections(kind="tcp"):
+        if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port and conn.pid:
+            try:
+                if "flower-superlink" in " ".join(psutil.Process(conn.pid).cmdline()):
+                    return stop_process_tree(conn.pid)
+            except psutil.NoSuchProcess:
+                return 0
+    return 0

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -115,3 +116,26 @@ def test_node_addressed_run_with_a_supernode_killed_mid_run(fleet: LoopbackFleet
     survivor = DeviceStore(fleet.nodes[0].store_dir).load(fleet.nodes[0].device_id)
     first = next(r for r in rows if r["round"] == 1 and r["device_id"] == fleet.nodes[0].device_id)
     assert survivor["cursor"] >= first["new_interactions"] > 0  # round 2 continued from round 1's state
+
+
+def test_flwr_leaves_its_managed_superlink_running_and_fleet_stop_local_stops_it(tmp_path):
+    """`flwr` starts a managed local SuperLink for the `local` connection (as `flwr run .` does) and
+    leaves it (and its SuperExec) running; `stop_local_superlink` stops that tree. Own ports and
+    FLWR_HOME, so no other Flower on this machine is touched."""
+    from simulations.fleet import flower_env, free_port, stop_local_superlink
+
+    port = free_port()
+    env = flower_env(tmp_path / "flwr-home") | {"FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(port),
+                                                "FLWR_LOCAL_CONTROL_API_PORT": str(free_port())}
+    try:
+        done = subprocess.run([str(Path(sys.executable).parent / "flwr"), "ls"], env=env, capture_output=True,
+                              text=True, timeout=120)
+        listening = [c.pid for c in psutil.net_connections(kind="tcp")
+                     if c.status == psutil.CONN_LISTEN and c.laddr.port == port and c.pid]
+        assert listening, done.stdout + done.stderr  # flwr returned, its SuperLink still runs
+        tree = [listening[0], *(p.pid for p in psutil.Process(listening[0]).children(recursive=True))]
+        assert stop_local_superlink(port) == len(tree) >= 2  # the SuperLink and its SuperExec
+        assert not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie" for pid in tree)
+    finally:
+        stop_local_superlink(port)  # whatever happened above, leave nothing running
+    assert stop_local_superlink(port) == 0
