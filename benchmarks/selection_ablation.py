@@ -48,12 +48,11 @@ def run_device(args: tuple[int, str | None, list[str], list[tuple[str, str, int]
     from fedasls.config import load_settings
     from fedasls.device import Device
     from fedasls.runtime import DeviceRuntime
-    from fedasls.selection import item_text
 
     settings = load_settings(config, overrides)
     runtime = _runtime(settings)
     stream = runtime.population.stream(device_id)
-    embeddings = runtime.embed([item_text(it) for it in stream])
+    embeddings = runtime.embed_interactions(stream)
     rows, base = [], None
     for name, policy, k in plan:
         s = settings.model_copy(update={

@@ -21,11 +21,11 @@ from fedasls.adaptation import TrainingExample, adapter_state, load_adapter_stat
 from fedasls.evaluation import EvalResult, evaluate
 from fedasls.feedback import SimulatedUser, feedback_examples
 from fedasls.interaction import Interaction
-from fedasls.model import format_prompt, generate
+from fedasls.model import generate
 from fedasls.privacy import composed_epsilon
 from fedasls.profile import UserProfile
 from fedasls.runtime import DeviceRuntime
-from fedasls.selection import Selector, item_text
+from fedasls.selection import Selector
 from fedasls.synthesis import Synthesizer
 
 STATE_VERSION = 2
@@ -105,7 +105,7 @@ class Device:
         if not interactions:
             return 0
         if embeddings is None:
-            embeddings = self.runtime.embed([item_text(it) for it in interactions])
+            embeddings = self.runtime.embed_interactions(interactions)
         admitted = 0
         for it, emb in zip(interactions, embeddings):
             item = self.selector.score(it, emb)
@@ -153,14 +153,14 @@ class Device:
         """One adaptation: implicit feedback, sparse annotation, synthesis, LoRA training."""
         s = self.runtime.settings
         model = self.activate()
-        tokenizer = self.runtime.tokenizer
+        prompts = self.runtime.prompts
         items = self.selector.interactions()
 
         # Implicit feedback on the buffered items the user has not annotated: edits reveal preferences.
         unlabelled = [it for it in items if it.index not in self.annotations]
         feedback_pairs = []
         if self.options.use_feedback and unlabelled:
-            answers = generate(model, tokenizer, [format_prompt(it.question) for it in unlabelled],
+            answers = generate(model, prompts, [it.question for it in unlabelled],
                                max_new_tokens=s.evaluation.max_new_tokens)
             for it, answer in zip(unlabelled, answers):
                 fb = self.user.react(it, answer)
@@ -178,7 +178,7 @@ class Device:
 
         labelled = [(it.question, self.annotations[it.index]) for it in items if it.index in self.annotations]
         synthesizer = Synthesizer.from_settings(s.synthesis, seed=self.seed)
-        rewrites = synthesizer.synthesize(model, tokenizer, labelled)
+        rewrites = synthesizer.synthesize(model, prompts, labelled)
         examples = [TrainingExample(q, a) for q, a in labelled + rewrites]
         examples += [TrainingExample(q, a, w) for q, a, w in implicit]
 
@@ -188,7 +188,7 @@ class Device:
             # on a mostly unchanged buffer overfits (measured: ROUGE-1 0.715 after one adaptation,
             # 0.475 after twelve continued ones on the same stream).
             reset_adapter(model, seed=self.seed + self.counters.adaptations)
-            result = train_adapter(model, tokenizer, examples, s.adaptation, seed=self.seed + self.counters.adaptations)
+            result = train_adapter(model, prompts, examples, s.adaptation, seed=self.seed + self.counters.adaptations)
             self.adapter = adapter_state(model)
             if result.epsilon is not None:
                 self.dp_history.append((result.noise_multiplier, result.sample_rate, result.steps))
@@ -215,15 +215,15 @@ class Device:
         """(personalized, base) metrics on held-out future interactions; base is computed once."""
         s = self.runtime.settings
         heldout = heldout or self.runtime.population.heldout(self.device_id)
-        tokenizer = self.runtime.tokenizer
+        prompts = self.runtime.prompts
         user = SimulatedUser(s.feedback, seed=self.seed)
         if self.base_eval is None:
             with self.runtime.base_model() as base:
-                self.base_eval = evaluate(base, tokenizer, heldout, s.evaluation.max_new_tokens, user)
+                self.base_eval = evaluate(base, prompts, heldout, s.evaluation.max_new_tokens, user)
         if self.adapter is None:
             self.last_eval = self.base_eval
         else:
-            self.last_eval = evaluate(self.activate(), tokenizer, heldout, s.evaluation.max_new_tokens, user)
+            self.last_eval = evaluate(self.activate(), prompts, heldout, s.evaluation.max_new_tokens, user)
         return self.last_eval, self.base_eval
 
     # ------------------------------------------------------------------ state

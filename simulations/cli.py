@@ -57,7 +57,8 @@ def _toml_str(value: str) -> str:
 
 
 def cmd_model_build(args: argparse.Namespace, settings: Settings) -> int:
-    from fedasls.model import build_default_model, default_model_dir, load_model, generate, format_prompt
+    from fedasls.model import build_default_model, default_model_dir, generate, load_model
+    from fedasls.prompts import PromptFormat
 
     out = Path(args.out) if args.out else default_model_dir(settings.model)
     if out.exists() and not args.force:
@@ -69,8 +70,9 @@ def cmd_model_build(args: argparse.Namespace, settings: Settings) -> int:
     model, tokenizer = load_model(out)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"parameters: {n_params:,}")
+    prompts = PromptFormat(tokenizer)
     for question in ("How do I keep basil fresh?", "What is a good warm-up before running?"):
-        answer = generate(model, tokenizer, [format_prompt(question)], max_new_tokens=24)[0]
+        answer = generate(model, prompts, [question], max_new_tokens=24)[0]
         print(f"  Q: {question}\n  A: {answer}")
     return 0
 
