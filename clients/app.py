@@ -17,20 +17,23 @@ from clients.reply import build_reply, privacy_guard
 from fedasls.config import Settings
 from fedasls.device_round import load_device, run_device_round
 from fedasls.heterogeneity import HeterogeneityModel
-from fedasls.runtime import DeviceRuntime
+from fedasls.runtime import DeviceRuntime, resource_key
 from fedasls.store import DeviceStore
 
-_WORKER: dict[str, tuple[DeviceRuntime, HeterogeneityModel]] = {}
+_WORKER: dict[str, tuple[Settings, DeviceRuntime, HeterogeneityModel]] = {}
 
 
-def worker_resources(settings_json: str) -> tuple[DeviceRuntime, HeterogeneityModel]:
-    """This process's runtime for these settings, built on first use (one base model per process)."""
+def worker_resources(settings_json: str) -> tuple[Settings, DeviceRuntime, HeterogeneityModel]:
+    """The run's settings and this process's runtime for them, built on first use (one base model per
+    process; a runtime is reused across runs that load the same model and population)."""
     key = hashlib.sha256(settings_json.encode()).hexdigest()
     if key not in _WORKER:
-        _WORKER.clear()  # a new run in the same process: drop the old model
         settings = Settings.model_validate_json(settings_json)
+        shared = next((rt for _, rt, _ in _WORKER.values() if rt.key == resource_key(settings)), None)
+        _WORKER.clear()  # a new run in the same process: drop the old model unless it is the same
         torch.set_num_threads(max(1, int(settings.simulation.cpus_per_worker)))
-        _WORKER[key] = (DeviceRuntime(settings), HeterogeneityModel.from_settings(settings.heterogeneity))
+        runtime = shared or DeviceRuntime(settings)
+        _WORKER[key] = (settings, runtime, HeterogeneityModel.from_settings(settings.heterogeneity))
     return _WORKER[key]
 
 
@@ -52,8 +55,9 @@ app = ClientApp(mods=[privacy_guard])
 def train(msg: Message, context: Context) -> Message:
     """Catch up the stream to the virtual time, adapt if the trigger says so, evaluate, save."""
     config = msg.content["config"]
-    runtime, hetero = worker_resources(str(config["settings"]))
-    result = run_device_round(device_id_of(msg, context), float(config["now"]), runtime, _store(msg, context), hetero)
+    settings, runtime, hetero = worker_resources(str(config["settings"]))
+    result = run_device_round(device_id_of(msg, context), float(config["now"]), runtime, settings,
+                              _store(msg, context), hetero)
     return build_reply(msg, result.metrics())
 
 
@@ -61,9 +65,9 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Personalized vs base metrics on the device's held-out interactions; state is not changed."""
     config = msg.content["config"]
-    runtime, hetero = worker_resources(str(config["settings"]))
+    settings, runtime, hetero = worker_resources(str(config["settings"]))
     device_id = device_id_of(msg, context)
-    device = load_device(device_id, runtime, _store(msg, context), hetero)
+    device = load_device(device_id, runtime, settings, _store(msg, context), hetero)
     personal, base = device.evaluate()
     metrics = {"device_id": device_id, "rouge1": personal.rouge1, "rougeL": personal.rougeL,
                "perplexity": personal.perplexity, "base_rouge1": base.rouge1, "base_rougeL": base.rougeL,
