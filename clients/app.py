@@ -22,28 +22,32 @@ from flwr.clientapp import ClientApp
 from clients.reply import build_batch_reply, build_reply, privacy_guard
 
 if TYPE_CHECKING:
+    from fedasls.config import Settings
     from fedasls.heterogeneity import HeterogeneityModel
     from fedasls.runtime import DeviceRuntime
 
 # The device library (torch, transformers) is imported on first use, not at import: on the
 # Deployment Engine every message starts a fresh ClientApp process, and a QUERY needs none of it.
-_WORKER: dict[str, tuple[DeviceRuntime, HeterogeneityModel]] = {}
+_WORKER: dict[str, tuple[Settings, DeviceRuntime, HeterogeneityModel]] = {}
 
 
-def worker_resources(settings_json: str) -> tuple[DeviceRuntime, HeterogeneityModel]:
-    """This process's runtime for these settings, built on first use (one base model per process)."""
+def worker_resources(settings_json: str) -> tuple[Settings, DeviceRuntime, HeterogeneityModel]:
+    """The run's settings and this process's runtime for them, built on first use (one base model per
+    process; a runtime is reused across runs that load the same model and population)."""
     import torch
 
     from fedasls.config import Settings
     from fedasls.heterogeneity import HeterogeneityModel
-    from fedasls.runtime import DeviceRuntime
+    from fedasls.runtime import DeviceRuntime, resource_key
 
     key = hashlib.sha256(settings_json.encode()).hexdigest()
     if key not in _WORKER:
-        _WORKER.clear()  # a new run in the same process: drop the old model
         settings = Settings.model_validate_json(settings_json)
+        shared = next((rt for _, rt, _ in _WORKER.values() if rt.key == resource_key(settings)), None)
+        _WORKER.clear()  # a new run in the same process: drop the old model unless it is the same
         torch.set_num_threads(max(1, int(settings.simulation.cpus_per_worker)))
-        _WORKER[key] = (DeviceRuntime(settings), HeterogeneityModel.from_settings(settings.heterogeneity))
+        runtime = shared or DeviceRuntime(settings)
+        _WORKER[key] = (settings, runtime, HeterogeneityModel.from_settings(settings.heterogeneity))
     return _WORKER[key]
 
 
@@ -55,9 +59,9 @@ def device_round_metrics(settings_json: str, device_id: int, now: float, store_d
     from fedasls.simulated_timing import SimulatedTiming
     from fedasls.store import DeviceStore
 
-    runtime, hetero = worker_resources(settings_json)
+    settings, runtime, hetero = worker_resources(settings_json)
     keep = SimulatedTiming(hetero).keep_if_online(device_id, now) if simulated_timing else keep_always
-    return run_device_round(device_id, now, runtime, DeviceStore(store_dir), hetero, keep=keep).metrics()
+    return run_device_round(device_id, now, runtime, settings, DeviceStore(store_dir), hetero, keep=keep).metrics()
 
 
 def device_id_of(msg: Message, context: Context) -> int:
@@ -109,9 +113,9 @@ def evaluate(msg: Message, context: Context) -> Message:
     from fedasls.store import DeviceStore
 
     config = msg.content["config"]
-    runtime, hetero = worker_resources(str(config["settings"]))
+    settings, runtime, hetero = worker_resources(str(config["settings"]))
     device_id = device_id_of(msg, context)
-    device = load_device(device_id, runtime, DeviceStore(_store_dir(msg, context)), hetero)
+    device = load_device(device_id, runtime, settings, DeviceStore(_store_dir(msg, context)), hetero)
     personal, base = device.evaluate()
     metrics = {"device_id": device_id, "rouge1": personal.rouge1, "rougeL": personal.rougeL,
                "perplexity": personal.perplexity, "base_rouge1": base.rouge1, "base_rougeL": base.rougeL,

@@ -14,7 +14,9 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 
+from fedasls.config import Settings
 from fedasls.device import Device, DeviceOptions
+from fedasls.driver import advance
 from fedasls.heterogeneity import HeterogeneityModel
 from fedasls.interaction import STREAM_EPOCH
 from fedasls.runtime import DeviceRuntime
@@ -92,14 +94,14 @@ class DeviceRoundResult:
         return out
 
 
-def load_device(device_id: int, runtime: DeviceRuntime, store: DeviceStore, heterogeneity: HeterogeneityModel,
-                options: DeviceOptions | None = None) -> Device:
+def load_device(device_id: int, runtime: DeviceRuntime, settings: Settings, store: DeviceStore,
+                heterogeneity: HeterogeneityModel, options: DeviceOptions | None = None) -> Device:
     """The device as last saved, or a new one sized by its heterogeneity profile."""
     state = store.load(device_id)
     if state is not None:
-        return Device.from_state(state, runtime, options)
+        return Device.from_state(state, runtime, settings, options)
     profile = heterogeneity.profile(device_id)
-    return Device(device_id, runtime, lora_rank=min(profile.max_lora_rank, runtime.settings.adaptation.lora_rank),
+    return Device(device_id, runtime, settings, lora_rank=min(profile.max_lora_rank, settings.adaptation.lora_rank),
                   buffer_bytes=profile.buffer_bytes, options=options)
 
 
@@ -107,6 +109,7 @@ def run_device_round(
     device_id: int,
     now: float,
     runtime: DeviceRuntime,
+    settings: Settings,
     store: DeviceStore,
     heterogeneity: HeterogeneityModel,
     options: DeviceOptions | None = None,
@@ -114,18 +117,15 @@ def run_device_round(
 ) -> DeviceRoundResult:
     """Run device `device_id` at (virtual) time `now`; persist its state if `keep(work)` says so."""
     t0 = time.perf_counter()
-    device = load_device(device_id, runtime, store, heterogeneity, options)
-    new = device.catch_up(until=STREAM_EPOCH + now)
-    examples = 0
-    adapted = device.should_adapt()
-    if adapted:
-        examples = device.adapt().examples
+    device = load_device(device_id, runtime, settings, store, heterogeneity, options)
+    progress = advance(device, until=STREAM_EPOCH + now)
+    new, examples, adapted = progress.new_interactions, progress.examples, bool(progress.adaptations)
     had_base = device.base_eval is not None
     personal, base = device.evaluate()
     work = RoundWork(
         embed_items=new,
         train_examples=examples,
-        epochs=runtime.settings.adaptation.epochs,
+        epochs=settings.adaptation.epochs,
         rank=device.lora_rank,
         eval_items=personal.n * (1 if had_base else 2),
         upload_bytes=UPLOAD_BYTES,
