@@ -68,6 +68,7 @@ def run_device(job: tuple[str, int, list[tuple[int, float]], str]) -> list[dict]
     from fedasls.device_round import run_device_round
     from fedasls.heterogeneity import HeterogeneityModel
     from fedasls.runtime import DeviceRuntime
+    from fedasls.simulated_timing import SimulatedTiming
     from fedasls.store import DeviceStore
 
     settings = Settings.model_validate_json(settings_json)
@@ -79,7 +80,8 @@ def run_device(job: tuple[str, int, list[tuple[int, float]], str]) -> list[dict]
     seen_history = 0
     for server_round, now in rounds:
         t0 = time.process_time()
-        result = run_device_round(device_id, now, runtime, settings, store, hetero)
+        keep = SimulatedTiming(hetero).keep_if_online(device_id, now)  # as the fleet's worker slots do
+        result = run_device_round(device_id, now, runtime, settings, store, hetero, keep=keep)
         row = {"round": server_round, "now": now, "tier": hetero.profile(device_id).tier,
                "cpu_s": time.process_time() - t0, **result.metrics()}
         state = store.load(device_id)

@@ -52,12 +52,11 @@ def run_device(args: tuple[int, str | None, list[str], list[tuple[str, str, int]
     from fedasls.config import load_settings
     from fedasls.device import Device, DeviceOptions
     from fedasls.driver import advance
-    from fedasls.selection import item_text
 
     settings = load_settings(config, overrides)
     runtime = _runtime(settings)
     stream = runtime.population.stream(device_id)
-    embeddings = runtime.embed([item_text(it) for it in stream])
+    embeddings = runtime.embed_interactions(stream)
     rows, base = [], None
     once_at_the_end = DeviceOptions(use_profile_trigger=False)  # one adaptation on the whole stream's buffer
     for name, policy, k in plan:

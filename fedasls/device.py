@@ -26,11 +26,11 @@ from fedasls.gate import GateScore, gate_accepts
 from fedasls.heldback import assign_heldback
 from fedasls.config import Settings
 from fedasls.interaction import Interaction
-from fedasls.model import format_prompt, generate
+from fedasls.model import generate
 from fedasls.privacy import composed_epsilon
 from fedasls.profile import UserProfile
 from fedasls.runtime import DeviceRuntime
-from fedasls.selection import Selector, item_text
+from fedasls.selection import Selector
 from fedasls.synthesis import Synthesizer
 
 STATE_VERSION = 3
@@ -125,7 +125,7 @@ class Device:
         if not interactions:
             return 0
         if embeddings is None:
-            embeddings = self.runtime.embed([item_text(it) for it in interactions])
+            embeddings = self.runtime.embed_interactions(interactions)
         admitted = 0
         for it, emb in zip(interactions, embeddings):
             item = self.selector.score(it, emb)
@@ -188,14 +188,14 @@ class Device:
         s = self.settings
         a = s.adaptation
         model = self.activate()
-        tokenizer = self.runtime.tokenizer
+        prompts = self.runtime.prompts
         items = self.selector.interactions()
 
         # Implicit feedback on the buffered items the user has not annotated: edits reveal preferences.
         unlabelled = [it for it in items if it.index not in self.annotations]
         feedback_pairs = []
         if self.options.use_feedback and unlabelled:
-            answers = generate(model, tokenizer, [format_prompt(it.question) for it in unlabelled],
+            answers = generate(model, prompts, [it.question for it in unlabelled],
                                max_new_tokens=s.evaluation.max_new_tokens)
             for it, answer in zip(unlabelled, answers):
                 fb = self.user.react(it, answer)
@@ -241,7 +241,7 @@ class Device:
         elif len(heldback) < 1 or not train_own:
             status = "waiting"  # no held-back slice (all items are one near-duplicate group) or nothing to train on
         else:
-            rewrites = synthesizer.synthesize(model, tokenizer, train_own)
+            rewrites = synthesizer.synthesize(model, prompts, train_own)
             examples = [TrainingExample(q, ans) for q, ans in train_own + rewrites]
             examples += [TrainingExample(q, ans, w) for q, ans, w in train_accepted]
             held_examples = [TrainingExample(it.question, it.preferred) for it in heldback]
@@ -255,7 +255,7 @@ class Device:
             for attempt, lr in enumerate([a.learning_rate, *a.retry_learning_rates]):
                 seed = self.seed + self.counters.adaptations + 1009 * attempt
                 reset_adapter(model, seed=seed)
-                result = train_adapter(model, tokenizer, examples, a.model_copy(update={"learning_rate": lr}),
+                result = train_adapter(model, prompts, examples, a.model_copy(update={"learning_rate": lr}),
                                        seed=seed, heldback=held_examples)
                 if result.epsilon is not None:
                     self.dp_history.append((result.noise_multiplier, result.sample_rate, result.steps))
@@ -298,7 +298,7 @@ class Device:
 
     def _score(self, model, heldback: list[Interaction]) -> GateScore:
         """The active adapter's answer loss and greedy-answer ROUGE-1 on the held-back items."""
-        result = evaluate(model, self.runtime.tokenizer, heldback, self.settings.evaluation.max_new_tokens)
+        result = evaluate(model, self.runtime.prompts, heldback, self.settings.evaluation.max_new_tokens)
         return GateScore(loss=math.log(result.perplexity), rouge1=result.rouge1)
 
     # ------------------------------------------------------------------ evaluation
@@ -306,15 +306,15 @@ class Device:
         """(personalized, base) metrics on held-out future interactions; base is computed once."""
         s = self.settings
         heldout = heldout or self.runtime.population.heldout(self.device_id)
-        tokenizer = self.runtime.tokenizer
+        prompts = self.runtime.prompts
         user = SimulatedUser(s.feedback, seed=self.seed)
         if self.base_eval is None:
             with self.runtime.base_model() as base:
-                self.base_eval = evaluate(base, tokenizer, heldout, s.evaluation.max_new_tokens, user)
+                self.base_eval = evaluate(base, prompts, heldout, s.evaluation.max_new_tokens, user)
         if self.adapter is None:
             self.last_eval = self.base_eval
         else:
-            self.last_eval = evaluate(self.activate(), tokenizer, heldout, s.evaluation.max_new_tokens, user)
+            self.last_eval = evaluate(self.activate(), prompts, heldout, s.evaluation.max_new_tokens, user)
         return self.last_eval, self.base_eval
 
     # ------------------------------------------------------------------ state

@@ -1,24 +1,60 @@
 """One device's part in one federated round, without Flower: load, catch up, adapt, evaluate, save.
 
-The ClientApp calls `run_device_round`; tests and benchmarks can call it in a plain loop. The
-device's simulated duration comes from its heterogeneity profile and the cost model; a device
-that goes offline before it finishes loses the round's work (its state is not saved).
+The ClientApp calls `run_device_round`; tests and benchmarks can call it in a plain loop. A device
+reports the work it did (`RoundWork`) and how long it really took; simulated seconds and
+availability are the simulated fleet's business (`fedasls.simulated_timing`), which passes a
+`keep` rule: a simulated device that goes offline before it finishes loses the round's work (its
+state is not saved).
 """
 
 from __future__ import annotations
 
 import math
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 
 from fedasls.config import Settings
 from fedasls.device import Device, DeviceOptions
 from fedasls.driver import advance
-from fedasls.heterogeneity import CostModel, HeterogeneityModel
+from fedasls.heterogeneity import HeterogeneityModel
 from fedasls.interaction import STREAM_EPOCH
 from fedasls.runtime import DeviceRuntime
 from fedasls.store import DeviceStore
 
 UPLOAD_BYTES = 512  # a reply of scalar metrics; a later global-adapter update adds its own bytes
+
+
+@dataclass(frozen=True)
+class RoundWork:
+    """What a device did in one round, in the cost model's units (see heterogeneity.WORK_KEYS)."""
+
+    embed_items: int
+    train_examples: int
+    epochs: int
+    rank: int
+    eval_items: int
+    upload_bytes: int
+
+    def cost_work(self) -> dict[str, int]:
+        return asdict(self)
+
+    @classmethod
+    def from_metrics(cls, metrics: Mapping[str, float]) -> "RoundWork":
+        """The work a device round's reply metrics (`DeviceRoundResult.metrics()`) describe."""
+        return cls(
+            embed_items=int(metrics["new_interactions"]),
+            train_examples=int(metrics["examples"]),
+            epochs=int(metrics["epochs"]),
+            rank=int(metrics["lora_rank"]),
+            eval_items=int(metrics["eval_items"]),
+            upload_bytes=int(metrics["upload_bytes"]),
+        )
+
+
+def keep_always(work: RoundWork) -> bool:
+    """A real device keeps every round it finishes."""
+    return True
 
 
 @dataclass
@@ -27,10 +63,13 @@ class DeviceRoundResult:
 
     device_id: int
     status: str  # "completed" | "offline" (a device that raises is reported by Flower as an error reply)
-    sim_seconds: float
+    wall_seconds: float  # real seconds the round took where it ran
     new_interactions: int
     adapted: int
     examples: int
+    epochs: int
+    eval_items: int
+    upload_bytes: int
     annotations: int
     buffer_bytes: int
     lora_rank: int
@@ -46,6 +85,10 @@ class DeviceRoundResult:
     gate_accepted: int = 0  # the device's lifetime count of adapters the gate kept
     gate_rejected: int = 0  # ... refused (the device kept its previous adapter or the base model)
     gate_waiting: int = 0  # ... adaptation steps that trained nothing (too few labelled items)
+
+    @property
+    def work(self) -> RoundWork:
+        return RoundWork.from_metrics(asdict(self))
 
     def metrics(self) -> dict[str, float | int]:
         """Numbers only, for the reply's MetricRecord (status as a code: 0 completed, 1 offline)."""
@@ -72,12 +115,11 @@ def run_device_round(
     settings: Settings,
     store: DeviceStore,
     heterogeneity: HeterogeneityModel,
-    cost: CostModel | None = None,
     options: DeviceOptions | None = None,
+    keep: Callable[[RoundWork], bool] = keep_always,
 ) -> DeviceRoundResult:
-    """Run device `device_id` at virtual time `now` and persist its state if it stays online."""
-    cost = cost or CostModel()
-    profile = heterogeneity.profile(device_id)
+    """Run device `device_id` at (virtual) time `now`; persist its state if `keep(work)` says so."""
+    t0 = time.perf_counter()
     device = load_device(device_id, runtime, settings, store, heterogeneity, options)
     progress = advance(device, until=STREAM_EPOCH + now)
     new, examples, adapted = progress.new_interactions, progress.examples, bool(progress.adaptations)
@@ -85,28 +127,30 @@ def run_device_round(
     personal, base = device.evaluate()
     trained = [r for r in progress.adaptations if r.epochs]
     epoch_examples = sum(r.examples * r.epochs * r.attempts for r in trained)
-    work = {
-        "embed_items": new,
-        "train_examples": examples,
-        "epochs": epoch_examples / examples if examples else settings.adaptation.epochs,  # early stopping
-        "rank": device.lora_rank,
-        # held-out evaluation, plus the gate scoring both adapters on the held-back items
-        "eval_items": personal.n * (1 if had_base else 2) + sum((1 + r.attempts) * r.heldback for r in trained),
-        "upload_bytes": UPLOAD_BYTES,
-    }
-    seconds = cost.round_seconds(profile, work)
-    finished_online = profile.availability.is_available(now) and profile.availability.next_change(now) >= now + seconds
-    status = "completed" if finished_online else "offline"
-    if finished_online:
+    work = RoundWork(
+        embed_items=new,
+        train_examples=examples,
+        # epochs actually run (early stopping, retried candidates), per training example
+        epochs=round(epoch_examples / examples) if examples else settings.adaptation.epochs,
+        rank=device.lora_rank,
+        # held-out evaluation, plus the gate scoring the kept adapter and each candidate on the held-back items
+        eval_items=personal.n * (1 if had_base else 2) + sum((1 + r.attempts) * r.heldback for r in trained),
+        upload_bytes=UPLOAD_BYTES,
+    )
+    kept = keep(work)
+    if kept:
         store.save(device_id, device.to_state())
     last = device.counters.history[-1] if (adapted and device.counters.history) else {}
     return DeviceRoundResult(
         device_id=device_id,
-        status=status,
-        sim_seconds=seconds,
+        status="completed" if kept else "offline",
+        wall_seconds=time.perf_counter() - t0,
         new_interactions=new,
         adapted=int(adapted),
         examples=examples,
+        epochs=work.epochs,
+        eval_items=work.eval_items,
+        upload_bytes=work.upload_bytes,
         annotations=device.counters.annotations,
         buffer_bytes=device.selector.buffer.used_bytes,
         lora_rank=device.lora_rank,

@@ -23,9 +23,11 @@ from peft import PeftModel
 from fedasls.adaptation import attach_lora, lora_config
 from fedasls.config import AdaptationSettings, Settings
 from fedasls.embedding import Embedder, make_embedder
+from fedasls.interaction import Interaction
 from fedasls.lexicon import DomainLexicons, default_lexicons
 from fedasls.model import ensure_model, load_model
 from fedasls.population import Population, population_from_settings
+from fedasls.prompts import PromptFormat
 
 
 def resource_key(settings: Settings) -> str:
@@ -46,7 +48,7 @@ def slot_name(rank: int, adaptation: AdaptationSettings) -> str:
 
 
 class DeviceRuntime:
-    """Base model (loaded once), tokenizer, LoRA slots, embedder, lexicons and population."""
+    """Base model (loaded once), tokenizer and its prompt format, LoRA slots, embedder, lexicons, population."""
 
     def __init__(self, settings: Settings, population: Population | None = None) -> None:
         self.key = resource_key(settings)
@@ -54,6 +56,7 @@ class DeviceRuntime:
         self._selection = settings.selection
         self.population = population if population is not None else population_from_settings(settings.population)
         base, self.tokenizer = load_model(ensure_model(settings.model))
+        self.prompts = PromptFormat(self.tokenizer)  # every prompt of this model is made here
         a = settings.adaptation
         self.model: PeftModel = attach_lora(
             base, a.lora_rank, a.lora_alpha, a.lora_dropout, slot_name(a.lora_rank, a), a.target_modules
@@ -77,12 +80,16 @@ class DeviceRuntime:
     @cached_property
     def embedder(self) -> Embedder:
         s = self._selection
-        return make_embedder(s.embedding, self.model, self.tokenizer, s.embed_batch_size)
+        return make_embedder(s.embedding, self.model, self.prompts, s.embed_batch_size)
 
     def embed(self, texts: list[str]) -> np.ndarray:
         """Selection embeddings from the *base* model (adapters off), so they stay comparable over time."""
         with self.base_model():
             return self.embedder.embed(texts)
+
+    def embed_interactions(self, interactions: list[Interaction]) -> np.ndarray:
+        """Selection embeddings of interactions, each as its embedder's text (`Embedder.text`)."""
+        return self.embed([self.embedder.text(it) for it in interactions])
 
     def activate(self, rank: int, adaptation: AdaptationSettings) -> PeftModel:
         """Make the adapter slot for (rank, LoRA shape) active (adding it on first use) and return the model."""

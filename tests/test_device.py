@@ -10,6 +10,7 @@ import torch
 from fedasls.config import Settings
 from fedasls.device import Device, DeviceOptions
 from fedasls.device_round import run_device_round
+from fedasls.simulated_timing import SimulatedTiming
 from fedasls.heterogeneity import HeterogeneityModel
 from fedasls.interaction import STREAM_EPOCH
 from fedasls.runtime import DeviceRuntime
@@ -137,7 +138,7 @@ def test_device_round_persists_state_between_rounds(runtime, settings, tmp_path)
     assert saved["cursor"] == r1.new_interactions > 0
     r2 = run_device_round(9, t1 + 10 * 86400, runtime, settings, store, hetero)
     assert store.load(9)["cursor"] == r1.new_interactions + r2.new_interactions == 60
-    assert r2.sim_seconds > 0 and r2.base_rouge1 == r1.base_rouge1
+    assert r2.wall_seconds > 0 and r2.work.embed_items == r2.new_interactions and r2.base_rouge1 == r1.base_rouge1
 
 
 def test_device_going_offline_loses_the_rounds_work(runtime, settings, tmp_path):
@@ -152,9 +153,13 @@ def test_device_going_offline_loses_the_rounds_work(runtime, settings, tmp_path)
     ]
     device_id, now = found[0]
     assert hetero.profile(device_id).availability.is_available(now)
-    result = run_device_round(device_id, now + 20 * 86400, runtime, settings, store, hetero)
-    assert result.status == "offline"
+    timing, later = SimulatedTiming(hetero), now + 20 * 86400  # windows repeat daily
+    result = run_device_round(device_id, later, runtime, settings, store, hetero,
+                              keep=timing.keep_if_online(device_id, later))
+    assert result.status == "offline" and timing.seconds(device_id, result.work.cost_work()) > 0.5
     assert not store.exists(device_id)
+    assert run_device_round(device_id, later, runtime, settings, store, hetero).status == "completed"  # a real device keeps it
+    assert store.exists(device_id)
 
 
 def test_dp_device_reports_its_cumulative_epsilon(runtime, settings):

@@ -14,6 +14,7 @@ from fedasls.device import Device, DeviceOptions
 from fedasls.gate import GateScore, gate_accepts
 from fedasls.heldback import assign_heldback, near_duplicate_groups
 from fedasls.population import SyntheticPopulation, near_duplicate
+from fedasls.prompts import PromptFormat
 from fedasls.runtime import DeviceRuntime
 
 NO_FEEDBACK = DeviceOptions(use_feedback=False)  # training data = the user's annotations only
@@ -93,7 +94,7 @@ def test_gate_rules():
 
 
 def test_early_stopping_stops_and_keeps_the_best_epoch(tiny_lm):
-    model, tok = tiny_lm
+    model, tok = tiny_lm[0], PromptFormat(tiny_lm[1])
     peft_model = attach_lora(copy.deepcopy(model), rank=4, alpha=16, dropout=0.0)
     right = [TrainingExample(f"what is item {k}?", f"item {k} is a small red apple") for k in range(6)]
     # trained on answers that contradict the held-back ones: the held-back loss soon rises
@@ -138,5 +139,5 @@ def test_gate_rejects_an_adapter_trained_on_wrong_answers_and_keeps_the_old_one(
     assert all(torch.equal(device.adapter[k], kept[k]) for k in kept)
     # the shared model holds the kept adapter again right after the step, not the rejected one
     probe = [TrainingExample(it.question, it.preferred) for it in device.selector.interactions()[:4]]
-    right_after = sequence_loss(runtime.model, runtime.tokenizer, probe)
-    assert sequence_loss(device.activate(), runtime.tokenizer, probe) == pytest.approx(right_after, rel=1e-6)
+    right_after = sequence_loss(runtime.model, runtime.prompts, probe)
+    assert sequence_loss(device.activate(), runtime.prompts, probe) == pytest.approx(right_after, rel=1e-6)
