@@ -177,7 +177,7 @@ class Device:
         self.counters.annotations += self.user.annotations_used
 
         labelled = [(it.question, self.annotations[it.index]) for it in items if it.index in self.annotations]
-        synthesizer = Synthesizer.from_settings(s.synthesis, seed=self.seed)
+        synthesizer = Synthesizer.from_settings(s.synthesis, seed=self.seed, can_paraphrase=self.runtime.can_paraphrase())
         rewrites = synthesizer.synthesize(model, prompts, labelled)
         examples = [TrainingExample(q, a) for q, a in labelled + rewrites]
         examples += [TrainingExample(q, a, w) for q, a, w in implicit]

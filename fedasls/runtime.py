@@ -23,6 +23,7 @@ from fedasls.lexicon import DomainLexicons, default_lexicons
 from fedasls.model import ensure_model, load_model
 from fedasls.population import Population, population_from_settings
 from fedasls.prompts import PromptFormat
+from fedasls.synthesis import ParaphraseProbe, probe_paraphrase
 
 
 def slot_name(rank: int) -> str:
@@ -54,6 +55,19 @@ class DeviceRuntime:
     def embedder(self) -> Embedder:
         s = self.settings.selection
         return make_embedder(s.embedding, self.model, self.prompts, s.embed_batch_size)
+
+    @cached_property
+    def paraphrase_probe(self) -> ParaphraseProbe:
+        """How well the base model paraphrases (fixed probe questions, seeded): measured once per worker."""
+        with self.base_model() as base:
+            return probe_paraphrase(base, self.prompts, self.settings.synthesis, self.settings.synthesis.rewrites or 3)
+
+    def can_paraphrase(self) -> bool | None:
+        """The once-per-model verdict synthesis "auto" needs; None when "auto" is not in use."""
+        s = self.settings.synthesis
+        if s.method != "auto":
+            return None
+        return self.paraphrase_probe.can_paraphrase if s.rewrites else False
 
     def embed(self, texts: list[str]) -> np.ndarray:
         """Selection embeddings from the *base* model (adapters off), so they stay comparable over time."""

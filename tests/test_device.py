@@ -193,3 +193,28 @@ def test_trigger_waits_until_half_the_buffer_is_new(runtime):
     finally:
         runtime.settings = saved
     assert not decisions[0] and any(decisions)  # it waits, then fires
+
+
+def test_synthesis_auto_is_decided_once_per_model_and_reported(tiny_model_dir):
+    settings = Settings.model_validate(
+        {
+            "model": {"path": str(tiny_model_dir)},
+            "population": {"num_devices": 6, "stream_length": 30, "heldout": 2},
+            "feedback": {"annotation_budget": 3},
+            "synthesis": {"rewrites": 2, "method": "auto"},
+            "adaptation": {"epochs": 1, "lora_rank": 4},
+            "evaluation": {"max_new_tokens": 6},
+        }
+    )
+    runtime = DeviceRuntime(settings)
+    assert "paraphrase_probe" not in runtime.__dict__  # measured lazily, on the first adaptation
+    reports = []
+    for device_id in (1, 2):
+        device = Device(device_id, runtime)
+        device.catch_up()
+        reports.append(device.adapt())
+        probe = runtime.__dict__["paraphrase_probe"]
+    assert runtime.paraphrase_probe is probe  # the second device reused the first one's measurement
+    expected = "llm" if probe.can_paraphrase else "fallback"
+    assert [r.synthesis_method for r in reports] == [expected, expected]
+    assert probe.generated == 2 * 4
