@@ -24,10 +24,16 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+ModelPresetName = Literal["smollm2-135m-instruct"]  # the keys of fedasls.presets.PRESETS
+
+
 class ModelSettings(_Section):
     """Base model: a local Hugging Face folder, or the embedded default built from code."""
 
     path: str | None = Field(None, description="Local Hugging Face causal-LM folder; None = embedded default.")
+    preset: ModelPresetName | None = Field(
+        None, description="A packaged model converted on first use (fedasls.presets), instead of path."
+    )
     cache_dir: str | None = Field(None, description="Where the embedded default is cached (env FEDASLS_CACHE).")
     seed: int = 0
     vocab_size: int = Field(2048, ge=256, le=65536)
@@ -40,6 +46,14 @@ class ModelSettings(_Section):
     pretrain_batch_size: int = Field(32, ge=1)
     pretrain_lr: float = Field(3e-3, gt=0)
     corpus_size: int = Field(6000, ge=100, description="Public (non-user) texts used for tokenizer + pretraining.")
+
+    @model_validator(mode="after")
+    def _one_model_source(self) -> "ModelSettings":
+        if self.path and self.preset:
+            raise ValueError(
+                f"set either model.path ({self.path!r}) or model.preset ({self.preset!r}), not both"
+            )
+        return self
 
     @model_validator(mode="after")
     def _heads_divide_hidden(self) -> "ModelSettings":

