@@ -8,7 +8,8 @@ Methods:
 - "auto": the LLM if it can paraphrase, else the fallback. Decided ONCE per base model by
   `probe_paraphrase` (fixed probe questions; at least half the rewrites must pass the filter),
   cached by DeviceRuntime; `last_stats.method` says which method ran.
-Every rewrite keeps the original answer and must pass `rouge_filter`.
+Every rewrite keeps the original answer and must pass `rouge_filter` (LLM rewrites must also
+still be questions: `filter_llm_rewrites`).
 """
 
 from __future__ import annotations
@@ -200,7 +201,29 @@ def llm_rewrites(
     finally:
         model.train(was_training)
     texts = tokenizer.batch_decode(out[:, n_prompt:], skip_special_tokens=True)
-    return [t.strip().split("\n", 1)[0].strip() for t in texts]
+    return [_clean_rewrite(t) for t in texts]
+
+
+_LABEL = re.compile(r"^(?:question|rewrite|rewritten question|paraphrase|new question)\s*:\s*", flags=re.I)
+
+
+def _clean_rewrite(text: str) -> str:
+    """First line of a generated rewrite, without a leading label ("Question:") or wrapping quotes."""
+    line = _LABEL.sub("", text.strip().split("\n", 1)[0].strip())
+    if len(line) > 1 and line[0] == line[-1] and line[0] in "\"'":
+        line = line[1:-1].strip()
+    return line
+
+
+def filter_llm_rewrites(question: str, candidates: Iterable[str], rouge_min: float, rouge_max: float) -> list[str]:
+    """`rouge_filter` on LLM rewrites that are still questions when the original is one.
+
+    A small model often answers instead of paraphrasing; such answers share words with the
+    question and would pass the ROUGE-1 range alone.
+    """
+    if question.strip().endswith("?"):
+        candidates = [c for c in candidates if c.strip().endswith("?")]
+    return rouge_filter(question, candidates, rouge_min, rouge_max)
 
 
 # --- "auto": can this model paraphrase? -------------------------------------------------------
@@ -217,7 +240,7 @@ PROBE_SEED = 20_240_901
 
 @dataclass(frozen=True)
 class ParaphraseProbe:
-    """How many of a model's rewrites of `PROBE_QUESTIONS` passed the ROUGE-1 filter."""
+    """How many of a model's rewrites of `PROBE_QUESTIONS` passed `filter_llm_rewrites`."""
 
     generated: int
     kept: int
@@ -241,7 +264,7 @@ def probe_paraphrase(model: Any, prompts: PromptFormat, settings: SynthesisSetti
     for i, question in enumerate(PROBE_QUESTIONS):
         raw = llm_rewrites(model, prompts, question, k, seed=PROBE_SEED + i)
         generated += len(raw)
-        kept += len(rouge_filter(question, raw, settings.rouge_min, settings.rouge_max))
+        kept += len(filter_llm_rewrites(question, raw, settings.rouge_min, settings.rouge_max))
     return ParaphraseProbe(generated, kept)
 
 
@@ -324,7 +347,7 @@ class Synthesizer:
                     model, prompts, question, self.k, self._item_seed(question), self.temperature, self.top_p,
                     self.max_new_tokens,
                 )
-                rewrites = rouge_filter(question, raw, self.rouge_min, self.rouge_max)
+                rewrites = filter_llm_rewrites(question, raw, self.rouge_min, self.rouge_max)
                 stats.generated += len(raw)
             else:
                 rewrites = lexical_fallback(question, self.k, self.seed, self.rouge_min, self.rouge_max)

@@ -13,6 +13,8 @@ from fedasls.synthesis import (
     PROBE_SEED,
     ParaphraseProbe,
     Synthesizer,
+    _clean_rewrite,
+    filter_llm_rewrites,
     lexical_fallback,
     llm_rewrites,
     probe_paraphrase,
@@ -82,6 +84,15 @@ def test_fallback_synthesizer_keeps_answers_and_reports_stats() -> None:
     assert Synthesizer("fallback", k=0).synthesize(None, None, PAIRS) == []
 
 
+def test_llm_rewrites_must_stay_questions_and_lose_their_labels() -> None:
+    question = "How do I bake bread at home?"
+    answers_instead = ["To bake bread at home, mix flour and water.", "How can I bake bread at home quickly?"]
+    assert filter_llm_rewrites(question, answers_instead, 0.3, 0.95) == ["How can I bake bread at home quickly?"]
+    assert filter_llm_rewrites("bake bread at home", ["bake some bread at home."], 0.3, 0.95) == ["bake some bread at home."]
+    assert _clean_rewrite('Question: "How can I bake bread?"\nMore text') == "How can I bake bread?"
+    assert _clean_rewrite("  Rewrite: Where is it?  ") == "Where is it?"
+
+
 def test_bad_synthesizer_arguments_are_rejected() -> None:
     with pytest.raises(ValueError, match="method"):
         Synthesizer("paraphrase")  # type: ignore[arg-type]
@@ -132,7 +143,7 @@ def test_paraphrase_probe_counts_filtered_rewrites_of_the_fixed_questions(tiny_l
     assert probe == probe_paraphrase(model, prompts, settings, k=2)  # seeded: the same verdict on every worker
     assert probe.generated == 2 * len(PROBE_QUESTIONS) and 0 <= probe.kept <= probe.generated
     kept = sum(
-        len(rouge_filter(q, llm_rewrites(model, prompts, q, 2, seed=PROBE_SEED + i), 0.3, 0.95))
+        len(filter_llm_rewrites(q, llm_rewrites(model, prompts, q, 2, seed=PROBE_SEED + i), 0.3, 0.95))
         for i, q in enumerate(PROBE_QUESTIONS)
     )
     assert probe.kept == kept
