@@ -5,7 +5,8 @@
     evaluate-> held-out future interactions, personalized vs base
 
 All state is plain data (`to_state` / `from_state`) so a device can live in a store between
-rounds; the heavy pieces (base model, tokenizer, lexicons) come from the shared DeviceRuntime.
+rounds; the heavy pieces (base model, tokenizer, lexicons) come from the shared DeviceRuntime,
+and the device's own `Settings` are passed to it (devices sharing a runtime may differ in them).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 from fedasls.adaptation import TrainingExample, adapter_state, load_adapter_state, reset_adapter, train_adapter
 from fedasls.evaluation import EvalResult, evaluate
 from fedasls.feedback import SimulatedUser, feedback_examples
+from fedasls.config import Settings
 from fedasls.interaction import Interaction
 from fedasls.model import generate
 from fedasls.privacy import composed_epsilon
@@ -73,12 +75,14 @@ class Device:
         self,
         device_id: int,
         runtime: DeviceRuntime,
+        settings: Settings,
         *,
         lora_rank: int | None = None,
         buffer_bytes: int | None = None,
         options: DeviceOptions | None = None,
     ) -> None:
-        s = runtime.settings
+        runtime.check(settings)
+        s = self.settings = settings
         self.device_id = device_id
         self.runtime = runtime
         self.options = options or DeviceOptions()
@@ -121,17 +125,24 @@ class Device:
         rest = self.runtime.population.stream(self.device_id)[self.cursor :]
         return rest if until is None else [it for it in rest if it.timestamp <= until]
 
-    def catch_up(self, until: float | None = None) -> int:
-        """Observe the stream up to virtual time `until`; returns how many interactions were new."""
-        new = self.pending(until)
-        self.observe(new)
+    def catch_up(self, until: float | None = None, *, limit: int | None = None,
+                 stream_embeddings: np.ndarray | None = None) -> int:
+        """Observe the stream up to virtual time `until` (at most `limit` interactions, no trigger
+        checks: `fedasls.driver.advance` does those); returns how many interactions were new.
+
+        `stream_embeddings` (one row per interaction of the WHOLE stream) skips the embedding
+        forward when already computed.
+        """
+        new = self.pending(until)[:limit]
+        rows = None if stream_embeddings is None else stream_embeddings[self.cursor : self.cursor + len(new)]
+        self.observe(new, rows)
         self.cursor += len(new)
         return len(new)
 
     # ------------------------------------------------------------------ adaptation
     def should_adapt(self) -> bool:
         """Re-tune only when the buffer or the profile changed enough (ASLS adaptive trigger)."""
-        a = self.runtime.settings.adaptation
+        a = self.settings.adaptation
         buffered = len(self.selector.buffer)
         if not buffered:
             return False
@@ -142,7 +153,7 @@ class Device:
 
     def activate(self):
         """Swap this device's adapter into the shared model and return it."""
-        model = self.runtime.activate(self.lora_rank)
+        model = self.runtime.activate(self.lora_rank, self.settings.adaptation)
         if self.adapter is None:
             reset_adapter(model, seed=self.seed)
         else:
@@ -151,7 +162,7 @@ class Device:
 
     def adapt(self) -> AdaptReport:
         """One adaptation: implicit feedback, sparse annotation, synthesis, LoRA training."""
-        s = self.runtime.settings
+        s = self.settings
         model = self.activate()
         prompts = self.runtime.prompts
         items = self.selector.interactions()
@@ -177,7 +188,7 @@ class Device:
         self.counters.annotations += self.user.annotations_used
 
         labelled = [(it.question, self.annotations[it.index]) for it in items if it.index in self.annotations]
-        synthesizer = Synthesizer.from_settings(s.synthesis, seed=self.seed, can_paraphrase=self.runtime.can_paraphrase())
+        synthesizer = Synthesizer.from_settings(s.synthesis, seed=self.seed, can_paraphrase=self.runtime.can_paraphrase(s.synthesis))
         rewrites = synthesizer.synthesize(model, prompts, labelled)
         examples = [TrainingExample(q, a) for q, a in labelled + rewrites]
         examples += [TrainingExample(q, a, w) for q, a, w in implicit]
@@ -213,7 +224,7 @@ class Device:
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, heldout: list[Interaction] | None = None) -> tuple[EvalResult, EvalResult]:
         """(personalized, base) metrics on held-out future interactions; base is computed once."""
-        s = self.runtime.settings
+        s = self.settings
         heldout = heldout or self.runtime.population.heldout(self.device_id)
         prompts = self.runtime.prompts
         user = SimulatedUser(s.feedback, seed=self.seed)
@@ -245,14 +256,16 @@ class Device:
         }
 
     @classmethod
-    def from_state(cls, state: dict[str, Any], runtime: DeviceRuntime, options: DeviceOptions | None = None) -> "Device":
+    def from_state(
+        cls, state: dict[str, Any], runtime: DeviceRuntime, settings: Settings, options: DeviceOptions | None = None
+    ) -> "Device":
         """Rebuild a device saved by `to_state` (raises ValueError naming the problem)."""
         if state.get("version") != STATE_VERSION:
             raise ValueError(
                 f"device {state.get('device_id')}: state version {state.get('version')} is not {STATE_VERSION}; "
                 "delete the device's folder in the store to start it afresh"
             )
-        device = cls(state["device_id"], runtime, lora_rank=state["lora_rank"], options=options)
+        device = cls(state["device_id"], runtime, settings, lora_rank=state["lora_rank"], options=options)
         device.cursor = int(state["cursor"])
         device.profile = UserProfile.from_state(state["profile"])
         device.selector = Selector.from_state(state["selector"], runtime.lexicons, device.seed, device.profile)

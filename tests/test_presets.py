@@ -89,7 +89,7 @@ def test_real_smollm2_answers_on_topic_and_one_adaptation_moves_its_lora(smollm2
     assert "Paris" in france
     assert own.strip()
 
-    device = Device(0, runtime)
+    device = Device(0, runtime, settings)
     device.catch_up()
     before = {k: v.clone() for k, v in adapter_state(device.activate()).items()}
     report = device.adapt()
