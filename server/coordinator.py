@@ -16,6 +16,14 @@ One round:
      the deadline; with no deadline, the slowest finisher (0 if none finished).
    The clock advances by round_seconds.
 
+Sampling mode "poisson" (for user-level DP, where amplification by sampling must be provable):
+every device of the population joins a round independently with probability
+q = cohort_size / population_size (drawn as Binomial(N, q) distinct uniform ids, which is the
+same distribution); devices not available at `now` are simply not asked (availability is public
+and independent of device data). There is no over-commitment and no K-fastest cut, because
+keeping the K fastest makes one device's inclusion depend on other devices' data: every finisher
+within the deadline completes. The aggregate is divided by the EXPECTED cohort q * N = cohort_size.
+
 Randomness for round r comes from SeedSequence([seed, r]) (and [seed, r, 1] for dropouts),
 so a run restored with `from_state` continues exactly as the original.
 """
@@ -25,6 +33,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+from typing import Literal
 
 import numpy as np
 
@@ -60,7 +70,8 @@ class RoundOutcome:
 
 @dataclass
 class Coordinator:
-    """Availability-aware sampling with over-commitment, K-fastest and deadline rules."""
+    """Availability-aware sampling with over-commitment, K-fastest and deadline rules
+    (sampling="available"), or Poisson sampling for user-level DP (sampling="poisson")."""
 
     population_size: int
     heterogeneity: HeterogeneityModel
@@ -72,8 +83,11 @@ class Coordinator:
     clock: VirtualClock = field(default_factory=VirtualClock)
     round_index: int = 0
     pending: list[int] | None = None
+    sampling: Literal["available", "poisson"] = "available"
 
     def __post_init__(self) -> None:
+        if self.sampling not in ("available", "poisson"):
+            raise ValueError(f"sampling must be 'available' or 'poisson', got {self.sampling!r}")
         if self.population_size < 1:
             raise ValueError(f"population_size must be >= 1, got {self.population_size}")
         if self.cohort_size < 1:
@@ -88,6 +102,11 @@ class Coordinator:
         """How many devices a round samples: ceil(cohort_size * overcommit), capped by population."""
         return min(self.population_size, math.ceil(self.cohort_size * self.overcommit - 1e-9))
 
+    @property
+    def sample_rate(self) -> float:
+        """Poisson mode: each device's probability of joining a round, q = cohort_size / population."""
+        return min(1.0, self.cohort_size / self.population_size)
+
     def _rng(self, *extra: int) -> np.random.Generator:
         return np.random.default_rng(np.random.SeedSequence([self.seed, self.round_index, *extra]))
 
@@ -98,6 +117,8 @@ class Coordinator:
         """Distinct device ids available at `now` (default: the clock), uniformly at random."""
         now = self.clock.now if now is None else float(now)
         rng = self._rng()
+        if self.sampling == "poisson":
+            return self._sample_poisson(now, rng)
         target = self.target
         tries = self.max_sample_tries or max(10_000, 100 * target)
         chosen: list[int] = []
@@ -122,6 +143,13 @@ class Coordinator:
                             break
         self.pending = chosen
         return list(chosen)
+
+    def _sample_poisson(self, now: float, rng: np.random.Generator) -> list[int]:
+        """Each device independently with probability q (Binomial count, then distinct uniform ids)."""
+        count = int(rng.binomial(self.population_size, self.sample_rate))
+        drawn = rng.choice(self.population_size, size=count, replace=False) if count else np.array([], dtype=int)
+        self.pending = [int(d) for d in np.sort(drawn) if self._available(int(d), now)]
+        return list(self.pending)
 
     def draw_dropouts(self, device_ids: list[int]) -> set[int]:
         """Devices that fail this round at random, each with its profile's dropout_prob."""
@@ -151,10 +179,10 @@ class Coordinator:
             else:
                 finishers.append((float(durations[d]), d))
         finishers.sort()
-        k = self.cohort_size
+        k = self.cohort_size if self.sampling == "available" else len(finishers)
         on_time = [f for f in finishers if self.deadline_s is None or f[0] <= self.deadline_s]
         completed = on_time[:k]
-        if len(completed) == k:
+        if k and len(completed) == k:
             round_seconds = completed[-1][0]
         elif self.deadline_s is not None:
             round_seconds = float(self.deadline_s)
@@ -187,6 +215,7 @@ class Coordinator:
             "now": self.clock.now,
             "round_index": self.round_index,
             "pending": self.pending,
+            "sampling": self.sampling,
         }
 
     @classmethod
@@ -202,4 +231,5 @@ class Coordinator:
             clock=VirtualClock(state["now"]),
             round_index=state["round_index"],
             pending=None if state.get("pending") is None else list(state["pending"]),
+            sampling=state.get("sampling", "available"),
         )
