@@ -13,9 +13,11 @@ import torch
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from clients.reply import build_reply, privacy_guard
+from clients.reply import GLOBAL_ADAPTER_KEY, build_reply, privacy_guard
+from fedasls.adaptation import adapter_state
 from fedasls.config import Settings
 from fedasls.device_round import load_device, run_device_round
+from fedasls.federated.client import Downlink, global_model_adapter
 from fedasls.heterogeneity import HeterogeneityModel
 from fedasls.runtime import DeviceRuntime
 from fedasls.store import DeviceStore
@@ -45,6 +47,15 @@ def _store(msg: Message, context: Context) -> DeviceStore:
     return DeviceStore(str(context.node_config.get("store-dir", msg.content["config"]["store"])))
 
 
+def downlink_of(msg: Message, settings: Settings) -> Downlink | None:
+    """The global adapter this message carries (a global-adapter round), or None (local)."""
+    if GLOBAL_ADAPTER_KEY not in msg.content:
+        return None
+    f = settings.federated
+    return Downlink(f.strategy, f.ffa, settings.adaptation.lora_rank, f.seed, f.clip_norm,
+                    msg.content[GLOBAL_ADAPTER_KEY].to_torch_state_dict())
+
+
 app = ClientApp(mods=[privacy_guard])
 
 
@@ -53,8 +64,10 @@ def train(msg: Message, context: Context) -> Message:
     """Catch up the stream to the virtual time, adapt if the trigger says so, evaluate, save."""
     config = msg.content["config"]
     runtime, hetero = worker_resources(str(config["settings"]))
-    result = run_device_round(device_id_of(msg, context), float(config["now"]), runtime, _store(msg, context), hetero)
-    return build_reply(msg, result.metrics())
+    downlink = downlink_of(msg, runtime.settings)
+    result = run_device_round(device_id_of(msg, context), float(config["now"]), runtime, _store(msg, context), hetero,
+                              downlink=downlink)
+    return build_reply(msg, result.metrics(), result.contribution.update if result.contribution else None)
 
 
 @app.evaluate()
@@ -68,4 +81,9 @@ def evaluate(msg: Message, context: Context) -> Message:
     metrics = {"device_id": device_id, "rouge1": personal.rouge1, "rougeL": personal.rougeL,
                "perplexity": personal.perplexity, "base_rouge1": base.rouge1, "base_rougeL": base.rougeL,
                "base_perplexity": base.perplexity}
+    downlink = downlink_of(msg, runtime.settings)
+    if downlink is not None:  # the global adapter alone on this device (state not saved)
+        device.adapter = global_model_adapter(adapter_state(runtime.activate(device.lora_rank)), downlink)
+        shared, _ = device.evaluate()
+        metrics |= {"global_rouge1": shared.rouge1, "global_rougeL": shared.rougeL, "global_perplexity": shared.perplexity}
     return build_reply(msg, metrics)

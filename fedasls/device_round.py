@@ -8,9 +8,10 @@ that goes offline before it finishes loses the round's work (its state is not sa
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 
 from fedasls.device import Device, DeviceOptions
+from fedasls.federated.client import Contribution, Downlink, adapt_from_global
 from fedasls.heterogeneity import CostModel, HeterogeneityModel
 from fedasls.interaction import STREAM_EPOCH
 from fedasls.runtime import DeviceRuntime
@@ -41,10 +42,11 @@ class DeviceRoundResult:
     base_perplexity: float
     base_accept_rate: float
     epsilon: float
+    contribution: Contribution | None = None  # global-adapter update (clipped, padded); never a metric
 
     def metrics(self) -> dict[str, float | int]:
         """Numbers only, for the reply's MetricRecord (status as a code: 0 completed, 1 offline)."""
-        out = {k: v for k, v in asdict(self).items() if k != "status"}
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("status", "contribution")}
         out["status_code"] = {"completed": 0, "offline": 1}[self.status]
         return out
 
@@ -68,16 +70,27 @@ def run_device_round(
     heterogeneity: HeterogeneityModel,
     cost: CostModel | None = None,
     options: DeviceOptions | None = None,
+    downlink: Downlink | None = None,
 ) -> DeviceRoundResult:
-    """Run device `device_id` at virtual time `now` and persist its state if it stays online."""
+    """Run device `device_id` at virtual time `now` and persist its state if it stays online.
+
+    With a `downlink` (a global-adapter round) a device with buffered items always trains, starting
+    from the global adapter, and the result carries its contribution."""
     cost = cost or CostModel()
     profile = heterogeneity.profile(device_id)
     device = load_device(device_id, runtime, store, heterogeneity, options)
     new = device.catch_up(until=STREAM_EPOCH + now)
     examples = 0
-    adapted = device.should_adapt()
-    if adapted:
-        examples = device.adapt().examples
+    contribution = None
+    if downlink is not None:
+        adapted = len(device.selector.buffer) > 0
+        if adapted:
+            contribution = adapt_from_global(device, downlink)
+            examples = contribution.examples if contribution else 0
+    else:
+        adapted = device.should_adapt()
+        if adapted:
+            examples = device.adapt().examples
     had_base = device.base_eval is not None
     personal, base = device.evaluate()
     work = {
@@ -86,7 +99,8 @@ def run_device_round(
         "epochs": runtime.settings.adaptation.epochs,
         "rank": device.lora_rank,
         "eval_items": personal.n * (1 if had_base else 2),
-        "upload_bytes": UPLOAD_BYTES,
+        "upload_bytes": UPLOAD_BYTES + (_nbytes(contribution.update) if contribution else 0),
+        "download_bytes": _nbytes(downlink.shared) if downlink else 0,
     }
     seconds = cost.round_seconds(profile, work)
     finished_online = profile.availability.is_available(now) and profile.availability.next_change(now) >= now + seconds
@@ -113,4 +127,9 @@ def run_device_round(
         base_perplexity=base.perplexity,
         base_accept_rate=base.accept_rate if base.accept_rate is not None else math.nan,
         epsilon=last.get("epsilon") if last.get("epsilon") is not None else math.nan,
+        contribution=contribution if finished_online else None,
     )
+
+
+def _nbytes(tensors) -> int:
+    return sum(int(t.numel()) * t.element_size() for t in tensors.values())

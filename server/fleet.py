@@ -24,6 +24,7 @@ from tqdm import tqdm
 from fedasls.config import Settings
 from fedasls.heterogeneity import HeterogeneityModel
 from server.coordinator import Coordinator
+from server.strategy import make_strategy
 
 CHECKPOINT = "checkpoint.json"
 ROUNDS_FILE = "rounds.jsonl"
@@ -142,13 +143,22 @@ def run_fleet(grid: Grid, run: FleetRun) -> dict[str, Any]:
             overcommit=sim.overcommit,
             deadline_s=sim.deadline_s or None,
             seed=s.heterogeneity.seed,
+            sampling=sim.sampling,
         )
         coordinator.clock.now = sim.start_time_s
         for name in (ROUNDS_FILE, DEVICE_ROUNDS_FILE):
             (run.run_dir / name).write_text("")
 
+    strategy = make_strategy(s, coordinator.sample_rate, coordinator.sample_rate * coordinator.population_size)
+    if run.resume and checkpoint.is_file() and "strategy" in saved:
+        strategy.load_state(saved["strategy"], run.run_dir)
+
     wall0 = time.perf_counter()
+    stop_reason = None
     for server_round in range(run.rounds_done + 1, sim.rounds + 1):
+        if stop_reason := strategy.stop_reason():
+            break
+        downlink = strategy.configure(server_round)
         t0 = time.perf_counter()
         now = coordinator.clock.now
         sampled = coordinator.sample(now)
@@ -157,7 +167,8 @@ def run_fleet(grid: Grid, run: FleetRun) -> dict[str, Any]:
         bar = None if run.quiet else tqdm(total=len(to_run), desc=f"round {server_round}/{sim.rounds}", unit="dev")
         replies: list[Message] = []
         for batch in _batches(to_run, len(slots)):
-            contents = [round_config(settings_json, run.store_dir, d, now, server_round) for d in batch]
+            contents = [RecordDict({**round_config(settings_json, run.store_dir, d, now, server_round), **downlink})
+                        for d in batch]
             replies += _dispatch(grid, slots[: len(batch)], contents, "train", str(server_round), bar)
         results, failed = _collect(replies, to_run)
         offline = {d for d, r in results.items() if r["status_code"] != 0} | failed | dropouts
@@ -165,18 +176,23 @@ def run_fleet(grid: Grid, run: FleetRun) -> dict[str, Any]:
         outcome = coordinator.close_round(now, durations, offline)
         rows = _device_rows(server_round, now, results, outcome, hetero)
         round_row = _round_row(server_round, now, outcome, rows, failed, time.perf_counter() - t0)
+        round_row.update(strategy.aggregate(server_round, replies, outcome.completed))
         _append_jsonl(run.run_dir / DEVICE_ROUNDS_FILE, rows)
         _append_jsonl(run.run_dir / ROUNDS_FILE, [round_row])
         coordinator.clock.now = max(coordinator.clock.now, now + sim.round_interval_s)
         run.rounds_done = server_round
-        _write_atomic(checkpoint, json.dumps({"rounds_done": server_round, "coordinator": coordinator.state()}))
+        _write_atomic(checkpoint, json.dumps({"rounds_done": server_round, "coordinator": coordinator.state(),
+                                              "strategy": strategy.state(server_round, run.run_dir)}))
         if bar is not None:
             bar.set_postfix(
                 done=len(outcome.completed), strag=len(outcome.stragglers), drop=len(outcome.dropped),
                 uplift_r1=f"{round_row['uplift_rouge1_mean']:+.3f}", vt=f"{outcome.round_seconds:.0f}s",
             )
             bar.close()
-    run.summary = {"wall_seconds": time.perf_counter() - wall0, "rounds": run.rounds_done, "slots": len(slots)}
+    run.summary = {"wall_seconds": time.perf_counter() - wall0, "rounds": run.rounds_done, "slots": len(slots),
+                   "strategy": strategy.name, "stop_reason": stop_reason}
+    if stop_reason and not run.quiet:
+        print(f"fedasls: {stop_reason}")
     return run.summary
 
 
