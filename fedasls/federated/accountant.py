@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any, Literal
 
 import dp_accounting
@@ -41,6 +42,26 @@ def _quiet_absl() -> tuple[logging.Logger, int]:
     level = logger.level
     logger.setLevel(logging.ERROR)  # dp-accounting logs non-converging fractional orders near 1
     return logger, level
+
+
+@lru_cache(maxsize=1024)
+def _epsilon(gaussian_multiplier: float, delta: float, neighbouring: str, runs: tuple[tuple[float, int], ...]) -> float:
+    """Epsilon of Poisson-subsampled Gaussian runs (cached: the stop rule and the report ask twice a round)."""
+    if not runs:
+        return 0.0
+    gaussian = dp_accounting.GaussianDpEvent(gaussian_multiplier)
+    logger, level = _quiet_absl()
+    try:
+        if neighbouring == ADD_REMOVE:
+            acc: Any = rdp.RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE)
+        else:
+            acc = pld.PLDAccountant(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE,
+                                    value_discretization_interval=PLD_DISCRETIZATION)
+        for q, n in runs:
+            acc.compose(dp_accounting.PoissonSampledDpEvent(q, gaussian), n)
+        return float(acc.get_epsilon(delta))
+    finally:
+        logger.setLevel(level)
 
 
 @dataclass
@@ -72,21 +93,7 @@ class UserLevelAccountant:
         return self.noise_multiplier if self.neighbouring == ADD_REMOVE else self.noise_multiplier / 2.0
 
     def _epsilon_of(self, runs: list[list[float]]) -> float:
-        if not runs:
-            return 0.0
-        gaussian = dp_accounting.GaussianDpEvent(self.gaussian_multiplier)
-        logger, level = _quiet_absl()
-        try:
-            if self.neighbouring == ADD_REMOVE:
-                acc: Any = rdp.RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE)
-            else:
-                acc = pld.PLDAccountant(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE,
-                                        value_discretization_interval=PLD_DISCRETIZATION)
-            for q, n in runs:
-                acc.compose(dp_accounting.PoissonSampledDpEvent(float(q), gaussian), int(n))
-            return float(acc.get_epsilon(self.delta))
-        finally:
-            logger.setLevel(level)
+        return _epsilon(self.gaussian_multiplier, self.delta, self.neighbouring, tuple((float(q), int(n)) for q, n in runs))
 
     @staticmethod
     def _with(runs: list[list[float]], q: float, rounds: int) -> list[list[float]]:
