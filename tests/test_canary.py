@@ -152,3 +152,19 @@ def test_dp_runs_report_user_level_epsilon_with_its_assumptions(recorded):
             assert "delta = 1e-05" in privacy["report"] and "add/remove" in privacy["report"]
         else:
             assert "user_epsilon" not in rounds[0] and not (run.run_dir / "privacy.json").exists()
+
+
+def test_privacy_sweep_tables_and_plots_from_real_runs(recorded, tmp_path):
+    from simulations.sweep import NO_NOISE, point_result, write_outputs
+
+    runs, _ = recorded
+    rows = [point_result(run.run_dir, run.settings) for name, run in runs if name.startswith("global-ffa0")]
+    assert [r["noise_multiplier"] for r in rows] == [NO_NOISE, 0.8]
+    assert rows[0]["epsilon"] == math.inf and 0 < rows[1]["epsilon"] < math.inf
+    assert rows[1]["devices"] > 0 and rows[1]["uplift_low"] <= rows[1]["uplift_rouge1"] <= rows[1]["uplift_high"]
+    assert 0 < rows[1]["snr_mean"] < math.inf and "delta = 1e-05" in rows[1]["report"]
+    write_outputs(rows, tmp_path)
+    for name in ("privacy_sweep.csv", "privacy_sweep.json", "epsilon_vs_utility.png", "snr_by_noise.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    header = (tmp_path / "privacy_sweep.csv").read_text().splitlines()[0].split(",")
+    assert {"noise_multiplier", "epsilon", "delta", "sampling", "neighbouring", "uplift_low", "snr_mean"} <= set(header)

@@ -47,3 +47,10 @@ def test_device_runs_a_stream_end_to_end(tiny_model_dir, capsys):
     assert "30 interactions" in out and "adaptations" in out
     for metric in ("rouge1", "rougeL", "perplexity", "accept_rate"):
         assert metric in out
+
+
+def test_sweep_privacy_refuses_a_bad_grid(capsys):
+    from simulations.cli import main
+
+    assert main(["sweep", "privacy", "--noise", "-1", "--jobs", "1"]) == 2
+    assert "noise multipliers must be finite numbers > 0" in capsys.readouterr().err
