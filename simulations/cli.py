@@ -278,7 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
         "privacy",
         help="user-level DP: epsilon vs utility over noise multipliers",
         description="Run the scenario once per noise multiplier with user-level DP-FedAvg (Poisson sampling) and "
-        "once without noise; write privacy_sweep.csv/json, epsilon_vs_utility.png (uplift with 95%% CIs over devices) "
+        "once without noise; write privacy_sweep.csv/json, epsilon_vs_utility.png (uplift with 95% CIs over devices) "
         "and snr_by_noise.png. A 'local' scenario is run with strategy 'global'.",
     )
     _settings_args(priv)
