@@ -46,6 +46,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--cohort", type=int, default=6)
     p.add_argument("--config", default="simulations/quickstart.toml", help="settings TOML (default: the quickstart)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    p.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=STRATEGIES)
     p.add_argument("--out", default="benchmarks/results/global_adapter.json")
     return p.parse_args()
 
@@ -103,20 +104,43 @@ def ci(values) -> dict:
 def main() -> None:
     args = parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        results = {s: run(s, args, Path(tmp)) for s in STRATEGIES}
+        results = {s: run(s, args, Path(tmp)) for s in args.strategies}
+    summary = summarize(results, args)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(summary, indent=2))
+    for section in ("cold_start", "trained_devices"):
+        print(section)
+        for key, v in summary.get(section, {}).items():
+            if isinstance(v, dict):
+                print(f"  {key:38s} {v['mean']:+.4f} [{v['low']:+.4f}, {v['high']:+.4f}] (n={v['n']})")
+    print(f"written {out}")
+
+
+def summarize(results: dict, args: argparse.Namespace) -> dict:
     cold = range(args.train, args.train + args.cold)
-    trained = sorted(set.intersection(*(set(results[s]["personal"]) for s in STRATEGIES)))
-    g, gp, loc = results["global"], results["global+personal"], results["local"]
-    summary = {
+    summary: dict = {
         "command": "python benchmarks/global_adapter.py " + " ".join(
-            f"--{k} {v}" for k, v in vars(args).items() if k not in ("overrides", "out")),
+            f"--{k} {' '.join(v) if isinstance(v, list) else v}" for k, v in vars(args).items()
+            if k not in ("overrides", "out")),
         "overrides": args.overrides,
-        "cold_start": {
+        "cpu_seconds": {s: r["cpu_s"] for s, r in results.items()},
+        "update_norm_before_clip": {s: (float(np.median(r["update_norms"])) if r["update_norms"] else None)
+                                    for s, r in results.items()},
+        "per_device": {s: {k: r[k] for k in ("base", "personal", "global_alone")} for s, r in results.items()},
+    }
+    if "global" in results:
+        g = results["global"]
+        summary["cold_start"] = {
             "base_rouge1": ci(g["base"][d] for d in cold),
             "global_rouge1": ci(g["global_alone"][d] for d in cold),
             "global_minus_base": ci(g["global_alone"][d] - g["base"][d] for d in cold),
-            "fedsa_global_A_only_minus_base": ci(gp["global_alone"][d] - gp["base"][d] for d in cold),
-        },
+        }
+    if set(STRATEGIES) - set(results):
+        return summary
+    trained = sorted(set.intersection(*(set(results[s]["personal"]) for s in STRATEGIES)))
+    g, gp, loc = results["global"], results["global+personal"], results["local"]
+    summary |= {
         "trained_devices": {
             "n": len(trained),
             "base": ci(loc["base"][d] for d in trained),
@@ -128,20 +152,9 @@ def main() -> None:
             "global+personal_minus_global_alone": ci(gp["personal"][d] - g["global_alone"][d] for d in trained),
             "global_finetuned_minus_local": ci(g["personal"][d] - loc["personal"][d] for d in trained),
         },
-        "cpu_seconds": {s: results[s]["cpu_s"] for s in STRATEGIES},
-        "update_norm_before_clip": {s: (float(np.median(results[s]["update_norms"])) if results[s]["update_norms"]
-                                        else None) for s in STRATEGIES},
-        "per_device": {s: {k: results[s][k] for k in ("base", "personal", "global_alone")} for s in STRATEGIES},
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(summary, indent=2))
-    for section in ("cold_start", "trained_devices"):
-        print(section)
-        for key, v in summary[section].items():
-            if isinstance(v, dict):
-                print(f"  {key:38s} {v['mean']:+.4f} [{v['low']:+.4f}, {v['high']:+.4f}] (n={v['n']})")
-    print(f"written {out}")
+    summary["cold_start"]["fedsa_global_A_only_minus_base"] = ci(gp["global_alone"][d] - gp["base"][d] for d in cold)
+    return summary
 
 
 if __name__ == "__main__":
