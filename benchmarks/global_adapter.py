@@ -70,7 +70,7 @@ def run(strategy: str, args: argparse.Namespace, root: Path) -> dict:
         downlink = None if adapter is None else Downlink(strategy, f.ffa, rank, f.seed, f.clip_norm, adapter)
         updates, weights = [], []
         for d in sorted(rng.choice(args.train, size=min(args.cohort, args.train), replace=False).tolist()):
-            result = run_device_round(d, now, runtime, store, hetero, downlink=downlink)
+            result = run_device_round(d, now, runtime, settings, store, hetero, downlink=downlink)
             trained.add(d)
             if result.contribution is not None:
                 updates.append(result.contribution.update)
@@ -82,13 +82,13 @@ def run(strategy: str, args: argparse.Namespace, root: Path) -> dict:
     out: dict = {"personal": {}, "global_alone": {}, "base": {}, "cpu_s": 0.0}
     final = None if adapter is None else Downlink(strategy, f.ffa, rank, f.seed, f.clip_norm, adapter)
     for d in sorted(trained) + list(range(args.train, args.train + args.cold)):
-        device = load_device(d, runtime, store, hetero)
+        device = load_device(d, runtime, settings, store, hetero)
         personal, base = device.evaluate()
         out["base"][d] = base.rouge1
         if d in trained:
             out["personal"][d] = personal.rouge1
         if final is not None:
-            device.adapter = global_model_adapter(adapter_state(runtime.activate(device.lora_rank)), final)
+            device.adapter = global_model_adapter(adapter_state(runtime.activate(device.lora_rank, settings.adaptation)), final)
             out["global_alone"][d] = device.evaluate()[0].rouge1
     out["cpu_s"] = time.process_time() - t0
     out["update_norms"] = norms

@@ -144,6 +144,23 @@ class SimulationSettings(_Section):
     sampling: Literal["available", "poisson"] = Field(
         "available", description="available: K fastest of an over-committed sample; poisson: rate K/N, for user-level DP."
     )
+    ray_address: str | None = Field(
+        None, description="Attach to this running Ray cluster (e.g. 'auto', '10.0.0.5:6379'; env RAY_ADDRESS) "
+        "instead of starting Ray; workers then follows the cluster's CPUs."
+    )
+    devices_per_worker: int = Field(
+        1, ge=1, description="Devices one worker slot runs side by side (one process each), to use more CPUs "
+        "than Flower's min(32, cpu_count + 4) concurrent ClientApp calls."
+    )
+
+
+class DeploymentSettings(_Section):
+    """A prototype fleet on Flower's Deployment Engine: one SuperNode per device."""
+
+    min_nodes: int = Field(1, ge=1, description="Wait for this many SuperNodes before the first round.")
+    wait_s: float = Field(120.0, gt=0, description="How long to wait for min_nodes to connect.")
+    query_timeout_s: float = Field(60.0, gt=0, description="A node that does not say which device it is by then is skipped.")
+    reply_timeout_s: float = Field(600.0, gt=0, description="A device that does not reply by then is offline this round.")
 
 
 class Settings(_Section):
@@ -158,6 +175,7 @@ class Settings(_Section):
     evaluation: EvaluationSettings = EvaluationSettings()
     heterogeneity: HeterogeneitySettings = HeterogeneitySettings()
     simulation: SimulationSettings = SimulationSettings()
+    deployment: DeploymentSettings = DeploymentSettings()
     federated: FederatedSettings = FederatedSettings()
 
     @model_validator(mode="after")
@@ -166,6 +184,11 @@ class Settings(_Section):
             raise ValueError(
                 "[federated] dp = true needs [simulation] sampling = 'poisson': only Poisson sampling has a provable "
                 "amplification (the K-fastest rule makes one device's inclusion depend on the others' data)"
+            )
+        if self.federated.strategy != "local" and self.simulation.devices_per_worker > 1:
+            raise ValueError(
+                f"[federated] strategy = '{self.federated.strategy}' needs [simulation] devices_per_worker = 1: a "
+                "batched reply of several devices carries metrics only, not one global-adapter update per device"
             )
         return self
 

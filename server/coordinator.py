@@ -24,6 +24,10 @@ and independent of device data). There is no over-commitment and no K-fastest cu
 keeping the K fastest makes one device's inclusion depend on other devices' data: every finisher
 within the deadline completes. The aggregate is divided by the EXPECTED cohort q * N = cohort_size.
 
+For a real fleet (Deployment Engine), `sample(now, among=connected)` draws among the devices that
+are connected, and `simulated_availability=False` turns off the simulated availability windows
+(a real device is available when it is connected, and goes offline by not answering).
+
 Randomness for round r comes from SeedSequence([seed, r]) (and [seed, r, 1] for dropouts),
 so a run restored with `from_state` continues exactly as the original.
 """
@@ -80,6 +84,7 @@ class Coordinator:
     deadline_s: float | None = None
     seed: int = 0
     max_sample_tries: int | None = None  # default: max(10_000, 100 * target)
+    simulated_availability: bool = True  # False: real devices (no simulated windows)
     clock: VirtualClock = field(default_factory=VirtualClock)
     round_index: int = 0
     pending: list[int] | None = None
@@ -111,18 +116,28 @@ class Coordinator:
         return np.random.default_rng(np.random.SeedSequence([self.seed, self.round_index, *extra]))
 
     def _available(self, device_id: int, now: float) -> bool:
+        if not self.simulated_availability:
+            return True
         return self.heterogeneity.profile(device_id).availability.is_available(now)
 
-    def sample(self, now: float | None = None) -> list[int]:
-        """Distinct device ids available at `now` (default: the clock), uniformly at random."""
+    def sample(self, now: float | None = None, among: list[int] | None = None) -> list[int]:
+        """Distinct device ids available at `now` (default: the clock), uniformly at random;
+        with `among`, only from those ids (e.g. the connected devices of a real fleet)."""
         now = self.clock.now if now is None else float(now)
         rng = self._rng()
         if self.sampling == "poisson":
-            return self._sample_poisson(now, rng)
+            return self._sample_poisson(now, rng, among)
         target = self.target
         tries = self.max_sample_tries or max(10_000, 100 * target)
         chosen: list[int] = []
-        if self.population_size <= tries:  # small population: scan a random permutation
+        if among is not None:
+            candidates = sorted(set(among))
+            for i in rng.permutation(len(candidates)):
+                if self._available(candidates[int(i)], now):
+                    chosen.append(candidates[int(i)])
+                    if len(chosen) == target:
+                        break
+        elif self.population_size <= tries:  # small population: scan a random permutation
             for d in rng.permutation(self.population_size):
                 if self._available(int(d), now):
                     chosen.append(int(d))
@@ -144,10 +159,15 @@ class Coordinator:
         self.pending = chosen
         return list(chosen)
 
-    def _sample_poisson(self, now: float, rng: np.random.Generator) -> list[int]:
-        """Each device independently with probability q (Binomial count, then distinct uniform ids)."""
-        count = int(rng.binomial(self.population_size, self.sample_rate))
-        drawn = rng.choice(self.population_size, size=count, replace=False) if count else np.array([], dtype=int)
+    def _sample_poisson(self, now: float, rng: np.random.Generator, among: list[int] | None = None) -> list[int]:
+        """Each device independently with probability q (Binomial count, then distinct uniform ids;
+        with `among`, a coin per listed device)."""
+        if among is not None:
+            ids = sorted(set(int(d) for d in among))
+            drawn = np.array([d for d, u in zip(ids, rng.random(len(ids))) if u < self.sample_rate], dtype=int)
+        else:
+            count = int(rng.binomial(self.population_size, self.sample_rate))
+            drawn = rng.choice(self.population_size, size=count, replace=False) if count else np.array([], dtype=int)
         self.pending = [int(d) for d in np.sort(drawn) if self._available(int(d), now)]
         return list(self.pending)
 
@@ -174,7 +194,7 @@ class Coordinator:
         for d in sampled:
             if d in went_offline or d not in durations:
                 dropped.add(d)
-            elif self.heterogeneity.profile(d).availability.next_change(now) < now + durations[d]:
+            elif self.simulated_availability and self.heterogeneity.profile(d).availability.next_change(now) < now + durations[d]:
                 dropped.add(d)  # its availability window closes before it finishes
             else:
                 finishers.append((float(durations[d]), d))
@@ -212,6 +232,7 @@ class Coordinator:
             "deadline_s": self.deadline_s,
             "seed": self.seed,
             "max_sample_tries": self.max_sample_tries,
+            "simulated_availability": self.simulated_availability,
             "now": self.clock.now,
             "round_index": self.round_index,
             "pending": self.pending,
@@ -228,6 +249,7 @@ class Coordinator:
             deadline_s=state["deadline_s"],
             seed=state["seed"],
             max_sample_tries=state.get("max_sample_tries"),
+            simulated_availability=state.get("simulated_availability", True),
             clock=VirtualClock(state["now"]),
             round_index=state["round_index"],
             pending=None if state.get("pending") is None else list(state["pending"]),

@@ -20,8 +20,8 @@ MAX_RANK = 4
 
 
 @pytest.fixture(scope="module")
-def runtime(tiny_model_dir) -> DeviceRuntime:
-    settings = Settings.model_validate(
+def settings(tiny_model_dir) -> Settings:
+    return Settings.model_validate(
         {
             "model": {"path": str(tiny_model_dir)},
             "population": {"num_devices": 10, "stream_length": 40, "heldout": 3},
@@ -31,25 +31,29 @@ def runtime(tiny_model_dir) -> DeviceRuntime:
             "evaluation": {"max_new_tokens": 6},
         }
     )
+
+
+@pytest.fixture(scope="module")
+def runtime(settings) -> DeviceRuntime:
     return DeviceRuntime(settings)
 
 
-def _downlink(runtime, strategy="global", ffa=False, clip_norm=0.05) -> Downlink:
-    layout = adapter_layout(runtime.settings)
+def _downlink(settings, strategy="global", ffa=False, clip_norm=0.05) -> Downlink:
+    layout = adapter_layout(settings)
     full = initial_global(layout, seed=5)
     return Downlink(strategy, ffa, MAX_RANK, 5, clip_norm, shared_part(full, shared_part_of(strategy, ffa)))
 
 
-def test_layout_is_the_devices_adapter_at_the_largest_rank(runtime):
-    layout = adapter_layout(runtime.settings)
-    state = adapter_state(runtime.activate(MAX_RANK))
+def test_layout_is_the_devices_adapter_at_the_largest_rank(runtime, settings):
+    layout = adapter_layout(settings)
+    state = adapter_state(runtime.activate(MAX_RANK, settings.adaptation))
     assert list(layout) == list(state) and all(tuple(state[k].shape) == layout[k] for k in state)
 
 
 @pytest.mark.parametrize("rank", [2, MAX_RANK])
-def test_global_round_contribution_is_padded_clipped_and_in_global_order(runtime, rank):
-    downlink = _downlink(runtime)
-    device = Device(1, runtime, lora_rank=rank)
+def test_global_round_contribution_is_padded_clipped_and_in_global_order(runtime, settings, rank):
+    downlink = _downlink(settings)
+    device = Device(1, runtime, settings, lora_rank=rank)
     device.catch_up()
     c = adapt_from_global(device, downlink)
     assert c is not None and c.examples > 0
@@ -63,14 +67,14 @@ def test_global_round_contribution_is_padded_clipped_and_in_global_order(runtime
     assert device.adapter is not None and rank == device.lora_rank
 
 
-def test_ffa_trains_and_sends_only_b_and_keeps_the_seeded_a(runtime):
-    downlink = _downlink(runtime, ffa=True)
+def test_ffa_trains_and_sends_only_b_and_keeps_the_seeded_a(runtime, settings):
+    downlink = _downlink(settings, ffa=True)
     assert all(lora_kind(k) == "B" for k in downlink.shared)
-    device = Device(2, runtime, lora_rank=2)
+    device = Device(2, runtime, settings, lora_rank=2)
     device.catch_up()
     c = adapt_from_global(device, downlink)
     assert c is not None and list(c.update) == list(downlink.shared)
-    seeded = truncate(initial_global(adapter_layout(runtime.settings), 5), 2)
+    seeded = truncate(initial_global(adapter_layout(settings), 5), 2)
     for key, value in device.adapter.items():
         if lora_kind(key) == "A":
             assert torch.equal(value, seeded[key])  # frozen
@@ -78,9 +82,9 @@ def test_ffa_trains_and_sends_only_b_and_keeps_the_seeded_a(runtime):
     assert all(p.requires_grad for n, p in runtime.model.named_parameters() if "lora_A" in n and "r2" in n)
 
 
-def test_global_plus_personal_sends_a_and_keeps_its_own_b(runtime):
-    downlink = _downlink(runtime, strategy="global+personal")
-    device = Device(3, runtime, lora_rank=MAX_RANK)
+def test_global_plus_personal_sends_a_and_keeps_its_own_b(runtime, settings):
+    downlink = _downlink(settings, strategy="global+personal")
+    device = Device(3, runtime, settings, lora_rank=MAX_RANK)
     device.catch_up()
     c = adapt_from_global(device, downlink)
     assert c is not None and all(lora_kind(k) == "A" for k in c.update)

@@ -113,7 +113,7 @@ def adapt_from_global(device, downlink: Downlink) -> Contribution | None:
 
     `device` is a fedasls.device.Device (its adapter becomes the trained one: its personal model).
     """
-    model = device.runtime.activate(device.lora_rank)
+    model = device.runtime.activate(device.lora_rank, device.settings.adaptation)
     template = adapter_state(model)  # names and shapes at this device's rank
     start = start_adapter(template, downlink, device.adapter)
     with frozen_lora_a(model) if downlink.ffa else contextlib.nullcontext():
