@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from fedasls.federated.settings import FederatedSettings
 from fedasls.heterogeneity import HeterogeneitySettings
 
 
@@ -154,6 +155,9 @@ class SimulationSettings(_Section):
     cpus_per_worker: float = Field(1.0, gt=0)
     output_dir: str = "results"
     store_dir: str | None = Field(None, description="Device store; default <output_dir>/<run>/store.")
+    sampling: Literal["available", "poisson"] = Field(
+        "available", description="available: K fastest of an over-committed sample; poisson: rate K/N, for user-level DP."
+    )
     ray_address: str | None = Field(
         None, description="Attach to this running Ray cluster (e.g. 'auto', '10.0.0.5:6379'; env RAY_ADDRESS) "
         "instead of starting Ray; workers then follows the cluster's CPUs."
@@ -169,7 +173,10 @@ class DeploymentSettings(_Section):
 
     min_nodes: int = Field(1, ge=1, description="Wait for this many SuperNodes before the first round.")
     wait_s: float = Field(120.0, gt=0, description="How long to wait for min_nodes to connect.")
-    query_timeout_s: float = Field(60.0, gt=0, description="A node that does not say which device it is by then is skipped.")
+    query_timeout_s: float = Field(
+        300.0, gt=0, description="A node that does not say which device it is by then is skipped (each answer "
+        "starts a fresh ClientApp process: slow on a loaded machine)."
+    )
     reply_timeout_s: float = Field(600.0, gt=0, description="A device that does not reply by then is offline this round.")
 
 
@@ -186,6 +193,21 @@ class Settings(_Section):
     heterogeneity: HeterogeneitySettings = HeterogeneitySettings()
     simulation: SimulationSettings = SimulationSettings()
     deployment: DeploymentSettings = DeploymentSettings()
+    federated: FederatedSettings = FederatedSettings()
+
+    @model_validator(mode="after")
+    def _dp_needs_poisson_sampling(self) -> "Settings":
+        if self.federated.dp and self.simulation.sampling != "poisson":
+            raise ValueError(
+                "[federated] dp = true needs [simulation] sampling = 'poisson': only Poisson sampling has a provable "
+                "amplification (the K-fastest rule makes one device's inclusion depend on the others' data)"
+            )
+        if self.federated.strategy != "local" and self.simulation.devices_per_worker > 1:
+            raise ValueError(
+                f"[federated] strategy = '{self.federated.strategy}' needs [simulation] devices_per_worker = 1: a "
+                "batched reply of several devices carries metrics only, not one global-adapter update per device"
+            )
+        return self
 
 
 def _format_errors(err: ValidationError, source: str) -> str:
