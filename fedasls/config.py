@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -113,7 +113,12 @@ class SynthesisSettings(_Section):
 
 
 class AdaptationSettings(_Section):
-    """Personal LoRA adapter training, optional example-level DP-SGD."""
+    """Personal LoRA adapter training (the safe adaptation step), optional example-level DP-SGD.
+
+    The defaults fit the embedded model and were chosen by measurement on the quickstart fleet
+    (benchmarks/adaptation_fleet.py; figures in the README, "The adaptation step"). Per-model
+    defaults go into ADAPTATION_DEFAULTS_BY_MODEL below.
+    """
 
     lora_rank: int = Field(8, ge=1)
     lora_alpha: int = Field(16, ge=1)
@@ -132,6 +137,19 @@ class AdaptationSettings(_Section):
         0.5, ge=0, le=1, description="... and at least this share of the buffer is new since the last adaptation."
     )
     drift_trigger: float = Field(0.5, ge=0, le=2, description="Profile drift above which the device re-tunes.")
+    min_items: int = Field(
+        8, ge=1, description="Labelled buffered items (annotations + edits) before the first adapter is trained."
+    )
+    heldback_fraction: float = Field(0.25, ge=0, lt=1, description="Share of labelled items held back for the gate.")
+    heldback_min: int = Field(3, ge=1, description="Held-back items at least (near-duplicate groups never split).")
+    patience: int = Field(2, ge=1, description="Early stopping: epochs without a better held-back loss.")
+    retry_learning_rates: list[Annotated[float, Field(gt=0)]] = Field(
+        default_factory=lambda: [2e-3],
+        description="Learning rates of further candidates when the gate rejects one (in order; [] = no retry).",
+    )
+    gate: Literal["rouge1", "loss", "both", "off"] = Field(
+        "rouge1", description="What a new adapter must beat the kept one on (held-back items); off = always keep."
+    )
     dp: bool = False
     noise_multiplier: float = Field(1.0, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
@@ -180,8 +198,33 @@ class DeploymentSettings(_Section):
     reply_timeout_s: float = Field(600.0, gt=0, description="A device that does not reply by then is offline this round.")
 
 
+# Per base-model adaptation defaults: the AdaptationSettings field defaults are the embedded
+# model's (measured with benchmarks/adaptation_fleet.py, see README "Adaptation defaults"). Another
+# model kind (e.g. a preset name that `model.path` selects) adds an entry of [adaptation] keys here;
+# keys a user sets in TOML or --set always win.
+ADAPTATION_DEFAULTS_BY_MODEL: dict[str, dict[str, Any]] = {"embedded": {}}
+
+
+def model_kind(model: dict[str, Any] | None) -> str:
+    """The key of ADAPTATION_DEFAULTS_BY_MODEL for a [model] table: "embedded" or its `path`."""
+    path = (model or {}).get("path")
+    return "embedded" if not path else str(path)
+
+
 class Settings(_Section):
     """A whole run: one table per layer."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _adaptation_defaults_for_the_model(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        model = data.get("model")
+        defaults = ADAPTATION_DEFAULTS_BY_MODEL.get(model_kind(model if isinstance(model, dict) else None), {})
+        adaptation = data.get("adaptation", {})
+        if defaults and isinstance(adaptation, dict):
+            data = {**data, "adaptation": {**defaults, **adaptation}}
+        return data
 
     model: ModelSettings = ModelSettings()
     population: PopulationSettings = PopulationSettings()

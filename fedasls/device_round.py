@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, fields
 
 from fedasls.config import Settings
-from fedasls.device import Device, DeviceOptions
+from fedasls.device import AdaptReport, Device, DeviceOptions
 from fedasls.driver import advance
 from fedasls.federated.client import Contribution, Downlink, adapt_from_global
 from fedasls.heterogeneity import HeterogeneityModel
@@ -83,6 +83,9 @@ class DeviceRoundResult:
     base_perplexity: float
     base_accept_rate: float
     epsilon: float
+    gate_accepted: int = 0  # the device's lifetime count of adapters the gate kept
+    gate_rejected: int = 0  # ... refused (the device kept its previous adapter or the base model)
+    gate_waiting: int = 0  # ... adaptation steps that trained nothing (too few labelled items)
     contribution: Contribution | None = None  # global-adapter update (clipped, padded); never a metric
 
     @property
@@ -128,20 +131,27 @@ def run_device_round(
     contribution = None
     if downlink is None:
         progress = advance(device, until=STREAM_EPOCH + now)
-        new, examples, adapted = progress.new_interactions, progress.examples, bool(progress.adaptations)
+        new, examples, reports = progress.new_interactions, progress.examples, progress.adaptations
     else:
         new = device.catch_up(until=STREAM_EPOCH + now)
-        adapted = len(device.selector.buffer) > 0
-        contribution = adapt_from_global(device, downlink) if adapted else None
-        examples = contribution.examples if contribution else 0
+        reports = []
+        if len(device.selector.buffer) > 0:
+            contribution = adapt_from_global(device, downlink)
+            reports = [AdaptReport(**device.counters.history[-1])]
+        examples = sum(r.examples for r in reports)
+    adapted = bool(reports)
     had_base = device.base_eval is not None
     personal, base = device.evaluate()
+    trained = [r for r in reports if r.epochs]
+    epoch_examples = sum(r.examples * r.epochs * r.attempts for r in trained)
     work = RoundWork(
         embed_items=new,
         train_examples=examples,
-        epochs=settings.adaptation.epochs,
+        # epochs actually run (early stopping, retried candidates), per training example
+        epochs=round(epoch_examples / examples) if examples else settings.adaptation.epochs,
         rank=device.lora_rank,
-        eval_items=personal.n * (1 if had_base else 2),
+        # held-out evaluation, plus the gate scoring the kept adapter and each candidate on the held-back items
+        eval_items=personal.n * (1 if had_base else 2) + sum((1 + r.attempts) * r.heldback for r in trained),
         upload_bytes=UPLOAD_BYTES + (_nbytes(contribution.update) if contribution else 0),
     )
     kept = keep(work)
@@ -170,6 +180,9 @@ def run_device_round(
         base_perplexity=base.perplexity,
         base_accept_rate=base.accept_rate if base.accept_rate is not None else math.nan,
         epsilon=last.get("epsilon") if last.get("epsilon") is not None else math.nan,
+        gate_accepted=device.counters.gate_accepted,
+        gate_rejected=device.counters.gate_rejected,
+        gate_waiting=device.counters.gate_waiting,
         contribution=contribution if kept else None,
     )
 

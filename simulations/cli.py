@@ -166,7 +166,7 @@ def cmd_device(args: argparse.Namespace, settings: Settings) -> int:
                 return
             bar.set_postfix(adaptations=device.counters.adaptations, loss=f"{r.loss_last:.2f}")
             tqdm.write(
-                f"  adapt #{device.counters.adaptations} at {device.cursor}: buffer {r.buffered}, "
+                f"  adapt #{device.counters.adaptations} at {device.cursor} [{r.status}]: buffer {r.buffered}, "
                 f"annotated {r.annotated}, edits {r.edits}, rewrites {r.synthesized} ({r.synthesis_method}), "
                 f"loss {r.loss_first:.3f} -> {r.loss_last:.3f}"
                 + (f", epsilon {r.epsilon:.2f}" if r.epsilon is not None else "")
@@ -176,7 +176,9 @@ def cmd_device(args: argparse.Namespace, settings: Settings) -> int:
     personalized, base = device.evaluate()
     print(f"\ndevice {args.id}: {device.counters.observed} interactions, buffer "
           f"{device.selector.buffer.used_bytes}/{device.selector.buffer.budget_bytes} bytes, "
-          f"{device.counters.adaptations} adaptations, {device.counters.annotations} annotations")
+          f"{device.counters.adaptations} adaptations (gate: {device.counters.gate_accepted} kept, "
+          f"{device.counters.gate_rejected} rejected, {device.counters.gate_waiting} waiting), "
+          f"{device.counters.annotations} annotations")
     print(f"{'metric':<14}{'base':>10}{'personal':>10}")
     for name in ("rouge1", "rougeL", "perplexity", "accept_rate"):
         print(f"{name:<14}{getattr(base, name):>10.3f}{getattr(personalized, name):>10.3f}")

@@ -26,7 +26,7 @@ def settings(tiny_model_dir) -> Settings:
             "selection": {"buffer_bytes": 8192},
             "feedback": {"annotation_budget": 6},
             "synthesis": {"rewrites": 2, "method": "fallback"},
-            "adaptation": {"epochs": 2, "lora_rank": 4, "min_new_items": 3},
+            "adaptation": {"epochs": 2, "lora_rank": 4, "min_new_items": 3, "min_items": 4, "gate": "off"},
             "evaluation": {"max_new_tokens": 12},
         }
     )
@@ -64,7 +64,8 @@ def test_adapt_annotates_only_buffered_items_within_budget_and_learns(runtime, s
     assert set(device.annotations) <= buffered
     assert device.user.annotations_used <= settings.feedback.annotation_budget
     assert report.annotated == len(device.annotations) > 0
-    assert report.examples >= report.annotated + report.synthesized
+    assert report.examples >= report.annotated - report.heldback + report.synthesized
+    assert report.heldback >= 1 and report.status == "accepted"  # gate "off" in these settings
     assert report.loss_last < report.loss_first
     assert device.adapter is not None
     assert not device.should_adapt()  # nothing new since the adaptation
@@ -120,7 +121,7 @@ def test_ignoring_feedback_uses_annotations_only(runtime, settings):
         device.catch_up()
     r_with, r_without = with_feedback.adapt(), without.adapt()
     assert r_without.edits == r_without.accepts == 0
-    assert r_without.examples == r_without.annotated + r_without.synthesized
+    assert r_without.examples == r_without.annotated - r_without.heldback + r_without.synthesized
     # the user reacted to every unannotated buffered answer only when feedback is on
     assert sum(with_feedback.profile.feedback.values()) == r_with.buffered > 0
     assert sum(without.profile.feedback.values()) == 0
