@@ -16,6 +16,7 @@ from flwr.clientapp import ClientApp
 from clients.reply import build_reply, privacy_guard
 from fedasls.config import Settings
 from fedasls.device_round import load_device, run_device_round
+from fedasls.faults import contained
 from fedasls.heterogeneity import HeterogeneityModel
 from fedasls.runtime import DeviceRuntime
 from fedasls.store import DeviceStore
@@ -41,8 +42,13 @@ def device_id_of(msg: Message, context: Context) -> int:
     return int(context.node_config["partition-id"])
 
 
-def _store(msg: Message, context: Context) -> DeviceStore:
-    return DeviceStore(str(context.node_config.get("store-dir", msg.content["config"]["store"])))
+def _store(msg: Message, context: Context, server_round: int | None = None) -> DeviceStore:
+    """The device's store; opened for `server_round` it rolls back an unrecorded attempt of that round."""
+    return DeviceStore(str(context.node_config.get("store-dir", msg.content["config"]["store"])), round=server_round)
+
+
+def _round_of(config) -> int | None:
+    return int(config["server-round"]) if "server-round" in config else None
 
 
 app = ClientApp(mods=[privacy_guard])
@@ -52,8 +58,10 @@ app = ClientApp(mods=[privacy_guard])
 def train(msg: Message, context: Context) -> Message:
     """Catch up the stream to the virtual time, adapt if the trigger says so, evaluate, save."""
     config = msg.content["config"]
-    runtime, hetero = worker_resources(str(config["settings"]))
-    result = run_device_round(device_id_of(msg, context), float(config["now"]), runtime, _store(msg, context), hetero)
+    device_id, store = device_id_of(msg, context), _store(msg, context, _round_of(config))
+    with contained(device_id, store):
+        runtime, hetero = worker_resources(str(config["settings"]))
+        result = run_device_round(device_id, float(config["now"]), runtime, store, hetero)
     return build_reply(msg, result.metrics())
 
 
@@ -61,10 +69,10 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Personalized vs base metrics on the device's held-out interactions; state is not changed."""
     config = msg.content["config"]
-    runtime, hetero = worker_resources(str(config["settings"]))
-    device_id = device_id_of(msg, context)
-    device = load_device(device_id, runtime, _store(msg, context), hetero)
-    personal, base = device.evaluate()
+    device_id, store = device_id_of(msg, context), _store(msg, context)
+    with contained(device_id, store):
+        runtime, hetero = worker_resources(str(config["settings"]))
+        personal, base = load_device(device_id, runtime, store, hetero).evaluate()
     metrics = {"device_id": device_id, "rouge1": personal.rouge1, "rougeL": personal.rougeL,
                "perplexity": personal.perplexity, "base_rouge1": base.rouge1, "base_rougeL": base.rougeL,
                "base_perplexity": base.perplexity}

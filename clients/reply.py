@@ -4,13 +4,20 @@ refuses any reply holding anything else.
 A reply may carry one MetricRecord of scalar numbers under "metrics" and, in a later issue,
 an optional global-adapter contribution under "global-update". Raw text, buffers, profiles and
 personal adapters never leave: there is no code path that puts them in a reply.
+
+Error replies pass the guard too: a failing device sends a `FailureCode` and its fixed message,
+never an exception's text (which Flower would otherwise send as the error's reason). The guard
+catches whatever the app raises, so Flower never sees an exception from a device.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping
 
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
+
+from fedasls.faults import DeviceFailure, FailureCode
 
 METRICS_KEY = "metrics"
 GLOBAL_UPDATE_KEY = "global-update"  # reserved for the optional, aggregated global adapter
@@ -31,12 +38,22 @@ def build_reply(msg: Message, metrics: Mapping[str, float | int]) -> Message:
     return Message(RecordDict({METRICS_KEY: MetricRecord(clean)}), reply_to=msg)
 
 
+def error_reply(msg: Message, code: FailureCode) -> Message:
+    """The reply of a failed device round: the code and its fixed message, nothing else."""
+    return Message(Error(code=int(code), reason=code.message), reply_to=msg)
+
+
 def check_reply(reply: Message) -> None:
     """Raise PrivacyViolation unless the reply holds only the allowed records.
 
     Flower's MetricRecord itself admits only numbers, so checking record names and types suffices.
+    An error reply must hold one of the FailureCodes with exactly its fixed message.
     """
     if reply.has_error():
+        code, reason = reply.error.code, reply.error.reason
+        if code not in {int(c) for c in FailureCode} or reason != FailureCode(code).message:
+            raise PrivacyViolation(f"error reply with code {code} and a free-text reason; only a FailureCode "
+                                   "with its fixed message may leave a device")
         return
     content = reply.content
     extra = sorted(set(content.keys()) - ALLOWED_KEYS)
@@ -48,8 +65,22 @@ def check_reply(reply: Message) -> None:
         raise PrivacyViolation(f"'{GLOBAL_UPDATE_KEY}' must be an ArrayRecord (the global-adapter contribution)")
 
 
+_log = logging.getLogger("fedasls.device")  # the worker's (device's) local log; never sent
+
+
 def privacy_guard(msg: Message, context: Context, call_next: Callable[[Message, Context], Message]) -> Message:
-    """ClientApp mod: run the app, then refuse (raise) if its reply would leak anything."""
-    reply = call_next(msg, context)
-    check_reply(reply)
+    """ClientApp mod: run the app; a failure becomes a fixed error reply, and a reply that would
+    leak anything is replaced by a REFUSED error reply (the details go to the local log only)."""
+    try:
+        reply = call_next(msg, context)
+    except DeviceFailure as failure:  # already logged in the device's errors.log
+        return error_reply(msg, failure.code)
+    except Exception:  # noqa: BLE001 - raised outside `contained`: log locally, send the code only
+        _log.exception("device round failed")
+        return error_reply(msg, FailureCode.ERROR)
+    try:
+        check_reply(reply)
+    except PrivacyViolation:
+        _log.exception("reply refused by the privacy guard")
+        return error_reply(msg, FailureCode.REFUSED)
     return reply

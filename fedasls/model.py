@@ -35,6 +35,7 @@ from transformers import (
 )
 
 from fedasls.config import ModelSettings
+from fedasls.errors import FedaslsError
 
 BUILD_INFO = "fedasls_build.json"
 BUILD_VERSION = 2  # bump when the build recipe changes, so cached models are rebuilt
@@ -50,7 +51,7 @@ _EXPECTED = (
 )
 
 
-class ModelNotFoundError(FileNotFoundError):
+class ModelNotFoundError(FedaslsError, FileNotFoundError):
     """A model path is missing or is not a local Hugging Face causal-LM folder."""
 
 

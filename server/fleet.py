@@ -9,26 +9,40 @@ On the Deployment Engine a node is a real device and replies under its own parti
 
 from __future__ import annotations
 
-import json
 import math
-import os
+import sys
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from tqdm import tqdm
 
 from fedasls.config import Settings
+from fedasls.faults import FailureCode
 from fedasls.heterogeneity import HeterogeneityModel
+from fedasls.store import ERRORS_LOG, DeviceStore
+from server.checkpoint import (
+    CHECKPOINT,
+    COMMIT_LOCK,
+    DEVICE_ROUNDS_FILE,
+    ROUNDS_FILE,
+    commit_round,
+    failure_budget_exceeded,
+    read_checkpoint,
+    start_records,
+    truncate_records,
+)
 from server.coordinator import Coordinator
 
-CHECKPOINT = "checkpoint.json"
-ROUNDS_FILE = "rounds.jsonl"
-DEVICE_ROUNDS_FILE = "device_rounds.jsonl"
+__all__ = ["CHECKPOINT", "DEVICE_ROUNDS_FILE", "ROUNDS_FILE", "FleetRun", "run_fleet"]
 REPLY_POLL_S = 0.05
+FAILURE_REASONS = ("error", "corrupt_state", "refused", "unavailable", "no_reply")
 
 
 @dataclass
@@ -43,6 +57,11 @@ class FleetRun:
     expected_slots: int = 1  # wait for this many SuperNodes before the first round
     rounds_done: int = 0
     summary: dict[str, Any] = field(default_factory=dict)
+    started: float = field(default_factory=time.perf_counter)  # when this part of the run began
+    wall_before: float = 0.0  # wall seconds of earlier parts (a resumed run), from the checkpoint
+    commit_lock: threading.Lock = COMMIT_LOCK  # held while a round is recorded (Ctrl-C waits for it)
+    on_reply: Callable[[Message], None] | None = None  # sees every reply the server receives
+    failure: str | None = None  # why the run stopped early (too many failed device rounds)
 
     def __post_init__(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -85,19 +104,21 @@ def wait_for_slots(grid: Grid, expected: int, timeout_s: float = 120.0, settle_s
 
 
 def _dispatch(grid: Grid, slots: list[int], contents: list[RecordDict], message_type: str, group: str,
-              bar: tqdm | None) -> list[Message]:
-    """Send one message per slot and collect replies as they arrive (updating the bar)."""
+              bar: tqdm | None) -> dict[int, Message]:
+    """Send one message per slot and collect replies as they arrive (updating the bar);
+    returns each device's reply by device id."""
     messages = [Message(content, dst_node_id=slot, message_type=message_type, group_id=group)
                 for slot, content in zip(slots, contents)]
     pending = set(grid.push_messages(messages))
-    replies: list[Message] = []
+    device_of = {m.metadata.message_id: int(m.content["config"]["device-id"]) for m in messages}
+    replies: dict[int, Message] = {}
     while pending:
         got = list(grid.pull_messages(pending))
         for reply in got:
             pending.discard(reply.metadata.reply_to_message_id)
-            replies.append(reply)
+            replies[device_of[reply.metadata.reply_to_message_id]] = reply
         if bar is not None and got:
-            _show_progress(bar, replies)
+            _show_progress(bar, list(replies.values()))
             bar.update(len(got))
         if not got:
             time.sleep(REPLY_POLL_S)
@@ -123,31 +144,18 @@ def _batches(items: list[int], size: int) -> list[list[int]]:
 
 
 def run_fleet(grid: Grid, run: FleetRun) -> dict[str, Any]:
-    """Run every round of `run.settings.simulation` on `grid`; returns the run summary."""
+    """Run every round of `run.settings.simulation` on `grid`; returns the run summary.
+
+    Each round is recorded and checkpointed in one step (server/checkpoint.py); a run whose
+    failed device rounds exceed simulation.max_failed_share stops after recording that round,
+    with `run.failure` saying why."""
     s = run.settings
     sim = s.simulation
     hetero = HeterogeneityModel.from_settings(s.heterogeneity)
     settings_json = s.model_dump_json()
     slots = wait_for_slots(grid, run.expected_slots)
-    checkpoint = run.run_dir / CHECKPOINT
-    if run.resume and checkpoint.is_file():
-        saved = json.loads(checkpoint.read_text())
-        coordinator = Coordinator.from_state(saved["coordinator"], hetero)
-        run.rounds_done = int(saved["rounds_done"])
-    else:
-        coordinator = Coordinator(
-            population_size=s.population.num_devices,
-            heterogeneity=hetero,
-            cohort_size=sim.cohort_size,
-            overcommit=sim.overcommit,
-            deadline_s=sim.deadline_s or None,
-            seed=s.heterogeneity.seed,
-        )
-        coordinator.clock.now = sim.start_time_s
-        for name in (ROUNDS_FILE, DEVICE_ROUNDS_FILE):
-            (run.run_dir / name).write_text("")
+    coordinator, tally = _start_or_restore(run, hetero)
 
-    wall0 = time.perf_counter()
     for server_round in range(run.rounds_done + 1, sim.rounds + 1):
         t0 = time.perf_counter()
         now = coordinator.clock.now
@@ -155,57 +163,164 @@ def run_fleet(grid: Grid, run: FleetRun) -> dict[str, Any]:
         dropouts = coordinator.draw_dropouts(sampled)
         to_run = [d for d in sampled if d not in dropouts]
         bar = None if run.quiet else tqdm(total=len(to_run), desc=f"round {server_round}/{sim.rounds}", unit="dev")
-        replies: list[Message] = []
+        replies: dict[int, Message] = {}
         for batch in _batches(to_run, len(slots)):
             contents = [round_config(settings_json, run.store_dir, d, now, server_round) for d in batch]
-            replies += _dispatch(grid, slots[: len(batch)], contents, "train", str(server_round), bar)
-        results, failed = _collect(replies, to_run)
-        offline = {d for d, r in results.items() if r["status_code"] != 0} | failed | dropouts
+            replies |= _dispatch(grid, slots[: len(batch)], contents, "train", str(server_round), bar)
+        results, failures = _collect(replies, to_run, run.on_reply)
+        offline = {d for d, r in results.items() if r["status_code"] != 0} | set(failures) | dropouts
         durations = {d: r["sim_seconds"] for d, r in results.items() if d not in offline}
         outcome = coordinator.close_round(now, durations, offline)
-        rows = _device_rows(server_round, now, results, outcome, hetero)
-        round_row = _round_row(server_round, now, outcome, rows, failed, time.perf_counter() - t0)
-        _append_jsonl(run.run_dir / DEVICE_ROUNDS_FILE, rows)
-        _append_jsonl(run.run_dir / ROUNDS_FILE, [round_row])
+        rows = _device_rows(server_round, now, results, outcome, hetero, failures)
+        round_row = _round_row(server_round, now, outcome, rows, failures, time.perf_counter() - t0)
         coordinator.clock.now = max(coordinator.clock.now, now + sim.round_interval_s)
-        run.rounds_done = server_round
-        _write_atomic(checkpoint, json.dumps({"rounds_done": server_round, "coordinator": coordinator.state()}))
+        _tally(tally, server_round, to_run, failures, run.store_dir)
+        _record(run, server_round, rows, round_row, coordinator, tally)
+        _report_failures(server_round, failures, run.store_dir)
         if bar is not None:
             bar.set_postfix(
                 done=len(outcome.completed), strag=len(outcome.stragglers), drop=len(outcome.dropped),
-                uplift_r1=f"{round_row['uplift_rouge1_mean']:+.3f}", vt=f"{outcome.round_seconds:.0f}s",
+                fail=len(failures), uplift_r1=f"{round_row['uplift_rouge1_mean']:+.3f}",
+                vt=f"{outcome.round_seconds:.0f}s",
             )
             bar.close()
-    run.summary = {"wall_seconds": time.perf_counter() - wall0, "rounds": run.rounds_done, "slots": len(slots)}
+        if failure_budget_exceeded(tally["device_rounds"], tally["failed"], sim.max_failed_share):
+            run.failure = _failure_message(tally, sim.max_failed_share, run.run_dir)
+            break
+    run.summary = {"wall_seconds": _wall(run), "rounds": run.rounds_done, "slots": len(slots),
+                   "failed": tally["failed"], "failure": run.failure}
     return run.summary
 
 
-def _collect(replies: list[Message], expected: list[int]) -> tuple[dict[int, dict[str, float]], set[int]]:
-    """Metrics per device id from the replies; devices whose ClientApp failed are returned apart."""
+def _wall(run: FleetRun) -> float:
+    """Wall seconds of the whole run so far: earlier parts plus this one."""
+    return run.wall_before + time.perf_counter() - run.started
+
+
+def _start_or_restore(run: FleetRun, hetero: HeterogeneityModel) -> tuple[Coordinator, dict[str, Any]]:
+    """A fresh coordinator and empty records, or (resume) the checkpointed ones, with the
+    records cut back to exactly the checkpointed rounds."""
+    s, sim = run.settings, run.settings.simulation
+    if run.resume and (run.run_dir / CHECKPOINT).is_file():
+        saved = read_checkpoint(run.run_dir)
+        truncate_records(run.run_dir, int(saved["rounds_done"]))
+        run.rounds_done = int(saved["rounds_done"])
+        run.wall_before = float(saved["wall_seconds"])
+        tally = {"device_rounds": saved["device_rounds"], "failed": saved["failed"],
+                 "first_failure": saved.get("first_failure")}
+        return Coordinator.from_state(saved["coordinator"], hetero), tally
+    coordinator = Coordinator(
+        population_size=s.population.num_devices,
+        heterogeneity=hetero,
+        cohort_size=sim.cohort_size,
+        overcommit=sim.overcommit,
+        deadline_s=sim.deadline_s or None,
+        seed=s.heterogeneity.seed,
+    )
+    coordinator.clock.now = sim.start_time_s
+    start_records(run.run_dir)
+    return coordinator, {"device_rounds": 0, "failed": 0, "first_failure": None}
+
+
+def _tally(tally: dict[str, Any], server_round: int, ran: list[int], failures: dict[int, tuple[int, str]],
+           store_dir: Path) -> None:
+    """Count device rounds run and failed; remember the run's first failure."""
+    tally["device_rounds"] += len(ran)
+    tally["failed"] += len(failures)
+    if failures and tally["first_failure"] is None:
+        device_id = min(failures)
+        code, reason = failures[device_id]
+        log = DeviceStore(store_dir).folder(device_id) / ERRORS_LOG
+        tally["first_failure"] = {"round": server_round, "device_id": device_id, "code": code, "reason": reason,
+                                  "errors_log": str(log) if log.is_file() else None}
+
+
+def _record(run: FleetRun, server_round: int, rows: list[dict[str, Any]], round_row: dict[str, Any],
+            coordinator: Coordinator, tally: dict[str, Any]) -> None:
+    """Commit the round: its records, then the checkpoint (one step; see server/checkpoint.py)."""
+    checkpoint = {"rounds_done": server_round, "coordinator": coordinator.state(), "wall_seconds": _wall(run),
+                  **tally}
+    commit_round(run.run_dir, rows, round_row, checkpoint, run.commit_lock)
+    run.rounds_done = server_round
+
+
+def _describe(code: int, reason: str) -> str:
+    if code in {int(c) for c in FailureCode}:
+        return FailureCode(code).message.removeprefix("fedasls: ")
+    return {"unavailable": "the device (its SuperNode) was unavailable", "no_reply": "no reply arrived"}.get(
+        reason, f"Flower reported error code {code}")
+
+
+def _report_failures(server_round: int, failures: dict[int, tuple[int, str]], store_dir: Path) -> None:
+    """One line per failed device on the console (codes only: a device's text never reaches the server)."""
+    for device_id in sorted(failures):
+        code, reason = failures[device_id]
+        line = f"round {server_round}: device {device_id} failed ({reason}): {_describe(code, reason)}"
+        if reason == "corrupt_state":
+            line += "; it starts afresh the next time it is sampled"
+        tqdm.write(line, file=sys.stderr)
+
+
+def _failure_message(tally: dict[str, Any], max_share: float, run_dir: Path) -> str:
+    first = tally["first_failure"] or {}
+    n, failed = tally["device_rounds"], tally["failed"]
+    what = "every device round failed" if failed == n else (
+        f"{failed} of {n} device rounds failed, more than simulation.max_failed_share = {max_share}")
+    where = f"; its traceback is in {first['errors_log']}" if first.get("errors_log") else ""
+    return (f"the run stopped: {what} ({failed} of {n}). First failure: device {first.get('device_id')} in round "
+            f"{first.get('round')}: {_describe(first.get('code', -1), first.get('reason', ''))}{where}. "
+            f"Results up to the last round are in {run_dir}. Fix the cause and resume with "
+            f"`fedasls simulate --resume {run_dir}`, or raise simulation.max_failed_share to tolerate more failures.")
+
+
+def failure_reason(code: int) -> str:
+    """The per-device results' name for an error reply's code (Flower's own codes included)."""
+    if code in {int(c) for c in FailureCode}:
+        return FailureCode(code).reason
+    if code in (ErrorCode.NODE_UNAVAILABLE, ErrorCode.MESSAGE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE):
+        return "unavailable"
+    return "error"
+
+
+def _collect(replies: dict[int, Message], expected: list[int], on_reply: Callable[[Message], None] | None = None
+             ) -> tuple[dict[int, dict[str, float]], dict[int, tuple[int, str]]]:
+    """Metrics per device id from the replies, and the failed devices with (error code, reason).
+
+    Only an error reply's code is read, never its text (a device's fixed message, or Flower's)."""
     results: dict[int, dict[str, float]] = {}
-    for reply in replies:
+    failures: dict[int, tuple[int, str]] = {}
+    for device_id, reply in replies.items():
+        if on_reply is not None:
+            on_reply(reply)
         if reply.has_error():
-            continue
-        metrics = dict(reply.content["metrics"])
-        results[int(metrics["device_id"])] = metrics
-    return results, set(expected) - set(results)
+            failures[device_id] = (int(reply.error.code), failure_reason(int(reply.error.code)))
+        else:
+            metrics = dict(reply.content["metrics"])
+            results[int(metrics["device_id"])] = metrics
+    for device_id in expected:
+        if device_id not in results and device_id not in failures:
+            failures[device_id] = (-1, "no_reply")
+    return results, failures
 
 
 def _device_rows(server_round: int, now: float, results: dict[int, dict[str, float]], outcome: Any,
-                 hetero: HeterogeneityModel) -> list[dict[str, Any]]:
+                 hetero: HeterogeneityModel, failures: dict[int, tuple[int, str]]) -> list[dict[str, Any]]:
+    """One row per sampled device; a failed device's role is "failed", with its reason and code."""
     role = {d: "completed" for d in outcome.completed} | {d: "straggler" for d in outcome.stragglers}
-    role |= {d: "dropped" for d in outcome.dropped}
+    role |= {d: "dropped" for d in outcome.dropped} | {d: "failed" for d in failures}
     rows = []
     for device_id in outcome.sampled:
+        code, reason = failures.get(device_id, (None, None))
         row: dict[str, Any] = {"round": server_round, "now": now, "device_id": device_id,
-                               "tier": hetero.profile(device_id).tier, "role": role.get(device_id, "dropped")}
+                               "tier": hetero.profile(device_id).tier, "role": role.get(device_id, "dropped"),
+                               "failure": reason, "failure_code": code}
         row.update(results.get(device_id, {}))
         rows.append(row)
     return rows
 
 
-def _round_row(server_round: int, now: float, outcome: Any, rows: list[dict[str, Any]], failed: set[int],
-               wall_s: float) -> dict[str, Any]:
+def _round_row(server_round: int, now: float, outcome: Any, rows: list[dict[str, Any]],
+               failures: dict[int, tuple[int, str]], wall_s: float) -> dict[str, Any]:
     done = [r for r in rows if r["role"] == "completed"]
 
     def mean(key: str) -> float:
@@ -220,8 +335,9 @@ def _round_row(server_round: int, now: float, outcome: Any, rows: list[dict[str,
         "sampled": len(outcome.sampled),
         "completed": len(outcome.completed),
         "stragglers": len(outcome.stragglers),
-        "dropped": len(outcome.dropped),
-        "failed": len(failed),
+        "dropped": len(outcome.dropped) - len(failures),  # failed devices are counted apart
+        "failed": len(failures),
+        **{f"failed_{reason}": sum(1 for _, r in failures.values() if r == reason) for reason in FAILURE_REASONS},
         "adapted": sum(int(r.get("adapted", 0)) for r in done),
         "rouge1_mean": mean("rouge1"),
         "base_rouge1_mean": mean("base_rouge1"),
@@ -231,16 +347,3 @@ def _round_row(server_round: int, now: float, outcome: Any, rows: list[dict[str,
         "accept_rate_mean": mean("accept_rate"),
         "wall_s": wall_s,
     }
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Replace `path` in one step, so a crash never leaves a half-written checkpoint."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _append_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
-    with path.open("a", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, allow_nan=True) + "\n")

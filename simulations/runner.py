@@ -10,13 +10,17 @@ import time
 from pathlib import Path
 from typing import Any
 
+from collections.abc import Callable
+
+from flwr.app import Message
 from flwr.simulation import run_simulation
 
 from clients.app import app as client_app
-from fedasls.config import Settings
-from fedasls.model import ensure_model
+from fedasls.config import Settings, load_settings
 from server.app import make_server_app
+from server.checkpoint import RunFailed
 from server.fleet import FleetRun
+from simulations.validation import check_resume_matches, check_run_inputs
 
 
 def new_run_dir(settings: Settings, name: str | None = None) -> Path:
@@ -51,17 +55,30 @@ def backend_config(settings: Settings) -> dict[str, Any]:
 
 
 def simulate(settings: Settings, run_dir: Path, config_source: Path | None = None, resume: bool = False,
-             quiet: bool = False) -> FleetRun:
-    """Build the model if needed, run every round on Ray, and return the finished FleetRun."""
+             quiet: bool = False, on_reply: Callable[[Message], None] | None = None,
+             started: float | None = None) -> FleetRun:
+    """Validate the inputs, run every round on Ray, and return the finished FleetRun.
+
+    The dataset and model are checked here, before Ray starts (simulations/validation.py). A
+    resumed run keeps its config.toml (rewritten only when more rounds were asked for). Raises
+    RunFailed when more than simulation.max_failed_share of the device rounds failed."""
+    # Build (or find) the base model once here, and check it, so Ray workers only load it.
+    model_path = check_run_inputs(settings)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.toml").write_text(settings_toml(settings))
-    if config_source is not None:
+    recorded = run_dir / "config.toml"
+    if resume and recorded.is_file():
+        previous = load_settings(recorded)
+        check_resume_matches(run_dir, previous, settings)
+        if previous != settings:  # more rounds: the whole run's settings, not this part's alone
+            recorded.write_text(settings_toml(settings))
+    else:
+        recorded.write_text(settings_toml(settings))
+    if config_source is not None and not resume:
         shutil.copyfile(config_source, run_dir / "scenario.toml")
-    # Build (or find) the base model once here, so Ray workers only load it.
-    model_path = ensure_model(settings.model)
     settings = settings.model_copy(update={"model": settings.model.model_copy(update={"path": str(model_path)})})
     store_dir = Path(settings.simulation.store_dir) if settings.simulation.store_dir else run_dir / "store"
-    run = FleetRun(settings, run_dir, store_dir, resume=resume, quiet=quiet, expected_slots=num_slots(settings))
+    run = FleetRun(settings, run_dir, store_dir, resume=resume, quiet=quiet, expected_slots=num_slots(settings),
+                   on_reply=on_reply, started=started if started is not None else time.perf_counter())
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # CPU actors: keep Ray's GPU env as is
     # Flower logs through its own console handler; a root handler (installed by another library's
@@ -74,6 +91,8 @@ def simulate(settings: Settings, run_dir: Path, config_source: Path | None = Non
         backend_name="ray",
         backend_config=backend_config(settings),
     )
+    if run.failure:
+        raise RunFailed(run.failure, run)
     return run
 
 
