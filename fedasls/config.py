@@ -169,6 +169,8 @@ class SimulationSettings(_Section):
     cpus_per_worker: float = Field(1.0, gt=0)
     output_dir: str = "results"
     store_dir: str | None = Field(None, description="Device store; default <output_dir>/<run>/store.")
+    audit_log: bool = Field(False, description="Write every reply the server receives to <run>/received.jsonl "
+                            "(code, fixed message, metric names and values), for privacy audits.")
     max_failed_share: float = Field(
         0.5, ge=0, le=1, description="Stop (exit non-zero) once more than this share of device rounds failed; "
         "a run in which every device round failed always stops.")

@@ -32,6 +32,7 @@ from server.checkpoint import (
     COMMIT_LOCK,
     DEVICE_ROUNDS_FILE,
     ROUNDS_FILE,
+    append_jsonl,
     commit_round,
     failure_budget_exceeded,
     read_checkpoint,
@@ -42,6 +43,7 @@ from server.coordinator import Coordinator
 
 __all__ = ["CHECKPOINT", "DEVICE_ROUNDS_FILE", "ROUNDS_FILE", "FleetRun", "run_fleet"]
 REPLY_POLL_S = 0.05
+RECEIVED_FILE = "received.jsonl"  # simulation.audit_log: every reply the server received
 FAILURE_REASONS = ("error", "corrupt_state", "refused", "unavailable", "no_reply")
 
 
@@ -155,6 +157,8 @@ def run_fleet(grid: Grid, run: FleetRun) -> dict[str, Any]:
     settings_json = s.model_dump_json()
     slots = wait_for_slots(grid, run.expected_slots)
     coordinator, tally = _start_or_restore(run, hetero)
+    if sim.audit_log and run.on_reply is None:
+        run.on_reply = _audit(run.run_dir / RECEIVED_FILE)
 
     for server_round in range(run.rounds_done + 1, sim.rounds + 1):
         t0 = time.perf_counter()
@@ -190,6 +194,19 @@ def run_fleet(grid: Grid, run: FleetRun) -> dict[str, Any]:
     run.summary = {"wall_seconds": _wall(run), "rounds": run.rounds_done, "slots": len(slots),
                    "failed": tally["failed"], "failure": run.failure}
     return run.summary
+
+
+def _audit(path: Path) -> Callable[[Message], None]:
+    """An on_reply hook that appends what each received reply holds to a JSONL file."""
+
+    def write(reply: Message) -> None:
+        if reply.has_error():
+            row: dict[str, Any] = {"error_code": reply.error.code, "error_reason": reply.error.reason}
+        else:
+            row = {name: repr(record) for name, record in reply.content.items()}
+        append_jsonl(path, [row])
+
+    return write
 
 
 def _wall(run: FleetRun) -> float:

@@ -179,10 +179,8 @@ def cmd_device(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_simulate(args: argparse.Namespace, settings: Settings) -> int:
     """Validate everything (settings, run folder, dataset, model) on the driver, then run on Ray."""
     t0 = time.perf_counter()
-    from server.checkpoint import RunFailed, read_checkpoint
-    from simulations.report import format_summary, write_report
-    from simulations.runner import new_run_dir, simulate
-    from simulations.validation import check_store_dir, prepare_run_dir
+    from server.checkpoint import read_checkpoint
+    from simulations.validation import check_dataset, check_store_dir, new_run_dir, prepare_run_dir
 
     if args.resume:
         run_dir = Path(args.resume)
@@ -191,13 +189,28 @@ def cmd_simulate(args: argparse.Namespace, settings: Settings) -> int:
         run_dir = new_run_dir(settings, args.name)
         prepare_run_dir(run_dir, args.overwrite)
         check_store_dir(settings, run_dir, args.overwrite)
+    check_dataset(settings)  # before the heavy imports: a bad file is reported at once
+    previous = signal.getsignal(signal.SIGINT)
     _stop_cleanly_on_ctrl_c(run_dir)
+    try:
+        return _simulate(args, settings, run_dir, t0)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _simulate(args: argparse.Namespace, settings: Settings, run_dir: Path, t0: float) -> int:
+    from server.checkpoint import RunFailed
+    from simulations.report import format_summary, write_report
+    from simulations.runner import simulate
+    from simulations.validation import check_model
+
+    check_model(settings)  # the model folder, before Ray starts
     sim = settings.simulation
     print(f"fedasls simulate: {settings.population.num_devices:,} devices, {sim.rounds} rounds, cohort "
           f"{sim.cohort_size} (x{sim.overcommit} over-commit), {sim.workers} Ray workers -> {run_dir}")
     config_source = Path(args.config_path) if getattr(args, "config_path", None) else None
     try:
-        run = simulate(settings, run_dir, config_source, resume=bool(args.resume), started=t0)
+        run = simulate(settings, run_dir, config_source, resume=bool(args.resume), started=t0, validate=False)
     except RunFailed as failed:
         if failed.run is not None and failed.run.rounds_done:
             write_report(run_dir, failed.run.summary.get("wall_seconds", float("nan")))

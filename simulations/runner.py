@@ -17,21 +17,11 @@ from flwr.simulation import run_simulation
 
 from clients.app import app as client_app
 from fedasls.config import Settings, load_settings
+from fedasls.model import ensure_model
 from server.app import make_server_app
 from server.checkpoint import RunFailed
 from server.fleet import FleetRun
-from simulations.validation import check_resume_matches, check_run_inputs
-
-
-def new_run_dir(settings: Settings, name: str | None = None) -> Path:
-    """A fresh folder under the output dir: <output_dir>/<name or timestamp>."""
-    root = Path(settings.simulation.output_dir)
-    run_dir = root / (name or time.strftime("run-%Y%m%d-%H%M%S"))
-    suffix = 1
-    while run_dir.exists():
-        suffix += 1
-        run_dir = root / f"{name or 'run'}-{suffix}"
-    return run_dir
+from simulations.validation import check_resume_matches, check_run_inputs, new_run_dir  # noqa: F401
 
 
 def num_slots(settings: Settings) -> int:
@@ -56,14 +46,15 @@ def backend_config(settings: Settings) -> dict[str, Any]:
 
 def simulate(settings: Settings, run_dir: Path, config_source: Path | None = None, resume: bool = False,
              quiet: bool = False, on_reply: Callable[[Message], None] | None = None,
-             started: float | None = None) -> FleetRun:
+             started: float | None = None, validate: bool = True) -> FleetRun:
     """Validate the inputs, run every round on Ray, and return the finished FleetRun.
 
     The dataset and model are checked here, before Ray starts (simulations/validation.py). A
     resumed run keeps its config.toml (rewritten only when more rounds were asked for). Raises
-    RunFailed when more than simulation.max_failed_share of the device rounds failed."""
+    RunFailed when more than simulation.max_failed_share of the device rounds failed. `validate`
+    = False skips the checks when the caller made them already."""
     # Build (or find) the base model once here, and check it, so Ray workers only load it.
-    model_path = check_run_inputs(settings)
+    model_path = check_run_inputs(settings) if validate else ensure_model(settings.model)
     run_dir.mkdir(parents=True, exist_ok=True)
     recorded = run_dir / "config.toml"
     if resume and recorded.is_file():

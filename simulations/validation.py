@@ -9,12 +9,12 @@ results folder unless asked, and `resume_settings` makes `--resume` use the run'
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
 from fedasls.config import ConfigError, Settings, load_settings
 from fedasls.loaders import DatasetError
-from fedasls.model import ModelNotFoundError
 
 MIN_RECORDS_PER_DEVICE = 2  # one to learn from, one held out for evaluation
 RESUMABLE = {"simulation.rounds"}  # may differ on --resume: more rounds continue a finished run
@@ -52,7 +52,7 @@ def check_model(settings: Settings) -> Path:
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
     from transformers.pytorch_utils import Conv1D
 
-    from fedasls.model import ensure_model
+    from fedasls.model import ModelNotFoundError, ensure_model
 
     path = ensure_model(settings.model)
     where = f"model folder {path} (--model / model.path)"
@@ -96,6 +96,20 @@ def check_run_inputs(settings: Settings) -> Path:
     """Validate the dataset and the model before anything starts; returns the model folder."""
     check_dataset(settings)
     return check_model(settings)
+
+
+def new_run_dir(settings: Settings, name: str | None = None) -> Path:
+    """<output_dir>/<name> (never renamed: an existing one is refused by `prepare_run_dir`), or a
+    fresh timestamped folder when no name is given."""
+    root = Path(settings.simulation.output_dir)
+    if name:
+        return root / name
+    run_dir = root / time.strftime("run-%Y%m%d-%H%M%S")
+    stem, suffix = run_dir.name, 1
+    while run_dir.exists():
+        suffix += 1
+        run_dir = root / f"{stem}-{suffix}"
+    return run_dir
 
 
 def prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
