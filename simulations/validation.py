@@ -81,14 +81,15 @@ def check_model(settings: Settings) -> Path:
     with torch.device("meta"):  # module names only: no weights are read or allocated
         model = AutoModelForCausalLM.from_config(config)
     layers = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
-                     if isinstance(module, (torch.nn.Linear, Conv1D)) and name})
+                     if isinstance(module, (torch.nn.Linear, Conv1D)) and name and not name.endswith("lm_head")})
     targets = settings.adaptation.target_modules
     if not any(name.endswith(t) for name, _ in model.named_modules() for t in targets):
+        example = ", ".join(f"'{name}'" for name in layers[:2])
         raise ModelNotFoundError(
             f"{where} is a '{config.model_type}' model with none of the LoRA target modules "
             f"adaptation.target_modules = {targets} (Llama-style names). Its linear layers are: {', '.join(layers)}. "
-            f"Fix: set adaptation.target_modules to some of those (e.g. --set 'adaptation.target_modules="
-            f"{[layers[0]] if layers else []}'), or use a Llama-style model.".replace("'[", "[").replace("]'", "]"))
+            f"Fix: set adaptation.target_modules to some of those (e.g. --set \"adaptation.target_modules=[{example}]\"), "
+            "or use a Llama-style model.")
     return path
 
 

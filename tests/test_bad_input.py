@@ -29,7 +29,8 @@ def gpt2_folder(tiny_model_dir: Path, out: Path) -> Path:
     from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=16, n_layer=1, n_head=2))
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=16, n_layer=1, n_head=2,
+                                            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id))
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
@@ -50,7 +51,7 @@ def outcomes(tiny_model_dir, tmp_path_factory):
         "missing": tmp / "nope.jsonl",
         "empty": write(tmp / "empty.jsonl", "\n\n"),
         "malformed": write(tmp / "malformed.jsonl", good + '{"instruction": "x", "output": \n'),
-        "non_utf8": write(tmp / "latin1.jsonl", good + '{"instruction": "caf\xe9", "output": "x"}\n'.encode("latin-1")),
+        "non_utf8": write(tmp / "latin1.jsonl", good.encode() + '{"instruction": "caf\xe9", "output": "x"}\n'.encode("latin-1")),
         "too_few": write(tmp / "few.jsonl", good * 3),
     }
     base = ["simulate", "--model", str(tiny_model_dir), "--set", f"simulation.output_dir='{out}'"]
