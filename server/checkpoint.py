@@ -125,6 +125,11 @@ def truncate_records(run_dir: Path, rounds_done: int) -> None:
                               f"rounds 1..{rounds_done} are done. Fix: start the run again with --overwrite.")
 
 
-def failure_budget_exceeded(device_rounds: int, failed: int, max_failed_share: float) -> bool:
-    """Whether a run must stop: every device round failed, or more than `max_failed_share` of them."""
+def failure_budget_exceeded(device_rounds: int, failed: int, max_failed_share: float,
+                            round_ran: int = 0, round_failed: int = 0) -> bool:
+    """Whether a run must stop: every device round so far failed, every device of the last round
+    failed (something systemic, e.g. a model the workers cannot load), or more than
+    `max_failed_share` of all device rounds failed."""
+    if round_ran > 0 and round_failed == round_ran:
+        return True
     return device_rounds > 0 and (failed == device_rounds or failed / device_rounds > max_failed_share)

@@ -188,8 +188,10 @@ def run_fleet(grid: Grid, run: FleetRun) -> dict[str, Any]:
                 vt=f"{outcome.round_seconds:.0f}s",
             )
             bar.close()
-        if failure_budget_exceeded(tally["device_rounds"], tally["failed"], sim.max_failed_share):
-            run.failure = _failure_message(tally, sim.max_failed_share, run.run_dir)
+        if failure_budget_exceeded(tally["device_rounds"], tally["failed"], sim.max_failed_share, len(to_run),
+                                   len(failures)):
+            run.failure = _failure_message(tally, sim.max_failed_share, run.run_dir, server_round, len(to_run),
+                                           len(failures))
             break
     run.summary = {"wall_seconds": _wall(run), "rounds": run.rounds_done, "slots": len(slots),
                    "failed": tally["failed"], "failure": run.failure}
@@ -278,13 +280,18 @@ def _report_failures(server_round: int, failures: dict[int, tuple[int, str]], st
         tqdm.write(line, file=sys.stderr)
 
 
-def _failure_message(tally: dict[str, Any], max_share: float, run_dir: Path) -> str:
+def _failure_message(tally: dict[str, Any], max_share: float, run_dir: Path, server_round: int, ran: int,
+                     round_failed: int) -> str:
     first = tally["first_failure"] or {}
     n, failed = tally["device_rounds"], tally["failed"]
-    what = "every device round failed" if failed == n else (
-        f"{failed} of {n} device rounds failed, more than simulation.max_failed_share = {max_share}")
+    if failed == n:
+        what = f"every device round failed ({failed} of {n})"
+    elif round_failed == ran:
+        what = f"every device of round {server_round} failed ({round_failed} of {ran}; {failed} of {n} in the run)"
+    else:
+        what = f"{failed} of {n} device rounds failed, more than simulation.max_failed_share = {max_share}"
     where = f"; its traceback is in {first['errors_log']}" if first.get("errors_log") else ""
-    return (f"the run stopped: {what} ({failed} of {n}). First failure: device {first.get('device_id')} in round "
+    return (f"the run stopped: {what}. First failure: device {first.get('device_id')} in round "
             f"{first.get('round')}: {_describe(first.get('code', -1), first.get('reason', ''))}{where}. "
             f"Results up to the last round are in {run_dir}. Fix the cause and resume with "
             f"`fedasls simulate --resume {run_dir}`, or raise simulation.max_failed_share to tolerate more failures.")

@@ -86,6 +86,8 @@ def test_failure_budget():
     assert failure_budget_exceeded(4, 4, 1.0)  # every device failed: always stop
     assert failure_budget_exceeded(10, 6, 0.5) and not failure_budget_exceeded(10, 5, 0.5)
     assert not failure_budget_exceeded(0, 0, 0.0)
+    assert failure_budget_exceeded(12, 6, 0.5, round_ran=6, round_failed=6)  # a whole round failed
+    assert not failure_budget_exceeded(12, 6, 0.5, round_ran=6, round_failed=5)
 
 
 def test_resume_takes_the_runs_settings_and_refuses_others(tmp_path: Path):
