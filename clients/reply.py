@@ -22,6 +22,7 @@ from fedasls.faults import DeviceFailure, FailureCode
 METRICS_KEY = "metrics"
 GLOBAL_UPDATE_KEY = "global-update"  # reserved for the optional, aggregated global adapter
 ALLOWED_KEYS = frozenset({METRICS_KEY, GLOBAL_UPDATE_KEY})
+FAILED_IDS_KEY, FAILED_CODES_KEY = "failed_device_id", "failure_code"  # a batch reply's failed devices
 
 
 class PrivacyViolation(RuntimeError):
@@ -41,6 +42,42 @@ def build_reply(msg: Message, metrics: Mapping[str, float | int]) -> Message:
 def error_reply(msg: Message, code: FailureCode) -> Message:
     """The reply of a failed device round: the code and its fixed message, nothing else."""
     return Message(Error(code=int(code), reason=code.message), reply_to=msg)
+
+
+def build_batch_reply(msg: Message, rows: list[Mapping[str, float | int]],
+                      failures: Mapping[int, FailureCode] | None = None) -> Message:
+    """The reply of a worker slot that ran several devices: one MetricRecord whose every key holds a
+    list with one number per device (in the order of the rows); numbers only, as in `build_reply`.
+    Devices that failed are listed apart, by id and FailureCode only (`device_failures`)."""
+    keys = sorted({key for row in rows for key in row})
+    clean: dict[str, list[int] | list[float]] = {}
+    for key in keys:
+        values = [row[key] for row in rows]
+        if any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in values):
+            raise PrivacyViolation(f"metric '{key}' holds a non-number, only numbers may leave a device")
+        clean[key] = values if all(isinstance(v, int) for v in values) else [float(v) for v in values]
+    if failures:
+        clean[FAILED_IDS_KEY] = [int(d) for d in failures]
+        clean[FAILED_CODES_KEY] = [int(c) for c in failures.values()]
+    return Message(RecordDict({METRICS_KEY: MetricRecord(clean)}), reply_to=msg)
+
+
+def device_failures(reply: Message) -> dict[int, int]:
+    """Failure code per device id of a batch reply's failed devices (empty for other replies)."""
+    metrics = reply.content[METRICS_KEY]
+    if FAILED_IDS_KEY not in metrics:
+        return {}
+    return {int(d): int(c) for d, c in zip(metrics[FAILED_IDS_KEY], metrics[FAILED_CODES_KEY])}
+
+
+def device_metrics(reply: Message) -> list[dict[str, float | int]]:
+    """Per-device metric dicts of a reply from `build_reply` (one device) or `build_batch_reply`."""
+    metrics = {k: v for k, v in reply.content[METRICS_KEY].items() if k not in (FAILED_IDS_KEY, FAILED_CODES_KEY)}
+    if "device_id" not in metrics:  # a batch whose every device failed
+        return []
+    if not isinstance(metrics["device_id"], list):
+        return [metrics]
+    return [{key: values[i] for key, values in metrics.items()} for i in range(len(metrics["device_id"]))]
 
 
 def check_reply(reply: Message) -> None:

@@ -174,6 +174,23 @@ class SimulationSettings(_Section):
     max_failed_share: float = Field(
         0.5, ge=0, le=1, description="Stop (exit non-zero) once more than this share of device rounds failed; "
         "a run in which every device round failed always stops.")
+    ray_address: str | None = Field(
+        None, description="Attach to this running Ray cluster (e.g. 'auto', '10.0.0.5:6379'; env RAY_ADDRESS) "
+        "instead of starting Ray; workers then follows the cluster's CPUs."
+    )
+    devices_per_worker: int = Field(
+        1, ge=1, description="Devices one worker slot runs side by side (one process each), to use more CPUs "
+        "than Flower's min(32, cpu_count + 4) concurrent ClientApp calls."
+    )
+
+
+class DeploymentSettings(_Section):
+    """A prototype fleet on Flower's Deployment Engine: one SuperNode per device."""
+
+    min_nodes: int = Field(1, ge=1, description="Wait for this many SuperNodes before the first round.")
+    wait_s: float = Field(120.0, gt=0, description="How long to wait for min_nodes to connect.")
+    query_timeout_s: float = Field(60.0, gt=0, description="A node that does not say which device it is by then is skipped.")
+    reply_timeout_s: float = Field(600.0, gt=0, description="A device that does not reply by then is offline this round.")
 
 
 class Settings(_Section):
@@ -188,6 +205,7 @@ class Settings(_Section):
     evaluation: EvaluationSettings = EvaluationSettings()
     heterogeneity: HeterogeneitySettings = HeterogeneitySettings()
     simulation: SimulationSettings = SimulationSettings()
+    deployment: DeploymentSettings = DeploymentSettings()
 
 
 Origins = dict[str, str]  # dotted key -> where its value came from ("file.toml line 12", "--set k=v")

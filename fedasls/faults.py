@@ -50,6 +50,9 @@ class DeviceFailure(RuntimeError):
         self.code, self.device_id = code, device_id
         super().__init__(code.message)
 
+    def __reduce__(self):  # crosses process pools as its code only
+        return DeviceFailure, (self.code, self.device_id)
+
 
 @contextlib.contextmanager
 def contained(device_id: int, store: DeviceStore) -> Iterator[None]:

@@ -1,10 +1,9 @@
-"""The fleet loop a ServerApp runs: sample available devices, dispatch them to worker slots,
-collect replies on the virtual clock, apply the K-fastest / deadline rules, record, checkpoint.
+"""The fleet loop a ServerApp runs: sample devices, dispatch them through a fleet, collect replies
+on the virtual clock, apply the K-fastest / deadline rules, record, checkpoint.
 
-Flower SuperNodes are *worker slots* here, not devices: the sampled device id travels in each
-message (pfl-research style), so Flower's per-node cost stays bounded by the cohort while the
-population can be millions of devices (Flower's simulation polls and keeps a Context per node).
-On the Deployment Engine a node is a real device and replies under its own partition-id.
+Where devices run is the fleet's business (server/fleets.py): worker slots on the Simulation
+Engine (device id in the message, simulated timing) or one SuperNode per device on the Deployment
+Engine (learned by QUERY, measured timing). The loop is the same for both.
 """
 
 from __future__ import annotations
@@ -16,16 +15,18 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from tqdm import tqdm
 
+from clients.reply import device_failures, device_metrics
 from fedasls.config import Settings
 from fedasls.faults import FailureCode
 from fedasls.heterogeneity import HeterogeneityModel
+from fedasls.simulated_timing import SimulatedTiming
 from fedasls.store import ERRORS_LOG, DeviceStore
 from server.checkpoint import (
     CHECKPOINT,
@@ -40,23 +41,26 @@ from server.checkpoint import (
     truncate_records,
 )
 from server.coordinator import Coordinator
+from server.fleets import DeviceNodes, Dispatched, Fleet, WorkerSlots
 
 __all__ = ["CHECKPOINT", "DEVICE_ROUNDS_FILE", "ROUNDS_FILE", "FleetRun", "run_fleet"]
-REPLY_POLL_S = 0.05
 RECEIVED_FILE = "received.jsonl"  # simulation.audit_log: every reply the server received
 FAILURE_REASONS = ("error", "corrupt_state", "refused", "unavailable", "no_reply")
+
+FleetKind = Literal["slots", "nodes"]
 
 
 @dataclass
 class FleetRun:
-    """Where a run writes, and what the loop needs to resume."""
+    """Where a run writes, which kind of fleet runs it, and what the loop needs to resume."""
 
     settings: Settings
     run_dir: Path
     store_dir: Path
     resume: bool = False
     quiet: bool = False
-    expected_slots: int = 1  # wait for this many SuperNodes before the first round
+    expected_slots: int = 1  # worker slots: wait for this many SuperNodes before the first round
+    fleet: FleetKind = "slots"
     rounds_done: int = 0
     summary: dict[str, Any] = field(default_factory=dict)
     started: float = field(default_factory=time.perf_counter)  # when this part of the run began
@@ -70,7 +74,18 @@ class FleetRun:
         self.store_dir.mkdir(parents=True, exist_ok=True)
 
 
-def round_config(settings_json: str, store_dir: Path, device_id: int, now: float, server_round: int) -> RecordDict:
+def make_fleet(run: FleetRun, hetero: HeterogeneityModel) -> Fleet:
+    """The fleet `run.fleet` names, configured from the run's settings."""
+    if run.fleet == "slots":
+        return WorkerSlots(SimulatedTiming(hetero), run.expected_slots, run.settings.simulation.devices_per_worker)
+    if run.fleet == "nodes":
+        d = run.settings.deployment
+        return DeviceNodes(d.min_nodes, d.reply_timeout_s, d.query_timeout_s, d.wait_s)
+    raise ValueError(f"unknown fleet '{run.fleet}': use 'slots' (simulation) or 'nodes' (one SuperNode per device)")
+
+
+def round_config(settings_json: str, store_dir: Path, device_id: int, now: float, server_round: int,
+                 simulated_timing: bool = True) -> RecordDict:
     """The downlink of one device round: which device, when, and the run's settings."""
     return RecordDict(
         {
@@ -81,106 +96,90 @@ def round_config(settings_json: str, store_dir: Path, device_id: int, now: float
                     "server-round": server_round,
                     "settings": settings_json,
                     "store": str(store_dir),
+                    "simulated-timing": simulated_timing,
                 }
             )
         }
     )
 
 
-def wait_for_slots(grid: Grid, expected: int, timeout_s: float = 120.0, settle_s: float = 1.0) -> list[int]:
-    """Node ids of the connected SuperNodes once at least `expected` are there and their number
-    has not changed for `settle_s` (they register asynchronously)."""
-    deadline = time.monotonic() + timeout_s
-    slots: list[int] = []
-    stable_since = time.monotonic()
-    while True:
-        now_slots = sorted(grid.get_node_ids())
-        if now_slots != slots:
-            slots, stable_since = now_slots, time.monotonic()
-        settled = time.monotonic() - stable_since >= settle_s
-        if slots and ((len(slots) >= expected and settled) or time.monotonic() > deadline):
-            return slots
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"no SuperNodes connected after {timeout_s:.0f} s: start at least one SuperNode")
-        time.sleep(0.2)
+def _progress(bar: tqdm | None) -> Callable[[list[Message]], None]:
+    """A reply callback that moves the bar and shows live figures of the replies so far."""
+    seen: list[Message] = []
+
+    def on_replies(got: list[Message]) -> None:
+        if bar is None:
+            return
+        seen.extend(got)
+        rows = [m for r in seen if not r.has_error() for m in device_metrics(r)]
+        if rows:
+            uplift = sum(m["rouge1"] - m["base_rouge1"] for m in rows) / len(rows)
+            bar.set_postfix(adapted=sum(int(m["adapted"]) for m in rows), uplift_r1=f"{uplift:+.3f}",
+                            errors=sum(r.has_error() for r in seen), refresh=False)
+        bar.update(sum(1 if r.has_error() else len(device_metrics(r)) for r in got))
+
+    return on_replies
 
 
-def _dispatch(grid: Grid, slots: list[int], contents: list[RecordDict], message_type: str, group: str,
-              bar: tqdm | None) -> dict[int, Message]:
-    """Send one message per slot and collect replies as they arrive (updating the bar);
-    returns each device's reply by device id."""
-    messages = [Message(content, dst_node_id=slot, message_type=message_type, group_id=group)
-                for slot, content in zip(slots, contents)]
-    pending = set(grid.push_messages(messages))
-    device_of = {m.metadata.message_id: int(m.content["config"]["device-id"]) for m in messages}
-    replies: dict[int, Message] = {}
-    while pending:
-        got = list(grid.pull_messages(pending))
-        for reply in got:
-            pending.discard(reply.metadata.reply_to_message_id)
-            replies[device_of[reply.metadata.reply_to_message_id]] = reply
-        if bar is not None and got:
-            _show_progress(bar, list(replies.values()))
-            bar.update(len(got))
-        if not got:
-            time.sleep(REPLY_POLL_S)
-    return replies
-
-
-def _show_progress(bar: tqdm, replies: list[Message]) -> None:
-    """Live figures of the replies so far: devices adapted, mean ROUGE-1 uplift, mean device seconds."""
-    metrics = [dict(r.content["metrics"]) for r in replies if not r.has_error()]
-    if metrics:
-        uplift = sum(m["rouge1"] - m["base_rouge1"] for m in metrics) / len(metrics)
-        bar.set_postfix(
-            adapted=sum(int(m["adapted"]) for m in metrics),
-            uplift_r1=f"{uplift:+.3f}",
-            dev_s=f"{sum(m['sim_seconds'] for m in metrics) / len(metrics):.0f}",
-            errors=len(replies) - len(metrics),
-            refresh=False,
-        )
-
-
-def _batches(items: list[int], size: int) -> list[list[int]]:
-    return [items[i : i + size] for i in range(0, len(items), size)]
+def new_coordinator(settings: Settings, hetero: HeterogeneityModel, simulated: bool) -> Coordinator:
+    s, sim = settings, settings.simulation
+    coordinator = Coordinator(
+        population_size=s.population.num_devices,
+        heterogeneity=hetero,
+        cohort_size=sim.cohort_size,
+        overcommit=sim.overcommit,
+        deadline_s=sim.deadline_s or None,
+        seed=s.heterogeneity.seed,
+        simulated_availability=simulated,
+    )
+    coordinator.clock.now = sim.start_time_s
+    return coordinator
 
 
 def run_fleet(grid: Grid, run: FleetRun) -> dict[str, Any]:
     """Run every round of `run.settings.simulation` on `grid`; returns the run summary.
 
     Each round is recorded and checkpointed in one step (server/checkpoint.py); a run whose
-    failed device rounds exceed simulation.max_failed_share stops after recording that round,
-    with `run.failure` saying why."""
+    failed device rounds exceed simulation.max_failed_share (or a round in which every device
+    failed) stops after recording that round, with `run.failure` saying why."""
     s = run.settings
     sim = s.simulation
     hetero = HeterogeneityModel.from_settings(s.heterogeneity)
+    fleet = make_fleet(run, hetero)
     settings_json = s.model_dump_json()
-    slots = wait_for_slots(grid, run.expected_slots)
-    coordinator, tally = _start_or_restore(run, hetero)
+    fleet.connect(grid)
+    coordinator, tally = _start_or_restore(run, hetero, fleet.simulated)
     if sim.audit_log and run.on_reply is None:
         run.on_reply = _audit(run.run_dir / RECEIVED_FILE)
 
     for server_round in range(run.rounds_done + 1, sim.rounds + 1):
         t0 = time.perf_counter()
         now = coordinator.clock.now
-        sampled = coordinator.sample(now)
-        dropouts = coordinator.draw_dropouts(sampled)
+        sampled = fleet.sample(grid, coordinator, now)
+        dropouts = fleet.dropouts(coordinator, sampled)
         to_run = [d for d in sampled if d not in dropouts]
         bar = None if run.quiet else tqdm(total=len(to_run), desc=f"round {server_round}/{sim.rounds}", unit="dev")
-        replies: dict[int, Message] = {}
-        for batch in _batches(to_run, len(slots)):
-            contents = [round_config(settings_json, run.store_dir, d, now, server_round) for d in batch]
-            replies |= _dispatch(grid, slots[: len(batch)], contents, "train", str(server_round), bar)
-        results, failures = _collect(replies, to_run, run.on_reply)
+
+        # What each device receives; a round strategy (server/strategy.py) plugs in here.
+        def downlink(device_id: int) -> RecordDict:
+            return round_config(settings_json, run.store_dir, device_id, now, server_round, fleet.simulated)
+
+        sent = fleet.dispatch(grid, to_run, downlink, server_round, _progress(bar))
+        results, failures = _collect(sent, to_run, run.on_reply)
+        durations = fleet.durations(results)
+        for device_id, seconds in durations.items():
+            results[device_id]["device_seconds"] = seconds
         offline = {d for d, r in results.items() if r["status_code"] != 0} | set(failures) | dropouts
-        durations = {d: r["sim_seconds"] for d, r in results.items() if d not in offline}
-        outcome = coordinator.close_round(now, durations, offline)
+        offline |= sent.unreachable
+        outcome = coordinator.close_round(now, {d: t for d, t in durations.items() if d not in offline}, offline)
+        # ... and a round strategy aggregates the completed replies here (after the round closes).
         rows = _device_rows(server_round, now, results, outcome, hetero, failures)
         round_row = _round_row(server_round, now, outcome, rows, failures, time.perf_counter() - t0)
         coordinator.clock.now = max(coordinator.clock.now, now + sim.round_interval_s)
-        _tally(tally, server_round, to_run, failures, run.store_dir)
+        ran = [d for d in to_run if d not in sent.unreachable]
+        _tally(tally, server_round, ran, failures, run.store_dir)
         _record(run, server_round, rows, round_row, coordinator, tally)
-        _report_failures(server_round, failures, run.store_dir)
+        _report_failures(server_round, failures)
         if bar is not None:
             bar.set_postfix(
                 done=len(outcome.completed), strag=len(outcome.stragglers), drop=len(outcome.dropped),
@@ -188,13 +187,13 @@ def run_fleet(grid: Grid, run: FleetRun) -> dict[str, Any]:
                 vt=f"{outcome.round_seconds:.0f}s",
             )
             bar.close()
-        if failure_budget_exceeded(tally["device_rounds"], tally["failed"], sim.max_failed_share, len(to_run),
+        if failure_budget_exceeded(tally["device_rounds"], tally["failed"], sim.max_failed_share, len(ran),
                                    len(failures)):
-            run.failure = _failure_message(tally, sim.max_failed_share, run.run_dir, server_round, len(to_run),
+            run.failure = _failure_message(tally, sim.max_failed_share, run.run_dir, server_round, len(ran),
                                            len(failures))
             break
-    run.summary = {"wall_seconds": _wall(run), "rounds": run.rounds_done, "slots": len(slots),
-                   "failed": tally["failed"], "failure": run.failure}
+    run.summary = {"wall_seconds": _wall(run), "rounds": run.rounds_done, "failed": tally["failed"],
+                   "failure": run.failure, **fleet.describe()}
     return run.summary
 
 
@@ -216,10 +215,10 @@ def _wall(run: FleetRun) -> float:
     return run.wall_before + time.perf_counter() - run.started
 
 
-def _start_or_restore(run: FleetRun, hetero: HeterogeneityModel) -> tuple[Coordinator, dict[str, Any]]:
+def _start_or_restore(run: FleetRun, hetero: HeterogeneityModel, simulated: bool
+                      ) -> tuple[Coordinator, dict[str, Any]]:
     """A fresh coordinator and empty records, or (resume) the checkpointed ones, with the
     records cut back to exactly the checkpointed rounds."""
-    s, sim = run.settings, run.settings.simulation
     if run.resume and (run.run_dir / CHECKPOINT).is_file():
         saved = read_checkpoint(run.run_dir)
         truncate_records(run.run_dir, int(saved["rounds_done"]))
@@ -228,17 +227,8 @@ def _start_or_restore(run: FleetRun, hetero: HeterogeneityModel) -> tuple[Coordi
         tally = {"device_rounds": saved["device_rounds"], "failed": saved["failed"],
                  "first_failure": saved.get("first_failure")}
         return Coordinator.from_state(saved["coordinator"], hetero), tally
-    coordinator = Coordinator(
-        population_size=s.population.num_devices,
-        heterogeneity=hetero,
-        cohort_size=sim.cohort_size,
-        overcommit=sim.overcommit,
-        deadline_s=sim.deadline_s or None,
-        seed=s.heterogeneity.seed,
-    )
-    coordinator.clock.now = sim.start_time_s
     start_records(run.run_dir)
-    return coordinator, {"device_rounds": 0, "failed": 0, "first_failure": None}
+    return new_coordinator(run.settings, hetero, simulated), {"device_rounds": 0, "failed": 0, "first_failure": None}
 
 
 def _tally(tally: dict[str, Any], server_round: int, ran: list[int], failures: dict[int, tuple[int, str]],
@@ -270,7 +260,7 @@ def _describe(code: int, reason: str) -> str:
         reason, f"Flower reported error code {code}")
 
 
-def _report_failures(server_round: int, failures: dict[int, tuple[int, str]], store_dir: Path) -> None:
+def _report_failures(server_round: int, failures: dict[int, tuple[int, str]]) -> None:
     """One line per failed device on the console (codes only: a device's text never reaches the server)."""
     for device_id in sorted(failures):
         code, reason = failures[device_id]
@@ -298,7 +288,7 @@ def _failure_message(tally: dict[str, Any], max_share: float, run_dir: Path, ser
 
 
 def failure_reason(code: int) -> str:
-    """The per-device results' name for an error reply's code (Flower's own codes included)."""
+    """The per-device results' name for an error code (ours, or Flower's own)."""
     if code in {int(c) for c in FailureCode}:
         return FailureCode(code).reason
     if code in (ErrorCode.NODE_UNAVAILABLE, ErrorCode.MESSAGE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE):
@@ -306,23 +296,27 @@ def failure_reason(code: int) -> str:
     return "error"
 
 
-def _collect(replies: dict[int, Message], expected: list[int], on_reply: Callable[[Message], None] | None = None
+def _collect(sent: Dispatched, expected: list[int], on_reply: Callable[[Message], None] | None = None
              ) -> tuple[dict[int, dict[str, float]], dict[int, tuple[int, str]]]:
-    """Metrics per device id from the replies, and the failed devices with (error code, reason).
-
-    Only an error reply's code is read, never its text (a device's fixed message, or Flower's)."""
+    """Metrics per device id from the replies, and the failed devices with (error code, reason):
+    error replies (by the devices their message carried), devices a batch reply lists as failed,
+    and devices with no reply at all. Only an error's code is read, never its text."""
     results: dict[int, dict[str, float]] = {}
     failures: dict[int, tuple[int, str]] = {}
-    for device_id, reply in replies.items():
+    for reply in sent.replies:
         if on_reply is not None:
             on_reply(reply)
         if reply.has_error():
-            failures[device_id] = (int(reply.error.code), failure_reason(int(reply.error.code)))
-        else:
-            metrics = dict(reply.content["metrics"])
+            code = int(reply.error.code)
+            for device_id in sent.devices.get(reply.metadata.reply_to_message_id, []):
+                failures[device_id] = (code, failure_reason(code))
+            continue
+        for metrics in device_metrics(reply):  # one device, or several run on one worker slot
             results[int(metrics["device_id"])] = metrics
+        for device_id, code in device_failures(reply).items():
+            failures[device_id] = (code, failure_reason(code))
     for device_id in expected:
-        if device_id not in results and device_id not in failures:
+        if device_id not in results and device_id not in failures and device_id not in sent.unreachable:
             failures[device_id] = (-1, "no_reply")
     return results, failures
 

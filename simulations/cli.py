@@ -71,7 +71,8 @@ def _toml_str(value: str) -> str:
 
 
 def cmd_model_build(args: argparse.Namespace, settings: Settings) -> int:
-    from fedasls.model import build_default_model, default_model_dir, load_model, generate, format_prompt
+    from fedasls.model import build_default_model, default_model_dir, generate, load_model
+    from fedasls.prompts import PromptFormat
 
     out = Path(args.out) if args.out else default_model_dir(settings.model)
     if out.exists() and not args.force:
@@ -83,8 +84,9 @@ def cmd_model_build(args: argparse.Namespace, settings: Settings) -> int:
     model, tokenizer = load_model(out)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"parameters: {n_params:,}")
+    prompts = PromptFormat(tokenizer)
     for question in ("How do I keep basil fresh?", "What is a good warm-up before running?"):
-        answer = generate(model, tokenizer, [format_prompt(question)], max_new_tokens=24)[0]
+        answer = generate(model, prompts, [question], max_new_tokens=24)[0]
         print(f"  Q: {question}\n  A: {answer}")
     return 0
 
@@ -134,7 +136,8 @@ def _short(text: str, width: int = 100) -> str:
 def cmd_device(args: argparse.Namespace, settings: Settings) -> int:
     from tqdm import tqdm
 
-    from fedasls.device import Device
+    from fedasls.device import AdaptReport, Device
+    from fedasls.driver import advance
     from fedasls.runtime import DeviceRuntime
 
     t0 = time.perf_counter()
@@ -142,26 +145,26 @@ def cmd_device(args: argparse.Namespace, settings: Settings) -> int:
     n = runtime.population.num_devices
     if not 0 <= args.id < n:
         raise ConfigError(f"--id {args.id} is outside the population (0..{n - 1}); set population.num_devices")
-    device = Device(args.id, runtime)
+    if args.chunk < 1:
+        raise ConfigError(f"--chunk {args.chunk}: must be >= 1 (interactions between trigger checks)")
+    device = Device(args.id, runtime, settings)
     stream = runtime.population.stream(args.id)
-    personalized, base = device.evaluate()
+    device.evaluate()  # the base model's figures, before any adaptation
     with tqdm(total=len(stream), desc=f"device {args.id}", unit="msg") as bar:
-        while device.cursor < len(stream):
-            step = min(args.chunk, len(stream) - device.cursor)
-            device.observe(stream[device.cursor : device.cursor + step])
-            device.cursor += step
-            bar.update(step)
-            if device.should_adapt():
-                r = device.adapt()
-                bar.set_postfix(adaptations=device.counters.adaptations, loss=f"{r.loss_last:.2f}")
-                tqdm.write(
-                    f"  adapt #{device.counters.adaptations} at {device.cursor}: buffer {r.buffered}, "
-                    f"annotated {r.annotated}, edits {r.edits}, rewrites {r.synthesized} ({r.synthesis_method}), "
-                    f"loss {r.loss_first:.3f} -> {r.loss_last:.3f}"
-                    + (f", epsilon {r.epsilon:.2f}" if r.epsilon is not None else "")
-                )
-    if device.counters.adaptations == 0:
-        device.adapt()
+
+        def on_chunk(observed: int, r: AdaptReport | None) -> None:
+            bar.update(observed)
+            if r is None:
+                return
+            bar.set_postfix(adaptations=device.counters.adaptations, loss=f"{r.loss_last:.2f}")
+            tqdm.write(
+                f"  adapt #{device.counters.adaptations} at {device.cursor}: buffer {r.buffered}, "
+                f"annotated {r.annotated}, edits {r.edits}, rewrites {r.synthesized} ({r.synthesis_method}), "
+                f"loss {r.loss_first:.3f} -> {r.loss_last:.3f}"
+                + (f", epsilon {r.epsilon:.2f}" if r.epsilon is not None else "")
+            )
+
+        advance(device, check_every=args.chunk, on_chunk=on_chunk)
     personalized, base = device.evaluate()
     print(f"\ndevice {args.id}: {device.counters.observed} interactions, buffer "
           f"{device.selector.buffer.used_bytes}/{device.selector.buffer.budget_bytes} bytes, "
