@@ -108,3 +108,22 @@ def test_global_update_slot_accepts_only_arrays():
     with pytest.raises(PrivacyViolation, match="ArrayRecord"):
         check_reply(text(incoming(), context()))
     assert refused(privacy_guard(incoming(), context(), text))
+
+
+def test_a_batch_reply_lists_failed_devices_by_code_only():
+    from clients.device_pool import run_devices
+    from clients.reply import build_batch_reply, device_failures, device_metrics
+
+    def device_round(settings_json, device_id, now, store_dir, simulated, server_round):
+        if device_id == 2:
+            raise DeviceFailure(FailureCode.CORRUPT_STATE, device_id)
+        if device_id == 3:
+            raise ValueError(CANARY)  # raised outside `contained`: logged on the worker, sent as a code
+        return {"device_id": device_id, "rouge1": 0.5, "status_code": 0}
+
+    rows, failures = run_devices(device_round, "{}", [1, 2, 3, 4], 0.0, "store", True, 1, 5)
+    reply = build_batch_reply(incoming(), rows, failures)
+    check_reply(reply)
+    assert [m["device_id"] for m in device_metrics(reply)] == [1, 4]
+    assert device_failures(reply) == {2: FailureCode.CORRUPT_STATE, 3: FailureCode.ERROR}
+    assert CANARY not in repr(reply.content)
