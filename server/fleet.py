@@ -116,7 +116,7 @@ def _progress(bar: tqdm | None) -> Callable[[list[Message]], None]:
             uplift = sum(m["rouge1"] - m["base_rouge1"] for m in rows) / len(rows)
             bar.set_postfix(adapted=sum(int(m["adapted"]) for m in rows), uplift_r1=f"{uplift:+.3f}",
                             errors=sum(r.has_error() for r in seen), refresh=False)
-        bar.update(sum(1 if r.has_error() else len(device_metrics(r)) for r in got))
+        bar.update(sum(1 if r.has_error() else len(device_metrics(r)) + len(device_failures(r)) for r in got))
 
     return on_replies
 

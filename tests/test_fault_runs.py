@@ -24,7 +24,7 @@ import psutil
 from fedasls.store import DeviceStore
 
 CANARY = "My bank PIN is 4321"
-WALL_KEYS = {"wall_s"}  # wall-clock time differs between runs; everything else must match
+WALL_KEYS = {"wall_s", "wall_seconds"}  # real seconds differ between runs; everything else must match
 
 
 def fedasls_command() -> list[str]:
@@ -110,7 +110,7 @@ def wait_until(predicate, proc: subprocess.Popen, timeout_s: float, log: Path) -
 
 
 def test_kill_9_mid_round_then_resume_equals_an_uninterrupted_run(tiny_model_dir, tmp_path):
-    config = scenario(tmp_path, tiny_model_dir, rounds=3)
+    config = scenario(tmp_path, tiny_model_dir, rounds=2)
     results = tmp_path / "results"
     reference = start(["simulate", "--config", str(config), "--name", "reference"], tmp_path / "reference.log")
     victim_log = tmp_path / "victim.log"
@@ -143,12 +143,12 @@ def test_kill_9_mid_round_then_resume_equals_an_uninterrupted_run(tiny_model_dir
         got, want = rows(run / name), rows(results / "reference" / name)
         assert [r["round"] for r in got] == [r["round"] for r in want]  # no round twice, none lost
         for g, w in zip(got, want):
-            assert g == w, (name, g, w)
+            assert json.dumps(g, sort_keys=True) == json.dumps(w, sort_keys=True), (name, g, w)  # NaN == NaN here
     assert sum(r["adapted"] for r in rows(run / "rounds.jsonl")) > 0  # the rounds did real work
     assert (run / "config.toml").read_bytes() == config_before  # the run's settings were kept
     summary = json.loads((run / "summary.json").read_text())
     assert summary["wall_seconds"] > wall_before  # both parts' wall time, not the resumed part's alone
-    assert summary["device_rounds"] == 18
+    assert summary["device_rounds"] == 12
 
 
 def inject_canary(store_dir: Path) -> list[int]:
@@ -204,7 +204,7 @@ def test_a_raising_device_leaks_nothing_and_an_all_failed_run_exits_non_zero(tin
 
 
 def test_ctrl_c_stops_at_a_consistent_checkpoint_with_exit_130(tiny_model_dir, tmp_path):
-    config = scenario(tmp_path, tiny_model_dir, rounds=3)
+    config = scenario(tmp_path, tiny_model_dir, rounds=2)
     run = tmp_path / "results" / "interrupted"
     log = tmp_path / "interrupted.log"
     proc = start(["simulate", "--config", str(config), "--name", "interrupted"], log)
