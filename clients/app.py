@@ -14,27 +14,32 @@ device. Replies pass the privacy guard.
 from __future__ import annotations
 
 import hashlib
+from typing import TYPE_CHECKING
 
-import torch
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from clients.device_pool import run_devices
 from clients.reply import build_batch_reply, build_reply, privacy_guard
-from fedasls.config import Settings
-from fedasls.device_round import keep_always, load_device, run_device_round
-from fedasls.faults import contained
-from fedasls.heterogeneity import HeterogeneityModel
-from fedasls.runtime import DeviceRuntime, resource_key
-from fedasls.simulated_timing import SimulatedTiming
-from fedasls.store import DeviceStore
 
+if TYPE_CHECKING:
+    from fedasls.config import Settings
+    from fedasls.heterogeneity import HeterogeneityModel
+    from fedasls.runtime import DeviceRuntime
+
+# The device library (torch, transformers) is imported on first use, not at import: on the
+# Deployment Engine every message starts a fresh ClientApp process, and a QUERY needs none of it.
 _WORKER: dict[str, tuple[Settings, DeviceRuntime, HeterogeneityModel]] = {}
 
 
 def worker_resources(settings_json: str) -> tuple[Settings, DeviceRuntime, HeterogeneityModel]:
     """The run's settings and this process's runtime for them, built on first use (one base model per
     process; a runtime is reused across runs that load the same model and population)."""
+    import torch
+
+    from fedasls.config import Settings
+    from fedasls.heterogeneity import HeterogeneityModel
+    from fedasls.runtime import DeviceRuntime, resource_key
+
     key = hashlib.sha256(settings_json.encode()).hexdigest()
     if key not in _WORKER:
         settings = Settings.model_validate_json(settings_json)
@@ -52,6 +57,11 @@ def device_round_metrics(settings_json: str, device_id: int, now: float, store_d
     state only if they finish inside their availability window; real devices always keep it.
     The store is opened for `server_round` (an unrecorded attempt of that round is rolled back);
     a failure raises DeviceFailure, its traceback kept in the device's errors.log."""
+    from fedasls.device_round import keep_always, run_device_round
+    from fedasls.faults import contained
+    from fedasls.simulated_timing import SimulatedTiming
+    from fedasls.store import DeviceStore
+
     store = DeviceStore(store_dir, round=server_round)
     with contained(device_id, store):
         settings, runtime, hetero = worker_resources(settings_json)
@@ -97,6 +107,8 @@ def train(msg: Message, context: Context) -> Message:
     settings_json, now, store = str(config["settings"]), float(config["now"]), _store_dir(msg, context)
     simulated, server_round = bool(config.get("simulated-timing", False)), _round_of(config)
     if "device-ids" in config:  # a worker slot running several devices side by side
+        from clients.device_pool import run_devices
+
         rows, failures = run_devices(device_round_metrics, settings_json, [int(d) for d in config["device-ids"]],
                                      now, store, simulated, int(config.get("parallel", 1)), server_round)
         return build_batch_reply(msg, rows, failures)
@@ -107,6 +119,10 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Personalized vs base metrics on the device's held-out interactions; state is not changed."""
+    from fedasls.device_round import load_device
+    from fedasls.faults import contained
+    from fedasls.store import DeviceStore
+
     config = msg.content["config"]
     device_id, store = device_id_of(msg, context), DeviceStore(_store_dir(msg, context))
     with contained(device_id, store):

@@ -14,8 +14,10 @@ import contextlib
 import traceback
 from collections.abc import Iterator
 from enum import IntEnum
+from typing import TYPE_CHECKING
 
-from fedasls.store import CorruptStateError, DeviceStore
+if TYPE_CHECKING:  # the store (torch) is imported on use: the privacy guard imports this module
+    from fedasls.store import DeviceStore
 
 
 class FailureCode(IntEnum):
@@ -58,6 +60,8 @@ class DeviceFailure(RuntimeError):
 def contained(device_id: int, store: DeviceStore) -> Iterator[None]:
     """Run a device round so that any failure leaves only a code: the traceback goes to the
     device's errors.log, a corrupt state is moved aside, and `DeviceFailure` is raised."""
+    from fedasls.store import CorruptStateError
+
     try:
         yield
     except DeviceFailure:
