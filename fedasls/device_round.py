@@ -12,11 +12,12 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 from fedasls.config import Settings
 from fedasls.device import Device, DeviceOptions
 from fedasls.driver import advance
+from fedasls.federated.client import Contribution, Downlink, adapt_from_global
 from fedasls.heterogeneity import HeterogeneityModel
 from fedasls.interaction import STREAM_EPOCH
 from fedasls.runtime import DeviceRuntime
@@ -82,14 +83,15 @@ class DeviceRoundResult:
     base_perplexity: float
     base_accept_rate: float
     epsilon: float
+    contribution: Contribution | None = None  # global-adapter update (clipped, padded); never a metric
 
     @property
     def work(self) -> RoundWork:
-        return RoundWork.from_metrics(asdict(self))
+        return RoundWork.from_metrics(self.metrics())
 
     def metrics(self) -> dict[str, float | int]:
         """Numbers only, for the reply's MetricRecord (status as a code: 0 completed, 1 offline)."""
-        out = {k: v for k, v in asdict(self).items() if k != "status"}
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("status", "contribution")}
         out["status_code"] = {"completed": 0, "offline": 1}[self.status]
         return out
 
@@ -118,12 +120,24 @@ def run_device_round(
     heterogeneity: HeterogeneityModel,
     options: DeviceOptions | None = None,
     keep: Callable[[RoundWork], bool] = keep_always,
+    downlink: Downlink | None = None,
 ) -> DeviceRoundResult:
-    """Run device `device_id` at (virtual) time `now`; persist its state if `keep(work)` says so."""
+    """Run device `device_id` at (virtual) time `now`; persist its state if `keep(work)` says so.
+
+    With a `downlink` (a global-adapter round) the device observes its new interactions and, if it
+    has buffered items, trains once starting from the global adapter (not on its own trigger); the
+    result carries its contribution."""
     t0 = time.perf_counter()
     device = load_device(device_id, runtime, settings, store, heterogeneity, options)
-    progress = advance(device, until=STREAM_EPOCH + now)
-    new, examples, adapted = progress.new_interactions, progress.examples, bool(progress.adaptations)
+    contribution = None
+    if downlink is None:
+        progress = advance(device, until=STREAM_EPOCH + now)
+        new, examples, adapted = progress.new_interactions, progress.examples, bool(progress.adaptations)
+    else:
+        new = device.catch_up(until=STREAM_EPOCH + now)
+        adapted = len(device.selector.buffer) > 0
+        contribution = adapt_from_global(device, downlink) if adapted else None
+        examples = contribution.examples if contribution else 0
     had_base = device.base_eval is not None
     personal, base = device.evaluate()
     work = RoundWork(
@@ -132,7 +146,7 @@ def run_device_round(
         epochs=settings.adaptation.epochs,
         rank=device.lora_rank,
         eval_items=personal.n * (1 if had_base else 2),
-        upload_bytes=UPLOAD_BYTES,
+        upload_bytes=UPLOAD_BYTES + (_nbytes(contribution.update) if contribution else 0),
     )
     kept = keep(work)
     if kept:
@@ -160,4 +174,9 @@ def run_device_round(
         base_perplexity=base.perplexity,
         base_accept_rate=base.accept_rate if base.accept_rate is not None else math.nan,
         epsilon=last.get("epsilon") if last.get("epsilon") is not None else math.nan,
+        contribution=contribution if kept else None,
     )
+
+
+def _nbytes(tensors: Mapping) -> int:
+    return sum(int(t.numel()) * t.element_size() for t in tensors.values())

@@ -42,6 +42,7 @@ from server.checkpoint import (
 )
 from server.coordinator import Coordinator
 from server.fleets import DeviceNodes, Dispatched, Fleet, WorkerSlots
+from server.strategy import make_strategy
 
 __all__ = ["CHECKPOINT", "DEVICE_ROUNDS_FILE", "ROUNDS_FILE", "FleetRun", "run_fleet"]
 RECEIVED_FILE = "received.jsonl"  # simulation.audit_log: every reply the server received
@@ -131,6 +132,7 @@ def new_coordinator(settings: Settings, hetero: HeterogeneityModel, simulated: b
         deadline_s=sim.deadline_s or None,
         seed=s.heterogeneity.seed,
         simulated_availability=simulated,
+        sampling=sim.sampling,
     )
     coordinator.clock.now = sim.start_time_s
     return coordinator
@@ -148,11 +150,18 @@ def run_fleet(grid: Grid, run: FleetRun) -> dict[str, Any]:
     fleet = make_fleet(run, hetero)
     settings_json = s.model_dump_json()
     fleet.connect(grid)
-    coordinator, tally = _start_or_restore(run, hetero, fleet.simulated)
+    coordinator, tally, saved = _start_or_restore(run, hetero, fleet.simulated)
+    strategy = make_strategy(s, coordinator.sample_rate, coordinator.sample_rate * coordinator.population_size)
+    if saved is not None and "strategy" in saved:
+        strategy.load_state(saved["strategy"], run.run_dir)
     if sim.audit_log and run.on_reply is None:
         run.on_reply = _audit(run.run_dir / RECEIVED_FILE)
 
+    stop_reason = None
     for server_round in range(run.rounds_done + 1, sim.rounds + 1):
+        if stop_reason := strategy.stop_reason():
+            break
+        shared = strategy.configure(server_round)
         t0 = time.perf_counter()
         now = coordinator.clock.now
         sampled = fleet.sample(grid, coordinator, now)
@@ -162,7 +171,8 @@ def run_fleet(grid: Grid, run: FleetRun) -> dict[str, Any]:
 
         # What each device receives; a round strategy (server/strategy.py) plugs in here.
         def downlink(device_id: int) -> RecordDict:
-            return round_config(settings_json, run.store_dir, device_id, now, server_round, fleet.simulated)
+            content = round_config(settings_json, run.store_dir, device_id, now, server_round, fleet.simulated)
+            return RecordDict({**content, **shared})
 
         sent = fleet.dispatch(grid, to_run, downlink, server_round, _progress(bar))
         results, failures = _collect(sent, to_run, run.on_reply)
@@ -175,10 +185,12 @@ def run_fleet(grid: Grid, run: FleetRun) -> dict[str, Any]:
         # ... and a round strategy aggregates the completed replies here (after the round closes).
         rows = _device_rows(server_round, now, results, outcome, hetero, failures)
         round_row = _round_row(server_round, now, outcome, rows, failures, time.perf_counter() - t0)
+        round_row.update(strategy.aggregate(server_round, sent.replies, outcome.completed))
         coordinator.clock.now = max(coordinator.clock.now, now + sim.round_interval_s)
         ran = [d for d in to_run if d not in sent.unreachable]
         _tally(tally, server_round, ran, failures, run.store_dir)
-        _record(run, server_round, rows, round_row, coordinator, tally)
+        _record(run, server_round, rows, round_row, coordinator, tally,
+                {"strategy": strategy.state(server_round, run.run_dir)})
         _report_failures(server_round, failures)
         if bar is not None:
             bar.set_postfix(
@@ -193,7 +205,9 @@ def run_fleet(grid: Grid, run: FleetRun) -> dict[str, Any]:
                                            len(failures))
             break
     run.summary = {"wall_seconds": _wall(run), "rounds": run.rounds_done, "failed": tally["failed"],
-                   "failure": run.failure, **fleet.describe()}
+                   "failure": run.failure, **fleet.describe(), "strategy": strategy.name, "stop_reason": stop_reason}
+    if stop_reason and not run.quiet:
+        print(f"fedasls: {stop_reason}")
     return run.summary
 
 
@@ -216,9 +230,9 @@ def _wall(run: FleetRun) -> float:
 
 
 def _start_or_restore(run: FleetRun, hetero: HeterogeneityModel, simulated: bool
-                      ) -> tuple[Coordinator, dict[str, Any]]:
+                      ) -> tuple[Coordinator, dict[str, Any], dict[str, Any] | None]:
     """A fresh coordinator and empty records, or (resume) the checkpointed ones, with the
-    records cut back to exactly the checkpointed rounds."""
+    records cut back to exactly the checkpointed rounds; and the checkpoint read (None if fresh)."""
     if run.resume and (run.run_dir / CHECKPOINT).is_file():
         saved = read_checkpoint(run.run_dir)
         truncate_records(run.run_dir, int(saved["rounds_done"]))
@@ -226,9 +240,10 @@ def _start_or_restore(run: FleetRun, hetero: HeterogeneityModel, simulated: bool
         run.wall_before = float(saved["wall_seconds"])
         tally = {"device_rounds": saved["device_rounds"], "failed": saved["failed"],
                  "first_failure": saved.get("first_failure")}
-        return Coordinator.from_state(saved["coordinator"], hetero), tally
+        return Coordinator.from_state(saved["coordinator"], hetero), tally, saved
     start_records(run.run_dir)
-    return new_coordinator(run.settings, hetero, simulated), {"device_rounds": 0, "failed": 0, "first_failure": None}
+    fresh = {"device_rounds": 0, "failed": 0, "first_failure": None}
+    return new_coordinator(run.settings, hetero, simulated), fresh, None
 
 
 def _tally(tally: dict[str, Any], server_round: int, ran: list[int], failures: dict[int, tuple[int, str]],
@@ -245,10 +260,10 @@ def _tally(tally: dict[str, Any], server_round: int, ran: list[int], failures: d
 
 
 def _record(run: FleetRun, server_round: int, rows: list[dict[str, Any]], round_row: dict[str, Any],
-            coordinator: Coordinator, tally: dict[str, Any]) -> None:
+            coordinator: Coordinator, tally: dict[str, Any], extra: dict[str, Any] | None = None) -> None:
     """Commit the round: its records, then the checkpoint (one step; see server/checkpoint.py)."""
     checkpoint = {"rounds_done": server_round, "coordinator": coordinator.state(), "wall_seconds": _wall(run),
-                  **tally}
+                  **tally, **(extra or {})}
     commit_round(run.run_dir, rows, round_row, checkpoint, run.commit_lock)
     run.rounds_done = server_round
 
