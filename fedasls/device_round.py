@@ -21,7 +21,7 @@ from fedasls.federated.client import Contribution, Downlink, adapt_from_global
 from fedasls.heterogeneity import HeterogeneityModel
 from fedasls.interaction import STREAM_EPOCH
 from fedasls.runtime import DeviceRuntime
-from fedasls.store import DeviceStore
+from fedasls.store import MANIFEST, CorruptStateError, DeviceStore
 
 UPLOAD_BYTES = 512  # a reply of scalar metrics; a later global-adapter update adds its own bytes
 
@@ -104,7 +104,11 @@ def load_device(device_id: int, runtime: DeviceRuntime, settings: Settings, stor
     """The device as last saved, or a new one sized by its heterogeneity profile."""
     state = store.load(device_id)
     if state is not None:
-        return Device.from_state(state, runtime, settings, options)
+        try:
+            return Device.from_state(state, runtime, settings, options)
+        except (KeyError, TypeError, ValueError, AttributeError) as err:  # stored, but not a device we can rebuild
+            folder = store.folder(device_id)
+            raise CorruptStateError(device_id, folder / MANIFEST, f"not a loadable device state: {err}", folder) from None
     profile = heterogeneity.profile(device_id)
     return Device(device_id, runtime, settings, lora_rank=min(profile.max_lora_rank, settings.adaptation.lora_rank),
                   buffer_bytes=profile.buffer_bytes, options=options)

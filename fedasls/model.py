@@ -36,6 +36,7 @@ from transformers import (
 )
 
 from fedasls.config import ModelSettings
+from fedasls.errors import FedaslsError
 from fedasls.prompts import PromptFormat, check_prompt_format
 
 BUILD_INFO = "fedasls_build.json"
@@ -52,7 +53,7 @@ _EXPECTED = (
 )
 
 
-class ModelNotFoundError(FileNotFoundError):
+class ModelNotFoundError(FedaslsError, FileNotFoundError):
     """A model path is missing or is not a local Hugging Face causal-LM folder."""
 
 

@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 from typing import Callable
 
 from fedasls.config import ConfigError, Settings, load_settings
+from fedasls.errors import FedaslsError
 from fedasls.interaction import STREAM_EPOCH
-from fedasls.loaders import DatasetError
-from fedasls.model import ModelNotFoundError
 from fedasls.presets import PRESETS, is_preset, model_fit_warning
-from fedasls.store import CorruptStateError
 from simulations.fleet import FleetError
 
 Handler = Callable[[argparse.Namespace, Settings], int]
@@ -39,22 +40,36 @@ def _settings_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-dir", metavar="DIR", help="where the embedded model is cached (env FEDASLS_CACHE)")
 
 
-def _load(args: argparse.Namespace) -> Settings:
-    if args.config is None and getattr(args, "default_scenario", None):
-        from server.app import scenario_path
+def _config_path(args: argparse.Namespace) -> str | None:
+    """The settings file the user named (a path or a shipped scenario), else the command's default."""
+    from simulations.scenarios import scenario_path
 
-        args.config = str(scenario_path(args.default_scenario))
-    elif args.config is not None and not Path(args.config).is_file():
-        from server.app import scenario_path
+    if args.config is not None:
+        return args.config if Path(args.config).is_file() else str(scenario_path(args.config))
+    if getattr(args, "default_scenario", None):
+        return str(scenario_path(args.default_scenario))
+    return None
 
-        args.config = str(scenario_path(args.config))
+
+def _overrides(args: argparse.Namespace) -> list[str]:
     overrides = list(args.overrides)
     if getattr(args, "model", None):
         key = "preset" if is_preset(args.model) else "path"
         overrides.append(f"model.{key}={_toml_str(args.model)}")
     if getattr(args, "cache_dir", None):
         overrides.append(f"model.cache_dir={_toml_str(args.cache_dir)}")
-    settings = load_settings(args.config, overrides)
+    return overrides
+
+
+def _load(args: argparse.Namespace) -> Settings:
+    if getattr(args, "resume", None):
+        from simulations.validation import resume_settings
+
+        given = str(_config_path(args)) if args.config is not None else None
+        settings = resume_settings(Path(args.resume), given, _overrides(args))
+    else:
+        args.config_path = _config_path(args)
+        settings = load_settings(args.config_path, _overrides(args))
     warning = model_fit_warning(settings)
     if warning:
         print(f"fedasls: warning: {warning}", file=sys.stderr)
@@ -190,24 +205,81 @@ def cmd_device(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_simulate(args: argparse.Namespace, settings: Settings) -> int:
-    from simulations.report import format_summary, write_report
-    from simulations.runner import new_run_dir, simulate
+    """Validate everything (settings, run folder, dataset, model) on the driver, then run on Ray."""
+    t0 = time.perf_counter()
+    from server.checkpoint import read_checkpoint
+    from simulations.validation import check_dataset, check_store_dir, new_run_dir, prepare_run_dir
 
     if args.resume:
         run_dir = Path(args.resume)
-        if not (run_dir / "checkpoint.json").is_file():
-            raise ConfigError(f"--resume {run_dir}: no checkpoint.json there (pass a run folder of an earlier run)")
+        read_checkpoint(run_dir)  # a missing or corrupt checkpoint is reported before anything starts
     else:
         run_dir = new_run_dir(settings, args.name)
+        prepare_run_dir(run_dir, args.overwrite)
+        check_store_dir(settings, run_dir, args.overwrite)
+    check_dataset(settings)  # before the heavy imports: a bad file is reported at once
+    previous = signal.getsignal(signal.SIGINT)
+    _stop_cleanly_on_ctrl_c(run_dir)
+    try:
+        return _simulate(args, settings, run_dir, t0)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _simulate(args: argparse.Namespace, settings: Settings, run_dir: Path, t0: float) -> int:
+    from server.checkpoint import RunFailed
+    from simulations.report import format_summary, write_report
+    from simulations.runner import simulate
+    from simulations.validation import check_model
+
+    check_model(settings)  # the model folder, before Ray starts
     sim = settings.simulation
     print(f"fedasls simulate: {settings.population.num_devices:,} devices, {sim.rounds} rounds, cohort "
           f"{sim.cohort_size} (x{sim.overcommit} over-commit), {sim.workers} Ray workers -> {run_dir}")
-    t0 = time.perf_counter()
-    simulate(settings, run_dir, Path(args.config) if args.config else None, resume=bool(args.resume))
-    summary = write_report(run_dir, time.perf_counter() - t0)
+    config_source = Path(args.config_path) if getattr(args, "config_path", None) else None
+    try:
+        run = simulate(settings, run_dir, config_source, resume=bool(args.resume), started=t0, validate=False)
+    except RunFailed as failed:
+        if failed.run is not None and failed.run.rounds_done:
+            write_report(run_dir, failed.run.summary.get("wall_seconds", float("nan")))
+        raise
+    summary = write_report(run_dir, run.summary["wall_seconds"])
     print(format_summary(summary))
     print(f"\nresults: {run_dir} (config.toml, rounds.csv, device_rounds.csv, summary.json, *.png)")
     return 0
+
+
+def _stop_cleanly_on_ctrl_c(run_dir: Path) -> None:
+    """Ctrl-C: wait for a round being recorded to finish (the run is then at a consistent
+    checkpoint; an unfinished round is rerun on resume), stop Ray, say how to resume, exit 130."""
+
+    def stop(signum: int, frame: object) -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C changes nothing
+        threading.Timer(20.0, os._exit, args=(130,)).start()  # never hang, whatever Ray does
+        from server.checkpoint import COMMIT_LOCK, CHECKPOINT
+
+        COMMIT_LOCK.acquire(timeout=10.0)  # held for good: nothing is recorded after this point
+        done = _rounds_done(run_dir / CHECKPOINT)
+        print(f"\nfedasls: interrupted; the run stopped at its checkpoint after round {done} (a round in progress "
+              f"is rerun on resume). Continue with: fedasls simulate --resume {run_dir}", file=sys.stderr, flush=True)
+        try:
+            import ray
+
+            if ray.is_initialized():
+                ray.shutdown()
+        finally:
+            os._exit(130)
+
+    signal.signal(signal.SIGINT, stop)
+
+
+def _rounds_done(checkpoint: Path) -> int:
+    import json
+
+    try:
+        return int(json.loads(checkpoint.read_text())["rounds_done"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
 
 
 # --- report --------------------------------------------------------------------------------
@@ -376,7 +448,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _settings_args(sim)
     sim.add_argument("--name", help="run folder name under simulation.output_dir (default: a timestamp)")
-    sim.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
+    sim.add_argument("--resume", metavar="RUN_DIR",
+                     help="continue an interrupted run from its last checkpoint, with the run's own settings "
+                     "(only simulation.rounds may be raised)")
+    sim.add_argument("--overwrite", action="store_true",
+                     help="replace an existing results folder (--name) instead of refusing")
     sim.set_defaults(handler=cmd_simulate, default_scenario="quickstart")
 
     sweep = sub.add_parser("sweep", help="studies over a grid of settings", description="Run a scenario over a grid.")
@@ -449,9 +525,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = _load(args)
         return args.handler(args, settings)
-    except (ConfigError, ModelNotFoundError, DatasetError, CorruptStateError, FleetError) as err:
+    except (FedaslsError, FleetError) as err:  # says what, where and how to fix: no traceback
         print(f"fedasls: error: {err}", file=sys.stderr)
-        return 2
+        return getattr(err, "exit_code", 2)
 
 
 if __name__ == "__main__":
