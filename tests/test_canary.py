@@ -25,7 +25,7 @@ from fedasls.federated.client import shared_part_of
 from fedasls.federated.layout import adapter_layout
 from fedasls.federated.split import is_shared
 from server.fleet import FleetRun, run_fleet
-from simulations.runner import backend_config
+from simulations.runner import backend_config, plan_workers
 
 DEVICES = 6
 MODES = [  # (strategy, ffa, user-level DP, example-level DP-SGD)
@@ -104,7 +104,7 @@ def recorded(tiny_model_dir, tmp_path_factory):
             run_fleet(recording, run)
 
     run_simulation(server_app=server_app, client_app=client_app, num_supernodes=3, backend_name="ray",
-                   backend_config=backend_config(runs[0][1].settings))
+                   backend_config=backend_config(runs[0][1].settings, plan_workers(runs[0][1].settings)))
     return runs, tapped["grid"].received
 
 
