@@ -106,6 +106,9 @@ def train(msg: Message, context: Context) -> Message:
     settings_json, now, store = str(config["settings"]), float(config["now"]), _store_dir(msg, context)
     simulated = bool(config.get("simulated-timing", False))
     if "device-ids" in config:  # a worker slot running several devices side by side
+        if GLOBAL_ADAPTER_KEY in msg.content:
+            raise ValueError("a global-adapter round cannot batch devices (one update per reply): "
+                             "set [simulation] devices_per_worker = 1")
         rows = run_devices(device_round_metrics, settings_json, [int(d) for d in config["device-ids"]], now,
                            store, simulated, int(config.get("parallel", 1)))
         return build_batch_reply(msg, rows)
