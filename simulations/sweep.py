@@ -100,6 +100,7 @@ def point_result(run_dir: Path, settings: Settings) -> dict[str, Any]:
         "uplift_high": high,
         "snr_mean": sum(snrs) / len(snrs) if snrs else math.inf,
         "contributors_mean": sum(r.get("contributors", 0) for r in rounds) / max(len(rounds), 1),
+        "failed_device_rounds": sum(r.get("failed", 0) for r in rounds),
         "report": privacy["report"] if privacy else "no user-level DP (epsilon infinite)",
         "run_dir": str(run_dir),
     }
