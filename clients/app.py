@@ -14,28 +14,34 @@ device. Replies pass the privacy guard.
 from __future__ import annotations
 
 import hashlib
+from typing import TYPE_CHECKING
 
-import torch
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from clients.device_pool import run_devices
 from clients.reply import GLOBAL_ADAPTER_KEY, build_batch_reply, build_reply, privacy_guard
-from fedasls.adaptation import adapter_state
-from fedasls.config import Settings
-from fedasls.device_round import DeviceRoundResult, keep_always, load_device, run_device_round
-from fedasls.federated.client import Downlink, global_model_adapter
-from fedasls.heterogeneity import HeterogeneityModel
-from fedasls.runtime import DeviceRuntime, resource_key
-from fedasls.simulated_timing import SimulatedTiming
-from fedasls.store import DeviceStore
 
+if TYPE_CHECKING:
+    from fedasls.config import Settings
+    from fedasls.device_round import DeviceRoundResult
+    from fedasls.federated.client import Downlink
+    from fedasls.heterogeneity import HeterogeneityModel
+    from fedasls.runtime import DeviceRuntime
+
+# The device library (torch, transformers) is imported on first use, not at import: on the
+# Deployment Engine every message starts a fresh ClientApp process, and a QUERY needs none of it.
 _WORKER: dict[str, tuple[Settings, DeviceRuntime, HeterogeneityModel]] = {}
 
 
 def worker_resources(settings_json: str) -> tuple[Settings, DeviceRuntime, HeterogeneityModel]:
     """The run's settings and this process's runtime for them, built on first use (one base model per
     process; a runtime is reused across runs that load the same model and population)."""
+    import torch
+
+    from fedasls.config import Settings
+    from fedasls.heterogeneity import HeterogeneityModel
+    from fedasls.runtime import DeviceRuntime, resource_key
+
     key = hashlib.sha256(settings_json.encode()).hexdigest()
     if key not in _WORKER:
         settings = Settings.model_validate_json(settings_json)
@@ -51,6 +57,10 @@ def device_round(settings_json: str, device_id: int, now: float, store_dir: str,
                  downlink: Downlink | None = None) -> DeviceRoundResult:
     """Run one device round in this process. Simulated devices keep their state only if they finish
     inside their availability window; real devices always keep it."""
+    from fedasls.device_round import keep_always, run_device_round
+    from fedasls.simulated_timing import SimulatedTiming
+    from fedasls.store import DeviceStore
+
     settings, runtime, hetero = worker_resources(settings_json)
     keep = SimulatedTiming(hetero).keep_if_online(device_id, now) if simulated_timing else keep_always
     return run_device_round(device_id, now, runtime, settings, DeviceStore(store_dir), hetero, keep=keep,
@@ -67,6 +77,8 @@ def downlink_of(msg: Message, settings: Settings) -> Downlink | None:
     """The global adapter this message carries (a global-adapter round), or None (local)."""
     if GLOBAL_ADAPTER_KEY not in msg.content:
         return None
+    from fedasls.federated.client import Downlink
+
     f = settings.federated
     return Downlink(f.strategy, f.ffa, settings.adaptation.lora_rank, f.seed, f.clip_norm,
                     msg.content[GLOBAL_ADAPTER_KEY].to_torch_state_dict())
@@ -109,6 +121,8 @@ def train(msg: Message, context: Context) -> Message:
         if GLOBAL_ADAPTER_KEY in msg.content:
             raise ValueError("a global-adapter round cannot batch devices (one update per reply): "
                              "set [simulation] devices_per_worker = 1")
+        from clients.device_pool import run_devices
+
         rows = run_devices(device_round_metrics, settings_json, [int(d) for d in config["device-ids"]], now,
                            store, simulated, int(config.get("parallel", 1)))
         return build_batch_reply(msg, rows)
@@ -120,6 +134,11 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Personalized vs base metrics on the device's held-out interactions; state is not changed."""
+    from fedasls.adaptation import adapter_state
+    from fedasls.device_round import load_device
+    from fedasls.federated.client import global_model_adapter
+    from fedasls.store import DeviceStore
+
     config = msg.content["config"]
     settings, runtime, hetero = worker_resources(str(config["settings"]))
     device_id = device_id_of(msg, context)

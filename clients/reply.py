@@ -11,10 +11,13 @@ code path that puts them in a reply, and the guard refuses any reply that does n
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+
+if TYPE_CHECKING:  # torch is imported only where tensors leave: a QUERY process needs none of it
+    import torch
 
 METRICS_KEY = "metrics"
 GLOBAL_UPDATE_KEY = "global-update"  # a device's contribution to the global adapter
@@ -40,6 +43,8 @@ def build_reply(msg: Message, metrics: Mapping[str, float | int],
         clean[key] = value if isinstance(value, int) else float(value)
     records: dict = {METRICS_KEY: MetricRecord(clean)}
     if update is not None:
+        import torch
+
         tensors = {k: v.detach().to("cpu", torch.float32) for k, v in update.items()}
         _check_update_layout(list(tensors), {k: tuple(v.shape) for k, v in tensors.items()},
                              {k: str(v.dtype) for k, v in tensors.items()}, allowed_layout(msg))

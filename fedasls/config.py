@@ -159,7 +159,10 @@ class DeploymentSettings(_Section):
 
     min_nodes: int = Field(1, ge=1, description="Wait for this many SuperNodes before the first round.")
     wait_s: float = Field(120.0, gt=0, description="How long to wait for min_nodes to connect.")
-    query_timeout_s: float = Field(60.0, gt=0, description="A node that does not say which device it is by then is skipped.")
+    query_timeout_s: float = Field(
+        300.0, gt=0, description="A node that does not say which device it is by then is skipped (each answer "
+        "starts a fresh ClientApp process: slow on a loaded machine)."
+    )
     reply_timeout_s: float = Field(600.0, gt=0, description="A device that does not reply by then is offline this round.")
 
 

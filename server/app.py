@@ -44,7 +44,7 @@ def fleet_run_from_config(run_config: dict) -> FleetRun:
     """A FleetRun from Flower run-config keys: `scenario` (name or TOML path), `output-dir`, `fleet`
     ("slots": SuperNodes are worker slots, the default; "nodes": one SuperNode per device)."""
     settings: Settings = load_settings(scenario_path(str(run_config.get("scenario", "quickstart"))))
-    out = Path(str(run_config.get("output-dir", settings.simulation.output_dir)))
+    out = Path(str(run_config.get("output-dir") or settings.simulation.output_dir))
     run_dir = out.resolve() / time.strftime("flwr-run-%Y%m%d-%H%M%S")
     fleet = str(run_config.get("fleet", "slots"))
     if fleet not in ("slots", "nodes"):

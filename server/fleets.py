@@ -170,7 +170,7 @@ class DeviceNodes:
     kind = "nodes"
     simulated = False
 
-    def __init__(self, min_nodes: int = 1, reply_timeout_s: float = 600.0, query_timeout_s: float = 60.0,
+    def __init__(self, min_nodes: int = 1, reply_timeout_s: float = 600.0, query_timeout_s: float = 300.0,
                  wait_s: float = 120.0):
         self.min_nodes = min_nodes
         self.reply_timeout_s = reply_timeout_s
@@ -184,8 +184,9 @@ class DeviceNodes:
         wait_for_nodes(grid, self.min_nodes, timeout_s=self.wait_s)
         self.refresh(grid)
         if not self.node_of:
-            raise RuntimeError("no SuperNode answered which device it is: start them with "
-                               "--node-config \"partition-id=N store-dir='DIR'\"")
+            raise RuntimeError(f"no SuperNode answered which device it is within {self.query_timeout_s:.0f} s: start "
+                               "them with --node-config \"partition-id=N store-dir='DIR'\", or give them longer "
+                               "(deployment.query_timeout_s)")
 
     def refresh(self, grid: Grid) -> None:
         """Forget nodes that left; ask connected nodes not yet known (or silent before) who they are."""
