@@ -128,6 +128,9 @@ def train(msg: Message, context: Context) -> Message:
     settings_json, now, store = str(config["settings"]), float(config["now"]), _store_dir(msg, context)
     simulated, server_round = bool(config.get("simulated-timing", False)), _round_of(config)
     if "device-ids" in config:  # a worker slot running several devices side by side
+        if GLOBAL_ADAPTER_KEY in msg.content:
+            raise ValueError("a global-adapter round cannot batch devices (one update per reply): "
+                             "set [simulation] devices_per_worker = 1")
         from clients.device_pool import run_devices
 
         rows, failures = run_devices(device_round_metrics, settings_json, [int(d) for d in config["device-ids"]],

@@ -382,7 +382,7 @@ def cmd_sweep_privacy(args: argparse.Namespace, settings: Settings) -> int:
     out = Path(args.out) if args.out else Path(settings.simulation.output_dir) / time.strftime("privacy-sweep-%Y%m%d-%H%M%S")
     try:
         rows = sweep_privacy(settings, list(args.noise), out, jobs=args.jobs, include_no_noise=not args.no_baseline)
-    except ValueError as err:  # a grid out of range (nothing ran) or a grid point that failed
+    except (ValueError, RuntimeError) as err:  # a grid out of range (nothing ran) or grid points that failed
         print(f"fedasls: error: {err}", file=sys.stderr)
         return 2
     for r in rows:

@@ -12,7 +12,9 @@ bootstrap 95% CI over devices. Written to the results folder:
     epsilon_vs_utility.png, snr_by_noise.png
     runs/<point>/       each point's own run folder
 
-`--jobs N` runs N points in parallel processes (each with its own Ray instance).
+`--jobs N` runs N points in parallel processes (each with its own Ray instance). Points already
+finished in the results folder (all rounds recorded) are reused, so a sweep can be re-run to
+complete the points that failed.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import csv
 import json
 import math
 import multiprocessing
+import shutil
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -51,9 +54,28 @@ def _run_point(settings_json: str, run_dir: str) -> dict[str, Any]:
     return point_result(run.run_dir, settings)
 
 
+def _rounds(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / "rounds.jsonl"
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
+
+
+def finished(run_dir: Path, settings: Settings) -> bool:
+    """All rounds recorded (or the run stopped at its target epsilon, which privacy.json says)."""
+    rounds = _rounds(run_dir)
+    if len(rounds) >= settings.simulation.rounds:
+        return True
+    target = settings.federated.target_epsilon
+    privacy = run_dir / "privacy.json"
+    return bool(rounds) and bool(target) and privacy.is_file() and json.loads(privacy.read_text())["steps"] == len(rounds)
+
+
 def point_result(run_dir: Path, settings: Settings) -> dict[str, Any]:
-    """Utility, epsilon and SNR of one finished run folder."""
-    rounds = [json.loads(x) for x in (run_dir / "rounds.jsonl").read_text().splitlines() if x.strip()]
+    """Utility, epsilon and SNR of one finished run folder (RuntimeError if it did not finish)."""
+    if not finished(run_dir, settings):
+        raise RuntimeError(f"grid point {run_dir} did not finish its {settings.simulation.rounds} rounds "
+                           f"({len(_rounds(run_dir))} recorded; e.g. Ray failed to start): run the sweep again to "
+                           "redo the unfinished points")
+    rounds = _rounds(run_dir)
     rows = [json.loads(x) for x in (run_dir / "device_rounds.jsonl").read_text().splitlines() if x.strip()]
     latest: dict[int, dict[str, Any]] = {}
     for row in rows:
@@ -78,6 +100,7 @@ def point_result(run_dir: Path, settings: Settings) -> dict[str, Any]:
         "uplift_high": high,
         "snr_mean": sum(snrs) / len(snrs) if snrs else math.inf,
         "contributors_mean": sum(r.get("contributors", 0) for r in rounds) / max(len(rounds), 1),
+        "failed_device_rounds": sum(r.get("failed", 0) for r in rounds),
         "report": privacy["report"] if privacy else "no user-level DP (epsilon infinite)",
         "run_dir": str(run_dir),
     }
@@ -94,22 +117,35 @@ def sweep_privacy(base: Settings, noises: list[float], out_dir: Path, jobs: int 
         raise ValueError(f"sweep privacy: --jobs must be >= 1, got {jobs}")
     out_dir.mkdir(parents=True, exist_ok=True)
     points: list[float | None] = ([None] if include_no_noise else []) + list(noises)
-    tasks = []
-    for z in points:
+    tasks, results_done = [], {}
+    for i, z in enumerate(points):
         name = "noise-none" if z is None else f"noise-{z:g}"
-        tasks.append((point_settings(base, z).model_dump_json(), str(out_dir / "runs" / name)))
+        settings, run_dir = point_settings(base, z), out_dir / "runs" / name
+        if run_dir.is_dir() and finished(run_dir, settings) and (run_dir / "config.toml").is_file():
+            results_done[i] = point_result(run_dir, settings)
+            continue
+        shutil.rmtree(run_dir, ignore_errors=True)
+        tasks.append((i, settings.model_dump_json(), str(run_dir)))
     from tqdm import tqdm
 
-    bar = tqdm(total=len(tasks), desc="privacy sweep", unit="point", disable=not progress)
-    results: list[dict[str, Any] | None] = [None] * len(tasks)
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {pool.submit(_run_point, *task): i for i, task in enumerate(tasks)}
-        from concurrent.futures import as_completed
+    bar = tqdm(total=len(points), initial=len(results_done), desc="privacy sweep", unit="point",
+               disable=not progress)
+    results: list[dict[str, Any] | None] = [results_done.get(i) for i in range(len(points))]
+    failures = []
+    if tasks:
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {pool.submit(_run_point, settings_json, run_dir): i for i, settings_json, run_dir in tasks}
+            from concurrent.futures import as_completed
 
-        for future in as_completed(futures):
-            results[futures[future]] = future.result()
-            bar.update(1)
+            for future in as_completed(futures):
+                try:
+                    results[futures[future]] = future.result()
+                except RuntimeError as err:  # one point failing never loses the others
+                    failures.append(str(err))
+                bar.update(1)
     bar.close()
+    if failures:
+        raise RuntimeError("; ".join(failures))
     rows = [r for r in results if r is not None]
     write_outputs(rows, out_dir)
     return rows

@@ -166,5 +166,10 @@ def test_privacy_sweep_tables_and_plots_from_real_runs(recorded, tmp_path):
     write_outputs(rows, tmp_path)
     for name in ("privacy_sweep.csv", "privacy_sweep.json", "epsilon_vs_utility.png", "snr_by_noise.png"):
         assert (tmp_path / name).stat().st_size > 0
+    crashed = tmp_path / "crashed"  # e.g. Ray failed to start: no round recorded
+    crashed.mkdir()
+    (crashed / "rounds.jsonl").write_text("")
+    with pytest.raises(RuntimeError, match="did not finish"):
+        point_result(crashed, runs[0][1].settings)
     header = (tmp_path / "privacy_sweep.csv").read_text().splitlines()[0].split(",")
     assert {"noise_multiplier", "epsilon", "delta", "sampling", "neighbouring", "uplift_low", "snr_mean"} <= set(header)
