@@ -19,6 +19,7 @@ from fedasls.device_round import load_device, run_device_round
 from fedasls.heterogeneity import HeterogeneityModel
 from fedasls.runtime import DeviceRuntime
 from fedasls.store import DeviceStore
+from fedasls.timing import record, stage
 
 _WORKER: dict[str, tuple[DeviceRuntime, HeterogeneityModel]] = {}
 
@@ -51,10 +52,13 @@ app = ClientApp(mods=[privacy_guard])
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Catch up the stream to the virtual time, adapt if the trigger says so, evaluate, save."""
-    config = msg.content["config"]
-    runtime, hetero = worker_resources(str(config["settings"]))
-    result = run_device_round(device_id_of(msg, context), float(config["now"]), runtime, _store(msg, context), hetero)
-    return build_reply(msg, result.metrics())
+    with record() as timer:  # the reply carries per-stage seconds (numbers only), see fedasls.timing
+        with stage("messaging"):
+            config = msg.content["config"]
+        with stage("worker_setup"):  # the base model loads on a worker's first call only
+            runtime, hetero = worker_resources(str(config["settings"]))
+        result = run_device_round(device_id_of(msg, context), float(config["now"]), runtime, _store(msg, context), hetero)
+    return build_reply(msg, result.metrics() | timer.metrics())
 
 
 @app.evaluate()

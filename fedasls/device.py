@@ -27,6 +27,7 @@ from fedasls.profile import UserProfile
 from fedasls.runtime import DeviceRuntime
 from fedasls.selection import Selector, item_text
 from fedasls.synthesis import Synthesizer
+from fedasls.timing import stage
 
 STATE_VERSION = 2
 
@@ -105,12 +106,14 @@ class Device:
         if not interactions:
             return 0
         if embeddings is None:
-            embeddings = self.runtime.embed([item_text(it) for it in interactions])
+            with stage("embed"):
+                embeddings = self.runtime.embed([item_text(it) for it in interactions])
         admitted = 0
-        for it, emb in zip(interactions, embeddings):
-            item = self.selector.score(it, emb)
-            self.profile.observe(it, emb, item.domain)
-            admitted += self.selector.offer(item)
+        with stage("select"):
+            for it, emb in zip(interactions, embeddings):
+                item = self.selector.score(it, emb)
+                self.profile.observe(it, emb, item.domain)
+                admitted += self.selector.offer(item)
         self.counters.observed += len(interactions)
         buffered = {it.index for it in self.selector.interactions()}
         self.annotations = {i: a for i, a in self.annotations.items() if i in buffered}
@@ -123,9 +126,10 @@ class Device:
 
     def catch_up(self, until: float | None = None) -> int:
         """Observe the stream up to virtual time `until`; returns how many interactions were new."""
-        new = self.pending(until)
-        self.observe(new)
-        self.cursor += len(new)
+        with stage("catch_up"):
+            new = self.pending(until)
+            self.observe(new)
+            self.cursor += len(new)
         return len(new)
 
     # ------------------------------------------------------------------ adaptation
@@ -160,25 +164,28 @@ class Device:
         unlabelled = [it for it in items if it.index not in self.annotations]
         feedback_pairs = []
         if self.options.use_feedback and unlabelled:
-            answers = generate(model, tokenizer, [format_prompt(it.question) for it in unlabelled],
-                               max_new_tokens=s.evaluation.max_new_tokens)
-            for it, answer in zip(unlabelled, answers):
-                fb = self.user.react(it, answer)
-                self.profile.record_feedback(fb.signal)
-                feedback_pairs.append((it, fb))
+            with stage("feedback"):
+                answers = generate(model, tokenizer, [format_prompt(it.question) for it in unlabelled],
+                                   max_new_tokens=s.evaluation.max_new_tokens)
+                for it, answer in zip(unlabelled, answers):
+                    fb = self.user.react(it, answer)
+                    self.profile.record_feedback(fb.signal)
+                    feedback_pairs.append((it, fb))
         implicit = feedback_examples(feedback_pairs)
         edited = {it.index for it, fb in feedback_pairs if fb.signal == "edit"}
 
         # Sparse annotation: only buffered items, only within this adaptation's budget.
         self.user.reset_budget()
         to_ask = [it for it in unlabelled if it.index not in edited]
-        for it, preferred in self.user.annotate(to_ask, self.user.budget_remaining):
-            self.annotations[it.index] = preferred
+        with stage("annotate"):
+            for it, preferred in self.user.annotate(to_ask, self.user.budget_remaining):
+                self.annotations[it.index] = preferred
         self.counters.annotations += self.user.annotations_used
 
         labelled = [(it.question, self.annotations[it.index]) for it in items if it.index in self.annotations]
         synthesizer = Synthesizer.from_settings(s.synthesis, seed=self.seed)
-        rewrites = synthesizer.synthesize(model, tokenizer, labelled)
+        with stage("synthesize"):
+            rewrites = synthesizer.synthesize(model, tokenizer, labelled)
         examples = [TrainingExample(q, a) for q, a in labelled + rewrites]
         examples += [TrainingExample(q, a, w) for q, a, w in implicit]
 
@@ -187,9 +194,10 @@ class Device:
             # Re-tune a fresh adapter on the current buffer: continuing the last one epoch after epoch
             # on a mostly unchanged buffer overfits (measured: ROUGE-1 0.715 after one adaptation,
             # 0.475 after twelve continued ones on the same stream).
-            reset_adapter(model, seed=self.seed + self.counters.adaptations)
-            result = train_adapter(model, tokenizer, examples, s.adaptation, seed=self.seed + self.counters.adaptations)
-            self.adapter = adapter_state(model)
+            with stage("train"):
+                reset_adapter(model, seed=self.seed + self.counters.adaptations)
+                result = train_adapter(model, tokenizer, examples, s.adaptation, seed=self.seed + self.counters.adaptations)
+                self.adapter = adapter_state(model)
             if result.epsilon is not None:
                 self.dp_history.append((result.noise_multiplier, result.sample_rate, result.steps))
         self.selector.mark_adapted()
@@ -213,6 +221,10 @@ class Device:
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, heldout: list[Interaction] | None = None) -> tuple[EvalResult, EvalResult]:
         """(personalized, base) metrics on held-out future interactions; base is computed once."""
+        with stage("evaluate"):
+            return self._evaluate(heldout)
+
+    def _evaluate(self, heldout: list[Interaction] | None) -> tuple[EvalResult, EvalResult]:
         s = self.runtime.settings
         heldout = heldout or self.runtime.population.heldout(self.device_id)
         tokenizer = self.runtime.tokenizer

@@ -8,13 +8,14 @@ that goes offline before it finishes loses the round's work (its state is not sa
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from fedasls.device import Device, DeviceOptions
 from fedasls.heterogeneity import CostModel, HeterogeneityModel
 from fedasls.interaction import STREAM_EPOCH
 from fedasls.runtime import DeviceRuntime
 from fedasls.store import DeviceStore
+from fedasls.timing import record, stage
 
 UPLOAD_BYTES = 512  # a reply of scalar metrics; a later global-adapter update adds its own bytes
 
@@ -41,11 +42,13 @@ class DeviceRoundResult:
     base_perplexity: float
     base_accept_rate: float
     epsilon: float
+    stage_seconds: dict[str, float] = field(default_factory=dict)  # fedasls.timing: stage_<name>_s / _cpu_s
 
     def metrics(self) -> dict[str, float | int]:
         """Numbers only, for the reply's MetricRecord (status as a code: 0 completed, 1 offline)."""
-        out = {k: v for k, v in asdict(self).items() if k != "status"}
+        out = {k: v for k, v in asdict(self).items() if k not in ("status", "stage_seconds")}
         out["status_code"] = {"completed": 0, "offline": 1}[self.status]
+        out.update(self.stage_seconds)
         return out
 
 
@@ -69,10 +72,23 @@ def run_device_round(
     cost: CostModel | None = None,
     options: DeviceOptions | None = None,
 ) -> DeviceRoundResult:
-    """Run device `device_id` at virtual time `now` and persist its state if it stays online."""
+    """Run device `device_id` at virtual time `now` and persist its state if it stays online.
+
+    The result's `stage_seconds` holds the round's per-stage wall and CPU times (fedasls.timing).
+    """
+    with record() as timer:
+        result = _run_device_round(device_id, now, runtime, store, heterogeneity, cost, options)
+    result.stage_seconds = timer.metrics()
+    return result
+
+
+def _run_device_round(device_id: int, now: float, runtime: DeviceRuntime, store: DeviceStore,
+                      heterogeneity: HeterogeneityModel, cost: CostModel | None,
+                      options: DeviceOptions | None) -> DeviceRoundResult:
     cost = cost or CostModel()
     profile = heterogeneity.profile(device_id)
-    device = load_device(device_id, runtime, store, heterogeneity, options)
+    with stage("load_state"):
+        device = load_device(device_id, runtime, store, heterogeneity, options)
     new = device.catch_up(until=STREAM_EPOCH + now)
     examples = 0
     adapted = device.should_adapt()
@@ -92,7 +108,8 @@ def run_device_round(
     finished_online = profile.availability.is_available(now) and profile.availability.next_change(now) >= now + seconds
     status = "completed" if finished_online else "offline"
     if finished_online:
-        store.save(device_id, device.to_state())
+        with stage("save"):
+            store.save(device_id, device.to_state())
     last = device.counters.history[-1] if (adapted and device.counters.history) else {}
     return DeviceRoundResult(
         device_id=device_id,
