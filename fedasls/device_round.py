@@ -95,7 +95,10 @@ def _run_device_round(device_id: int, now: float, runtime: DeviceRuntime, store:
     if adapted:
         examples = device.adapt().examples
     had_base = device.base_eval is not None
-    personal, base = device.evaluate()
+    if adapted or device.last_eval is None:
+        personal, base = device.evaluate()
+    else:  # adapter and held-out items unchanged since the saved evaluation: the same figures, not recomputed
+        personal, base = device.last_eval, device.base_eval
     work = {
         "embed_items": new,
         "train_examples": examples,
