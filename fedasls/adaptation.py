@@ -291,12 +291,13 @@ def _tensorize(
 # Causal LMs whose logits are exactly `lm_head(decoder(...).last_hidden_state)` (no logit scaling or
 # soft-capping), so the head may run on the answer positions only.
 _PLAIN_HEAD_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2"})
+ANSWER_ONLY_HEAD = True  # False: the full-logits path everywhere (benchmarks/speedups.py compares the two)
 
 
 def _decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module] | None:
     """(decoder, lm_head) of a plain-head causal LM (peft-wrapped or not), else None."""
     causal = model.get_base_model() if isinstance(model, PeftModel) else model
-    if getattr(getattr(causal, "config", None), "model_type", None) not in _PLAIN_HEAD_MODEL_TYPES:
+    if not ANSWER_ONLY_HEAD or getattr(getattr(causal, "config", None), "model_type", None) not in _PLAIN_HEAD_MODEL_TYPES:
         return None
     decoder, head = causal.get_decoder(), causal.get_output_embeddings()
     return (decoder, head) if decoder is not None and head is not None else None

@@ -412,11 +412,15 @@ def generate(
     return out
 
 
+EMBED_WITHOUT_HEAD = True  # False: the full model with output_hidden_states (benchmarks/speedups.py compares)
+
+
 def _decoder(model: torch.nn.Module) -> torch.nn.Module | None:
     """The decoder stack of a Llama-style causal LM (peft-wrapped or not) whose last hidden state is
     `hidden_states[-1]` of the full model, else None."""
     causal = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if getattr(getattr(causal, "config", None), "model_type", None) not in ("llama", "mistral", "qwen2"):
+    model_type = getattr(getattr(causal, "config", None), "model_type", None)
+    if not EMBED_WITHOUT_HEAD or model_type not in ("llama", "mistral", "qwen2"):
         return None
     get = getattr(causal, "get_decoder", None)
     return get() if callable(get) else None
