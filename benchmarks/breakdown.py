@@ -113,13 +113,15 @@ def measure_model(label: str, path: str | None, args: argparse.Namespace) -> dic
             })
     stages = timer.seconds()
     setup = stages.pop("worker_setup", None)
+    stages.pop("messaging", None)  # measured from outside the round below
     total_wall = sum(d["wall_s"] for d in per_device)
     total_cpu = sum(d["cpu_s"] for d in per_device)
     rows = [{"model": label, "stage": name, "wall_s": t.wall, "cpu_s": t.cpu, "calls": t.calls,
              "cpu_share": t.cpu / total_cpu if total_cpu else 0.0} for name, t in stages.items()]
     other_wall = total_wall - sum(r["wall_s"] for r in rows)
     other_cpu = total_cpu - sum(r["cpu_s"] for r in rows)
-    rows.append({"model": label, "stage": "other", "wall_s": other_wall, "cpu_s": other_cpu, "calls": 0,
+    # messaging: the ClientApp call outside the device round (message decode, privacy-guard mod, reply build)
+    rows.append({"model": label, "stage": "messaging", "wall_s": other_wall, "cpu_s": other_cpu, "calls": len(per_device),
                  "cpu_share": other_cpu / total_cpu if total_cpu else 0.0})
     result: dict[str, Any] = {
         "model": label, "model_path": model_path, "devices": args.devices, "day": args.day,
@@ -146,7 +148,7 @@ def training_efficiency(settings: Any, day: float) -> dict[str, float]:
     from fedasls.runtime import DeviceRuntime
 
     runtime = DeviceRuntime(settings)
-    device = Device(0, runtime)
+    device = Device(0, runtime, settings)
     device.catch_up(until=STREAM_EPOCH + day * 86400.0)
     examples = [TrainingExample(it.question, it.preferred) for it in device.selector.interactions()]
     if not examples:
@@ -154,10 +156,10 @@ def training_efficiency(settings: Any, day: float) -> dict[str, float]:
     model = device.activate()
     reset_adapter(model, seed=1)
     with Meter() as m:
-        result = train_adapter(model, runtime.tokenizer, examples, settings.adaptation, seed=1)
+        result = train_adapter(model, runtime.prompts, examples, settings.adaptation, seed=1)
     reset_adapter(model, seed=1)
     with FlopCounterMode(display=False) as counter:
-        train_adapter(model, runtime.tokenizer, examples, settings.adaptation, seed=1)
+        train_adapter(model, runtime.prompts, examples, settings.adaptation, seed=1)
     flops = float(counter.get_total_flops())
     hidden = int(model.config.hidden_size)
     tokens = settings.adaptation.batch_size * 64  # a typical batch of answer-length sequences
@@ -192,14 +194,14 @@ def plot(path: Path, results: list[dict[str, Any]]) -> None:
 
     from fedasls.timing import STAGES
 
-    names = [s for s in STAGES if s != "worker_setup"] + ["other"]
+    names = [s for s in STAGES if s != "worker_setup"]
     colors = dict(zip(names, plt.get_cmap("tab20").colors))
     fig, axes = plt.subplots(1, len(results), figsize=(5.5 * len(results), 4.2), squeeze=False)
     for ax, r in zip(axes[0], results):
         bottom = [0.0] * len(r["per_device"])
         x = [d["device_id"] for d in r["per_device"]]
         for name in names:
-            if name == "other":
+            if name == "messaging":
                 values = [d["cpu_s"] - sum(v for k, v in d.items() if k.startswith("stage_") and k.endswith("_cpu_s")
                                            and k != "stage_worker_setup_cpu_s") for d in r["per_device"]]
             else:

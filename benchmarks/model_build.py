@@ -21,7 +21,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from fedasls.config import ModelSettings
-from fedasls.model import BUILD_INFO, build_default_model, default_model_dir, format_prompt, generate, load_model
+from fedasls.model import BUILD_INFO, build_default_model, default_model_dir, generate, load_model
+from fedasls.prompts import PromptFormat
 
 QUESTIONS = [
     "How do I keep my sourdough starter alive?",
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
         info = json.loads((target / BUILD_INFO).read_text())
         model, tokenizer = load_model(target)
         t0 = time.perf_counter()
-        answers = generate(model, tokenizer, [format_prompt(q) for q in QUESTIONS], max_new_tokens=args.max_new_tokens)
+        answers = generate(model, PromptFormat(tokenizer), QUESTIONS, max_new_tokens=args.max_new_tokens)
         gen_s = time.perf_counter() - t0
 
     print(f"settings:        {json.dumps(info['settings'])}")

@@ -24,6 +24,7 @@ from fedasls.evaluation import evaluate
 from fedasls.interaction import STREAM_EPOCH
 from fedasls.model import load_model
 from fedasls.population import Population, population_from_settings
+from fedasls.prompts import PromptFormat
 
 client_app = ClientApp()
 
@@ -43,13 +44,14 @@ def train(msg: Message, context: Context) -> Message:
     device_id, now = int(config["device-id"]), float(config["now"])
     population = _population(str(config["settings"]))
     model, tokenizer = load_model(settings.model.path)  # every call, as the examples do
+    prompts = PromptFormat(tokenizer)
     a = settings.adaptation
     model = attach_lora(model, a.lora_rank, a.lora_alpha, a.lora_dropout, "default", a.target_modules)
     data = [it for it in population.stream(device_id) if it.timestamp <= STREAM_EPOCH + now]
     examples = [TrainingExample(it.question, it.preferred) for it in data]
     seed = settings.population.seed * 1_000_003 + device_id
-    steps = train_adapter(model, tokenizer, examples, a, seed=seed).steps if examples else 0
-    result = evaluate(model, tokenizer, population.heldout(device_id), settings.evaluation.max_new_tokens)
+    steps = train_adapter(model, prompts, examples, a, seed=seed).steps if examples else 0
+    result = evaluate(model, prompts, population.heldout(device_id), settings.evaluation.max_new_tokens)
     metrics = {"device_id": device_id, "examples": len(examples), "steps": steps,
                "rouge1": result.rouge1, "rougeL": result.rougeL, "perplexity": result.perplexity,
                "work_cpu_s": time.process_time() - cpu0}

@@ -40,34 +40,35 @@ def variants(policies: list[str], rewrites: list[int], default_rewrites: int) ->
 
 
 def run_device(args: tuple[int, str | None, list[str], list[tuple[str, str, int]]]) -> list[dict]:
-    """Every variant on one device (in a worker process with its own model copy)."""
+    """Every variant on one device (in a worker process with its own model copy).
+
+    Each variant is a Device with its own Settings on the worker's one shared DeviceRuntime; the
+    stream's embeddings are computed once and reused by every variant.
+    """
     device_id, config, overrides, plan = args
     import torch
 
     torch.set_num_threads(1)
     from fedasls.config import load_settings
-    from fedasls.device import Device
-    from fedasls.runtime import DeviceRuntime
-    from fedasls.selection import item_text
+    from fedasls.device import Device, DeviceOptions
+    from fedasls.driver import advance
 
     settings = load_settings(config, overrides)
     runtime = _runtime(settings)
     stream = runtime.population.stream(device_id)
-    embeddings = runtime.embed([item_text(it) for it in stream])
+    embeddings = runtime.embed_interactions(stream)
     rows, base = [], None
+    once_at_the_end = DeviceOptions(use_profile_trigger=False)  # one adaptation on the whole stream's buffer
     for name, policy, k in plan:
-        s = settings.model_copy(update={
+        variant = settings.model_copy(update={
             "selection": settings.selection.model_copy(update={"policy": policy}),
             "synthesis": settings.synthesis.model_copy(update={"rewrites": k}),
         })
-        runtime.settings = s
-        device = Device(device_id, runtime)
+        device = Device(device_id, runtime, variant, options=once_at_the_end)
         device.base_eval = base
-        t0 = time.perf_counter()
-        for it, emb in zip(stream, embeddings):
-            device.observe([it], emb[None, :])
-        observe_ms = (time.perf_counter() - t0) * 1000 / len(stream)
-        report = device.adapt()
+        progress = advance(device, stream_embeddings=embeddings)  # the whole stream, then one adaptation
+        observe_ms = progress.observe_seconds * 1000 / len(stream)
+        report = progress.adaptations[0]
         personal, base = device.evaluate()
         rows.append({
             "device_id": device_id, "variant": name, "policy": policy, "rewrites": k,
@@ -76,7 +77,6 @@ def run_device(args: tuple[int, str | None, list[str], list[tuple[str, str, int]
             "annotated": report.annotated, "synthesized": report.synthesized, "examples": report.examples,
             "valuable_share": _valuable_share(device), "observe_ms": observe_ms,
         })
-    runtime.settings = settings
     return rows
 
 
@@ -84,6 +84,7 @@ _RUNTIME = None
 
 
 def _runtime(settings):
+    """The worker's one DeviceRuntime (model, tokenizer, population, lexicons), shared by all variants."""
     global _RUNTIME
     if _RUNTIME is None:
         from fedasls.runtime import DeviceRuntime

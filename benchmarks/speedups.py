@@ -79,9 +79,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from fedasls.config import load_settings
     from fedasls.device import Device
     from fedasls.interaction import STREAM_EPOCH
-    from fedasls.model import ensure_model, format_prompt, generate
+    from fedasls.model import ensure_model, generate
     from fedasls.runtime import DeviceRuntime
-    from fedasls.selection import item_text
 
     args = parse_args(argv)
     torch.set_num_threads(1)
@@ -92,14 +91,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     a = settings.adaptation
     devices = []
     for d in range(args.devices):
-        device = Device(d, runtime)
+        device = Device(d, runtime, settings)
         device.catch_up(until=STREAM_EPOCH + args.day * 86400.0)
         devices.append(device)
     examples = [[adaptation.TrainingExample(it.question, it.preferred) for it in dev.selector.interactions()]
                 for dev in devices]
-    prompts = [format_prompt(it.question) for dev in devices for it in dev.selector.interactions()]
-    texts = [item_text(it) for d in range(args.devices) for it in runtime.population.stream(d)]
-    model = runtime.activate(a.lora_rank)
+    prompts = [it.question for dev in devices for it in dev.selector.interactions()]
+    texts = [it for d in range(args.devices) for it in runtime.population.stream(d)]
+    model = runtime.activate(a.lora_rank, a)
 
     def train(answer_only: bool, batch_size: int | None = None) -> Callable[[], str]:
         def run() -> str:
@@ -109,7 +108,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 for d, ex in enumerate(examples):
                     adaptation.reset_adapter(model, seed=d)
                     s = a if batch_size is None else a.model_copy(update={"batch_size": batch_size})
-                    adaptation.train_adapter(model, runtime.tokenizer, ex, s, seed=d)
+                    adaptation.train_adapter(model, runtime.prompts, ex, s, seed=d)
                     for k, v in sorted(adaptation.adapter_state(model).items()):
                         digest.update(v.numpy().tobytes())
             finally:
@@ -120,14 +119,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     def gen(batch_size: int | None) -> Callable[[], list[str]]:
         def run() -> list[str]:
             with runtime.base_model() as m:
-                return generate(m, runtime.tokenizer, prompts, settings.evaluation.max_new_tokens, batch_size=batch_size)
+                return generate(m, runtime.prompts, prompts, settings.evaluation.max_new_tokens, batch_size=batch_size)
         return run
 
     def embed(without_head: bool) -> Callable[[], Any]:
         def run() -> Any:
             model_lib.EMBED_WITHOUT_HEAD = without_head
             try:
-                return runtime.embed(texts)
+                return runtime.embed_interactions(texts)
             finally:
                 model_lib.EMBED_WITHOUT_HEAD = True
         return run
@@ -146,7 +145,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                            "note": "per round without adaptation (the saved evaluation is reused)"}
     batch = {bs: min(_cpu(train(True, bs))[0] for _ in range(max(1, args.repeats - 1))) for bs in (8, 16, 32)}
     results["batch_size_train_cpu_s"] = batch
-    results["padding"] = padding_shares(examples, runtime.tokenizer, a.max_length, a.batch_size)
+    results["padding"] = padding_shares(examples, runtime.prompts, a.max_length, a.batch_size)
 
     print(f"{'speed-up':<10}{'before CPU s':>13}{'after CPU s':>13}{'x':>7}  identical  load")
     for name in ("train", "generate", "embed", "evaluate"):
@@ -166,7 +165,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return summary
 
 
-def padding_shares(examples: list[list[Any]], tokenizer: Any, max_length: int, batch_size: int) -> dict[str, float]:
+def padding_shares(examples: list[list[Any]], prompts: Any, max_length: int, batch_size: int) -> dict[str, float]:
     """Share of processed training tokens that are padding: seeded shuffled batches vs length-sorted ones."""
     import torch
 
@@ -176,7 +175,7 @@ def padding_shares(examples: list[list[Any]], tokenizer: Any, max_length: int, b
     for seed, ex in enumerate(examples):
         if not ex:
             continue
-        lengths = _tensorize(tokenizer, ex, max_length).tensors[1].sum(dim=1)
+        lengths = _tensorize(prompts, ex, max_length).tensors[1].sum(dim=1)
         perm = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(seed))
         srt = lengths.sort().values
         for i in range(0, len(lengths), batch_size):

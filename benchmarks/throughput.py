@@ -142,7 +142,7 @@ def _bare_init(settings_json: str, store: str) -> None:
 
     torch.set_num_threads(1)
     settings = Settings.model_validate_json(settings_json)
-    _BARE.update(runtime=DeviceRuntime(settings), store=DeviceStore(store),
+    _BARE.update(settings=settings, runtime=DeviceRuntime(settings), store=DeviceStore(store),
                  hetero=HeterogeneityModel.from_settings(settings.heterogeneity))
 
 
@@ -150,7 +150,7 @@ def _bare_round(job: tuple[int, float]) -> dict[str, float]:
     from fedasls.device_round import run_device_round
 
     device_id, now = job
-    return run_device_round(device_id, now, _BARE["runtime"], _BARE["store"], _BARE["hetero"]).metrics()
+    return run_device_round(device_id, now, _BARE["runtime"], _BARE["settings"], _BARE["store"], _BARE["hetero"]).metrics()
 
 
 def run_bare(settings: Any, work: Path) -> dict[str, Any]:

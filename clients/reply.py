@@ -31,6 +31,29 @@ def build_reply(msg: Message, metrics: Mapping[str, float | int]) -> Message:
     return Message(RecordDict({METRICS_KEY: MetricRecord(clean)}), reply_to=msg)
 
 
+def build_batch_reply(msg: Message, rows: list[Mapping[str, float | int]]) -> Message:
+    """The reply of a worker slot that ran several devices: one MetricRecord whose every key holds a
+    list with one number per device (in the order of the rows); numbers only, as in `build_reply`."""
+    keys = sorted({key for row in rows for key in row})
+    clean: dict[str, list[int] | list[float]] = {}
+    for key in keys:
+        values = [row[key] for row in rows]
+        if any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in values):
+            raise PrivacyViolation(f"metric '{key}' holds a non-number, only numbers may leave a device")
+        clean[key] = values if all(isinstance(v, int) for v in values) else [float(v) for v in values]
+    return Message(RecordDict({METRICS_KEY: MetricRecord(clean)}), reply_to=msg)
+
+
+def device_metrics(reply: Message) -> list[dict[str, float | int]]:
+    """Per-device metric dicts of a reply from `build_reply` (one device) or `build_batch_reply`."""
+    metrics = dict(reply.content[METRICS_KEY])
+    if "device_id" not in metrics:  # a batch whose every device failed
+        return []
+    if not isinstance(metrics["device_id"], list):
+        return [metrics]
+    return [{key: values[i] for key, values in metrics.items()} for i in range(len(metrics["device_id"]))]
+
+
 def check_reply(reply: Message) -> None:
     """Raise PrivacyViolation unless the reply holds only the allowed records.
 

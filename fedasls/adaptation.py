@@ -7,14 +7,14 @@ How a worker process runs many devices: it loads ONE base model, wraps it ONCE w
     for device in devices:
         if device has a saved state: load_adapter_state(peft_model, state)
         else:                        reset_adapter(peft_model, seed=device_seed)
-        result = train_adapter(peft_model, tokenizer, examples, settings, seed)
+        result = train_adapter(peft_model, prompts, examples, settings, seed)  # prompts = PromptFormat(tokenizer)
         state = adapter_state(peft_model)                         # cloned tensors, store them
 
 Only the LoRA matrices move (peft's get/set_peft_model_state_dict); the base weights are never
 copied or touched. `save_adapter` / `load_adapter` use peft's own folder format.
 
-Training formats each example as ``format_prompt(question) + " " + answer + eos`` and takes the
-loss on the answer tokens only. With ``settings.dp`` the step is opacus DP-SGD on the LoRA
+Training formats each example with `PromptFormat.example_ids` (the model's chat template when it
+has one: the answer is the assistant turn) and takes the loss on the answer tokens only. With ``settings.dp`` the step is opacus DP-SGD on the LoRA
 parameters: Poisson sampling, per-example clipping to ``max_grad_norm``, Gaussian noise
 ``noise_multiplier * max_grad_norm``, accounted with opacus' RDP accountant (add/remove-one).
 Per-example gradients come from opacus' "hooks" mode, which supports the ``nn.Linear`` modules
@@ -39,10 +39,10 @@ from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dic
 from peft.tuners.lora import LoraLayer
 from peft.utils import load_peft_weights
 from torch.utils.data import DataLoader, TensorDataset
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel
 
 from fedasls.config import AdaptationSettings
-from fedasls.model import format_prompt
+from fedasls.prompts import PromptFormat, check_prompt_format
 from fedasls.privacy import PrivacyReport, opacus_report
 
 ATTENTION_QV: tuple[str, ...] = ("q_proj", "v_proj")
@@ -250,32 +250,27 @@ def load_adapter(
 # --------------------------------------------------------------------------- data
 
 
-def _encode(
-    tokenizer: PreTrainedTokenizerBase, example: TrainingExample, max_length: int
-) -> tuple[list[int], list[int]]:
-    """Token ids and labels (-100 on the prompt) for prompt + " " + answer + eos."""
-    if tokenizer.eos_token_id is None:
-        raise ValueError("the tokenizer has no eos token; set tokenizer.eos_token before training")
-    prompt = tokenizer(format_prompt(example.question), add_special_tokens=True)["input_ids"]
-    answer = tokenizer(" " + example.answer.strip(), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+def _encode(prompts: PromptFormat, example: TrainingExample, max_length: int) -> tuple[list[int], list[int]]:
+    """Token ids and labels (-100 on the prompt) for the prompt then the answer (with its end token)."""
+    prompt, answer = prompts.example_ids(example.question, example.answer)
     # Keep at least half the window for the answer; crop the prompt from the left if needed.
     answer = answer[: max(max_length - min(len(prompt), max_length // 2), 1)]
     prompt = prompt[max(len(prompt) - (max_length - len(answer)), 0) :]
     return prompt + answer, [IGNORE_INDEX] * len(prompt) + answer
 
 
-def _tensorize(
-    tokenizer: PreTrainedTokenizerBase, examples: Sequence[TrainingExample], max_length: int
-) -> TensorDataset:
+def _tensorize(prompts: PromptFormat, examples: Sequence[TrainingExample], max_length: int) -> TensorDataset:
     """Right-padded [n, L] ids / mask / labels plus [n] weights."""
+    prompts = check_prompt_format(prompts)
     if not examples:
         raise ValueError("no training examples: pass at least one TrainingExample")
+    tokenizer = prompts.tokenizer
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     encoded = []
     for i, ex in enumerate(examples):
         if not (math.isfinite(ex.weight) and ex.weight > 0):
             raise ValueError(f"examples[{i}].weight must be a finite number > 0, got {ex.weight!r}")
-        encoded.append(_encode(tokenizer, ex, max_length))
+        encoded.append(_encode(prompts, ex, max_length))
     length = max(len(ids) for ids, _ in encoded)
     ids = torch.full((len(encoded), length), pad, dtype=torch.long)
     mask = torch.zeros((len(encoded), length), dtype=torch.long)
@@ -297,7 +292,8 @@ ANSWER_ONLY_HEAD = True  # False: the full-logits path everywhere (benchmarks/sp
 def _decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module] | None:
     """(decoder, lm_head) of a plain-head causal LM (peft-wrapped or not), else None."""
     causal = model.get_base_model() if isinstance(model, PeftModel) else model
-    if not ANSWER_ONLY_HEAD or getattr(getattr(causal, "config", None), "model_type", None) not in _PLAIN_HEAD_MODEL_TYPES:
+    model_type = getattr(getattr(causal, "config", None), "model_type", None)
+    if not ANSWER_ONLY_HEAD or model_type not in _PLAIN_HEAD_MODEL_TYPES:
         return None
     decoder, head = causal.get_decoder(), causal.get_output_embeddings()
     return (decoder, head) if decoder is not None and head is not None else None
@@ -364,7 +360,7 @@ def _trainable(peft_model: PeftModel) -> list[tuple[str, torch.nn.Parameter]]:
 
 def train_adapter(
     peft_model: PeftModel,
-    tokenizer: PreTrainedTokenizerBase,
+    prompts: PromptFormat,
     examples: Sequence[TrainingExample],
     settings: AdaptationSettings,
     seed: int,
@@ -382,7 +378,7 @@ def train_adapter(
     params = _trainable(peft_model)
     limit = getattr(getattr(peft_model, "config", None), "max_position_embeddings", None)
     max_length = min(settings.max_length, limit) if limit else settings.max_length
-    data = _tensorize(tokenizer, examples, max_length)
+    data = _tensorize(prompts, examples, max_length)
     device = next(peft_model.parameters()).device
     with _seeded(seed, peft_model):
         loader_gen = torch.Generator().manual_seed(seed)
@@ -493,13 +489,13 @@ def _train_dp(
 @torch.no_grad()
 def sequence_loss(
     model: torch.nn.Module,
-    tokenizer: PreTrainedTokenizerBase,
+    prompts: PromptFormat,
     examples: Sequence[TrainingExample],
     max_length: int = 96,
     batch_size: int = 16,
 ) -> float:
     """Mean next-token loss over all answer tokens of `examples` (exp of it = perplexity)."""
-    data = _tensorize(tokenizer, examples, max_length)
+    data = _tensorize(prompts, examples, max_length)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()

@@ -140,6 +140,26 @@ class SimulationSettings(_Section):
     cpus_per_worker: float = Field(1.0, gt=0)
     output_dir: str = "results"
     store_dir: str | None = Field(None, description="Device store; default <output_dir>/<run>/store.")
+    ray_address: str | None = Field(
+        None, description="Attach to this running Ray cluster (e.g. 'auto', '10.0.0.5:6379'; env RAY_ADDRESS) "
+        "instead of starting Ray; workers then follows the cluster's CPUs."
+    )
+    devices_per_worker: int = Field(
+        1, ge=1, description="Devices one worker slot runs side by side (one process each), to use more CPUs "
+        "than Flower's min(32, cpu_count + 4) concurrent ClientApp calls."
+    )
+
+
+class DeploymentSettings(_Section):
+    """A prototype fleet on Flower's Deployment Engine: one SuperNode per device."""
+
+    min_nodes: int = Field(1, ge=1, description="Wait for this many SuperNodes before the first round.")
+    wait_s: float = Field(120.0, gt=0, description="How long to wait for min_nodes to connect.")
+    query_timeout_s: float = Field(
+        300.0, gt=0, description="A node that does not say which device it is by then is skipped (each answer "
+        "starts a fresh ClientApp process: slow on a loaded machine)."
+    )
+    reply_timeout_s: float = Field(600.0, gt=0, description="A device that does not reply by then is offline this round.")
 
 
 class Settings(_Section):
@@ -154,6 +174,7 @@ class Settings(_Section):
     evaluation: EvaluationSettings = EvaluationSettings()
     heterogeneity: HeterogeneitySettings = HeterogeneitySettings()
     simulation: SimulationSettings = SimulationSettings()
+    deployment: DeploymentSettings = DeploymentSettings()
 
 
 def _format_errors(err: ValidationError, source: str) -> str:

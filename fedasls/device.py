@@ -5,7 +5,8 @@
     evaluate-> held-out future interactions, personalized vs base
 
 All state is plain data (`to_state` / `from_state`) so a device can live in a store between
-rounds; the heavy pieces (base model, tokenizer, lexicons) come from the shared DeviceRuntime.
+rounds; the heavy pieces (base model, tokenizer, lexicons) come from the shared DeviceRuntime,
+and the device's own `Settings` are passed to it (devices sharing a runtime may differ in them).
 """
 
 from __future__ import annotations
@@ -20,12 +21,13 @@ import torch
 from fedasls.adaptation import TrainingExample, adapter_state, load_adapter_state, reset_adapter, train_adapter
 from fedasls.evaluation import EvalResult, evaluate
 from fedasls.feedback import SimulatedUser, feedback_examples
+from fedasls.config import Settings
 from fedasls.interaction import Interaction
-from fedasls.model import format_prompt, generate
+from fedasls.model import generate
 from fedasls.privacy import composed_epsilon
 from fedasls.profile import UserProfile
 from fedasls.runtime import DeviceRuntime
-from fedasls.selection import Selector, item_text
+from fedasls.selection import Selector
 from fedasls.synthesis import Synthesizer
 from fedasls.timing import stage
 
@@ -74,12 +76,14 @@ class Device:
         self,
         device_id: int,
         runtime: DeviceRuntime,
+        settings: Settings,
         *,
         lora_rank: int | None = None,
         buffer_bytes: int | None = None,
         options: DeviceOptions | None = None,
     ) -> None:
-        s = runtime.settings
+        runtime.check(settings)
+        s = self.settings = settings
         self.device_id = device_id
         self.runtime = runtime
         self.options = options or DeviceOptions()
@@ -107,7 +111,7 @@ class Device:
             return 0
         if embeddings is None:
             with stage("embed"):
-                embeddings = self.runtime.embed([item_text(it) for it in interactions])
+                embeddings = self.runtime.embed_interactions(interactions)
         admitted = 0
         with stage("select"):
             for it, emb in zip(interactions, embeddings):
@@ -124,18 +128,25 @@ class Device:
         rest = self.runtime.population.stream(self.device_id)[self.cursor :]
         return rest if until is None else [it for it in rest if it.timestamp <= until]
 
-    def catch_up(self, until: float | None = None) -> int:
-        """Observe the stream up to virtual time `until`; returns how many interactions were new."""
+    def catch_up(self, until: float | None = None, *, limit: int | None = None,
+                 stream_embeddings: np.ndarray | None = None) -> int:
+        """Observe the stream up to virtual time `until` (at most `limit` interactions, no trigger
+        checks: `fedasls.driver.advance` does those); returns how many interactions were new.
+
+        `stream_embeddings` (one row per interaction of the WHOLE stream) skips the embedding
+        forward when already computed.
+        """
         with stage("catch_up"):
-            new = self.pending(until)
-            self.observe(new)
+            new = self.pending(until)[:limit]
+            rows = None if stream_embeddings is None else stream_embeddings[self.cursor : self.cursor + len(new)]
+            self.observe(new, rows)
             self.cursor += len(new)
         return len(new)
 
     # ------------------------------------------------------------------ adaptation
     def should_adapt(self) -> bool:
         """Re-tune only when the buffer or the profile changed enough (ASLS adaptive trigger)."""
-        a = self.runtime.settings.adaptation
+        a = self.settings.adaptation
         buffered = len(self.selector.buffer)
         if not buffered:
             return False
@@ -146,7 +157,7 @@ class Device:
 
     def activate(self):
         """Swap this device's adapter into the shared model and return it."""
-        model = self.runtime.activate(self.lora_rank)
+        model = self.runtime.activate(self.lora_rank, self.settings.adaptation)
         if self.adapter is None:
             reset_adapter(model, seed=self.seed)
         else:
@@ -155,9 +166,9 @@ class Device:
 
     def adapt(self) -> AdaptReport:
         """One adaptation: implicit feedback, sparse annotation, synthesis, LoRA training."""
-        s = self.runtime.settings
+        s = self.settings
         model = self.activate()
-        tokenizer = self.runtime.tokenizer
+        prompts = self.runtime.prompts
         items = self.selector.interactions()
 
         # Implicit feedback on the buffered items the user has not annotated: edits reveal preferences.
@@ -165,7 +176,7 @@ class Device:
         feedback_pairs = []
         if self.options.use_feedback and unlabelled:
             with stage("feedback"):
-                answers = generate(model, tokenizer, [format_prompt(it.question) for it in unlabelled],
+                answers = generate(model, prompts, [it.question for it in unlabelled],
                                    max_new_tokens=s.evaluation.max_new_tokens)
                 for it, answer in zip(unlabelled, answers):
                     fb = self.user.react(it, answer)
@@ -185,7 +196,7 @@ class Device:
         labelled = [(it.question, self.annotations[it.index]) for it in items if it.index in self.annotations]
         synthesizer = Synthesizer.from_settings(s.synthesis, seed=self.seed)
         with stage("synthesize"):
-            rewrites = synthesizer.synthesize(model, tokenizer, labelled)
+            rewrites = synthesizer.synthesize(model, prompts, labelled)
         examples = [TrainingExample(q, a) for q, a in labelled + rewrites]
         examples += [TrainingExample(q, a, w) for q, a, w in implicit]
 
@@ -196,7 +207,7 @@ class Device:
             # 0.475 after twelve continued ones on the same stream).
             with stage("train"):
                 reset_adapter(model, seed=self.seed + self.counters.adaptations)
-                result = train_adapter(model, tokenizer, examples, s.adaptation, seed=self.seed + self.counters.adaptations)
+                result = train_adapter(model, prompts, examples, s.adaptation, seed=self.seed + self.counters.adaptations)
                 self.adapter = adapter_state(model)
             if result.epsilon is not None:
                 self.dp_history.append((result.noise_multiplier, result.sample_rate, result.steps))
@@ -225,17 +236,17 @@ class Device:
             return self._evaluate(heldout)
 
     def _evaluate(self, heldout: list[Interaction] | None) -> tuple[EvalResult, EvalResult]:
-        s = self.runtime.settings
+        s = self.settings
         heldout = heldout or self.runtime.population.heldout(self.device_id)
-        tokenizer = self.runtime.tokenizer
+        prompts = self.runtime.prompts
         user = SimulatedUser(s.feedback, seed=self.seed)
         if self.base_eval is None:
             with self.runtime.base_model() as base:
-                self.base_eval = evaluate(base, tokenizer, heldout, s.evaluation.max_new_tokens, user)
+                self.base_eval = evaluate(base, prompts, heldout, s.evaluation.max_new_tokens, user)
         if self.adapter is None:
             self.last_eval = self.base_eval
         else:
-            self.last_eval = evaluate(self.activate(), tokenizer, heldout, s.evaluation.max_new_tokens, user)
+            self.last_eval = evaluate(self.activate(), prompts, heldout, s.evaluation.max_new_tokens, user)
         return self.last_eval, self.base_eval
 
     # ------------------------------------------------------------------ state
@@ -257,14 +268,16 @@ class Device:
         }
 
     @classmethod
-    def from_state(cls, state: dict[str, Any], runtime: DeviceRuntime, options: DeviceOptions | None = None) -> "Device":
+    def from_state(
+        cls, state: dict[str, Any], runtime: DeviceRuntime, settings: Settings, options: DeviceOptions | None = None
+    ) -> "Device":
         """Rebuild a device saved by `to_state` (raises ValueError naming the problem)."""
         if state.get("version") != STATE_VERSION:
             raise ValueError(
                 f"device {state.get('device_id')}: state version {state.get('version')} is not {STATE_VERSION}; "
                 "delete the device's folder in the store to start it afresh"
             )
-        device = cls(state["device_id"], runtime, lora_rank=state["lora_rank"], options=options)
+        device = cls(state["device_id"], runtime, settings, lora_rank=state["lora_rank"], options=options)
         device.cursor = int(state["cursor"])
         device.profile = UserProfile.from_state(state["profile"])
         device.selector = Selector.from_state(state["selector"], runtime.lexicons, device.seed, device.profile)

@@ -1,17 +1,23 @@
 """One device's part in one federated round, without Flower: load, catch up, adapt, evaluate, save.
 
-The ClientApp calls `run_device_round`; tests and benchmarks can call it in a plain loop. The
-device's simulated duration comes from its heterogeneity profile and the cost model; a device
-that goes offline before it finishes loses the round's work (its state is not saved).
+The ClientApp calls `run_device_round`; tests and benchmarks can call it in a plain loop. A device
+reports the work it did (`RoundWork`) and how long it really took; simulated seconds and
+availability are the simulated fleet's business (`fedasls.simulated_timing`), which passes a
+`keep` rule: a simulated device that goes offline before it finishes loses the round's work (its
+state is not saved).
 """
 
 from __future__ import annotations
 
 import math
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 
+from fedasls.config import Settings
 from fedasls.device import Device, DeviceOptions
-from fedasls.heterogeneity import CostModel, HeterogeneityModel
+from fedasls.driver import advance
+from fedasls.heterogeneity import HeterogeneityModel
 from fedasls.interaction import STREAM_EPOCH
 from fedasls.runtime import DeviceRuntime
 from fedasls.store import DeviceStore
@@ -20,16 +26,51 @@ from fedasls.timing import record, stage
 UPLOAD_BYTES = 512  # a reply of scalar metrics; a later global-adapter update adds its own bytes
 
 
+@dataclass(frozen=True)
+class RoundWork:
+    """What a device did in one round, in the cost model's units (see heterogeneity.WORK_KEYS)."""
+
+    embed_items: int
+    train_examples: int
+    epochs: int
+    rank: int
+    eval_items: int
+    upload_bytes: int
+
+    def cost_work(self) -> dict[str, int]:
+        return asdict(self)
+
+    @classmethod
+    def from_metrics(cls, metrics: Mapping[str, float]) -> "RoundWork":
+        """The work a device round's reply metrics (`DeviceRoundResult.metrics()`) describe."""
+        return cls(
+            embed_items=int(metrics["new_interactions"]),
+            train_examples=int(metrics["examples"]),
+            epochs=int(metrics["epochs"]),
+            rank=int(metrics["lora_rank"]),
+            eval_items=int(metrics["eval_items"]),
+            upload_bytes=int(metrics["upload_bytes"]),
+        )
+
+
+def keep_always(work: RoundWork) -> bool:
+    """A real device keeps every round it finishes."""
+    return True
+
+
 @dataclass
 class DeviceRoundResult:
     """Scalar outcome of one device round (what may leave the device: numbers only)."""
 
     device_id: int
     status: str  # "completed" | "offline" (a device that raises is reported by Flower as an error reply)
-    sim_seconds: float
+    wall_seconds: float  # real seconds the round took where it ran
     new_interactions: int
     adapted: int
     examples: int
+    epochs: int
+    eval_items: int
+    upload_bytes: int
     annotations: int
     buffer_bytes: int
     lora_rank: int
@@ -44,6 +85,10 @@ class DeviceRoundResult:
     epsilon: float
     stage_seconds: dict[str, float] = field(default_factory=dict)  # fedasls.timing: stage_<name>_s / _cpu_s
 
+    @property
+    def work(self) -> RoundWork:
+        return RoundWork.from_metrics(asdict(self))
+
     def metrics(self) -> dict[str, float | int]:
         """Numbers only, for the reply's MetricRecord (status as a code: 0 completed, 1 offline)."""
         out = {k: v for k, v in asdict(self).items() if k not in ("status", "stage_seconds")}
@@ -52,14 +97,14 @@ class DeviceRoundResult:
         return out
 
 
-def load_device(device_id: int, runtime: DeviceRuntime, store: DeviceStore, heterogeneity: HeterogeneityModel,
-                options: DeviceOptions | None = None) -> Device:
+def load_device(device_id: int, runtime: DeviceRuntime, settings: Settings, store: DeviceStore,
+                heterogeneity: HeterogeneityModel, options: DeviceOptions | None = None) -> Device:
     """The device as last saved, or a new one sized by its heterogeneity profile."""
     state = store.load(device_id)
     if state is not None:
-        return Device.from_state(state, runtime, options)
+        return Device.from_state(state, runtime, settings, options)
     profile = heterogeneity.profile(device_id)
-    return Device(device_id, runtime, lora_rank=min(profile.max_lora_rank, runtime.settings.adaptation.lora_rank),
+    return Device(device_id, runtime, settings, lora_rank=min(profile.max_lora_rank, settings.adaptation.lora_rank),
                   buffer_bytes=profile.buffer_bytes, options=options)
 
 
@@ -67,60 +112,58 @@ def run_device_round(
     device_id: int,
     now: float,
     runtime: DeviceRuntime,
+    settings: Settings,
     store: DeviceStore,
     heterogeneity: HeterogeneityModel,
-    cost: CostModel | None = None,
     options: DeviceOptions | None = None,
+    keep: Callable[[RoundWork], bool] = keep_always,
 ) -> DeviceRoundResult:
-    """Run device `device_id` at virtual time `now` and persist its state if it stays online.
+    """Run device `device_id` at (virtual) time `now`; persist its state if `keep(work)` says so.
 
     The result's `stage_seconds` holds the round's per-stage wall and CPU times (fedasls.timing).
     """
     with record() as timer:
-        result = _run_device_round(device_id, now, runtime, store, heterogeneity, cost, options)
+        result = _run_device_round(device_id, now, runtime, settings, store, heterogeneity, options, keep)
     result.stage_seconds = timer.metrics()
     return result
 
 
-def _run_device_round(device_id: int, now: float, runtime: DeviceRuntime, store: DeviceStore,
-                      heterogeneity: HeterogeneityModel, cost: CostModel | None,
-                      options: DeviceOptions | None) -> DeviceRoundResult:
-    cost = cost or CostModel()
-    profile = heterogeneity.profile(device_id)
+def _run_device_round(device_id: int, now: float, runtime: DeviceRuntime, settings: Settings, store: DeviceStore,
+                      heterogeneity: HeterogeneityModel, options: DeviceOptions | None,
+                      keep: Callable[[RoundWork], bool]) -> DeviceRoundResult:
+    t0 = time.perf_counter()
     with stage("load_state"):
-        device = load_device(device_id, runtime, store, heterogeneity, options)
-    new = device.catch_up(until=STREAM_EPOCH + now)
-    examples = 0
-    adapted = device.should_adapt()
-    if adapted:
-        examples = device.adapt().examples
+        device = load_device(device_id, runtime, settings, store, heterogeneity, options)
+    progress = advance(device, until=STREAM_EPOCH + now)
+    new, examples, adapted = progress.new_interactions, progress.examples, bool(progress.adaptations)
     had_base = device.base_eval is not None
     if adapted or device.last_eval is None:
         personal, base = device.evaluate()
     else:  # adapter and held-out items unchanged since the saved evaluation: the same figures, not recomputed
         personal, base = device.last_eval, device.base_eval
-    work = {
-        "embed_items": new,
-        "train_examples": examples,
-        "epochs": runtime.settings.adaptation.epochs,
-        "rank": device.lora_rank,
-        "eval_items": personal.n * (1 if had_base else 2),
-        "upload_bytes": UPLOAD_BYTES,
-    }
-    seconds = cost.round_seconds(profile, work)
-    finished_online = profile.availability.is_available(now) and profile.availability.next_change(now) >= now + seconds
-    status = "completed" if finished_online else "offline"
-    if finished_online:
+    work = RoundWork(
+        embed_items=new,
+        train_examples=examples,
+        epochs=settings.adaptation.epochs,
+        rank=device.lora_rank,
+        eval_items=personal.n * (1 if had_base else 2),
+        upload_bytes=UPLOAD_BYTES,
+    )
+    kept = keep(work)
+    if kept:
         with stage("save"):
             store.save(device_id, device.to_state())
     last = device.counters.history[-1] if (adapted and device.counters.history) else {}
     return DeviceRoundResult(
         device_id=device_id,
-        status=status,
-        sim_seconds=seconds,
+        status="completed" if kept else "offline",
+        wall_seconds=time.perf_counter() - t0,
         new_interactions=new,
         adapted=int(adapted),
         examples=examples,
+        epochs=work.epochs,
+        eval_items=work.eval_items,
+        upload_bytes=work.upload_bytes,
         annotations=device.counters.annotations,
         buffer_bytes=device.selector.buffer.used_bytes,
         lora_rank=device.lora_rank,

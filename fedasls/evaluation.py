@@ -14,7 +14,8 @@ from rouge_score import rouge_scorer
 
 from fedasls.adaptation import TrainingExample, sequence_loss
 from fedasls.interaction import Interaction
-from fedasls.model import format_prompt, generate
+from fedasls.model import generate
+from fedasls.prompts import PromptFormat
 
 if TYPE_CHECKING:
     from fedasls.feedback import SimulatedUser
@@ -73,19 +74,19 @@ def _max_positions(model: Any) -> int | None:
     return getattr(model.config, "max_position_embeddings", None)
 
 
-def answer_perplexity(model: Any, tokenizer: Any, pairs: list[tuple[str, str]], batch_size: int = 16) -> float:
+def answer_perplexity(model: Any, prompts: PromptFormat, pairs: list[tuple[str, str]], batch_size: int = 16) -> float:
     """exp(mean NLL) over the answer tokens of (question, answer) pairs, given the prompt, in the
-    training format (`format_prompt(question)`, a space, the answer, eos)."""
+    training format (`PromptFormat.example_ids`)."""
     if not pairs:
         raise ValueError("answer_perplexity: no (question, answer) pairs; pass at least one")
     examples = [TrainingExample(question, answer) for question, answer in pairs]
     limit = _max_positions(model) or _DEFAULT_CONTEXT
-    return math.exp(sequence_loss(model, tokenizer, examples, max_length=limit, batch_size=batch_size))
+    return math.exp(sequence_loss(model, prompts, examples, max_length=limit, batch_size=batch_size))
 
 
 def evaluate(
     model: Any,
-    tokenizer: Any,
+    prompts: PromptFormat,
     heldout: list[Interaction],
     max_new_tokens: int = 32,
     user: "SimulatedUser | None" = None,
@@ -102,10 +103,10 @@ def evaluate(
     was_training = model.training
     model.eval()
     try:
-        prompts = [format_prompt(item.question) for item in heldout]
-        answers = [a.strip() for a in generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)]
+        questions = [item.question for item in heldout]
+        answers = generate(model, prompts, questions, max_new_tokens=max_new_tokens, batch_size=batch_size)
         r1, rl = score_answers(answers, [item.preferred for item in heldout])
-        ppl = answer_perplexity(model, tokenizer, [(item.question, item.preferred) for item in heldout], batch_size)
+        ppl = answer_perplexity(model, prompts, [(item.question, item.preferred) for item in heldout], batch_size)
     finally:
         model.train(was_training)
     accept_rate = None

@@ -3,7 +3,8 @@
 The embedded default is a tiny Llama-style causal LM whose BPE tokenizer is trained
 locally (``tokenizers``) and which is pretrained briefly on the population's public
 text, so nothing is ever downloaded. It is cached on disk under a folder named by a
-hash of its settings. One prompt template (`format_prompt`) is used everywhere.
+hash of its settings. Prompts come from `fedasls.prompts.PromptFormat` (the model's chat
+template when its tokenizer has one).
 """
 
 from __future__ import annotations
@@ -35,11 +36,11 @@ from transformers import (
 )
 
 from fedasls.config import ModelSettings
+from fedasls.prompts import PromptFormat, check_prompt_format
 
 BUILD_INFO = "fedasls_build.json"
 BUILD_VERSION = 2  # bump when the build recipe changes, so cached models are rebuilt
 BOS, EOS, PAD, UNK = "<s>", "</s>", "<pad>", "<unk>"
-PROMPT_TEMPLATE = "Question: {question}\nAnswer:"
 _BLOCK_TOKENS = 128  # pretraining sequence length (capped by max_positions)
 _WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin", "model*.bin")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")
@@ -52,17 +53,6 @@ _EXPECTED = (
 
 class ModelNotFoundError(FileNotFoundError):
     """A model path is missing or is not a local Hugging Face causal-LM folder."""
-
-
-# --------------------------------------------------------------------------- prompts
-
-
-def format_prompt(question: str) -> str:
-    """The single prompt template used for training and generation.
-
-    The answer follows after one space and ends with the tokenizer's eos token.
-    """
-    return PROMPT_TEMPLATE.format(question=question.strip())
 
 
 # --------------------------------------------------------------------------- building
@@ -335,13 +325,6 @@ def _max_positions(model: torch.nn.Module) -> int | None:
     return getattr(getattr(model, "config", None), "max_position_embeddings", None)
 
 
-def _cut_answer(text: str) -> str:
-    """Keep the answer only: stop where the model starts a new question."""
-    for stop in ("\nQuestion:", "Question:"):
-        text = text.split(stop, 1)[0]
-    return text.strip()
-
-
 GENERATION_MEMORY_BYTES = 256 * 2**20  # KV cache + logits budget of one generation batch
 MAX_GENERATION_BATCH = 64
 
@@ -367,29 +350,33 @@ def generation_batch_size(model: torch.nn.Module, sequence_tokens: int) -> int:
 @torch.no_grad()
 def generate(
     model: torch.nn.Module,
-    tokenizer: PreTrainedTokenizerFast,
-    prompts: list[str],
+    prompts: PromptFormat,
+    questions: list[str],
     max_new_tokens: int = 32,
     batch_size: int | None = None,
 ) -> list[str]:
-    """Greedy-decode each prompt (left-padded batches); return only the new text, stripped.
+    """Greedy answers to `questions` (left-padded batches, prompts from `prompts`), stripped.
 
     `batch_size` None sizes batches for the model (`generation_batch_size`).
-    Works for plain Hugging Face models and peft-wrapped ones (PeftModel.generate).
+    Decoding stops at eos or the chat template's end-of-turn token. Works for plain Hugging
+    Face models and peft-wrapped ones (PeftModel.generate).
     """
+    prompts = check_prompt_format(prompts)
+    tokenizer = prompts.tokenizer
     limit = _max_positions(model)
     max_prompt = max(1, limit - max_new_tokens) if limit else None
     device = _device(model)
-    eos = tokenizer.eos_token_id
+    stops = prompts.stop_ids
     was_training = model.training
     model.eval()
+    texts = [prompts.answer_prompt(q) for q in questions]
     out: list[str] = []
-    if batch_size is None and prompts:
-        lengths = tokenizer(prompts, truncation=max_prompt is not None, max_length=max_prompt)["input_ids"]
+    if batch_size is None and texts:
+        lengths = prompts.tokenize(texts, truncation=max_prompt is not None, max_length=max_prompt)["input_ids"]
         batch_size = generation_batch_size(model, max(map(len, lengths)) + max_new_tokens)
-    for i in range(0, len(prompts), batch_size or 1):
-        enc = tokenizer(
-            prompts[i : i + batch_size],
+    for i in range(0, len(texts), batch_size or 1):
+        enc = prompts.tokenize(
+            texts[i : i + batch_size],
             return_tensors="pt",
             padding=True,
             padding_side="left",
@@ -402,12 +389,11 @@ def generate(
             max_new_tokens=max_new_tokens,
             do_sample=False,
             pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=eos,
+            eos_token_id=stops,
         )
         for row in gen[:, enc["input_ids"].shape[1] :].tolist():
-            if eos in row:
-                row = row[: row.index(eos)]
-            out.append(_cut_answer(tokenizer.decode(row, skip_special_tokens=True)))
+            end = next((j for j, t in enumerate(row) if t in stops), len(row))
+            out.append(prompts.clean_answer(tokenizer.decode(row[:end], skip_special_tokens=True)))
     model.train(was_training)
     return out
 
@@ -428,20 +414,22 @@ def _decoder(model: torch.nn.Module) -> torch.nn.Module | None:
 
 @torch.no_grad()
 def embed_last_token(
-    model: torch.nn.Module, tokenizer: PreTrainedTokenizerFast, texts: list[str], batch_size: int = 16
+    model: torch.nn.Module, prompts: PromptFormat, texts: list[str], batch_size: int = 16
 ) -> np.ndarray:
     """Last-layer hidden state at each text's last real token, float32 [n, hidden].
 
-    Batches are right-padded, so a text's embedding does not depend on its batch.
+    `texts` are tokenized as `prompts` says (formatted conversations keep their own special
+    tokens). Batches are right-padded, so a text's embedding does not depend on its batch.
     Works for peft-wrapped models too.
     """
+    prompts = check_prompt_format(prompts)
     device = _device(model)
     limit = _max_positions(model)
     was_training = model.training
     model.eval()
     rows: list[np.ndarray] = []
     for i in range(0, len(texts), batch_size):
-        enc = tokenizer(
+        enc = prompts.tokenize(
             texts[i : i + batch_size],
             return_tensors="pt",
             padding=True,

@@ -2,12 +2,17 @@
 
 A worker loads the base model once and wraps it once with peft; devices are data + state, so
 running a device means swapping its LoRA tensors into the shared wrapper (one adapter slot per
-LoRA rank, since heterogeneous devices train different ranks). Nothing here is per-device.
+LoRA shape, since heterogeneous devices train different ranks). Nothing here is per-device, and
+no run settings live here: a device gets its `Settings` as an argument. The runtime is keyed by
+what it loads (`resource_key`: model, population, embedder), so devices whose settings differ
+only in, say, the learning rate or the selection policy share one runtime.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 from functools import cached_property
 from typing import Iterator
 
@@ -16,52 +21,81 @@ import torch
 from peft import PeftModel
 
 from fedasls.adaptation import attach_lora, lora_config
-from fedasls.config import Settings
+from fedasls.config import AdaptationSettings, Settings
 from fedasls.embedding import Embedder, make_embedder
+from fedasls.interaction import Interaction
 from fedasls.lexicon import DomainLexicons, default_lexicons
 from fedasls.model import ensure_model, load_model
 from fedasls.population import Population, population_from_settings
+from fedasls.prompts import PromptFormat
 
 
-def slot_name(rank: int) -> str:
-    """The peft adapter name that holds devices of LoRA rank `rank`."""
-    return f"personal-r{rank}"
+def resource_key(settings: Settings) -> str:
+    """What a runtime loads for these settings (model, population, selection embedder), as a hash."""
+    s = settings.selection
+    loads = {
+        "model": settings.model.model_dump(mode="json"),
+        "population": settings.population.model_dump(mode="json"),
+        "embedding": [s.embedding, s.embed_batch_size],
+    }
+    return hashlib.sha256(json.dumps(loads, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def slot_name(rank: int, adaptation: AdaptationSettings) -> str:
+    """The peft adapter name that holds devices of LoRA rank `rank` with this LoRA shape."""
+    shape = json.dumps([adaptation.lora_alpha, adaptation.lora_dropout, sorted(adaptation.target_modules)])
+    return f"personal-r{rank}-{hashlib.sha256(shape.encode()).hexdigest()[:8]}"
 
 
 class DeviceRuntime:
-    """Base model (loaded once), tokenizer, LoRA slots, embedder, lexicons and population."""
+    """Base model (loaded once), tokenizer and its prompt format, LoRA slots, embedder, lexicons, population."""
 
     def __init__(self, settings: Settings, population: Population | None = None) -> None:
-        self.settings = settings
+        self.key = resource_key(settings)
+        self._population_seed = settings.population.seed
+        self._selection = settings.selection
         self.population = population if population is not None else population_from_settings(settings.population)
         base, self.tokenizer = load_model(ensure_model(settings.model))
+        self.prompts = PromptFormat(self.tokenizer)  # every prompt of this model is made here
         a = settings.adaptation
         self.model: PeftModel = attach_lora(
-            base, a.lora_rank, a.lora_alpha, a.lora_dropout, slot_name(a.lora_rank), a.target_modules
+            base, a.lora_rank, a.lora_alpha, a.lora_dropout, slot_name(a.lora_rank, a), a.target_modules
         )
         self.model.eval()
+
+    def check(self, settings: Settings) -> None:
+        """Raise ValueError if `settings` need other shared resources than this runtime holds."""
+        if resource_key(settings) != self.key:
+            raise ValueError(
+                "these settings need another model, population or embedder than this DeviceRuntime loaded "
+                "([model], [population], selection.embedding differ): build a DeviceRuntime for them"
+            )
 
     @cached_property
     def lexicons(self) -> DomainLexicons:
         """Domain lexicons of the population (its own, for labelled real data), else the default."""
         own = getattr(self.population, "lexicons", None)
-        return own if isinstance(own, DomainLexicons) else default_lexicons(self.settings.population.seed)
+        return own if isinstance(own, DomainLexicons) else default_lexicons(self._population_seed)
 
     @cached_property
     def embedder(self) -> Embedder:
-        s = self.settings.selection
-        return make_embedder(s.embedding, self.model, self.tokenizer, s.embed_batch_size)
+        s = self._selection
+        return make_embedder(s.embedding, self.model, self.prompts, s.embed_batch_size)
 
     def embed(self, texts: list[str]) -> np.ndarray:
         """Selection embeddings from the *base* model (adapters off), so they stay comparable over time."""
         with self.base_model():
             return self.embedder.embed(texts)
 
-    def activate(self, rank: int) -> PeftModel:
-        """Make the rank-`rank` adapter slot active (adding it on first use) and return the model."""
-        name = slot_name(rank)
+    def embed_interactions(self, interactions: list[Interaction]) -> np.ndarray:
+        """Selection embeddings of interactions, each as its embedder's text (`Embedder.text`)."""
+        return self.embed([self.embedder.text(it) for it in interactions])
+
+    def activate(self, rank: int, adaptation: AdaptationSettings) -> PeftModel:
+        """Make the adapter slot for (rank, LoRA shape) active (adding it on first use) and return the model."""
+        name = slot_name(rank, adaptation)
         if name not in self.model.peft_config:
-            a = self.settings.adaptation
+            a = adaptation
             self.model.add_adapter(name, lora_config(rank, a.lora_alpha, a.lora_dropout, a.target_modules))
         self.model.set_adapter(name)
         return self.model

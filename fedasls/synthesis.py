@@ -1,7 +1,8 @@
 """Data synthesis (Qin et al.): rewrite annotated questions into similar ones, filter by ROUGE-1.
 
 Methods:
-- "llm": the model rewrites each question k times with one fixed prompt (seeded sampling).
+- "llm": the model rewrites each question k times (seeded sampling) from
+  `PromptFormat.rewrite_prompt` (its chat template when it has one).
 - "fallback": `lexical_fallback`, a seeded non-LLM rewriter (synonyms, word dropout, local
   swaps, filler prefixes/suffixes) for models too small to paraphrase.
 - "auto": probe the LLM on the first few items; if fewer than half of its rewrites pass the
@@ -22,8 +23,7 @@ import torch
 
 from fedasls.config import SynthesisSettings
 from fedasls.evaluation import rouge1_f
-
-REWRITE_PROMPT = "Rewrite the question in other words.\nQuestion: {question}\nRewrite:"
+from fedasls.prompts import PromptFormat, check_prompt_format
 
 Method = Literal["auto", "llm", "fallback"]
 
@@ -154,7 +154,7 @@ def lexical_fallback(question: str, k: int, seed: int, rouge_min: float = 0.3, r
 @torch.no_grad()
 def llm_rewrites(
     model: Any,
-    tokenizer: Any,
+    prompts: PromptFormat,
     question: str,
     k: int,
     seed: int,
@@ -162,13 +162,14 @@ def llm_rewrites(
     top_p: float = 0.95,
     max_new_tokens: int | None = None,
 ) -> list[str]:
-    """k sampled rewrites of `question` with the fixed REWRITE_PROMPT (unfiltered, first line each).
+    """k sampled rewrites of `question` from `prompts.rewrite_prompt` (unfiltered, first line each).
 
     Sampling runs under a forked torch RNG seeded with `seed`: deterministic, and the global RNG
     is left untouched.
     """
-    prompt = REWRITE_PROMPT.format(question=question)
-    enc = tokenizer(prompt, return_tensors="pt")
+    prompts = check_prompt_format(prompts)
+    tokenizer = prompts.tokenizer
+    enc = prompts.tokenize([prompts.rewrite_prompt(question)], return_tensors="pt")
     n_prompt = enc["input_ids"].shape[1]
     if max_new_tokens is None:
         max_new_tokens = min(48, 2 * len(tokenizer(question, add_special_tokens=False)["input_ids"]) + 8)
@@ -193,6 +194,7 @@ def llm_rewrites(
                 max_new_tokens=max_new_tokens,
                 num_return_sequences=k,
                 pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=prompts.stop_ids,
             )
     finally:
         model.train(was_training)
@@ -253,9 +255,9 @@ class Synthesizer:
     def _item_seed(self, question: str) -> int:
         return (self.seed * 1_000_003 + zlib.crc32(question.encode("utf-8"))) % (2**63)
 
-    def _llm(self, model: Any, tokenizer: Any, question: str) -> tuple[list[str], int]:
+    def _llm(self, model: Any, prompts: PromptFormat, question: str) -> tuple[list[str], int]:
         raw = llm_rewrites(
-            model, tokenizer, question, self.k, self._item_seed(question), self.temperature, self.top_p, self.max_new_tokens
+            model, prompts, question, self.k, self._item_seed(question), self.temperature, self.top_p, self.max_new_tokens
         )
         return rouge_filter(question, raw, self.rouge_min, self.rouge_max), len(raw)
 
@@ -269,10 +271,10 @@ class Synthesizer:
         stats.kept = len(out)
         return out
 
-    def synthesize(self, model: Any, tokenizer: Any, pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    def synthesize(self, model: Any, prompts: PromptFormat, pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
         """Filtered rewrites (question', answer) of the given pairs; the originals are not included.
 
-        `model`/`tokenizer` are only used by the "llm" and "auto" methods. See `last_stats`.
+        `model`/`prompts` are only used by the "llm" and "auto" methods. See `last_stats`.
         """
         stats = SynthesisStats()
         self.last_stats = stats
@@ -283,7 +285,7 @@ class Synthesizer:
             return self._fallback(pairs, stats)
         out: list[tuple[str, str]] = []
         for i, (question, answer) in enumerate(pairs):
-            rewrites, n_raw = self._llm(model, tokenizer, question)
+            rewrites, n_raw = self._llm(model, prompts, question)
             stats.generated += n_raw
             out.extend((r, answer) for r in rewrites)
             if self.method == "auto" and i < self.probe_items:

@@ -41,11 +41,15 @@ def make_server_app(run: FleetRun) -> ServerApp:
 
 
 def fleet_run_from_config(run_config: dict) -> FleetRun:
-    """A FleetRun from Flower run-config keys: `scenario` (name or TOML path), `output-dir`."""
+    """A FleetRun from Flower run-config keys: `scenario` (name or TOML path), `output-dir`, `fleet`
+    ("slots": SuperNodes are worker slots, the default; "nodes": one SuperNode per device)."""
     settings: Settings = load_settings(scenario_path(str(run_config.get("scenario", "quickstart"))))
-    out = Path(str(run_config.get("output-dir", settings.simulation.output_dir)))
+    out = Path(str(run_config.get("output-dir") or settings.simulation.output_dir))
     run_dir = out.resolve() / time.strftime("flwr-run-%Y%m%d-%H%M%S")
-    return FleetRun(settings, run_dir, Path(settings.simulation.store_dir or run_dir / "store"))
+    fleet = str(run_config.get("fleet", "slots"))
+    if fleet not in ("slots", "nodes"):
+        raise ConfigError(f"run config fleet='{fleet}': use 'slots' (simulation) or 'nodes' (one SuperNode per device)")
+    return FleetRun(settings, run_dir, Path(settings.simulation.store_dir or run_dir / "store"), fleet=fleet)
 
 
 app = ServerApp()
@@ -54,5 +58,6 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     run = fleet_run_from_config(dict(context.run_config))
-    run_fleet(grid, run)
-    print(f"fedasls: results in {run.run_dir}; tables and plots: fedasls report {run.run_dir}")
+    summary = run_fleet(grid, run)
+    print(f"fedasls: {summary['rounds']} rounds on {summary['fleet']} fleet ({summary}); results in {run.run_dir}; "
+          f"tables and plots: fedasls report {run.run_dir}")

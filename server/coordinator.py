@@ -16,6 +16,10 @@ One round:
      the deadline; with no deadline, the slowest finisher (0 if none finished).
    The clock advances by round_seconds.
 
+For a real fleet (Deployment Engine), `sample(now, among=connected)` draws among the devices that
+are connected, and `simulated_availability=False` turns off the simulated availability windows
+(a real device is available when it is connected, and goes offline by not answering).
+
 Randomness for round r comes from SeedSequence([seed, r]) (and [seed, r, 1] for dropouts),
 so a run restored with `from_state` continues exactly as the original.
 """
@@ -69,6 +73,7 @@ class Coordinator:
     deadline_s: float | None = None
     seed: int = 0
     max_sample_tries: int | None = None  # default: max(10_000, 100 * target)
+    simulated_availability: bool = True  # False: real devices (no simulated windows)
     clock: VirtualClock = field(default_factory=VirtualClock)
     round_index: int = 0
     pending: list[int] | None = None
@@ -92,16 +97,26 @@ class Coordinator:
         return np.random.default_rng(np.random.SeedSequence([self.seed, self.round_index, *extra]))
 
     def _available(self, device_id: int, now: float) -> bool:
+        if not self.simulated_availability:
+            return True
         return self.heterogeneity.profile(device_id).availability.is_available(now)
 
-    def sample(self, now: float | None = None) -> list[int]:
-        """Distinct device ids available at `now` (default: the clock), uniformly at random."""
+    def sample(self, now: float | None = None, among: list[int] | None = None) -> list[int]:
+        """Distinct device ids available at `now` (default: the clock), uniformly at random;
+        with `among`, only from those ids (e.g. the connected devices of a real fleet)."""
         now = self.clock.now if now is None else float(now)
         rng = self._rng()
         target = self.target
         tries = self.max_sample_tries or max(10_000, 100 * target)
         chosen: list[int] = []
-        if self.population_size <= tries:  # small population: scan a random permutation
+        if among is not None:
+            candidates = sorted(set(among))
+            for i in rng.permutation(len(candidates)):
+                if self._available(candidates[int(i)], now):
+                    chosen.append(candidates[int(i)])
+                    if len(chosen) == target:
+                        break
+        elif self.population_size <= tries:  # small population: scan a random permutation
             for d in rng.permutation(self.population_size):
                 if self._available(int(d), now):
                     chosen.append(int(d))
@@ -146,7 +161,7 @@ class Coordinator:
         for d in sampled:
             if d in went_offline or d not in durations:
                 dropped.add(d)
-            elif self.heterogeneity.profile(d).availability.next_change(now) < now + durations[d]:
+            elif self.simulated_availability and self.heterogeneity.profile(d).availability.next_change(now) < now + durations[d]:
                 dropped.add(d)  # its availability window closes before it finishes
             else:
                 finishers.append((float(durations[d]), d))
@@ -184,6 +199,7 @@ class Coordinator:
             "deadline_s": self.deadline_s,
             "seed": self.seed,
             "max_sample_tries": self.max_sample_tries,
+            "simulated_availability": self.simulated_availability,
             "now": self.clock.now,
             "round_index": self.round_index,
             "pending": self.pending,
@@ -199,6 +215,7 @@ class Coordinator:
             deadline_s=state["deadline_s"],
             seed=state["seed"],
             max_sample_tries=state.get("max_sample_tries"),
+            simulated_availability=state.get("simulated_availability", True),
             clock=VirtualClock(state["now"]),
             round_index=state["round_index"],
             pending=None if state.get("pending") is None else list(state["pending"]),

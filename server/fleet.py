@@ -1,10 +1,9 @@
-"""The fleet loop a ServerApp runs: sample available devices, dispatch them to worker slots,
-collect replies on the virtual clock, apply the K-fastest / deadline rules, record, checkpoint.
+"""The fleet loop a ServerApp runs: sample devices, dispatch them through a fleet, collect replies
+on the virtual clock, apply the K-fastest / deadline rules, record, checkpoint.
 
-Flower SuperNodes are *worker slots* here, not devices: the sampled device id travels in each
-message (pfl-research style), so Flower's per-node cost stays bounded by the cohort while the
-population can be millions of devices (Flower's simulation polls and keeps a Context per node).
-On the Deployment Engine a node is a real device and replies under its own partition-id.
+Where devices run is the fleet's business (server/fleets.py): worker slots on the Simulation
+Engine (device id in the message, simulated timing) or one SuperNode per device on the Deployment
+Engine (learned by QUERY, measured timing). The loop is the same for both.
 """
 
 from __future__ import annotations
@@ -13,34 +12,40 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 from tqdm import tqdm
 
+from clients.reply import device_metrics
 from fedasls.config import Settings
 from fedasls.heterogeneity import HeterogeneityModel
+from fedasls.simulated_timing import SimulatedTiming
 from server.coordinator import Coordinator
+from server.fleets import DeviceNodes, Fleet, WorkerSlots
 
 CHECKPOINT = "checkpoint.json"
 ROUNDS_FILE = "rounds.jsonl"
 DEVICE_ROUNDS_FILE = "device_rounds.jsonl"
-REPLY_POLL_S = 0.05
+
+FleetKind = Literal["slots", "nodes"]
 
 
 @dataclass
 class FleetRun:
-    """Where a run writes, and what the loop needs to resume."""
+    """Where a run writes, which kind of fleet runs it, and what the loop needs to resume."""
 
     settings: Settings
     run_dir: Path
     store_dir: Path
     resume: bool = False
     quiet: bool = False
-    expected_slots: int = 1  # wait for this many SuperNodes before the first round
+    expected_slots: int = 1  # worker slots: wait for this many SuperNodes before the first round
+    fleet: FleetKind = "slots"
     rounds_done: int = 0
     summary: dict[str, Any] = field(default_factory=dict)
 
@@ -49,7 +54,18 @@ class FleetRun:
         self.store_dir.mkdir(parents=True, exist_ok=True)
 
 
-def round_config(settings_json: str, store_dir: Path, device_id: int, now: float, server_round: int) -> RecordDict:
+def make_fleet(run: FleetRun, hetero: HeterogeneityModel) -> Fleet:
+    """The fleet `run.fleet` names, configured from the run's settings."""
+    if run.fleet == "slots":
+        return WorkerSlots(SimulatedTiming(hetero), run.expected_slots, run.settings.simulation.devices_per_worker)
+    if run.fleet == "nodes":
+        d = run.settings.deployment
+        return DeviceNodes(d.min_nodes, d.reply_timeout_s, d.query_timeout_s, d.wait_s)
+    raise ValueError(f"unknown fleet '{run.fleet}': use 'slots' (simulation) or 'nodes' (one SuperNode per device)")
+
+
+def round_config(settings_json: str, store_dir: Path, device_id: int, now: float, server_round: int,
+                 simulated_timing: bool = True) -> RecordDict:
     """The downlink of one device round: which device, when, and the run's settings."""
     return RecordDict(
         {
@@ -60,66 +76,44 @@ def round_config(settings_json: str, store_dir: Path, device_id: int, now: float
                     "server-round": server_round,
                     "settings": settings_json,
                     "store": str(store_dir),
+                    "simulated-timing": simulated_timing,
                 }
             )
         }
     )
 
 
-def wait_for_slots(grid: Grid, expected: int, timeout_s: float = 120.0, settle_s: float = 1.0) -> list[int]:
-    """Node ids of the connected SuperNodes once at least `expected` are there and their number
-    has not changed for `settle_s` (they register asynchronously)."""
-    deadline = time.monotonic() + timeout_s
-    slots: list[int] = []
-    stable_since = time.monotonic()
-    while True:
-        now_slots = sorted(grid.get_node_ids())
-        if now_slots != slots:
-            slots, stable_since = now_slots, time.monotonic()
-        settled = time.monotonic() - stable_since >= settle_s
-        if slots and ((len(slots) >= expected and settled) or time.monotonic() > deadline):
-            return slots
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"no SuperNodes connected after {timeout_s:.0f} s: start at least one SuperNode")
-        time.sleep(0.2)
+def _progress(bar: tqdm | None) -> Callable[[list[Message]], None]:
+    """A reply callback that moves the bar and shows live figures of the replies so far."""
+    seen: list[Message] = []
+
+    def on_replies(got: list[Message]) -> None:
+        if bar is None:
+            return
+        seen.extend(got)
+        rows = [m for r in seen if not r.has_error() for m in device_metrics(r)]
+        if rows:
+            uplift = sum(m["rouge1"] - m["base_rouge1"] for m in rows) / len(rows)
+            bar.set_postfix(adapted=sum(int(m["adapted"]) for m in rows), uplift_r1=f"{uplift:+.3f}",
+                            errors=sum(r.has_error() for r in seen), refresh=False)
+        bar.update(sum(1 if r.has_error() else len(device_metrics(r)) for r in got))
+
+    return on_replies
 
 
-def _dispatch(grid: Grid, slots: list[int], contents: list[RecordDict], message_type: str, group: str,
-              bar: tqdm | None) -> list[Message]:
-    """Send one message per slot and collect replies as they arrive (updating the bar)."""
-    messages = [Message(content, dst_node_id=slot, message_type=message_type, group_id=group)
-                for slot, content in zip(slots, contents)]
-    pending = set(grid.push_messages(messages))
-    replies: list[Message] = []
-    while pending:
-        got = list(grid.pull_messages(pending))
-        for reply in got:
-            pending.discard(reply.metadata.reply_to_message_id)
-            replies.append(reply)
-        if bar is not None and got:
-            _show_progress(bar, replies)
-            bar.update(len(got))
-        if not got:
-            time.sleep(REPLY_POLL_S)
-    return replies
-
-
-def _show_progress(bar: tqdm, replies: list[Message]) -> None:
-    """Live figures of the replies so far: devices adapted, mean ROUGE-1 uplift, mean device seconds."""
-    metrics = [dict(r.content["metrics"]) for r in replies if not r.has_error()]
-    if metrics:
-        uplift = sum(m["rouge1"] - m["base_rouge1"] for m in metrics) / len(metrics)
-        bar.set_postfix(
-            adapted=sum(int(m["adapted"]) for m in metrics),
-            uplift_r1=f"{uplift:+.3f}",
-            dev_s=f"{sum(m['sim_seconds'] for m in metrics) / len(metrics):.0f}",
-            errors=len(replies) - len(metrics),
-            refresh=False,
-        )
-
-
-def _batches(items: list[int], size: int) -> list[list[int]]:
-    return [items[i : i + size] for i in range(0, len(items), size)]
+def new_coordinator(settings: Settings, hetero: HeterogeneityModel, simulated: bool) -> Coordinator:
+    s, sim = settings, settings.simulation
+    coordinator = Coordinator(
+        population_size=s.population.num_devices,
+        heterogeneity=hetero,
+        cohort_size=sim.cohort_size,
+        overcommit=sim.overcommit,
+        deadline_s=sim.deadline_s or None,
+        seed=s.heterogeneity.seed,
+        simulated_availability=simulated,
+    )
+    coordinator.clock.now = sim.start_time_s
+    return coordinator
 
 
 def run_fleet(grid: Grid, run: FleetRun) -> dict[str, Any]:
@@ -127,23 +121,16 @@ def run_fleet(grid: Grid, run: FleetRun) -> dict[str, Any]:
     s = run.settings
     sim = s.simulation
     hetero = HeterogeneityModel.from_settings(s.heterogeneity)
+    fleet = make_fleet(run, hetero)
     settings_json = s.model_dump_json()
-    slots = wait_for_slots(grid, run.expected_slots)
+    fleet.connect(grid)
     checkpoint = run.run_dir / CHECKPOINT
     if run.resume and checkpoint.is_file():
         saved = json.loads(checkpoint.read_text())
         coordinator = Coordinator.from_state(saved["coordinator"], hetero)
         run.rounds_done = int(saved["rounds_done"])
     else:
-        coordinator = Coordinator(
-            population_size=s.population.num_devices,
-            heterogeneity=hetero,
-            cohort_size=sim.cohort_size,
-            overcommit=sim.overcommit,
-            deadline_s=sim.deadline_s or None,
-            seed=s.heterogeneity.seed,
-        )
-        coordinator.clock.now = sim.start_time_s
+        coordinator = new_coordinator(s, hetero, fleet.simulated)
         for name in (ROUNDS_FILE, DEVICE_ROUNDS_FILE):
             (run.run_dir / name).write_text("")
 
@@ -151,18 +138,24 @@ def run_fleet(grid: Grid, run: FleetRun) -> dict[str, Any]:
     for server_round in range(run.rounds_done + 1, sim.rounds + 1):
         t0 = time.perf_counter()
         now = coordinator.clock.now
-        sampled = coordinator.sample(now)
-        dropouts = coordinator.draw_dropouts(sampled)
+        sampled = fleet.sample(grid, coordinator, now)
+        dropouts = fleet.dropouts(coordinator, sampled)
         to_run = [d for d in sampled if d not in dropouts]
         bar = None if run.quiet else tqdm(total=len(to_run), desc=f"round {server_round}/{sim.rounds}", unit="dev")
-        replies: list[Message] = []
-        for batch in _batches(to_run, len(slots)):
-            contents = [round_config(settings_json, run.store_dir, d, now, server_round) for d in batch]
-            replies += _dispatch(grid, slots[: len(batch)], contents, "train", str(server_round), bar)
-        results, failed = _collect(replies, to_run)
-        offline = {d for d, r in results.items() if r["status_code"] != 0} | failed | dropouts
-        durations = {d: r["sim_seconds"] for d, r in results.items() if d not in offline}
-        outcome = coordinator.close_round(now, durations, offline)
+
+        # What each device receives; a round strategy (server/strategy.py) plugs in here.
+        def downlink(device_id: int) -> RecordDict:
+            return round_config(settings_json, run.store_dir, device_id, now, server_round, fleet.simulated)
+
+        sent = fleet.dispatch(grid, to_run, downlink, server_round, _progress(bar))
+        results, failed = _collect(sent.replies, to_run)
+        failed -= sent.unreachable
+        durations = fleet.durations(results)
+        for device_id, seconds in durations.items():
+            results[device_id]["device_seconds"] = seconds
+        offline = {d for d, r in results.items() if r["status_code"] != 0} | failed | dropouts | sent.unreachable
+        outcome = coordinator.close_round(now, {d: t for d, t in durations.items() if d not in offline}, offline)
+        # ... and a round strategy aggregates the completed replies here (after the round closes).
         rows = _device_rows(server_round, now, results, outcome, hetero)
         round_row = _round_row(server_round, now, outcome, rows, failed, time.perf_counter() - t0)
         _append_jsonl(run.run_dir / DEVICE_ROUNDS_FILE, rows)
@@ -176,7 +169,7 @@ def run_fleet(grid: Grid, run: FleetRun) -> dict[str, Any]:
                 uplift_r1=f"{round_row['uplift_rouge1_mean']:+.3f}", vt=f"{outcome.round_seconds:.0f}s",
             )
             bar.close()
-    run.summary = {"wall_seconds": time.perf_counter() - wall0, "rounds": run.rounds_done, "slots": len(slots)}
+    run.summary = {"wall_seconds": time.perf_counter() - wall0, "rounds": run.rounds_done, **fleet.describe()}
     return run.summary
 
 
@@ -186,8 +179,8 @@ def _collect(replies: list[Message], expected: list[int]) -> tuple[dict[int, dic
     for reply in replies:
         if reply.has_error():
             continue
-        metrics = dict(reply.content["metrics"])
-        results[int(metrics["device_id"])] = metrics
+        for metrics in device_metrics(reply):  # one device, or several run on one worker slot
+            results[int(metrics["device_id"])] = metrics
     return results, set(expected) - set(results)
 
 

@@ -14,6 +14,7 @@ from fedasls.interaction import STREAM_EPOCH
 from fedasls.loaders import DatasetError
 from fedasls.model import ModelNotFoundError
 from fedasls.store import CorruptStateError
+from simulations.fleet import FleetError
 
 Handler = Callable[[argparse.Namespace, Settings], int]
 
@@ -57,7 +58,8 @@ def _toml_str(value: str) -> str:
 
 
 def cmd_model_build(args: argparse.Namespace, settings: Settings) -> int:
-    from fedasls.model import build_default_model, default_model_dir, load_model, generate, format_prompt
+    from fedasls.model import build_default_model, default_model_dir, generate, load_model
+    from fedasls.prompts import PromptFormat
 
     out = Path(args.out) if args.out else default_model_dir(settings.model)
     if out.exists() and not args.force:
@@ -69,8 +71,9 @@ def cmd_model_build(args: argparse.Namespace, settings: Settings) -> int:
     model, tokenizer = load_model(out)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"parameters: {n_params:,}")
+    prompts = PromptFormat(tokenizer)
     for question in ("How do I keep basil fresh?", "What is a good warm-up before running?"):
-        answer = generate(model, tokenizer, [format_prompt(question)], max_new_tokens=24)[0]
+        answer = generate(model, prompts, [question], max_new_tokens=24)[0]
         print(f"  Q: {question}\n  A: {answer}")
     return 0
 
@@ -120,7 +123,8 @@ def _short(text: str, width: int = 100) -> str:
 def cmd_device(args: argparse.Namespace, settings: Settings) -> int:
     from tqdm import tqdm
 
-    from fedasls.device import Device
+    from fedasls.device import AdaptReport, Device
+    from fedasls.driver import advance
     from fedasls.runtime import DeviceRuntime
 
     t0 = time.perf_counter()
@@ -128,26 +132,26 @@ def cmd_device(args: argparse.Namespace, settings: Settings) -> int:
     n = runtime.population.num_devices
     if not 0 <= args.id < n:
         raise ConfigError(f"--id {args.id} is outside the population (0..{n - 1}); set population.num_devices")
-    device = Device(args.id, runtime)
+    if args.chunk < 1:
+        raise ConfigError(f"--chunk {args.chunk}: must be >= 1 (interactions between trigger checks)")
+    device = Device(args.id, runtime, settings)
     stream = runtime.population.stream(args.id)
-    personalized, base = device.evaluate()
+    device.evaluate()  # the base model's figures, before any adaptation
     with tqdm(total=len(stream), desc=f"device {args.id}", unit="msg") as bar:
-        while device.cursor < len(stream):
-            step = min(args.chunk, len(stream) - device.cursor)
-            device.observe(stream[device.cursor : device.cursor + step])
-            device.cursor += step
-            bar.update(step)
-            if device.should_adapt():
-                r = device.adapt()
-                bar.set_postfix(adaptations=device.counters.adaptations, loss=f"{r.loss_last:.2f}")
-                tqdm.write(
-                    f"  adapt #{device.counters.adaptations} at {device.cursor}: buffer {r.buffered}, "
-                    f"annotated {r.annotated}, edits {r.edits}, rewrites {r.synthesized} ({r.synthesis_method}), "
-                    f"loss {r.loss_first:.3f} -> {r.loss_last:.3f}"
-                    + (f", epsilon {r.epsilon:.2f}" if r.epsilon is not None else "")
-                )
-    if device.counters.adaptations == 0:
-        device.adapt()
+
+        def on_chunk(observed: int, r: AdaptReport | None) -> None:
+            bar.update(observed)
+            if r is None:
+                return
+            bar.set_postfix(adaptations=device.counters.adaptations, loss=f"{r.loss_last:.2f}")
+            tqdm.write(
+                f"  adapt #{device.counters.adaptations} at {device.cursor}: buffer {r.buffered}, "
+                f"annotated {r.annotated}, edits {r.edits}, rewrites {r.synthesized} ({r.synthesis_method}), "
+                f"loss {r.loss_first:.3f} -> {r.loss_last:.3f}"
+                + (f", epsilon {r.epsilon:.2f}" if r.epsilon is not None else "")
+            )
+
+        advance(device, check_every=args.chunk, on_chunk=on_chunk)
     personalized, base = device.evaluate()
     print(f"\ndevice {args.id}: {device.counters.observed} interactions, buffer "
           f"{device.selector.buffer.used_bytes}/{device.selector.buffer.budget_bytes} bytes, "
@@ -196,6 +200,82 @@ def cmd_report(args: argparse.Namespace, settings: Settings) -> int:
     print(format_summary(summary))
     print(f"\nwritten: {run_dir} (rounds.csv, device_rounds.csv, summary.json, *.png)")
     return 0
+
+
+# --- fleet (loopback Deployment Engine) ------------------------------------------------------
+
+
+def cmd_fleet_start(args: argparse.Namespace, settings: Settings) -> int:
+    from simulations.fleet import format_status, fleet_status, start_fleet
+
+    fleet = start_fleet(Path(args.dir), args.nodes, args.first_device)
+    print(f"started a SuperLink on {fleet.address} and {len(fleet.nodes)} SuperNodes (devices "
+          f"{fleet.nodes[0].device_id}..{fleet.nodes[-1].device_id}); connection in {fleet.flwr_home}/config.toml")
+    print(format_status(fleet_status(Path(args.dir))))
+    print(f"next: fedasls fleet run --dir {args.dir}   then: fedasls fleet stop --dir {args.dir}")
+    return 0
+
+
+def cmd_fleet_run(args: argparse.Namespace, settings: Settings) -> int:
+    from fedasls.model import ensure_model
+    from simulations.fleet import LoopbackFleet, run_app
+    from simulations.runner import settings_toml
+
+    root = Path(args.dir).resolve()
+    fleet = LoopbackFleet.load(root)
+    devices = [n.device_id for n in fleet.nodes if n.device_id is not None]
+    if devices and max(devices) >= settings.population.num_devices:
+        raise ConfigError(f"the fleet has device {max(devices)} but population.num_devices is "
+                          f"{settings.population.num_devices}: --set population.num_devices={max(devices) + 1}")
+    model = settings.model.model_copy(update={"path": str(ensure_model(settings.model))})  # build once, here
+    updates: dict = {"model": model}
+    if not any(o.startswith("deployment.min_nodes") for o in args.overrides):
+        updates["deployment"] = settings.deployment.model_copy(update={"min_nodes": max(1, len(fleet.nodes))})
+    scenario = root / "scenario.toml"
+    scenario.write_text(settings_toml(settings.model_copy(update=updates)))
+    output = Path(args.output_dir or settings.simulation.output_dir).resolve()
+    code = run_app(root, scenario, output)
+    if code != 0:
+        print(f"fedasls: error: flwr run exited {code}; logs in {root / 'logs'}", file=sys.stderr)
+        return 1
+    runs = sorted(output.glob("flwr-run-*"), key=lambda p: p.stat().st_mtime)
+    if runs:
+        from simulations.report import format_summary, write_report
+
+        print(format_summary(write_report(runs[-1], wall_seconds=float("nan"))))
+        print(f"\nresults: {runs[-1]}")
+    return 0
+
+
+def cmd_fleet_status(args: argparse.Namespace, settings: Settings) -> int:
+    from simulations.fleet import fleet_status, format_status
+
+    print(format_status(fleet_status(Path(args.dir))))
+    return 0
+
+
+def cmd_fleet_stop(args: argparse.Namespace, settings: Settings) -> int:
+    from simulations.fleet import local_superlink_port, stop_fleet, stop_local_superlink
+
+    if getattr(args, "local", False):
+        stopped = stop_local_superlink()
+        print(f"stopped {stopped} processes of Flower's managed local SuperLink (127.0.0.1:{local_superlink_port()})"
+              if stopped else f"no managed local SuperLink on 127.0.0.1:{local_superlink_port()}")
+        return 0
+    print(f"stopped {stop_fleet(Path(args.dir))} processes of the fleet in {args.dir}")
+    return 0
+
+
+def cmd_fleet_up(args: argparse.Namespace, settings: Settings) -> int:
+    from simulations.fleet import stop_fleet
+
+    cmd_fleet_start(args, settings)
+    try:
+        code = cmd_fleet_run(args, settings)
+        cmd_fleet_status(args, settings)
+        return code
+    finally:
+        cmd_fleet_stop(args, settings)
 
 
 # --- parser ----------------------------------------------------------------------------------
@@ -264,6 +344,41 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("run_dir", metavar="RUN_DIR", help="folder holding rounds.jsonl and device_rounds.jsonl")
     rep.add_argument("--wall-seconds", type=float, default=float("nan"), help="wall time to report (default: unknown)")
     rep.set_defaults(handler=cmd_report, config=None, overrides=[])
+
+    fleet = sub.add_parser(
+        "fleet",
+        help="a loopback prototype fleet on Flower's Deployment Engine (one SuperNode per device)",
+        description="Start a SuperLink and N SuperNodes as real processes on 127.0.0.1 (each SuperNode is one "
+        "device with its own state folder), run the app node-addressed on them, show their status, stop them. "
+        "Offline (no runtime dependency installation, no telemetry); the connection lives in DIR/flwr-home/"
+        "config.toml. `fedasls fleet up` does start + run + status + stop in one command.",
+    )
+    fleet_sub = fleet.add_subparsers(dest="fleet_command", required=True, metavar="ACTION")
+
+    def fleet_parser(name: str, help_text: str, handler: Handler, *, start: bool, run: bool) -> None:
+        p = fleet_sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--dir", default="fleet", help="the fleet's folder: logs, device states, fleet.json (default ./fleet)")
+        if start:
+            p.add_argument("--nodes", type=int, default=3, help="SuperNodes (devices) to start (default 3)")
+            p.add_argument("--first-device", type=int, default=0, help="device id of the first SuperNode (default 0)")
+        if run:
+            _settings_args(p)
+            p.add_argument("--output-dir", help="where the run folder goes (default: the scenario's output_dir)")
+        p.set_defaults(handler=handler, default_scenario="loopback" if run else None,
+                       **({} if run else {"config": None, "overrides": []}))
+
+    fleet_parser("start", "start a SuperLink and N SuperNodes on loopback", cmd_fleet_start, start=True, run=False)
+    fleet_parser("run", "run the app node-addressed on the started fleet (scenario: loopback)", cmd_fleet_run,
+                 start=False, run=True)
+    fleet_parser("status", "show the fleet's processes, connected SuperNodes and runs", cmd_fleet_status,
+                 start=False, run=False)
+    fleet_parser("stop", "stop every process the fleet started (by pid, with their children)", cmd_fleet_stop,
+                 start=False, run=False)
+    fleet_sub.choices["stop"].add_argument(
+        "--local", action="store_true",
+        help="instead, stop the SuperLink + SuperExec that `flwr run .` starts on its default `local` connection "
+        "and leaves running (127.0.0.1:$FLWR_LOCAL_SUPERLINK_HTTP_API_PORT, default 39091)")
+    fleet_parser("up", "start, run, show status, and stop, in one command", cmd_fleet_up, start=True, run=True)
     return parser
 
 
@@ -273,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = _load(args)
         return args.handler(args, settings)
-    except (ConfigError, ModelNotFoundError, DatasetError, CorruptStateError) as err:
+    except (ConfigError, ModelNotFoundError, DatasetError, CorruptStateError, FleetError) as err:
         print(f"fedasls: error: {err}", file=sys.stderr)
         return 2
 

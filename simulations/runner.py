@@ -1,4 +1,13 @@
-"""Run a scenario on Flower's Simulation Engine (Ray backend) and write its results folder."""
+"""Run a scenario on Flower's Simulation Engine (Ray backend) and write its results folder.
+
+Ray is started here with `workers x cpus_per_worker x devices_per_worker` CPUs, or, when
+`simulation.ray_address` (or RAY_ADDRESS) is set, an existing cluster is attached instead (no
+num_cpus then) and the plan follows the cluster's CPUs. Flower runs at most
+min(32, cpu_count + 4) ClientApp calls at once on the driver host (one thread each, whatever the
+cluster's size), so to keep every cluster CPU busy each worker slot runs several devices side by
+side (`devices_per_worker`, one process each): concurrent devices = worker slots in use x
+devices per worker, not capped by Flower's threads.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +15,9 @@ import logging
 import math
 import os
 import shutil
+import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,23 +41,68 @@ def new_run_dir(settings: Settings, name: str | None = None) -> Path:
     return run_dir
 
 
-def num_slots(settings: Settings) -> int:
+FLOWER_CONCURRENT_CALLS = min(32, (os.cpu_count() or 1) + 4)  # Flower's driver-side ThreadPoolExecutor()
+
+
+@dataclass(frozen=True)
+class WorkerPlan:
+    """How devices run on Ray: `workers` actors (worker slots in use), each running
+    `devices_per_worker` devices side by side with `cpus_per_device` CPUs each."""
+
+    workers: int
+    devices_per_worker: int
+    cpus_per_device: float
+
+    @property
+    def concurrent_devices(self) -> int:
+        return self.workers * self.devices_per_worker
+
+
+def plan_workers(settings: Settings, cluster_cpus: float | None = None,
+                 flower_calls: int = FLOWER_CONCURRENT_CALLS) -> WorkerPlan:
+    """The worker plan for these settings: on a local Ray, `workers` actors (at most Flower's
+    concurrent calls); on an attached cluster of `cluster_cpus` CPUs, enough devices per worker
+    that the workers Flower can drive at once fill the cluster."""
+    sim = settings.simulation
+    cpus = sim.cpus_per_worker
+    if cluster_cpus is None:
+        return WorkerPlan(min(sim.workers, flower_calls), sim.devices_per_worker, cpus)
+    fit = max(1, int(cluster_cpus // cpus))  # devices the cluster runs at once
+    per_worker = max(sim.devices_per_worker, math.ceil(fit / flower_calls))
+    return WorkerPlan(max(1, min(flower_calls, fit // per_worker)), per_worker, cpus)
+
+
+def num_slots(settings: Settings, devices_per_worker: int = 1) -> int:
     """SuperNodes to start: enough worker slots for one over-committed cohort."""
     sim = settings.simulation
-    return max(1, min(settings.population.num_devices, math.ceil(sim.cohort_size * sim.overcommit - 1e-9)))
+    target = min(settings.population.num_devices, math.ceil(sim.cohort_size * sim.overcommit - 1e-9))
+    return max(1, math.ceil(target / devices_per_worker))
 
 
-def backend_config(settings: Settings) -> dict[str, Any]:
-    """Ray backend: `workers` actors, each with `cpus_per_worker` CPUs (one base model each)."""
-    sim = settings.simulation
+def ray_address(settings: Settings) -> str | None:
+    """The Ray cluster to attach to: simulation.ray_address, else RAY_ADDRESS, else None (start Ray)."""
+    return settings.simulation.ray_address or os.environ.get("RAY_ADDRESS") or None
+
+
+def attach_ray(address: str) -> float:
+    """Connect this driver to an existing Ray cluster (Flower then uses it as is); its CPUs."""
+    import ray
+
+    pythonpath = os.pathsep.join([*sys.path, os.environ.get("PYTHONPATH", "")])
+    ray.init(address=address, runtime_env={"env_vars": {"PYTHONPATH": pythonpath}},
+             logging_level=logging.ERROR, log_to_driver=False)
+    return float(ray.cluster_resources().get("CPU", 0.0))
+
+
+def backend_config(settings: Settings, plan: WorkerPlan, attached: bool = False) -> dict[str, Any]:
+    """Ray backend: one actor per worker, holding the CPUs of the devices it runs side by side."""
+    init_args: dict[str, Any] = {"logging_level": logging.ERROR, "log_to_driver": False}
+    if not attached:  # an attached cluster brings its own CPUs: never pass num_cpus to it
+        init_args |= {"num_cpus": max(1, math.ceil(plan.workers * plan.devices_per_worker * plan.cpus_per_device)),
+                      "include_dashboard": False}
     return {
-        "client_resources": {"num_cpus": sim.cpus_per_worker, "num_gpus": 0.0},
-        "init_args": {
-            "num_cpus": max(1, math.ceil(sim.workers * sim.cpus_per_worker)),
-            "include_dashboard": False,
-            "logging_level": logging.ERROR,
-            "log_to_driver": False,
-        },
+        "client_resources": {"num_cpus": plan.cpus_per_device * plan.devices_per_worker, "num_gpus": 0.0},
+        "init_args": init_args,
     }
 
 
@@ -61,19 +117,27 @@ def simulate(settings: Settings, run_dir: Path, config_source: Path | None = Non
     model_path = ensure_model(settings.model)
     settings = settings.model_copy(update={"model": settings.model.model_copy(update={"path": str(model_path)})})
     store_dir = Path(settings.simulation.store_dir) if settings.simulation.store_dir else run_dir / "store"
-    run = FleetRun(settings, run_dir, store_dir, resume=resume, quiet=quiet, expected_slots=num_slots(settings))
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # CPU actors: keep Ray's GPU env as is
     # Flower logs through its own console handler; a root handler (installed by another library's
     # logging.basicConfig) would otherwise echo its DEBUG records too.
     logging.getLogger("flwr").propagate = False
+    address = ray_address(settings)
+    plan = plan_workers(settings, attach_ray(address) if address else None)
+    if plan.devices_per_worker != settings.simulation.devices_per_worker:  # the plan follows the cluster
+        sim = settings.simulation.model_copy(update={"devices_per_worker": plan.devices_per_worker})
+        settings = settings.model_copy(update={"simulation": sim})
+    slots = num_slots(settings, plan.devices_per_worker)
+    run = FleetRun(settings, run_dir, store_dir, resume=resume, quiet=quiet, expected_slots=slots)
     run_simulation(
         server_app=make_server_app(run),
         client_app=client_app,
-        num_supernodes=num_slots(settings),
+        num_supernodes=slots,
         backend_name="ray",
-        backend_config=backend_config(settings),
+        backend_config=backend_config(settings, plan, attached=address is not None),
     )
+    run.summary |= {"ray": address or "local", "workers": plan.workers, "devices_per_worker": plan.devices_per_worker,
+                    "concurrent_devices": plan.concurrent_devices}
     return run
 
 

@@ -22,7 +22,8 @@ from fedasls.adaptation import (
     train_adapter,
 )
 from fedasls.config import AdaptationSettings
-from fedasls.model import format_prompt, generate
+from fedasls.model import generate
+from fedasls.prompts import PromptFormat
 from fedasls.privacy import example_level_epsilon
 
 DEVICE_A = [
@@ -69,8 +70,8 @@ def _fresh(tiny_lm, rank: int = 8) -> PeftModel:
 
 
 @torch.no_grad()
-def _logits(model, tokenizer, questions=PROBE) -> torch.Tensor:
-    enc = tokenizer([format_prompt(q) for q in questions], return_tensors="pt", padding=True)
+def _logits(model, prompts: PromptFormat, questions=PROBE) -> torch.Tensor:
+    enc = prompts.tokenize([prompts.answer_prompt(q) for q in questions], return_tensors="pt", padding=True)
     model.eval()
     return model(**enc).logits
 
@@ -80,10 +81,10 @@ def _frozen(model) -> dict[str, torch.Tensor]:
 
 
 def test_sequence_loss_matches_hugging_face_loss_on_answer_tokens(tiny_lm):
-    model, tok = tiny_lm
+    model, tok = tiny_lm[0], PromptFormat(tiny_lm[1])
     ex = DEVICE_A[0]
-    prompt = tok(format_prompt(ex.question))["input_ids"]
-    answer = tok(" " + ex.answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    prompt = tok.tokenizer(f"Question: {ex.question}\nAnswer:")["input_ids"]
+    answer = tok.tokenizer(" " + ex.answer, add_special_tokens=False)["input_ids"] + [tok.tokenizer.eos_token_id]
     ids = torch.tensor([prompt + answer])
     labels = torch.tensor([[-100] * len(prompt) + answer])
     with torch.no_grad():
@@ -92,7 +93,7 @@ def test_sequence_loss_matches_hugging_face_loss_on_answer_tokens(tiny_lm):
 
 
 def test_lora_training_lowers_loss_and_leaves_base_weights_alone(tiny_lm):
-    _, tok = tiny_lm
+    tok = PromptFormat(tiny_lm[1])
     pm = _fresh(tiny_lm)
     frozen = _frozen(pm)
     before = sequence_loss(pm, tok, DEVICE_A)
@@ -107,7 +108,7 @@ def test_lora_training_lowers_loss_and_leaves_base_weights_alone(tiny_lm):
 
 
 def test_dp_step_invariants(tiny_lm):
-    model, tok = tiny_lm
+    model, tok = tiny_lm[0], PromptFormat(tiny_lm[1])
     pm = _fresh(tiny_lm)
     settings = _settings(dp=True, epochs=2, noise_multiplier=1.0, max_grad_norm=0.5)
     frozen = _frozen(pm)
@@ -143,7 +144,7 @@ def test_dp_step_invariants(tiny_lm):
     assert isinstance(pm, PeftModel)
     assert not any(hasattr(p, "grad_sample") for p in pm.parameters())
     assert sum(len(m._forward_hooks) + len(m._backward_hooks) for m in pm.modules()) == hooks_before
-    assert len(generate(pm, tok, [format_prompt(PROBE[0])], max_new_tokens=3)) == 1
+    assert len(generate(pm, tok, [PROBE[0]], max_new_tokens=3)) == 1
     # Base model of the session untouched.
     assert not any("lora_" in n for n, _ in model.named_parameters())
 
@@ -151,7 +152,7 @@ def test_dp_step_invariants(tiny_lm):
 def test_dp_empty_poisson_batches_take_a_noise_only_step(tiny_lm):
     # 2 examples, Poisson rate 1/2: a quarter of the steps sample nobody. Those steps must still run
     # (noise only) and be accounted, not crash the Llama forward nor be skipped.
-    _, tok = tiny_lm
+    tok = PromptFormat(tiny_lm[1])
     pm = _fresh(tiny_lm)
     sizes: list[int] = []
 
@@ -164,7 +165,7 @@ def test_dp_empty_poisson_batches_take_a_noise_only_step(tiny_lm):
 
 
 def test_dp_epsilon_reported_finite_and_larger_for_less_noise(tiny_lm):
-    _, tok = tiny_lm
+    tok = PromptFormat(tiny_lm[1])
     results = {}
     for sigma in (0.7, 2.0):
         pm = _fresh(tiny_lm)
@@ -181,7 +182,7 @@ def test_dp_epsilon_reported_finite_and_larger_for_less_noise(tiny_lm):
 
 
 def test_training_is_deterministic_per_seed(tiny_lm):
-    _, tok = tiny_lm
+    tok = PromptFormat(tiny_lm[1])
     settings = _settings(dp=True, epochs=1)
     states = []
     for seed in (5, 5, 6):
@@ -195,7 +196,7 @@ def test_training_is_deterministic_per_seed(tiny_lm):
 
 
 def test_adapter_swap_on_one_base_model(tiny_lm):
-    model, tok = tiny_lm
+    model, tok = tiny_lm[0], PromptFormat(tiny_lm[1])
     pm = _fresh(tiny_lm)
     reset_adapter(pm, seed=11)
     fresh = adapter_state(pm)
@@ -218,7 +219,7 @@ def test_adapter_swap_on_one_base_model(tiny_lm):
 
 def test_dp_training_of_one_slot_leaves_other_adapter_slots_alone(tiny_lm):
     # A worker keeps one adapter slot per LoRA rank in one PeftModel (fedasls.runtime).
-    _, tok = tiny_lm
+    tok = PromptFormat(tiny_lm[1])
     pm = _fresh(tiny_lm, rank=8)
     pm.add_adapter("slot-r4", lora_config(4, 16, 0.0))
     pm.set_adapter("slot-r4")
@@ -235,7 +236,7 @@ def test_dp_training_of_one_slot_leaves_other_adapter_slots_alone(tiny_lm):
 
 
 def test_adapter_save_load_round_trip(tiny_lm, tmp_path):
-    model, tok = tiny_lm
+    model, tok = tiny_lm[0], PromptFormat(tiny_lm[1])
     pm = _fresh(tiny_lm)
     train_adapter(pm, tok, DEVICE_A, _settings(epochs=1), seed=4)
     expected = _logits(pm, tok)
@@ -253,7 +254,7 @@ def test_adapter_save_load_round_trip(tiny_lm, tmp_path):
 
 
 def test_bad_inputs_raise_clear_errors(tiny_lm, tmp_path):
-    _, tok = tiny_lm
+    tok = PromptFormat(tiny_lm[1])
     pm8 = _fresh(tiny_lm, rank=8)
     pm4 = _fresh(tiny_lm, rank=4)
     with pytest.raises(ValueError, match="LoRA rank"):

@@ -23,7 +23,7 @@ def test_breakdown_writes_a_stage_table_a_plot_and_training_efficiency(tiny_mode
     (result,) = summary["results"]
     with (tmp_path / "breakdown.csv").open() as f:
         stages = {row["stage"]: float(row["cpu_s"]) for row in csv.DictReader(f)}
-    assert {"load_state", "catch_up", "embed", "train", "evaluate", "save", "messaging", "other"} <= set(stages)
+    assert {"load_state", "catch_up", "embed", "train", "evaluate", "save", "messaging"} <= set(stages)
     assert stages["train"] > 0 and result["device_rounds_cpu_s"] > 0
     assert abs(sum(stages.values()) - result["device_rounds_cpu_s"]) < 1e-6  # the stages add up to the rounds
     assert (tmp_path / "breakdown.png").stat().st_size > 10_000

@@ -7,7 +7,9 @@ import pytest
 from simulations.cli import main
 
 
-@pytest.mark.parametrize("argv", [[], ["model"], ["model", "build"], ["population", "show"], ["device"], ["simulate"]])
+@pytest.mark.parametrize("argv", [[], ["model"], ["model", "build"], ["population", "show"], ["device"], ["simulate"],
+                                  ["fleet"], ["fleet", "start"], ["fleet", "run"], ["fleet", "status"],
+                                  ["fleet", "stop"], ["fleet", "up"]])
 def test_every_command_has_help(argv, capsys):
     with pytest.raises(SystemExit) as done:
         main([*argv, "--help"])
@@ -47,3 +49,12 @@ def test_device_runs_a_stream_end_to_end(tiny_model_dir, capsys):
     assert "30 interactions" in out and "adaptations" in out
     for metric in ("rouge1", "rougeL", "perplexity", "accept_rate"):
         assert metric in out
+
+
+def test_fleet_commands_without_a_fleet_are_clear_errors(tmp_path, capsys):
+    for action in ("status", "stop", "run"):
+        assert main(["fleet", action, "--dir", str(tmp_path / "none")]) == 2
+        err = capsys.readouterr().err
+        assert "no fleet recorded" in err and "fedasls fleet start" in err and "Traceback" not in err
+    assert main(["fleet", "start", "--nodes", "0", "--dir", str(tmp_path / "f")]) == 2
+    assert "at least one SuperNode" in capsys.readouterr().err

@@ -172,3 +172,18 @@ def test_million_device_population_is_fast():
     assert all(len(o.sampled) == 130 for o in outs)
     assert all(len(o.completed) <= 100 for o in outs)
     assert coord.clock.now == pytest.approx(sum(o.round_seconds for o in outs))
+
+
+def test_real_fleet_samples_among_connected_devices_without_simulated_windows():
+    diurnal = HeterogeneityModel(seed=0, availability="diurnal")
+    real = Coordinator(100, diurnal, cohort_size=3, overcommit=1.0, seed=4, simulated_availability=False)
+    connected = [5, 17, 42, 63]
+    night = 3 * 3600.0  # many diurnal devices are off; a connected real device is on whatever the model says
+    ids = real.sample(night, among=connected)
+    assert len(ids) == 3 and set(ids) <= set(connected)
+    out = real.close_round(night, {d: 50_000.0 for d in ids})  # longer than any simulated window
+    assert sorted(out.completed) == sorted(ids) and out.dropped == []
+    again = Coordinator.from_state(real.state(), diurnal)
+    assert again.simulated_availability is False
+    assert again.sample(night, among=connected) == real.sample(night, among=connected)  # seeded per round
+    assert real.sample(night, among=[]) == []

@@ -10,6 +10,7 @@ import torch
 from fedasls.config import Settings
 from fedasls.device import Device, DeviceOptions
 from fedasls.device_round import run_device_round
+from fedasls.simulated_timing import SimulatedTiming
 from fedasls.heterogeneity import HeterogeneityModel
 from fedasls.interaction import STREAM_EPOCH
 from fedasls.runtime import DeviceRuntime
@@ -17,8 +18,8 @@ from fedasls.store import DeviceStore
 
 
 @pytest.fixture(scope="module")
-def runtime(tiny_model_dir) -> DeviceRuntime:
-    settings = Settings.model_validate(
+def settings(tiny_model_dir) -> Settings:
+    return Settings.model_validate(
         {
             "model": {"path": str(tiny_model_dir)},
             "population": {"num_devices": 20, "stream_length": 60, "heldout": 4},
@@ -29,11 +30,15 @@ def runtime(tiny_model_dir) -> DeviceRuntime:
             "evaluation": {"max_new_tokens": 12},
         }
     )
+
+
+@pytest.fixture(scope="module")
+def runtime(settings) -> DeviceRuntime:
     return DeviceRuntime(settings)
 
 
-def test_observe_keeps_buffer_within_budget_and_updates_profile(runtime):
-    device = Device(1, runtime)
+def test_observe_keeps_buffer_within_budget_and_updates_profile(runtime, settings):
+    device = Device(1, runtime, settings)
     assert device.catch_up() == 60
     buf = device.selector.buffer
     assert 0 < buf.used_bytes <= buf.budget_bytes
@@ -41,8 +46,8 @@ def test_observe_keeps_buffer_within_budget_and_updates_profile(runtime):
     assert device.cursor == 60 and device.catch_up() == 0
 
 
-def test_catch_up_respects_virtual_time(runtime):
-    device = Device(2, runtime)
+def test_catch_up_respects_virtual_time(runtime, settings):
+    device = Device(2, runtime, settings)
     stream = runtime.population.stream(2)
     middle = stream[30].timestamp
     n = device.catch_up(until=middle)
@@ -50,14 +55,14 @@ def test_catch_up_respects_virtual_time(runtime):
     assert device.catch_up(until=middle) == 0
 
 
-def test_adapt_annotates_only_buffered_items_within_budget_and_learns(runtime):
-    device = Device(3, runtime)
+def test_adapt_annotates_only_buffered_items_within_budget_and_learns(runtime, settings):
+    device = Device(3, runtime, settings)
     device.catch_up()
     assert device.should_adapt()
     buffered = {it.index for it in device.selector.interactions()}
     report = device.adapt()
     assert set(device.annotations) <= buffered
-    assert device.user.annotations_used <= runtime.settings.feedback.annotation_budget
+    assert device.user.annotations_used <= settings.feedback.annotation_budget
     assert report.annotated == len(device.annotations) > 0
     assert report.examples >= report.annotated + report.synthesized
     assert report.loss_last < report.loss_first
@@ -65,24 +70,24 @@ def test_adapt_annotates_only_buffered_items_within_budget_and_learns(runtime):
     assert not device.should_adapt()  # nothing new since the adaptation
 
 
-def test_personal_adapter_improves_fit_to_own_data(runtime):
-    device = Device(4, runtime)
+def test_personal_adapter_improves_fit_to_own_data(runtime, settings):
+    device = Device(4, runtime, settings)
     device.catch_up()
     device.adapt()
     personal, base = device.evaluate()
     assert math.isfinite(personal.perplexity) and math.isfinite(base.perplexity)
     assert personal.perplexity != base.perplexity
     # evaluating leaves the shared model's base behaviour untouched
-    again_personal, again_base = Device(5, runtime).evaluate()
+    again_personal, again_base = Device(5, runtime, settings).evaluate()
     assert again_personal == again_base
 
 
-def test_state_round_trip_restores_everything(runtime):
-    device = Device(6, runtime)
+def test_state_round_trip_restores_everything(runtime, settings):
+    device = Device(6, runtime, settings)
     device.catch_up(until=runtime.population.stream(6)[40].timestamp)
     device.adapt()
     device.evaluate()
-    clone = Device.from_state(device.to_state(), runtime)
+    clone = Device.from_state(device.to_state(), runtime, settings)
     assert clone.cursor == device.cursor
     assert clone.annotations == device.annotations
     assert [it.index for it in clone.selector.interactions()] == [it.index for it in device.selector.interactions()]
@@ -94,23 +99,23 @@ def test_state_round_trip_restores_everything(runtime):
     assert clone.selector.to_state()["seq"] == device.selector.to_state()["seq"]
 
 
-def test_state_version_mismatch_is_a_clear_error(runtime):
-    state = Device(7, runtime).to_state()
+def test_state_version_mismatch_is_a_clear_error(runtime, settings):
+    state = Device(7, runtime, settings).to_state()
     state["version"] = 999
     with pytest.raises(ValueError, match="delete the device's folder"):
-        Device.from_state(state, runtime)
+        Device.from_state(state, runtime, settings)
 
 
-def test_without_profile_trigger_the_device_always_adapts(runtime):
-    device = Device(8, runtime, options=DeviceOptions(use_profile_trigger=False))
+def test_without_profile_trigger_the_device_always_adapts(runtime, settings):
+    device = Device(8, runtime, settings, options=DeviceOptions(use_profile_trigger=False))
     device.catch_up()
     device.adapt()
     assert device.should_adapt()
 
 
-def test_ignoring_feedback_uses_annotations_only(runtime):
-    with_feedback = Device(10, runtime)
-    without = Device(10, runtime, options=DeviceOptions(use_feedback=False))
+def test_ignoring_feedback_uses_annotations_only(runtime, settings):
+    with_feedback = Device(10, runtime, settings)
+    without = Device(10, runtime, settings, options=DeviceOptions(use_feedback=False))
     for device in (with_feedback, without):
         device.catch_up()
     r_with, r_without = with_feedback.adapt(), without.adapt()
@@ -121,21 +126,21 @@ def test_ignoring_feedback_uses_annotations_only(runtime):
     assert sum(without.profile.feedback.values()) == 0
 
 
-def test_device_round_persists_state_between_rounds(runtime, tmp_path):
+def test_device_round_persists_state_between_rounds(runtime, settings, tmp_path):
     store = DeviceStore(tmp_path / "store")
     hetero = HeterogeneityModel(seed=0, availability="always")
     first_ts = min(it.timestamp for it in runtime.population.stream(9))
     t1 = first_ts - STREAM_EPOCH + 6 * 3600
-    r1 = run_device_round(9, t1, runtime, store, hetero)
+    r1 = run_device_round(9, t1, runtime, settings, store, hetero)
     assert r1.status == "completed" and store.exists(9)
     saved = store.load(9)
     assert saved["cursor"] == r1.new_interactions > 0
-    r2 = run_device_round(9, t1 + 10 * 86400, runtime, store, hetero)
+    r2 = run_device_round(9, t1 + 10 * 86400, runtime, settings, store, hetero)
     assert store.load(9)["cursor"] == r1.new_interactions + r2.new_interactions == 60
-    assert r2.sim_seconds > 0 and r2.base_rouge1 == r1.base_rouge1
+    assert r2.wall_seconds > 0 and r2.work.embed_items == r2.new_interactions and r2.base_rouge1 == r1.base_rouge1
 
 
-def test_device_going_offline_loses_the_rounds_work(runtime, tmp_path):
+def test_device_going_offline_loses_the_rounds_work(runtime, settings, tmp_path):
     store = DeviceStore(tmp_path / "store")
     hetero = HeterogeneityModel(seed=0, availability="diurnal")
     # find a device and a time at which it is online but goes offline within a second
@@ -147,49 +152,70 @@ def test_device_going_offline_loses_the_rounds_work(runtime, tmp_path):
     ]
     device_id, now = found[0]
     assert hetero.profile(device_id).availability.is_available(now)
-    result = run_device_round(device_id, now + 20 * 86400, runtime, store, hetero)
-    assert result.status == "offline"
+    timing, later = SimulatedTiming(hetero), now + 20 * 86400  # windows repeat daily
+    result = run_device_round(device_id, later, runtime, settings, store, hetero,
+                              keep=timing.keep_if_online(device_id, later))
+    assert result.status == "offline" and timing.seconds(device_id, result.work.cost_work()) > 0.5
     assert not store.exists(device_id)
+    assert run_device_round(device_id, later, runtime, settings, store, hetero).status == "completed"  # a real device keeps it
+    assert store.exists(device_id)
 
 
-def test_dp_device_reports_its_cumulative_epsilon(runtime):
+def test_dp_device_reports_its_cumulative_epsilon(runtime, settings):
     from fedasls.privacy import composed_epsilon
 
-    dp = runtime.settings.adaptation.model_copy(update={"dp": True, "noise_multiplier": 1.0, "epochs": 1})
-    saved = runtime.settings
-    runtime.settings = saved.model_copy(update={"adaptation": dp})
-    try:
-        device = Device(11, runtime, options=DeviceOptions(use_profile_trigger=False))
-        stream = runtime.population.stream(11)
-        device.catch_up(until=stream[30].timestamp)
-        first = device.adapt().epsilon
-        device.catch_up()
-        second = device.adapt().epsilon
-    finally:
-        runtime.settings = saved
+    dp = settings.adaptation.model_copy(update={"dp": True, "noise_multiplier": 1.0, "epochs": 1})
+    dp_settings = settings.model_copy(update={"adaptation": dp})
+    device = Device(11, runtime, dp_settings, options=DeviceOptions(use_profile_trigger=False))
+    stream = runtime.population.stream(11)
+    device.catch_up(until=stream[30].timestamp)
+    first = device.adapt().epsilon
+    device.catch_up()
+    second = device.adapt().epsilon
     assert 0 < first < second
     assert second == pytest.approx(composed_epsilon(device.dp_history, dp.delta))
     assert len(device.dp_history) == 2
-    assert Device.from_state(device.to_state(), runtime).dp_history == device.dp_history
+    assert Device.from_state(device.to_state(), runtime, dp_settings).dp_history == device.dp_history
 
 
-def test_trigger_waits_until_half_the_buffer_is_new(runtime):
+def test_trigger_waits_until_half_the_buffer_is_new(runtime, settings):
     import math
 
-    saved = runtime.settings
-    no_drift = saved.adaptation.model_copy(update={"drift_trigger": 2.0})  # drift can never fire
-    runtime.settings = saved.model_copy(update={"adaptation": no_drift})
-    try:
-        device = Device(12, runtime)
-        stream = runtime.population.stream(12)
-        device.observe(stream[:30])
-        device.adapt()
-        decisions = []
-        for it in stream[30:]:
-            device.observe([it])
-            enough = max(no_drift.min_new_items, math.ceil(no_drift.min_new_fraction * len(device.selector.buffer)))
-            decisions.append(device.should_adapt())
-            assert decisions[-1] == (device.selector.changes_since_adaptation >= enough)
-    finally:
-        runtime.settings = saved
+    no_drift = settings.adaptation.model_copy(update={"drift_trigger": 2.0})  # drift can never fire
+    device = Device(12, runtime, settings.model_copy(update={"adaptation": no_drift}))
+    stream = runtime.population.stream(12)
+    device.observe(stream[:30])
+    device.adapt()
+    decisions = []
+    for it in stream[30:]:
+        device.observe([it])
+        enough = max(no_drift.min_new_items, math.ceil(no_drift.min_new_fraction * len(device.selector.buffer)))
+        decisions.append(device.should_adapt())
+        assert decisions[-1] == (device.selector.changes_since_adaptation >= enough)
     assert not decisions[0] and any(decisions)  # it waits, then fires
+
+
+def test_devices_with_different_settings_share_one_runtime(runtime, settings):
+    other = settings.model_copy(update={"selection": settings.selection.model_copy(update={"policy": "fifo"})})
+    full, fifo = Device(13, runtime, settings), Device(13, runtime, other)
+    for device in (full, fifo):
+        device.catch_up()
+    assert full.settings.selection.policy == "full" and fifo.settings.selection.policy == "fifo"
+    assert [it.index for it in full.selector.interactions()] != [it.index for it in fifo.selector.interactions()]
+    # a device whose settings need another model or population is refused, not silently run
+    bigger = settings.model_copy(update={"population": settings.population.model_copy(update={"num_devices": 21})})
+    with pytest.raises(ValueError, match="build a DeviceRuntime"):
+        Device(13, runtime, bigger)
+
+
+def test_advance_checks_the_trigger_every_chunk(runtime, settings):
+    from fedasls.driver import advance
+
+    chunked, at_once = Device(14, runtime, settings), Device(14, runtime, settings)
+    seen: list[int] = []
+    progress = advance(chunked, check_every=10, on_chunk=lambda n, report: seen.append(n))
+    assert seen == [10] * 6 and progress.new_interactions == chunked.cursor == 60
+    assert len(progress.adaptations) == chunked.counters.adaptations >= 1
+    once = advance(at_once)
+    assert once.new_interactions == 60 and len(once.adaptations) == at_once.counters.adaptations <= 1
+    assert advance(chunked).new_interactions == 0  # nothing pending: one check, nothing new

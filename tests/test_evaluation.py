@@ -12,7 +12,8 @@ from fedasls.config import FeedbackSettings
 from fedasls.evaluation import EvalResult, answer_perplexity, evaluate, rouge, score_answers
 from fedasls.feedback import SimulatedUser
 from fedasls.interaction import Interaction
-from fedasls.model import format_prompt, load_model
+from fedasls.model import load_model
+from fedasls.prompts import PromptFormat
 from fedasls.stats import mean_ci
 
 HELDOUT = [
@@ -46,7 +47,7 @@ def test_scoring_helper_matches_hand_computed_rouge() -> None:
 
 def _manual_nll(model, tokenizer, question: str, answer: str) -> tuple[float, int]:
     """Sum of -log p(answer token) for one unpadded sequence, computed directly."""
-    prompt = tokenizer(format_prompt(question))["input_ids"]
+    prompt = tokenizer(f"Question: {question}\nAnswer:")["input_ids"]
     target = tokenizer(" " + answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     ids = torch.tensor([prompt + target])
     with torch.no_grad():
@@ -60,9 +61,9 @@ def test_perplexity_counts_only_answer_tokens_and_ignores_padding(tiny_lm) -> No
     pairs = [(h.question, h.preferred) for h in HELDOUT]
     parts = [_manual_nll(model, tokenizer, q, a) for q, a in pairs]
     expected = math.exp(sum(n for n, _ in parts) / sum(c for _, c in parts))
-    assert answer_perplexity(model, tokenizer, pairs, batch_size=2) == pytest.approx(expected, rel=1e-4)
+    assert answer_perplexity(model, PromptFormat(tokenizer), pairs, batch_size=2) == pytest.approx(expected, rel=1e-4)
     # unbatched: the same value for one sequence alone
-    assert answer_perplexity(model, tokenizer, pairs[:1], batch_size=1) == pytest.approx(
+    assert answer_perplexity(model, PromptFormat(tokenizer), pairs[:1], batch_size=1) == pytest.approx(
         math.exp(parts[0][0] / parts[0][1]), rel=1e-4
     )
 
@@ -70,7 +71,7 @@ def test_perplexity_counts_only_answer_tokens_and_ignores_padding(tiny_lm) -> No
 def test_evaluate_returns_sane_numbers_and_leaves_model_alone(tiny_lm) -> None:
     model, tokenizer = tiny_lm
     before = _weights(model)
-    result = evaluate(model, tokenizer, HELDOUT, max_new_tokens=8)
+    result = evaluate(model, PromptFormat(tokenizer), HELDOUT, max_new_tokens=8)
     assert isinstance(result, EvalResult) and result.n == len(HELDOUT)
     assert 0.0 <= result.rouge1 <= 1.0 and 0.0 <= result.rougeL <= 1.0
     assert result.rougeL <= result.rouge1 + 1e-12  # LCS never exceeds unigram overlap
@@ -79,12 +80,12 @@ def test_evaluate_returns_sane_numbers_and_leaves_model_alone(tiny_lm) -> None:
     assert torch.equal(_weights(model), before) and not model.training
 
     lenient = SimulatedUser(FeedbackSettings(accept_threshold=0.0, edit_threshold=0.0))
-    assert evaluate(model, tokenizer, HELDOUT, max_new_tokens=8, user=lenient).accept_rate == 1.0
+    assert evaluate(model, PromptFormat(tokenizer), HELDOUT, max_new_tokens=8, user=lenient).accept_rate == 1.0
     strict = SimulatedUser(FeedbackSettings(accept_threshold=1.0, edit_threshold=0.5))
-    strict_rate = evaluate(model, tokenizer, HELDOUT, max_new_tokens=8, user=strict).accept_rate
+    strict_rate = evaluate(model, PromptFormat(tokenizer), HELDOUT, max_new_tokens=8, user=strict).accept_rate
     assert strict_rate is not None and 0.0 <= strict_rate < 1.0
     with pytest.raises(ValueError, match="heldout is empty"):
-        evaluate(model, tokenizer, [], max_new_tokens=8)
+        evaluate(model, PromptFormat(tokenizer), [], max_new_tokens=8)
 
 
 def test_evaluate_works_on_peft_wrapped_model(tiny_model_dir) -> None:
@@ -92,10 +93,10 @@ def test_evaluate_works_on_peft_wrapped_model(tiny_model_dir) -> None:
     from peft import LoraConfig, get_peft_model
 
     base, tokenizer = load_model(tiny_model_dir)
-    base_result = evaluate(base, tokenizer, HELDOUT, max_new_tokens=8)
+    base_result = evaluate(base, PromptFormat(tokenizer), HELDOUT, max_new_tokens=8)
     peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
     peft_model.train()
-    result = evaluate(peft_model, tokenizer, HELDOUT, max_new_tokens=8)
+    result = evaluate(peft_model, PromptFormat(tokenizer), HELDOUT, max_new_tokens=8)
     assert peft_model.training  # mode restored
     assert result.rouge1 == pytest.approx(base_result.rouge1)
     assert result.perplexity == pytest.approx(base_result.perplexity, rel=1e-5)

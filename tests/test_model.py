@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from transformers import ViTConfig, ViTModel
 
 from fedasls.config import ModelSettings
+from fedasls.prompts import PromptFormat
 from fedasls.model import (
     BUILD_INFO,
     ModelNotFoundError,
@@ -20,7 +21,6 @@ from fedasls.model import (
     default_model_dir,
     embed_last_token,
     ensure_model,
-    format_prompt,
     generate,
     load_model,
 )
@@ -38,7 +38,7 @@ MICRO = ModelSettings(
     seed=0,
 )
 
-PROMPTS = [format_prompt("How long should I rest between workouts?"), format_prompt("What should I cook tonight?")]
+QUESTIONS = ["How long should I rest between workouts?", "What should I cook tonight?"]
 
 
 def _weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -50,27 +50,22 @@ def _logits(model, tokenizer, text: str) -> torch.Tensor:
         return model(**tokenizer([text], return_tensors="pt")).logits
 
 
-def test_format_prompt_is_the_question_then_answer_cue() -> None:
-    prompt = format_prompt("  Is rice gluten free? ")
-    assert prompt.startswith("Question: Is rice gluten free?")
-    assert prompt.endswith("Answer:")
-    assert "\n" in prompt
-
-
 def test_default_model_generates_new_nonempty_text(tiny_lm) -> None:
     model, tokenizer = tiny_lm
-    outs = generate(model, tokenizer, PROMPTS, max_new_tokens=12)
-    assert len(outs) == len(PROMPTS)
-    for out, prompt in zip(outs, PROMPTS):
+    prompts = PromptFormat(tokenizer)
+    outs = generate(model, prompts, QUESTIONS, max_new_tokens=12)
+    assert len(outs) == len(QUESTIONS)
+    for out, question in zip(outs, QUESTIONS):
         assert isinstance(out, str) and out.strip() == out and out
-        assert "Question:" not in out and not out.startswith(prompt)
+        assert "Question:" not in out and not out.startswith(prompts.answer_prompt(question))
 
 
 def test_batched_generation_matches_one_prompt_at_a_time(tiny_lm) -> None:
     model, tokenizer = tiny_lm
-    prompts = [format_prompt("hi"), format_prompt("How do I plan a week of healthy dinners on a budget?")]
-    batched = generate(model, tokenizer, prompts, max_new_tokens=10, batch_size=2)
-    single = [generate(model, tokenizer, [p], max_new_tokens=10)[0] for p in prompts]
+    prompts = PromptFormat(tokenizer)
+    questions = ["hi", "How do I plan a week of healthy dinners on a budget?"]
+    batched = generate(model, prompts, questions, max_new_tokens=10, batch_size=2)
+    single = [generate(model, prompts, [q], max_new_tokens=10)[0] for q in questions]
     assert batched == single
 
 
@@ -102,7 +97,7 @@ def test_save_load_round_trip_keeps_logits(tiny_lm, tmp_path: Path) -> None:
     model.save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
     model2, tokenizer2 = load_model(tmp_path)
-    text = format_prompt("Where can I hike near the coast?") + " Try the cliff path."
+    text = PromptFormat(tokenizer).answer_prompt("Where can I hike near the coast?") + " Try the cliff path."
     assert tokenizer2(text)["input_ids"] == tokenizer(text)["input_ids"]
     assert torch.equal(_logits(model, tokenizer, text), _logits(model2, tokenizer2, text))
     assert not model2.training and tokenizer2.pad_token is not None and tokenizer2.padding_side == "left"
@@ -135,26 +130,27 @@ def test_load_model_errors_name_what_is_expected(tmp_path: Path, tiny_model_dir:
 
 
 def test_embed_last_token_shape_and_padding_invariance(tiny_lm) -> None:
-    model, tokenizer = tiny_lm
+    model, prompts = tiny_lm[0], PromptFormat(tiny_lm[1])
     short = "Boil the pasta."
     long = "Stretch after every run, drink water, and sleep eight hours before a long race day."
-    batch = embed_last_token(model, tokenizer, [short, long, short], batch_size=3)
-    alone = embed_last_token(model, tokenizer, [short])
+    batch = embed_last_token(model, prompts, [short, long, short], batch_size=3)
+    alone = embed_last_token(model, prompts, [short])
     assert batch.shape == (3, model.config.hidden_size) and batch.dtype == np.float32
     np.testing.assert_allclose(batch[0], alone[0], atol=1e-5)
     np.testing.assert_allclose(batch[0], batch[2], atol=1e-5)
     assert not np.allclose(batch[0], batch[1], atol=1e-3)
-    assert embed_last_token(model, tokenizer, []).shape == (0, model.config.hidden_size)
+    assert embed_last_token(model, prompts, []).shape == (0, model.config.hidden_size)
 
 
 def test_peft_wrapped_model_generates_and_embeds(tiny_model_dir: Path) -> None:
-    base, tokenizer = load_model(tiny_model_dir)
-    want_gen = generate(base, tokenizer, PROMPTS, max_new_tokens=8)
-    want_emb = embed_last_token(base, tokenizer, ["Pack light for the trip."])
+    base, tok = load_model(tiny_model_dir)
+    prompts = PromptFormat(tok)
+    want_gen = generate(base, prompts, QUESTIONS, max_new_tokens=8)
+    want_emb = embed_last_token(base, prompts, ["Pack light for the trip."])
     peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
     # LoRA B starts at zero, so the wrapped model must behave exactly like the base one
-    assert generate(peft_model, tokenizer, PROMPTS, max_new_tokens=8) == want_gen
-    got_emb = embed_last_token(peft_model, tokenizer, ["Pack light for the trip."])
+    assert generate(peft_model, prompts, QUESTIONS, max_new_tokens=8) == want_gen
+    got_emb = embed_last_token(peft_model, prompts, ["Pack light for the trip."])
     np.testing.assert_allclose(got_emb, want_emb, atol=1e-6)
 
 

@@ -72,3 +72,17 @@ def test_global_update_slot_accepts_only_arrays():
 
     with pytest.raises(PrivacyViolation, match="ArrayRecord"):
         privacy_guard(incoming(), context(), text)
+
+
+def test_batch_reply_carries_one_number_per_device_and_splits_back():
+    from clients.reply import build_batch_reply, device_metrics
+
+    rows = [{"device_id": 4, "rouge1": 0.5}, {"device_id": 9, "rouge1": 0.25}]
+    reply = build_batch_reply(incoming(), rows)
+    check_reply(reply)
+    assert set(reply.content.keys()) == {"metrics"}
+    assert device_metrics(reply) == rows
+    assert device_metrics(build_batch_reply(incoming(), [])) == []  # every device of the slot failed
+    assert device_metrics(build_reply(incoming(), rows[0])) == [rows[0]]
+    with pytest.raises(PrivacyViolation, match="only numbers"):
+        build_batch_reply(incoming(), [{"device_id": 1, "answer": CANARY}])

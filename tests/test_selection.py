@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from fedasls.embedding import LMEmbedder, MiniLMEmbedder, make_embedder
+from fedasls.prompts import PromptFormat
 from fedasls.interaction import Interaction
 from fedasls.lexicon import DomainLexicons, default_lexicons, tokenize
 from fedasls.population import SyntheticPopulation
@@ -291,12 +292,12 @@ def test_change_counter_counts_admissions_since_adaptation():
 
 def test_lm_embedder_shape(tiny_lm):
     model, tokenizer = tiny_lm
-    emb = make_embedder("lm", model, tokenizer, batch_size=2)
+    emb = make_embedder("lm", model, PromptFormat(tokenizer), batch_size=2)
     assert isinstance(emb, LMEmbedder)
     out = emb.embed(["how do I bake bread", "hi", "what is a good gym plan for beginners"])
     assert out.shape == (3, model.config.hidden_size) and out.dtype == np.float32
     assert np.all(np.isfinite(out)) and not np.allclose(out[0], out[1])
-    with pytest.raises(ValueError, match="model and tokenizer"):
+    with pytest.raises(ValueError, match="model and its PromptFormat"):
         make_embedder("lm")
 
 

@@ -11,7 +11,8 @@ from fedasls.adaptation import IGNORE_INDEX, TrainingExample, _per_example_loss,
 from fedasls.config import Settings
 from fedasls.device_round import load_device, run_device_round
 from fedasls.heterogeneity import HeterogeneityModel
-from fedasls.model import embed_last_token, format_prompt, generate, generation_batch_size, load_model
+from fedasls.model import embed_last_token, generate, generation_batch_size, load_model
+from fedasls.prompts import PromptFormat
 from fedasls.runtime import DeviceRuntime
 from fedasls.store import DeviceStore
 
@@ -30,12 +31,12 @@ def peft_lm(tiny_model_dir):
         for name, param in peft.named_parameters():
             if "lora_B" in name:
                 param.normal_(0, 0.05)
-    return peft, tokenizer
+    return peft, PromptFormat(tokenizer)
 
 
 def test_answer_only_head_gives_the_full_logits_loss_and_gradients(peft_lm):
-    model, tokenizer = peft_lm
-    ids, mask, labels, _ = _tensorize(tokenizer, [TrainingExample(q, a) for q, a in PAIRS], 96).tensors
+    model, prompts = peft_lm
+    ids, mask, labels, _ = _tensorize(prompts, [TrainingExample(q, a) for q, a in PAIRS], 96).tensors
     model.train()
     lean = _per_example_loss(model, ids, mask, labels)
     lean.sum().backward()
@@ -55,25 +56,25 @@ def test_answer_only_head_gives_the_full_logits_loss_and_gradients(peft_lm):
 
 
 def test_embeddings_skip_the_head_and_match_the_full_models_last_hidden_state(peft_lm):
-    model, tokenizer = peft_lm
+    model, prompts = peft_lm
     texts = [q for q, _ in PAIRS]
     with model.disable_adapter(), torch.no_grad():
-        fast = embed_last_token(model, tokenizer, texts)
-        enc = tokenizer(texts, return_tensors="pt", padding=True, padding_side="right")
+        fast = embed_last_token(model, prompts, texts)
+        enc = prompts.tokenize(texts, return_tensors="pt", padding=True, padding_side="right")
         hidden = model(**enc, output_hidden_states=True).hidden_states[-1]
         ref = hidden[torch.arange(len(texts)), enc["attention_mask"].sum(1) - 1].numpy()
     np.testing.assert_array_equal(fast, ref)
 
 
 def test_generation_batches_are_sized_for_the_model_and_give_the_same_answers(peft_lm):
-    model, tokenizer = peft_lm
+    model, prompts = peft_lm
     size = generation_batch_size(model, 100)
     assert 16 < size <= 64  # the tiny model: full batches
     huge = type("Config", (), {"num_hidden_layers": 80, "hidden_size": 8192, "num_attention_heads": 64,
                                "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 128_000})()
     assert generation_batch_size(type("Model", (), {"config": huge})(), 4096) == 1  # a 70B-class model: one row
-    prompts = [format_prompt(f"{q} ({i})") for i in range(6) for q, _ in PAIRS]
-    assert generate(model, tokenizer, prompts, 10) == generate(model, tokenizer, prompts, 10, batch_size=4)
+    questions = [f"{q} ({i})" for i in range(6) for q, _ in PAIRS]
+    assert generate(model, prompts, questions, 10) == generate(model, prompts, questions, 10, batch_size=4)
 
 
 def test_a_round_without_adaptation_reports_the_saved_evaluation_unchanged(tiny_model_dir, tmp_path):
@@ -87,10 +88,10 @@ def test_a_round_without_adaptation_reports_the_saved_evaluation_unchanged(tiny_
     })
     runtime, store = DeviceRuntime(settings), DeviceStore(tmp_path)
     hetero = HeterogeneityModel.from_settings(settings.heterogeneity)
-    first = run_device_round(1, 40 * 86400.0, runtime, store, hetero)
-    again = run_device_round(1, 40 * 86400.0, runtime, store, hetero)
+    first = run_device_round(1, 40 * 86400.0, runtime, settings, store, hetero)
+    again = run_device_round(1, 40 * 86400.0, runtime, settings, store, hetero)
     assert first.adapted == 1 and again.adapted == 0 and again.new_interactions == 0
     assert "stage_evaluate_s" not in again.stage_seconds  # not recomputed ...
-    personal, base = load_device(1, runtime, store, hetero).evaluate()  # ... and what a fresh evaluation gives
+    personal, base = load_device(1, runtime, settings, store, hetero).evaluate()  # ... and what a fresh evaluation gives
     assert (again.rouge1, again.perplexity, again.base_rouge1) == (personal.rouge1, personal.perplexity, base.rouge1)
     assert (again.rouge1, again.base_rouge1) == (first.rouge1, first.base_rouge1)

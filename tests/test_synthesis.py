@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from fedasls.evaluation import rouge1_f
+from fedasls.prompts import PromptFormat
 from fedasls.synthesis import Synthesizer, lexical_fallback, llm_rewrites, rouge_filter
 
 ORIGINAL = "How do I bake bread at home"  # 7 unigrams
@@ -83,11 +84,11 @@ def _weights(model: torch.nn.Module) -> torch.Tensor:
 
 
 def test_llm_rewrites_are_filtered_seeded_and_leave_model_and_rng_alone(tiny_lm) -> None:
-    model, tokenizer = tiny_lm
+    model, prompts = tiny_lm[0], PromptFormat(tiny_lm[1])
     before = _weights(model)
     rng_state = torch.get_rng_state()
     synth = Synthesizer("llm", k=3, seed=0, max_new_tokens=12)
-    out = synth.synthesize(model, tokenizer, PAIRS[:2])
+    out = synth.synthesize(model, prompts, PAIRS[:2])
     assert torch.equal(torch.get_rng_state(), rng_state)
     assert torch.equal(_weights(model), before)
     assert not model.training
@@ -97,26 +98,26 @@ def test_llm_rewrites_are_filtered_seeded_and_leave_model_and_rng_alone(tiny_lm)
     originals = dict((a, q) for q, a in PAIRS)
     for rewrite, answer in out:
         assert 0.3 <= rouge1_f(rewrite, originals[answer]) <= 0.95
-    raw = [llm_rewrites(model, tokenizer, QUESTIONS[0], 3, seed=s, max_new_tokens=12) for s in (5, 5, 6)]
+    raw = [llm_rewrites(model, prompts, QUESTIONS[0], 3, seed=s, max_new_tokens=12) for s in (5, 5, 6)]
     assert len(raw[0]) == 3
     assert raw[0] == raw[1] and raw[0] != raw[2]
 
 
 def test_auto_switches_to_fallback_exactly_when_llm_probe_fails(tiny_lm) -> None:
-    model, tokenizer = tiny_lm
+    model, prompts = tiny_lm[0], PromptFormat(tiny_lm[1])
     probe = Synthesizer("llm", k=3, seed=0, max_new_tokens=12)
-    probe.synthesize(model, tokenizer, PAIRS[:2])
+    probe.synthesize(model, prompts, PAIRS[:2])
     llm_passes = 2 * probe.last_stats.kept >= probe.last_stats.generated
 
     auto = Synthesizer("auto", k=3, seed=0, probe_items=2, max_new_tokens=12)
-    out = auto.synthesize(model, tokenizer, PAIRS)
+    out = auto.synthesize(model, prompts, PAIRS)
     stats = auto.last_stats
     assert (stats.probe_generated, stats.probe_kept) == (probe.last_stats.generated, probe.last_stats.kept)
     if llm_passes:
         assert stats.method == "llm" and not stats.switched_to_fallback
-        assert out == Synthesizer("llm", k=3, seed=0, max_new_tokens=12).synthesize(model, tokenizer, PAIRS)
+        assert out == Synthesizer("llm", k=3, seed=0, max_new_tokens=12).synthesize(model, prompts, PAIRS)
     else:
         assert stats.method == "fallback" and stats.switched_to_fallback
-        assert out == Synthesizer("fallback", k=3, seed=0).synthesize(model, tokenizer, PAIRS)
+        assert out == Synthesizer("fallback", k=3, seed=0).synthesize(model, prompts, PAIRS)
         assert len(out) == 3 * len(PAIRS)
 

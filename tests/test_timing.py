@@ -61,7 +61,7 @@ def test_device_round_reports_its_stage_seconds_as_numbers(tiny_model_dir, tmp_p
     })
     runtime = DeviceRuntime(settings)
     with record() as outer:
-        result = run_device_round(1, 30 * 86400.0, runtime, DeviceStore(tmp_path),
+        result = run_device_round(1, 30 * 86400.0, runtime, settings, DeviceStore(tmp_path),
                                   HeterogeneityModel.from_settings(settings.heterogeneity))
     assert result.adapted == 1
     metrics = result.metrics()

@@ -1,0 +1,141 @@
+"""A real loopback fleet on Flower's Deployment Engine: a SuperLink and three SuperNodes as
+processes on 127.0.0.1 (free ports), the app run node-addressed with `flwr run` for 2 rounds, one
+SuperNode killed mid-run. Everything started is stopped by pid, even when the test fails."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from fedasls.config import Settings
+from fedasls.store import DeviceStore
+from simulations.fleet import PROJECT_DIR, LoopbackFleet, app_command, start_fleet, stop_fleet, stop_process_tree
+from simulations.runner import settings_toml
+
+NODES = 3
+
+
+@pytest.fixture
+def fleet(tmp_path: Path):
+    root = tmp_path / "fleet"
+    started = start_fleet(root, NODES)
+    pids = [p.pid for p in (started.superlink, *started.nodes)]
+    yield started
+    stop_fleet(root)
+    assert not [pid for pid in pids if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"]
+
+
+@pytest.fixture
+def background():
+    """Processes a test starts in the background; each one's tree is stopped at the end."""
+    started: list[subprocess.Popen] = []
+    yield started
+    for process in started:
+        stop_process_tree(process.pid)
+
+
+def scenario(tiny_model_dir: Path, path: Path) -> Path:
+    settings = Settings.model_validate({
+        "model": {"path": str(tiny_model_dir)},
+        "population": {"num_devices": NODES, "stream_length": 30, "heldout": 2},
+        "synthesis": {"rewrites": 1, "method": "fallback"},
+        "adaptation": {"epochs": 1, "lora_rank": 4, "min_new_items": 2},
+        "evaluation": {"max_new_tokens": 8},
+        "heterogeneity": {"availability": "always", "dropout_scale": 0.0},
+        "simulation": {"rounds": 2, "cohort_size": NODES, "overcommit": 1.0, "start_time_s": 3 * 86400.0,
+                       "round_interval_s": 3 * 86400.0},
+        "deployment": {"min_nodes": NODES, "reply_timeout_s": 150.0, "query_timeout_s": 120.0},
+    })
+    path.write_text(settings_toml(settings))
+    return path
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def wait_for(predicate, timeout_s: float, what: str, poll_s: float = 0.5):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll_s)
+    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+
+
+def crash(pid: int) -> None:
+    """SIGKILL a SuperNode and every process below it (a device that dies without a goodbye)."""
+    top = psutil.Process(pid)
+    for proc in [*top.children(recursive=True), top]:
+        try:
+            proc.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+
+
+def test_node_addressed_run_with_a_supernode_killed_mid_run(fleet: LoopbackFleet, background, tiny_model_dir,
+                                                            tmp_path):
+    out = tmp_path / "results"
+    command, env = app_command(fleet.root, scenario(tiny_model_dir, tmp_path / "scenario.toml"), out)
+    log = (tmp_path / "flwr-run.log").open("w")
+    run = subprocess.Popen(command, env=env, cwd=PROJECT_DIR, stdout=log, stderr=subprocess.STDOUT,
+                           start_new_session=True)
+    background.append(run)
+
+    rounds_file = lambda: next(iter(out.glob("flwr-run-*/rounds.jsonl")), None)  # noqa: E731
+    def round_one() -> bool:
+        assert run.poll() is None, (tmp_path / "flwr-run.log").read_text()[-3000:]  # still running
+        return bool(rounds_file() and read_jsonl(rounds_file()))
+
+    wait_for(round_one, 300, "round 1 to be recorded")
+    victim = fleet.nodes[-1]
+    crash(victim.pid)
+    assert run.wait(timeout=300) == 0, (tmp_path / "flwr-run.log").read_text()[-3000:]
+
+    run_dir = rounds_file().parent
+    rounds = read_jsonl(run_dir / "rounds.jsonl")
+    assert [r["round"] for r in rounds] == [1, 2]  # the run completed
+    assert rounds[0]["completed"] == NODES and rounds[0]["failed"] == 0
+    rows = read_jsonl(run_dir / "device_rounds.jsonl")
+    second = {r["device_id"]: r["role"] for r in rows if r["round"] == 2}
+    assert second.get(victim.device_id, "dropped") == "dropped"  # offline: not answering, or no longer connected
+    assert all(second[n.device_id] == "completed" for n in fleet.nodes[:-1])
+    assert rounds[1]["failed"] == 0  # offline is not a failure
+    # each device's state lives in its own node's folder only, none in the server's run folder
+    for node in fleet.nodes:
+        assert list(DeviceStore(node.store_dir).device_ids()) == [node.device_id]
+    assert list(DeviceStore(run_dir / "store").device_ids()) == []
+    survivor = DeviceStore(fleet.nodes[0].store_dir).load(fleet.nodes[0].device_id)
+    first = next(r for r in rows if r["round"] == 1 and r["device_id"] == fleet.nodes[0].device_id)
+    assert survivor["cursor"] >= first["new_interactions"] > 0  # round 2 continued from round 1's state
+
+
+def test_flwr_leaves_its_managed_superlink_running_and_fleet_stop_local_stops_it(tmp_path):
+    """`flwr` starts a managed local SuperLink for the `local` connection (as `flwr run .` does) and
+    leaves it (and its SuperExec) running; `stop_local_superlink` stops that tree. Own ports and
+    FLWR_HOME, so no other Flower on this machine is touched."""
+    from simulations.fleet import flower_env, free_port, stop_local_superlink
+
+    port = free_port()
+    env = flower_env(tmp_path / "flwr-home") | {"FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(port),
+                                                "FLWR_LOCAL_CONTROL_API_PORT": str(free_port())}
+    try:
+        done = subprocess.run([str(Path(sys.executable).parent / "flwr"), "ls"], env=env, capture_output=True,
+                              text=True, timeout=120)
+        listening = [c.pid for c in psutil.net_connections(kind="tcp")
+                     if c.status == psutil.CONN_LISTEN and c.laddr.port == port and c.pid]
+        assert listening, done.stdout + done.stderr  # flwr returned, its SuperLink still runs
+        tree = [listening[0], *(p.pid for p in psutil.Process(listening[0]).children(recursive=True))]
+        assert stop_local_superlink(port) == len(tree) >= 2  # the SuperLink and its SuperExec
+        assert not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie" for pid in tree)
+    finally:
+        stop_local_superlink(port)  # whatever happened above, leave nothing running
+    assert stop_local_superlink(port) == 0
