@@ -114,14 +114,15 @@ def run_naive(settings: Any, work: Path) -> dict[str, Any]:
     from flwr.simulation import run_simulation
 
     from benchmarks.naive_flower import client_app, make_server_app
-    from simulations.runner import backend_config
+    from simulations.runner import backend_config, plan_workers
 
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     logging.getLogger("flwr").propagate = False
     devices = list(range(settings.population.num_devices))
     rounds: list[dict] = []
     run_simulation(server_app=make_server_app(settings, devices, rounds), client_app=client_app,
-                   num_supernodes=len(devices), backend_name="ray", backend_config=backend_config(settings))
+                   num_supernodes=len(devices), backend_name="ray",
+                   backend_config=backend_config(settings, plan_workers(settings)))
     if len(rounds) != settings.simulation.rounds:
         raise RuntimeError(f"naive variant finished {len(rounds)} of {settings.simulation.rounds} rounds")
     return {"round_wall_s": [r["wall_s"] for r in rounds], "device_rounds": sum(len(r["devices"]) for r in rounds),
