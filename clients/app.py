@@ -63,14 +63,17 @@ def device_round(settings_json: str, device_id: int, now: float, store_dir: str,
     from fedasls.faults import contained
     from fedasls.simulated_timing import SimulatedTiming
     from fedasls.store import DeviceStore
-
-    from fedasls.faults import contained
+    from fedasls.timing import record, stage
 
     store = DeviceStore(store_dir, round=server_round)
     with contained(device_id, store):
-        settings, runtime, hetero = worker_resources(settings_json)
-        keep = SimulatedTiming(hetero).keep_if_online(device_id, now) if simulated_timing else keep_always
-        return run_device_round(device_id, now, runtime, settings, store, hetero, keep=keep, downlink=downlink)
+        with record() as timer:  # the reply carries per-stage seconds (numbers only), see fedasls.timing
+            with stage("worker_setup"):  # the base model loads on a worker's first call only
+                settings, runtime, hetero = worker_resources(settings_json)
+            keep = SimulatedTiming(hetero).keep_if_online(device_id, now) if simulated_timing else keep_always
+            result = run_device_round(device_id, now, runtime, settings, store, hetero, keep=keep, downlink=downlink)
+        result.stage_seconds = timer.metrics()  # this call's stages, the worker's setup included
+        return result
 
 
 def device_round_metrics(settings_json: str, device_id: int, now: float, store_dir: str,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 
 from fedasls.config import Settings
 from fedasls.device import AdaptReport, Device, DeviceOptions
@@ -22,6 +22,7 @@ from fedasls.heterogeneity import HeterogeneityModel
 from fedasls.interaction import STREAM_EPOCH
 from fedasls.runtime import DeviceRuntime
 from fedasls.store import MANIFEST, CorruptStateError, DeviceStore
+from fedasls.timing import record, stage
 
 UPLOAD_BYTES = 512  # a reply of scalar metrics; a later global-adapter update adds its own bytes
 
@@ -87,6 +88,7 @@ class DeviceRoundResult:
     gate_rejected: int = 0  # ... refused (the device kept its previous adapter or the base model)
     gate_waiting: int = 0  # ... adaptation steps that trained nothing (too few labelled items)
     contribution: Contribution | None = None  # global-adapter update (clipped, padded); never a metric
+    stage_seconds: dict[str, float] = field(default_factory=dict)  # fedasls.timing: stage_<name>_s / _cpu_s
 
     @property
     def work(self) -> RoundWork:
@@ -94,8 +96,10 @@ class DeviceRoundResult:
 
     def metrics(self) -> dict[str, float | int]:
         """Numbers only, for the reply's MetricRecord (status as a code: 0 completed, 1 offline)."""
-        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("status", "contribution")}
+        out = {f.name: getattr(self, f.name) for f in fields(self)
+               if f.name not in ("status", "contribution", "stage_seconds")}
         out["status_code"] = {"completed": 0, "offline": 1}[self.status]
+        out.update(self.stage_seconds)
         return out
 
 
@@ -129,9 +133,21 @@ def run_device_round(
 
     With a `downlink` (a global-adapter round) the device observes its new interactions and, if it
     has buffered items, trains once starting from the global adapter (not on its own trigger); the
-    result carries its contribution."""
+    result carries its contribution. The result's `stage_seconds` holds the round's per-stage wall
+    and CPU times (fedasls.timing).
+    """
+    with record() as timer:
+        result = _run_device_round(device_id, now, runtime, settings, store, heterogeneity, options, keep, downlink)
+    result.stage_seconds = timer.metrics()
+    return result
+
+
+def _run_device_round(device_id: int, now: float, runtime: DeviceRuntime, settings: Settings, store: DeviceStore,
+                      heterogeneity: HeterogeneityModel, options: DeviceOptions | None,
+                      keep: Callable[[RoundWork], bool], downlink: Downlink | None) -> DeviceRoundResult:
     t0 = time.perf_counter()
-    device = load_device(device_id, runtime, settings, store, heterogeneity, options)
+    with stage("load_state"):
+        device = load_device(device_id, runtime, settings, store, heterogeneity, options)
     contribution = None
     if downlink is None:
         progress = advance(device, until=STREAM_EPOCH + now)
@@ -145,7 +161,10 @@ def run_device_round(
         examples = sum(r.examples for r in reports)
     adapted = bool(reports)
     had_base = device.base_eval is not None
-    personal, base = device.evaluate()
+    if adapted or device.last_eval is None:
+        personal, base = device.evaluate()
+    else:  # adapter and held-out items unchanged since the saved evaluation: the same figures, not recomputed
+        personal, base = device.last_eval, device.base_eval
     trained = [r for r in reports if r.epochs]
     epoch_examples = sum(r.examples * r.epochs * r.attempts for r in trained)
     work = RoundWork(
@@ -160,7 +179,8 @@ def run_device_round(
     )
     kept = keep(work)
     if kept:
-        store.save(device_id, device.to_state())
+        with stage("save"):
+            store.save(device_id, device.to_state())
     last = device.counters.history[-1] if (adapted and device.counters.history) else {}
     return DeviceRoundResult(
         device_id=device_id,
