@@ -291,19 +291,46 @@ def _tensorize(prompts: PromptFormat, examples: Sequence[TrainingExample], max_l
     return TensorDataset(ids, mask, labels, weights)
 
 
+# Causal LMs whose logits are exactly `lm_head(decoder(...).last_hidden_state)` (no logit scaling or
+# soft-capping), so the head may run on the answer positions only.
+_PLAIN_HEAD_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2"})
+ANSWER_ONLY_HEAD = True  # False: the full-logits path everywhere (benchmarks/speedups.py compares the two)
+
+
+def _decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module] | None:
+    """(decoder, lm_head) of a plain-head causal LM (peft-wrapped or not), else None."""
+    causal = model.get_base_model() if isinstance(model, PeftModel) else model
+    model_type = getattr(getattr(causal, "config", None), "model_type", None)
+    if not ANSWER_ONLY_HEAD or model_type not in _PLAIN_HEAD_MODEL_TYPES:
+        return None
+    decoder, head = causal.get_decoder(), causal.get_output_embeddings()
+    return (decoder, head) if decoder is not None and head is not None else None
+
+
 def _per_example_loss(
     model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor
 ) -> torch.Tensor:
     """Mean next-token loss over each example's answer tokens, shape [batch].
 
     Each example's loss depends on that example only (no batch-wide token normalisation), which
-    keeps opacus' per-example gradients exact.
+    keeps opacus' per-example gradients exact. On plain-head models the vocabulary projection and
+    softmax run on the answer positions only (the prompt and padding positions carry no loss): the
+    same values, a third to a half fewer FLOPs on the head. Other models (and opacus' wrapped
+    module) take the full-logits path.
     """
-    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
     target = labels[:, 1:]
-    token_loss = F.cross_entropy(
-        logits.reshape(-1, logits.size(-1)).float(), target.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
-    ).view(target.shape)
+    split = _decoder_and_head(model)
+    if split is None:
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+        token_loss = F.cross_entropy(
+            logits.reshape(-1, logits.size(-1)).float(), target.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
+        ).view(target.shape)
+    else:
+        decoder, head = split
+        hidden = decoder(input_ids=ids, attention_mask=mask).last_hidden_state[:, :-1]
+        answer = target != IGNORE_INDEX
+        token_loss = torch.zeros(target.shape, dtype=torch.float32, device=hidden.device)
+        token_loss[answer] = F.cross_entropy(head(hidden[answer]).float(), target[answer], reduction="none")
     counts = (target != IGNORE_INDEX).sum(dim=1).clamp(min=1)
     return token_loss.sum(dim=1) / counts
 

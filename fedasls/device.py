@@ -32,6 +32,7 @@ from fedasls.profile import UserProfile
 from fedasls.runtime import DeviceRuntime
 from fedasls.selection import Selector
 from fedasls.synthesis import Synthesizer
+from fedasls.timing import stage
 
 STATE_VERSION = 3
 
@@ -125,12 +126,14 @@ class Device:
         if not interactions:
             return 0
         if embeddings is None:
-            embeddings = self.runtime.embed_interactions(interactions)
+            with stage("embed"):
+                embeddings = self.runtime.embed_interactions(interactions)
         admitted = 0
-        for it, emb in zip(interactions, embeddings):
-            item = self.selector.score(it, emb)
-            self.profile.observe(it, emb, item.domain)
-            admitted += self.selector.offer(item)
+        with stage("select"):
+            for it, emb in zip(interactions, embeddings):
+                item = self.selector.score(it, emb)
+                self.profile.observe(it, emb, item.domain)
+                admitted += self.selector.offer(item)
         self.counters.observed += len(interactions)
         buffered = {it.index for it in self.selector.interactions()}
         self.annotations = {i: a for i, a in self.annotations.items() if i in buffered}
@@ -149,10 +152,11 @@ class Device:
         `stream_embeddings` (one row per interaction of the WHOLE stream) skips the embedding
         forward when already computed.
         """
-        new = self.pending(until)[:limit]
-        rows = None if stream_embeddings is None else stream_embeddings[self.cursor : self.cursor + len(new)]
-        self.observe(new, rows)
-        self.cursor += len(new)
+        with stage("catch_up"):
+            new = self.pending(until)[:limit]
+            rows = None if stream_embeddings is None else stream_embeddings[self.cursor : self.cursor + len(new)]
+            self.observe(new, rows)
+            self.cursor += len(new)
         return len(new)
 
     # ------------------------------------------------------------------ adaptation
@@ -176,7 +180,7 @@ class Device:
             load_adapter_state(model, self.adapter)
         return model
 
-    def adapt(self) -> AdaptReport:
+    def adapt(self, start: dict[str, torch.Tensor] | None = None) -> AdaptReport:
         """One safe adaptation step: implicit feedback, sparse annotation, held-back split,
         synthesis, LoRA training with early stopping, then the gate.
 
@@ -184,6 +188,8 @@ class Device:
         first) on held-back annotated items that no adapter was trained on; otherwise the device
         keeps its old adapter and counts a rejection. Before the first adaptation the device waits
         until the user has labelled `adaptation.min_items` buffered items (annotations + edits).
+        Each candidate starts from a fresh adapter, or from `start` (e.g. the global adapter
+        truncated to this device's rank, see fedasls.federated.client).
         """
         s = self.settings
         a = s.adaptation
@@ -195,19 +201,21 @@ class Device:
         unlabelled = [it for it in items if it.index not in self.annotations]
         feedback_pairs = []
         if self.options.use_feedback and unlabelled:
-            answers = generate(model, prompts, [it.question for it in unlabelled],
-                               max_new_tokens=s.evaluation.max_new_tokens)
-            for it, answer in zip(unlabelled, answers):
-                fb = self.user.react(it, answer)
-                self.profile.record_feedback(fb.signal)
-                feedback_pairs.append((it, fb))
+            with stage("feedback"):
+                answers = generate(model, prompts, [it.question for it in unlabelled],
+                                   max_new_tokens=s.evaluation.max_new_tokens)
+                for it, answer in zip(unlabelled, answers):
+                    fb = self.user.react(it, answer)
+                    self.profile.record_feedback(fb.signal)
+                    feedback_pairs.append((it, fb))
         edited = {it.index for it, fb in feedback_pairs if fb.signal == "edit"}
 
         # Sparse annotation: only buffered items, only within this adaptation's budget.
         self.user.reset_budget()
         to_ask = [it for it in unlabelled if it.index not in edited]
-        for it, preferred in self.user.annotate(to_ask, self.user.budget_remaining):
-            self.annotations[it.index] = preferred
+        with stage("annotate"):
+            for it, preferred in self.user.annotate(to_ask, self.user.budget_remaining):
+                self.annotations[it.index] = preferred
         self.counters.annotations += self.user.annotations_used
 
         # The user's own answers (annotations, edits) and accepted model answers, per buffered item.
@@ -233,7 +241,8 @@ class Device:
             [(it, fb) for it, fb in feedback_pairs if fb.signal == "accept" and it.index not in self.heldback]
         )
 
-        synthesizer = Synthesizer.from_settings(s.synthesis, seed=self.seed)
+        synthesizer = Synthesizer.from_settings(s.synthesis, seed=self.seed,
+                                                can_paraphrase=self.runtime.can_paraphrase(s.synthesis))
         status, result, rewrites, examples = "waiting", None, [], []
         first = self.adapter is None
         if first and len(own) < a.min_items:
@@ -241,11 +250,13 @@ class Device:
         elif len(heldback) < 1 or not train_own:
             status = "waiting"  # no held-back slice (all items are one near-duplicate group) or nothing to train on
         else:
-            rewrites = synthesizer.synthesize(model, prompts, train_own)
+            with stage("synthesize"):
+                rewrites = synthesizer.synthesize(model, prompts, train_own)
             examples = [TrainingExample(q, ans) for q, ans in train_own + rewrites]
             examples += [TrainingExample(q, ans, w) for q, ans, w in train_accepted]
             held_examples = [TrainingExample(it.question, it.preferred) for it in heldback]
-            kept = self._score(model, heldback)  # the kept adapter (or the base model) on the held-back items
+            with stage("gate"):
+                kept = self._score(model, heldback)  # the kept adapter (or the base model) on the held-back items
             self.trained |= {i for i in pairs if i not in self.heldback}
             status = "rejected"
             # Re-tune a fresh adapter on the current buffer: continuing the last one epoch after epoch
@@ -254,12 +265,17 @@ class Device:
             # at each of `retry_learning_rates` until one passes the gate.
             for attempt, lr in enumerate([a.learning_rate, *a.retry_learning_rates]):
                 seed = self.seed + self.counters.adaptations + 1009 * attempt
-                reset_adapter(model, seed=seed)
-                result = train_adapter(model, prompts, examples, a.model_copy(update={"learning_rate": lr}),
-                                       seed=seed, heldback=held_examples)
+                if start is None:
+                    reset_adapter(model, seed=seed)
+                else:
+                    load_adapter_state(model, start)
+                with stage("train"):
+                    result = train_adapter(model, prompts, examples, a.model_copy(update={"learning_rate": lr}),
+                                           seed=seed, heldback=held_examples)
                 if result.epsilon is not None:
                     self.dp_history.append((result.noise_multiplier, result.sample_rate, result.steps))
-                candidate = self._score(model, heldback)
+                with stage("gate"):
+                    candidate = self._score(model, heldback)
                 if gate_accepts(a.gate, candidate, kept):
                     status, self.adapter = "accepted", adapter_state(model)
                     break
@@ -304,6 +320,10 @@ class Device:
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, heldout: list[Interaction] | None = None) -> tuple[EvalResult, EvalResult]:
         """(personalized, base) metrics on held-out future interactions; base is computed once."""
+        with stage("evaluate"):
+            return self._evaluate(heldout)
+
+    def _evaluate(self, heldout: list[Interaction] | None) -> tuple[EvalResult, EvalResult]:
         s = self.settings
         heldout = heldout or self.runtime.population.heldout(self.device_id)
         prompts = self.runtime.prompts

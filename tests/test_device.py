@@ -220,3 +220,29 @@ def test_advance_checks_the_trigger_every_chunk(runtime, settings):
     once = advance(at_once)
     assert once.new_interactions == 60 and len(once.adaptations) == at_once.counters.adaptations <= 1
     assert advance(chunked).new_interactions == 0  # nothing pending: one check, nothing new
+
+
+def test_synthesis_auto_is_decided_once_per_model_and_reported(tiny_model_dir):
+    settings = Settings.model_validate(
+        {
+            "model": {"path": str(tiny_model_dir)},
+            "population": {"num_devices": 6, "stream_length": 30, "heldout": 2},
+            "feedback": {"annotation_budget": 3},
+            "synthesis": {"rewrites": 2, "method": "auto"},
+            "adaptation": {"epochs": 1, "lora_rank": 4},
+            "evaluation": {"max_new_tokens": 6},
+        }
+    )
+    runtime = DeviceRuntime(settings)
+    assert not runtime._paraphrase_probes  # measured lazily, on the first adaptation
+    reports = []
+    for device_id in (1, 2):
+        device = Device(device_id, runtime, settings)
+        device.catch_up()
+        reports.append(device.adapt())
+        assert len(runtime._paraphrase_probes) == 1
+        probe = runtime.paraphrase_probe(settings.synthesis)
+    assert runtime.paraphrase_probe(settings.synthesis) is probe  # the second device reused the measurement
+    expected = "llm" if probe.can_paraphrase else "fallback"
+    assert [r.synthesis_method for r in reports] == [expected, expected]
+    assert probe.generated == 3 * 4  # 3 rewrites of each of the 4 probe questions
