@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import signal
 import sys
@@ -255,10 +256,11 @@ def _stop_cleanly_on_ctrl_c(run_dir: Path) -> None:
 
     def stop(signum: int, frame: object) -> None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C changes nothing
-        threading.Timer(20.0, os._exit, args=(130,)).start()  # never hang, whatever Ray does
+        logging.disable(logging.CRITICAL)  # Flower's and Ray's reports of the workers Ctrl-C stopped
+        threading.Timer(8.0, os._exit, args=(130,)).start()  # never hang, whatever Ray does
         from server.checkpoint import COMMIT_LOCK, CHECKPOINT
 
-        COMMIT_LOCK.acquire(timeout=10.0)  # held for good: nothing is recorded after this point
+        COMMIT_LOCK.acquire(timeout=5.0)  # held for good: nothing is recorded after this point
         done = _rounds_done(run_dir / CHECKPOINT)
         print(f"\nfedasls: interrupted; the run stopped at its checkpoint after round {done} (a round in progress "
               f"is rerun on resume). Continue with: fedasls simulate --resume {run_dir}", file=sys.stderr, flush=True)
