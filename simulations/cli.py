@@ -331,16 +331,20 @@ def cmd_fleet_run(args: argparse.Namespace, settings: Settings) -> int:
     scenario = root / "scenario.toml"
     scenario.write_text(settings_toml(settings.model_copy(update=updates)))
     output = Path(args.output_dir or settings.simulation.output_dir).resolve()
+    started = time.time()
     code = run_app(root, scenario, output)
-    if code != 0:
-        print(f"fedasls: error: flwr run exited {code}; logs in {root / 'logs'}", file=sys.stderr)
+    runs = sorted((p for p in output.glob("flwr-run-*") if p.stat().st_mtime >= started - 1),
+                  key=lambda p: p.stat().st_mtime)
+    rounds_file = runs[-1] / "rounds.jsonl" if runs else None
+    recorded = len(rounds_file.read_text().splitlines()) if rounds_file and rounds_file.is_file() else 0
+    if code != 0 or recorded < settings.simulation.rounds:  # flwr run may exit 0 when the ServerApp failed
+        print(f"fedasls: error: the run did not complete ({recorded} of {settings.simulation.rounds} rounds recorded, "
+              f"flwr run exited {code}); see the output above and the logs in {root / 'logs'}", file=sys.stderr)
         return 1
-    runs = sorted(output.glob("flwr-run-*"), key=lambda p: p.stat().st_mtime)
-    if runs:
-        from simulations.report import format_summary, write_report
+    from simulations.report import format_summary, write_report
 
-        print(format_summary(write_report(runs[-1], wall_seconds=float("nan"))))
-        print(f"\nresults: {runs[-1]}")
+    print(format_summary(write_report(runs[-1], wall_seconds=time.time() - started)))
+    print(f"\nresults: {runs[-1]}")
     return 0
 
 
