@@ -54,23 +54,32 @@ def worker_resources(settings_json: str) -> tuple[Settings, DeviceRuntime, Heter
 
 
 def device_round(settings_json: str, device_id: int, now: float, store_dir: str, simulated_timing: bool,
-                 downlink: Downlink | None = None) -> DeviceRoundResult:
+                 downlink: Downlink | None = None, server_round: int | None = None) -> DeviceRoundResult:
     """Run one device round in this process. Simulated devices keep their state only if they finish
-    inside their availability window; real devices always keep it."""
+    inside their availability window; real devices always keep it. The store is opened for
+    `server_round` (an unrecorded attempt of that round is rolled back); a failure raises
+    DeviceFailure, its traceback kept in the device's errors.log."""
     from fedasls.device_round import keep_always, run_device_round
+    from fedasls.faults import contained
     from fedasls.simulated_timing import SimulatedTiming
     from fedasls.store import DeviceStore
+    from fedasls.timing import record, stage
 
-    settings, runtime, hetero = worker_resources(settings_json)
-    keep = SimulatedTiming(hetero).keep_if_online(device_id, now) if simulated_timing else keep_always
-    return run_device_round(device_id, now, runtime, settings, DeviceStore(store_dir), hetero, keep=keep,
-                            downlink=downlink)
+    store = DeviceStore(store_dir, round=server_round)
+    with contained(device_id, store):
+        with record() as timer:  # the reply carries per-stage seconds (numbers only), see fedasls.timing
+            with stage("worker_setup"):  # the base model loads on a worker's first call only
+                settings, runtime, hetero = worker_resources(settings_json)
+            keep = SimulatedTiming(hetero).keep_if_online(device_id, now) if simulated_timing else keep_always
+            result = run_device_round(device_id, now, runtime, settings, store, hetero, keep=keep, downlink=downlink)
+        result.stage_seconds = timer.metrics()  # this call's stages, the worker's setup included
+        return result
 
 
 def device_round_metrics(settings_json: str, device_id: int, now: float, store_dir: str,
-                         simulated_timing: bool) -> dict[str, float | int]:
+                         simulated_timing: bool, server_round: int | None = None) -> dict[str, float | int]:
     """Run one device round in this process; its reply metrics."""
-    return device_round(settings_json, device_id, now, store_dir, simulated_timing).metrics()
+    return device_round(settings_json, device_id, now, store_dir, simulated_timing, None, server_round).metrics()
 
 
 def downlink_of(msg: Message, settings: Settings) -> Downlink | None:
@@ -102,6 +111,10 @@ def _store_dir(msg: Message, context: Context) -> str:
     return str(context.node_config.get("store-dir", msg.content["config"]["store"]))
 
 
+def _round_of(config) -> int | None:
+    return int(config["server-round"]) if "server-round" in config else None
+
+
 app = ClientApp(mods=[privacy_guard])
 
 
@@ -116,18 +129,18 @@ def train(msg: Message, context: Context) -> Message:
     """Catch up the stream to the (virtual) time, adapt if the trigger says so, evaluate, save."""
     config = msg.content["config"]
     settings_json, now, store = str(config["settings"]), float(config["now"]), _store_dir(msg, context)
-    simulated = bool(config.get("simulated-timing", False))
+    simulated, server_round = bool(config.get("simulated-timing", False)), _round_of(config)
     if "device-ids" in config:  # a worker slot running several devices side by side
         if GLOBAL_ADAPTER_KEY in msg.content:
             raise ValueError("a global-adapter round cannot batch devices (one update per reply): "
                              "set [simulation] devices_per_worker = 1")
         from clients.device_pool import run_devices
 
-        rows = run_devices(device_round_metrics, settings_json, [int(d) for d in config["device-ids"]], now,
-                           store, simulated, int(config.get("parallel", 1)))
-        return build_batch_reply(msg, rows)
+        rows, failures = run_devices(device_round_metrics, settings_json, [int(d) for d in config["device-ids"]],
+                                     now, store, simulated, int(config.get("parallel", 1)), server_round)
+        return build_batch_reply(msg, rows, failures)
     downlink = downlink_of(msg, worker_resources(settings_json)[0])
-    result = device_round(settings_json, device_id_of(msg, context), now, store, simulated, downlink)
+    result = device_round(settings_json, device_id_of(msg, context), now, store, simulated, downlink, server_round)
     return build_reply(msg, result.metrics(), result.contribution.update if result.contribution else None)
 
 
@@ -136,14 +149,16 @@ def evaluate(msg: Message, context: Context) -> Message:
     """Personalized vs base metrics on the device's held-out interactions; state is not changed."""
     from fedasls.adaptation import adapter_state
     from fedasls.device_round import load_device
+    from fedasls.faults import contained
     from fedasls.federated.client import global_model_adapter
     from fedasls.store import DeviceStore
 
     config = msg.content["config"]
-    settings, runtime, hetero = worker_resources(str(config["settings"]))
-    device_id = device_id_of(msg, context)
-    device = load_device(device_id, runtime, settings, DeviceStore(_store_dir(msg, context)), hetero)
-    personal, base = device.evaluate()
+    device_id, store = device_id_of(msg, context), DeviceStore(_store_dir(msg, context))
+    with contained(device_id, store):
+        settings, runtime, hetero = worker_resources(str(config["settings"]))
+        device = load_device(device_id, runtime, settings, store, hetero)
+        personal, base = device.evaluate()
     metrics = {"device_id": device_id, "rouge1": personal.rouge1, "rougeL": personal.rougeL,
                "perplexity": personal.perplexity, "base_rouge1": base.rouge1, "base_rougeL": base.rougeL,
                "base_perplexity": base.perplexity}

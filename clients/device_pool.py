@@ -13,11 +13,13 @@ import multiprocessing
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
 
+from fedasls.faults import DeviceFailure, FailureCode
+
 logger = logging.getLogger(__name__)
 
 _POOL: dict[int, ProcessPoolExecutor] = {}
 
-DeviceRoundFn = Callable[[str, int, float, str, bool], dict[str, float | int]]
+DeviceRoundFn = Callable[[str, int, float, str, bool, "int | None"], dict[str, float | int]]
 
 
 def _pool(size: int) -> ProcessPoolExecutor:
@@ -31,27 +33,38 @@ def _pool(size: int) -> ProcessPoolExecutor:
 
 
 def run_devices(fn: DeviceRoundFn, settings_json: str, device_ids: list[int], now: float, store_dir: str,
-                simulated_timing: bool, parallel: int) -> list[dict[str, float | int]]:
-    """Reply metrics of each device that finished its round; a device that raised is left out (the
-    server counts it failed) and logged here, on the worker, never sent."""
+                simulated_timing: bool, parallel: int, server_round: int | None = None
+                ) -> tuple[list[dict[str, float | int]], dict[int, FailureCode]]:
+    """Reply metrics of each device that finished its round, and the FailureCode of each device that
+    raised (its traceback stays on the worker: the device's errors.log, or this worker's log)."""
+    args = (settings_json, now, store_dir, simulated_timing, server_round)
     if parallel <= 1:
-        futures = [_run_inline(fn, settings_json, d, now, store_dir, simulated_timing) for d in device_ids]
+        futures = [_run_inline(fn, d, *args) for d in device_ids]
     else:
         pool = _pool(parallel)
-        futures = [pool.submit(fn, settings_json, d, now, store_dir, simulated_timing) for d in device_ids]
-    rows = []
+        futures = [pool.submit(_call, fn, d, *args) for d in device_ids]
+    rows: list[dict[str, float | int]] = []
+    failures: dict[int, FailureCode] = {}
     for device_id, future in zip(device_ids, futures):
         try:
             rows.append(future.result())
-        except Exception:  # one device failing never stops the others on the slot
+        except DeviceFailure as failure:  # one device failing never stops the others on the slot
+            failures[device_id] = failure.code
+        except Exception:  # noqa: BLE001 - outside the device round (e.g. the pool): logged here only
             logger.exception("device %d failed its round", device_id)
-    return rows
+            failures[device_id] = FailureCode.ERROR
+    return rows, failures
+
+
+def _call(fn: DeviceRoundFn, device_id: int, settings_json: str, now: float, store_dir: str,
+          simulated_timing: bool, server_round: int | None) -> dict[str, float | int]:
+    return fn(settings_json, device_id, now, store_dir, simulated_timing, server_round)
 
 
 def _run_inline(fn: DeviceRoundFn, *args: object) -> Future:
     future: Future = Future()
     try:
-        future.set_result(fn(*args))  # type: ignore[arg-type]
+        future.set_result(_call(fn, *args))  # type: ignore[arg-type]
     except Exception as err:
         future.set_exception(err)
     return future

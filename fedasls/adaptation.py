@@ -77,6 +77,14 @@ class TrainResult:
     sample_rate: float  # batch sampling rate (Poisson rate under DP)
     seconds: float = 0.0
     privacy: PrivacyReport | None = field(default=None)
+    heldback_losses: list[float] = field(default_factory=list)  # held-back answer loss after each epoch
+    best_epoch: int | None = None  # 1-based epoch whose weights were kept (None: no held-back data)
+    planned_epochs: int = 0  # settings.epochs
+
+    @property
+    def stopped_early(self) -> bool:
+        """True when training ended before settings.epochs because the held-back loss stopped falling."""
+        return len(self.losses) < self.planned_epochs
 
 
 # --------------------------------------------------------------------------- adapters
@@ -283,19 +291,46 @@ def _tensorize(prompts: PromptFormat, examples: Sequence[TrainingExample], max_l
     return TensorDataset(ids, mask, labels, weights)
 
 
+# Causal LMs whose logits are exactly `lm_head(decoder(...).last_hidden_state)` (no logit scaling or
+# soft-capping), so the head may run on the answer positions only.
+_PLAIN_HEAD_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2"})
+ANSWER_ONLY_HEAD = True  # False: the full-logits path everywhere (benchmarks/speedups.py compares the two)
+
+
+def _decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module] | None:
+    """(decoder, lm_head) of a plain-head causal LM (peft-wrapped or not), else None."""
+    causal = model.get_base_model() if isinstance(model, PeftModel) else model
+    model_type = getattr(getattr(causal, "config", None), "model_type", None)
+    if not ANSWER_ONLY_HEAD or model_type not in _PLAIN_HEAD_MODEL_TYPES:
+        return None
+    decoder, head = causal.get_decoder(), causal.get_output_embeddings()
+    return (decoder, head) if decoder is not None and head is not None else None
+
+
 def _per_example_loss(
     model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor
 ) -> torch.Tensor:
     """Mean next-token loss over each example's answer tokens, shape [batch].
 
     Each example's loss depends on that example only (no batch-wide token normalisation), which
-    keeps opacus' per-example gradients exact.
+    keeps opacus' per-example gradients exact. On plain-head models the vocabulary projection and
+    softmax run on the answer positions only (the prompt and padding positions carry no loss): the
+    same values, a third to a half fewer FLOPs on the head. Other models (and opacus' wrapped
+    module) take the full-logits path.
     """
-    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
     target = labels[:, 1:]
-    token_loss = F.cross_entropy(
-        logits.reshape(-1, logits.size(-1)).float(), target.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
-    ).view(target.shape)
+    split = _decoder_and_head(model)
+    if split is None:
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+        token_loss = F.cross_entropy(
+            logits.reshape(-1, logits.size(-1)).float(), target.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
+        ).view(target.shape)
+    else:
+        decoder, head = split
+        hidden = decoder(input_ids=ids, attention_mask=mask).last_hidden_state[:, :-1]
+        answer = target != IGNORE_INDEX
+        token_loss = torch.zeros(target.shape, dtype=torch.float32, device=hidden.device)
+        token_loss[answer] = F.cross_entropy(head(hidden[answer]).float(), target[answer], reduction="none")
     counts = (target != IGNORE_INDEX).sum(dim=1).clamp(min=1)
     return token_loss.sum(dim=1) / counts
 
@@ -338,10 +373,17 @@ def train_adapter(
     settings: AdaptationSettings,
     seed: int,
     on_step: StepCallback | None = None,
+    heldback: Sequence[TrainingExample] = (),
 ) -> TrainResult:
     """Train the active LoRA adapter on `examples` (AdamW, answer-token loss); DP-SGD if settings.dp.
 
     Example weights scale each example's loss; under DP they act only below the clipping norm.
+
+    Early stopping: with `heldback` examples (never trained on), the answer loss on them is measured
+    after every epoch; training stops once it has not improved for `settings.patience` epochs, and
+    the adapter is left with the weights of the best epoch (`TrainResult.best_epoch`). Under DP the
+    choice of epoch depends on the held-back items, which the DP guarantee does not cover (they
+    stay on the device, like the personal adapter).
 
     Deterministic for a given seed. `on_step(peft_model, step)` is called after each backward pass
     and before the optimizer step (under DP, each LoRA parameter then holds `.grad_sample`).
@@ -353,6 +395,7 @@ def train_adapter(
     max_length = min(settings.max_length, limit) if limit else settings.max_length
     data = _tensorize(prompts, examples, max_length)
     device = next(peft_model.parameters()).device
+    stopper = _EarlyStopping(peft_model, prompts, heldback, settings.patience, max_length) if heldback else None
     with _seeded(seed, peft_model):
         loader_gen = torch.Generator().manual_seed(seed)
         loader = DataLoader(data, batch_size=settings.batch_size, shuffle=True, generator=loader_gen)
@@ -360,15 +403,43 @@ def train_adapter(
         peft_model.train()
         try:
             if settings.dp:
-                result = _train_dp(peft_model, loader, optimizer, params, settings, seed, device, on_step)
+                result = _train_dp(peft_model, loader, optimizer, params, settings, seed, device, on_step, stopper)
             else:
-                result = _train_plain(peft_model, loader, optimizer, settings, device, on_step)
+                result = _train_plain(peft_model, loader, optimizer, settings, device, on_step, stopper)
         finally:
             peft_model.eval()
             for _, p in params:
                 p.grad = None
+    if stopper is not None:
+        stopper.restore_best()
+        result.heldback_losses, result.best_epoch = stopper.losses, stopper.best_epoch
+    result.planned_epochs = settings.epochs
     result.seconds = time.perf_counter() - start
     return result
+
+
+class _EarlyStopping:
+    """Held-back answer loss after each epoch; remembers the best epoch's LoRA weights."""
+
+    def __init__(self, peft_model: PeftModel, prompts: PromptFormat,
+                 heldback: Sequence[TrainingExample], patience: int, max_length: int) -> None:
+        self.model, self.prompts, self.heldback = peft_model, prompts, list(heldback)
+        self.patience, self.max_length = patience, max_length
+        self.losses: list[float] = []
+        self.best_epoch: int | None = None
+        self.best_state: dict[str, torch.Tensor] | None = None
+
+    def after_epoch(self) -> bool:
+        """Measure the held-back loss; True when training should stop."""
+        loss = sequence_loss(self.model, self.prompts, self.heldback, self.max_length)
+        self.losses.append(loss)
+        if self.best_epoch is None or loss < self.losses[self.best_epoch - 1]:
+            self.best_epoch, self.best_state = len(self.losses), adapter_state(self.model)
+        return len(self.losses) - self.best_epoch >= self.patience
+
+    def restore_best(self) -> None:
+        if self.best_state is not None and self.best_epoch != len(self.losses):
+            load_adapter_state(self.model, self.best_state)
 
 
 def _train_plain(
@@ -378,6 +449,7 @@ def _train_plain(
     settings: AdaptationSettings,
     device: torch.device,
     on_step: StepCallback | None,
+    stopper: _EarlyStopping | None = None,
 ) -> TrainResult:
     losses, steps = [], 0
     for _ in range(settings.epochs):
@@ -395,6 +467,8 @@ def _train_plain(
             total += float(per_example.detach().sum())
             count += len(per_example)
         losses.append(total / max(count, 1))
+        if stopper is not None and stopper.after_epoch():
+            break
     n = len(loader.dataset)
     return TrainResult(losses, steps, None, None, None, min(settings.batch_size / n, 1.0))
 
@@ -408,6 +482,7 @@ def _train_dp(
     seed: int,
     device: torch.device,
     on_step: StepCallback | None,
+    stopper: _EarlyStopping | None = None,
 ) -> TrainResult:
     with warnings.catch_warnings():
         # Seeded (non-cryptographic) noise is what a reproducible simulation needs.
@@ -449,6 +524,8 @@ def _train_dp(
                     dp_optimizer.step()
                     steps += 1
                 losses.append(total / count if count else float("nan"))
+                if stopper is not None and stopper.after_epoch():
+                    break
     finally:
         dp_optimizer.zero_grad(set_to_none=True)
         dp_model.to_standard_module()  # removes opacus hooks and grad_sample attributes

@@ -2,33 +2,50 @@
 
 One `Settings` object describes a whole run. Each section maps to one TOML table
 (`[model]`, `[population]`, ...). Unknown keys and invalid values are rejected with a
-message naming the file, the key and what is allowed.
+message naming the file, the line, the key, what is allowed and how to fix it; settings
+that contradict each other (e.g. rouge_min above rouge_max) raise `CrossFieldError`.
 """
 
 from __future__ import annotations
 
+import re
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from fedasls.errors import FedaslsError
 from fedasls.federated.settings import FederatedSettings
 from fedasls.heterogeneity import HeterogeneitySettings
 
 
-class ConfigError(ValueError):
+class ConfigError(FedaslsError, ValueError):
     """A settings file or override is invalid; the message says where and how to fix it."""
+
+
+class CrossFieldError(ValueError):
+    """Settings that are each valid but contradict each other; names every key involved and the fix."""
+
+    def __init__(self, problem: str, keys: tuple[str, ...], fix: str):
+        self.problem, self.keys, self.fix = problem, keys, fix
+        super().__init__(f"{problem}. Fix: {fix}")
 
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+ModelPresetName = Literal["smollm2-135m-instruct"]  # the keys of fedasls.presets.PRESETS
+
+
 class ModelSettings(_Section):
     """Base model: a local Hugging Face folder, or the embedded default built from code."""
 
     path: str | None = Field(None, description="Local Hugging Face causal-LM folder; None = embedded default.")
+    preset: ModelPresetName | None = Field(
+        None, description="A packaged model converted on first use (fedasls.presets), instead of path."
+    )
     cache_dir: str | None = Field(None, description="Where the embedded default is cached (env FEDASLS_CACHE).")
     seed: int = 0
     vocab_size: int = Field(2048, ge=256, le=65536)
@@ -41,6 +58,14 @@ class ModelSettings(_Section):
     pretrain_batch_size: int = Field(32, ge=1)
     pretrain_lr: float = Field(3e-3, gt=0)
     corpus_size: int = Field(6000, ge=100, description="Public (non-user) texts used for tokenizer + pretraining.")
+
+    @model_validator(mode="after")
+    def _one_model_source(self) -> "ModelSettings":
+        if self.path and self.preset:
+            raise ValueError(
+                f"set either model.path ({self.path!r}) or model.preset ({self.preset!r}), not both"
+            )
+        return self
 
     @model_validator(mode="after")
     def _heads_divide_hidden(self) -> "ModelSettings":
@@ -88,6 +113,15 @@ class FeedbackSettings(_Section):
     accept_threshold: float = Field(0.5, ge=0, le=1, description="ROUGE-1 to the preference above which the user accepts.")
     edit_threshold: float = Field(0.2, ge=0, le=1, description="Between this and accept the user edits; below, regenerates.")
 
+    @model_validator(mode="after")
+    def _edit_below_accept(self) -> "FeedbackSettings":
+        if self.edit_threshold > self.accept_threshold:
+            raise CrossFieldError(
+                f"edit_threshold ({self.edit_threshold}) is above accept_threshold ({self.accept_threshold}), so the "
+                "simulated user's edit band is empty", ("edit_threshold", "accept_threshold"),
+                "set edit_threshold <= accept_threshold (defaults 0.2 and 0.5)")
+        return self
+
 
 class SynthesisSettings(_Section):
     """Rewriting annotated questions into similar ones, filtered by ROUGE-1."""
@@ -97,9 +131,23 @@ class SynthesisSettings(_Section):
     rouge_min: float = Field(0.3, ge=0, le=1)
     rouge_max: float = Field(0.95, ge=0, le=1)
 
+    @model_validator(mode="after")
+    def _min_below_max(self) -> "SynthesisSettings":
+        if self.rouge_min > self.rouge_max:
+            raise CrossFieldError(
+                f"rouge_min ({self.rouge_min}) is above rouge_max ({self.rouge_max}), so no rewrite can pass the "
+                "ROUGE-1 filter", ("rouge_min", "rouge_max"),
+                "set rouge_min <= rouge_max (defaults 0.3 and 0.95)")
+        return self
+
 
 class AdaptationSettings(_Section):
-    """Personal LoRA adapter training, optional example-level DP-SGD."""
+    """Personal LoRA adapter training (the safe adaptation step), optional example-level DP-SGD.
+
+    The defaults fit the embedded model and were chosen by measurement on the quickstart fleet
+    (benchmarks/adaptation_fleet.py; figures in the README, "The adaptation step"). Per-model
+    defaults go into ADAPTATION_DEFAULTS_BY_MODEL below.
+    """
 
     lora_rank: int = Field(8, ge=1)
     lora_alpha: int = Field(16, ge=1)
@@ -118,6 +166,19 @@ class AdaptationSettings(_Section):
         0.5, ge=0, le=1, description="... and at least this share of the buffer is new since the last adaptation."
     )
     drift_trigger: float = Field(0.5, ge=0, le=2, description="Profile drift above which the device re-tunes.")
+    min_items: int = Field(
+        8, ge=1, description="Labelled buffered items (annotations + edits) before the first adapter is trained."
+    )
+    heldback_fraction: float = Field(0.25, ge=0, lt=1, description="Share of labelled items held back for the gate.")
+    heldback_min: int = Field(3, ge=1, description="Held-back items at least (near-duplicate groups never split).")
+    patience: int = Field(2, ge=1, description="Early stopping: epochs without a better held-back loss.")
+    retry_learning_rates: list[Annotated[float, Field(gt=0)]] = Field(
+        default_factory=lambda: [2e-3],
+        description="Learning rates of further candidates when the gate rejects one (in order; [] = no retry).",
+    )
+    gate: Literal["rouge1", "loss", "both", "off"] = Field(
+        "rouge1", description="What a new adapter must beat the kept one on (held-back items); off = always keep."
+    )
     dp: bool = False
     noise_multiplier: float = Field(1.0, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
@@ -141,6 +202,11 @@ class SimulationSettings(_Section):
     cpus_per_worker: float = Field(1.0, gt=0)
     output_dir: str = "results"
     store_dir: str | None = Field(None, description="Device store; default <output_dir>/<run>/store.")
+    audit_log: bool = Field(False, description="Write every reply the server receives to <run>/received.jsonl "
+                            "(code, fixed message, metric names and values), for privacy audits.")
+    max_failed_share: float = Field(
+        0.5, ge=0, le=1, description="Stop (exit non-zero) once more than this share of device rounds failed; "
+        "a run in which every device round failed always stops.")
     sampling: Literal["available", "poisson"] = Field(
         "available", description="available: K fastest of an over-committed sample; poisson: rate K/N, for user-level DP."
     )
@@ -166,8 +232,33 @@ class DeploymentSettings(_Section):
     reply_timeout_s: float = Field(600.0, gt=0, description="A device that does not reply by then is offline this round.")
 
 
+# Per base-model adaptation defaults: the AdaptationSettings field defaults are the embedded
+# model's (measured with benchmarks/adaptation_fleet.py, see README "Adaptation defaults"). Another
+# model kind (e.g. a preset name that `model.path` selects) adds an entry of [adaptation] keys here;
+# keys a user sets in TOML or --set always win.
+ADAPTATION_DEFAULTS_BY_MODEL: dict[str, dict[str, Any]] = {"embedded": {}}
+
+
+def model_kind(model: dict[str, Any] | None) -> str:
+    """The key of ADAPTATION_DEFAULTS_BY_MODEL for a [model] table: "embedded" or its `path`."""
+    path = (model or {}).get("path")
+    return "embedded" if not path else str(path)
+
+
 class Settings(_Section):
     """A whole run: one table per layer."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _adaptation_defaults_for_the_model(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        model = data.get("model")
+        defaults = ADAPTATION_DEFAULTS_BY_MODEL.get(model_kind(model if isinstance(model, dict) else None), {})
+        adaptation = data.get("adaptation", {})
+        if defaults and isinstance(adaptation, dict):
+            data = {**data, "adaptation": {**defaults, **adaptation}}
+        return data
 
     model: ModelSettings = ModelSettings()
     population: PopulationSettings = PopulationSettings()
@@ -196,23 +287,76 @@ class Settings(_Section):
         return self
 
 
-def _format_errors(err: ValidationError, source: str) -> str:
+Origins = dict[str, str]  # dotted key -> where its value came from ("file.toml line 12", "--set k=v")
+
+
+def _allowed_keys(loc: tuple) -> list[str]:
+    """The keys a table accepts, for an unknown-key message."""
+    model: Any = Settings
+    for part in loc[:-1]:
+        field = getattr(model, "model_fields", {}).get(str(part))
+        if field is None:
+            return []
+        model = field.annotation
+    return sorted(getattr(model, "model_fields", {}))
+
+
+def _where(keys: list[str], origins: Origins) -> str:
+    return "; ".join(f"{k}: {origins.get(k, 'default value')}" for k in keys)
+
+
+def _format_errors(err: ValidationError, source: str, origins: Origins | None = None) -> str:
+    """One paragraph per problem: what, where (file and line, or the --set flag) and how to fix."""
+    origins = origins or {}
     lines = [f"invalid settings in {source}:"]
     for e in err.errors():
-        where = ".".join(str(p) for p in e["loc"]) or "<root>"
-        if e["type"] == "extra_forbidden":
-            lines.append(f"  - unknown key '{where}': remove it or check its spelling")
+        loc = tuple(str(p) for p in e["loc"])
+        dotted = ".".join(loc) or "<root>"
+        cause = (e.get("ctx") or {}).get("error")
+        if isinstance(cause, CrossFieldError):
+            keys = [k if "." in k else ".".join((*loc, k)) for k in cause.keys]
+            lines.append(f"  - {'.'.join(loc) + ': ' if loc else ''}{cause.problem}. Where: {_where(keys, origins)}. "
+                         f"Fix: {cause.fix}.")
+        elif e["type"] == "extra_forbidden":
+            allowed = _allowed_keys(loc)
+            lines.append(f"  - unknown key '{dotted}'. Where: {_where([dotted], origins)}. Fix: remove it or check its "
+                         f"spelling" + (f" (keys of [{'.'.join(loc[:-1])}]: {', '.join(allowed)})" if allowed else "")
+                         + ".")
         else:
-            lines.append(f"  - {where}: {e['msg']} (got {e.get('input')!r})")
+            lines.append(f"  - {dotted}: {e['msg']} (got {e.get('input')!r}). Where: {_where([dotted], origins)}. "
+                         f"Fix: give {dotted} a value that meets this.")
     return "\n".join(lines)
 
 
-def settings_from_dict(data: dict[str, Any], source: str = "<dict>") -> Settings:
+def settings_from_dict(data: dict[str, Any], source: str = "<dict>", origins: Origins | None = None) -> Settings:
     """Validate a plain dict (e.g. parsed TOML) into Settings, raising ConfigError."""
     try:
         return Settings.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(_format_errors(err, source)) from None
+        raise ConfigError(_format_errors(err, source, origins)) from None
+
+
+_TABLE = re.compile(r"^\s*\[\s*([A-Za-z0-9_.\-\s\"]+?)\s*\]\s*(#.*)?$")
+_KEY = re.compile(r"^\s*([A-Za-z0-9_\-]+|\"[^\"]+\")\s*=")
+
+
+def key_lines(path: str | Path) -> Origins:
+    """Where each dotted key is set in a TOML file ("file.toml line N"), by a line scan of the
+    file's [tables] and `key = value` lines (enough to point a user at the line to fix)."""
+    p = Path(path)
+    found: Origins = {}
+    table = ""
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return found
+    for number, line in enumerate(text.splitlines(), start=1):
+        if m := _TABLE.match(line):
+            table = m.group(1).replace('"', "").replace(" ", "")
+        elif m := _KEY.match(line):
+            key = m.group(1).strip('"')
+            found.setdefault(f"{table}.{key}" if table else key, f"{p} line {number}")
+    return found
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:
@@ -222,8 +366,10 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"settings file not found: {p} (pass an existing .toml file)")
     try:
         return tomllib.loads(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{p}: not UTF-8 text (byte {err.start}); save the settings file as UTF-8") from None
     except tomllib.TOMLDecodeError as err:
-        raise ConfigError(f"{p}: not valid TOML: {err}") from None
+        raise ConfigError(f"{p}: not valid TOML: {err}. Fix: correct the TOML syntax at that line") from None
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -251,4 +397,7 @@ def load_settings(path: str | Path | None = None, overrides: list[str] | None = 
     """Load settings from an optional TOML file plus `section.key=value` overrides."""
     data = read_toml(path) if path else {}
     data = apply_overrides(data, overrides or [])
-    return settings_from_dict(data, str(path) if path else "overrides")
+    origins = key_lines(path) if path else {}
+    for item in overrides or []:
+        origins[item.split("=", 1)[0].strip()] = f"--set {item}"
+    return settings_from_dict(data, str(path) if path else "overrides", origins)

@@ -12,16 +12,17 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 
 from fedasls.config import Settings
-from fedasls.device import Device, DeviceOptions
+from fedasls.device import AdaptReport, Device, DeviceOptions
 from fedasls.driver import advance
 from fedasls.federated.client import Contribution, Downlink, adapt_from_global
 from fedasls.heterogeneity import HeterogeneityModel
 from fedasls.interaction import STREAM_EPOCH
 from fedasls.runtime import DeviceRuntime
-from fedasls.store import DeviceStore
+from fedasls.store import MANIFEST, CorruptStateError, DeviceStore
+from fedasls.timing import record, stage
 
 UPLOAD_BYTES = 512  # a reply of scalar metrics; a later global-adapter update adds its own bytes
 
@@ -83,7 +84,11 @@ class DeviceRoundResult:
     base_perplexity: float
     base_accept_rate: float
     epsilon: float
+    gate_accepted: int = 0  # the device's lifetime count of adapters the gate kept
+    gate_rejected: int = 0  # ... refused (the device kept its previous adapter or the base model)
+    gate_waiting: int = 0  # ... adaptation steps that trained nothing (too few labelled items)
     contribution: Contribution | None = None  # global-adapter update (clipped, padded); never a metric
+    stage_seconds: dict[str, float] = field(default_factory=dict)  # fedasls.timing: stage_<name>_s / _cpu_s
 
     @property
     def work(self) -> RoundWork:
@@ -91,8 +96,10 @@ class DeviceRoundResult:
 
     def metrics(self) -> dict[str, float | int]:
         """Numbers only, for the reply's MetricRecord (status as a code: 0 completed, 1 offline)."""
-        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("status", "contribution")}
+        out = {f.name: getattr(self, f.name) for f in fields(self)
+               if f.name not in ("status", "contribution", "stage_seconds")}
         out["status_code"] = {"completed": 0, "offline": 1}[self.status]
+        out.update(self.stage_seconds)
         return out
 
 
@@ -101,7 +108,11 @@ def load_device(device_id: int, runtime: DeviceRuntime, settings: Settings, stor
     """The device as last saved, or a new one sized by its heterogeneity profile."""
     state = store.load(device_id)
     if state is not None:
-        return Device.from_state(state, runtime, settings, options)
+        try:
+            return Device.from_state(state, runtime, settings, options)
+        except (KeyError, TypeError, ValueError, AttributeError) as err:  # stored, but not a device we can rebuild
+            folder = store.folder(device_id)
+            raise CorruptStateError(device_id, folder / MANIFEST, f"not a loadable device state: {err}", folder) from None
     profile = heterogeneity.profile(device_id)
     return Device(device_id, runtime, settings, lora_rank=min(profile.max_lora_rank, settings.adaptation.lora_rank),
                   buffer_bytes=profile.buffer_bytes, options=options)
@@ -122,31 +133,54 @@ def run_device_round(
 
     With a `downlink` (a global-adapter round) the device observes its new interactions and, if it
     has buffered items, trains once starting from the global adapter (not on its own trigger); the
-    result carries its contribution."""
+    result carries its contribution. The result's `stage_seconds` holds the round's per-stage wall
+    and CPU times (fedasls.timing).
+    """
+    with record() as timer:
+        result = _run_device_round(device_id, now, runtime, settings, store, heterogeneity, options, keep, downlink)
+    result.stage_seconds = timer.metrics()
+    return result
+
+
+def _run_device_round(device_id: int, now: float, runtime: DeviceRuntime, settings: Settings, store: DeviceStore,
+                      heterogeneity: HeterogeneityModel, options: DeviceOptions | None,
+                      keep: Callable[[RoundWork], bool], downlink: Downlink | None) -> DeviceRoundResult:
     t0 = time.perf_counter()
-    device = load_device(device_id, runtime, settings, store, heterogeneity, options)
+    with stage("load_state"):
+        device = load_device(device_id, runtime, settings, store, heterogeneity, options)
     contribution = None
     if downlink is None:
         progress = advance(device, until=STREAM_EPOCH + now)
-        new, examples, adapted = progress.new_interactions, progress.examples, bool(progress.adaptations)
+        new, examples, reports = progress.new_interactions, progress.examples, progress.adaptations
     else:
         new = device.catch_up(until=STREAM_EPOCH + now)
-        adapted = len(device.selector.buffer) > 0
-        contribution = adapt_from_global(device, downlink) if adapted else None
-        examples = contribution.examples if contribution else 0
+        reports = []
+        if len(device.selector.buffer) > 0:
+            contribution = adapt_from_global(device, downlink)
+            reports = [AdaptReport(**device.counters.history[-1])]
+        examples = sum(r.examples for r in reports)
+    adapted = bool(reports)
     had_base = device.base_eval is not None
-    personal, base = device.evaluate()
+    if adapted or device.last_eval is None:
+        personal, base = device.evaluate()
+    else:  # adapter and held-out items unchanged since the saved evaluation: the same figures, not recomputed
+        personal, base = device.last_eval, device.base_eval
+    trained = [r for r in reports if r.epochs]
+    epoch_examples = sum(r.examples * r.epochs * r.attempts for r in trained)
     work = RoundWork(
         embed_items=new,
         train_examples=examples,
-        epochs=settings.adaptation.epochs,
+        # epochs actually run (early stopping, retried candidates), per training example
+        epochs=round(epoch_examples / examples) if examples else settings.adaptation.epochs,
         rank=device.lora_rank,
-        eval_items=personal.n * (1 if had_base else 2),
+        # held-out evaluation, plus the gate scoring the kept adapter and each candidate on the held-back items
+        eval_items=personal.n * (1 if had_base else 2) + sum((1 + r.attempts) * r.heldback for r in trained),
         upload_bytes=UPLOAD_BYTES + (_nbytes(contribution.update) if contribution else 0),
     )
     kept = keep(work)
     if kept:
-        store.save(device_id, device.to_state())
+        with stage("save"):
+            store.save(device_id, device.to_state())
     last = device.counters.history[-1] if (adapted and device.counters.history) else {}
     return DeviceRoundResult(
         device_id=device_id,
@@ -170,6 +204,9 @@ def run_device_round(
         base_perplexity=base.perplexity,
         base_accept_rate=base.accept_rate if base.accept_rate is not None else math.nan,
         epsilon=last.get("epsilon") if last.get("epsilon") is not None else math.nan,
+        gate_accepted=device.counters.gate_accepted,
+        gate_rejected=device.counters.gate_rejected,
+        gate_waiting=device.counters.gate_waiting,
         contribution=contribution if kept else None,
     )
 

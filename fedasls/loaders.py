@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fedasls.errors import FedaslsError
 from fedasls.interaction import Interaction, Persona, STREAM_EPOCH
 from fedasls.lexicon import GENERAL, RESERVED, DomainLexicons, default_lexicons
 
@@ -30,7 +31,7 @@ _GENERIC_RESPONSES = (
 )
 
 
-class DatasetError(ValueError):
+class DatasetError(FedaslsError, ValueError):
     """A dataset file or line is malformed; the message names the file, line and field."""
 
 
@@ -70,11 +71,17 @@ def load_jsonl(path: str | Path) -> list[Record]:
     if not p.is_file():
         raise DatasetError(f"dataset file not found: {p} (set population.jsonl_path to an existing .jsonl file)")
     records: list[Record] = []
-    with p.open(encoding="utf-8") as fh:
-        for lineno, raw in enumerate(fh, start=1):
+    with p.open("rb") as fh:
+        for lineno, raw_bytes in enumerate(fh, start=1):
+            where = f"{p.name}:{lineno}"
+            try:
+                raw = raw_bytes.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as err:
+                raise DatasetError(f"{p}:{lineno}: not UTF-8 text (byte 0x{raw_bytes[err.start]:02x} at column "
+                                   f"{err.start + 1}); save the file as UTF-8, e.g. "
+                                   f"`iconv -f latin1 -t utf-8 {p.name} > fixed.jsonl`") from None
             if not raw.strip():
                 continue
-            where = f"{p.name}:{lineno}"
             try:
                 obj = json.loads(raw)
             except json.JSONDecodeError as err:

@@ -21,13 +21,14 @@ import torch
 from peft import PeftModel
 
 from fedasls.adaptation import attach_lora, lora_config
-from fedasls.config import AdaptationSettings, Settings
+from fedasls.config import AdaptationSettings, Settings, SynthesisSettings
 from fedasls.embedding import Embedder, make_embedder
 from fedasls.interaction import Interaction
 from fedasls.lexicon import DomainLexicons, default_lexicons
 from fedasls.model import ensure_model, load_model
 from fedasls.population import Population, population_from_settings
 from fedasls.prompts import PromptFormat
+from fedasls.synthesis import ParaphraseProbe, probe_paraphrase
 
 
 def resource_key(settings: Settings) -> str:
@@ -57,6 +58,7 @@ class DeviceRuntime:
         self.population = population if population is not None else population_from_settings(settings.population)
         base, self.tokenizer = load_model(ensure_model(settings.model))
         self.prompts = PromptFormat(self.tokenizer)  # every prompt of this model is made here
+        self._paraphrase_probes: dict[tuple[float, float], ParaphraseProbe] = {}
         a = settings.adaptation
         self.model: PeftModel = attach_lora(
             base, a.lora_rank, a.lora_alpha, a.lora_dropout, slot_name(a.lora_rank, a), a.target_modules
@@ -81,6 +83,21 @@ class DeviceRuntime:
     def embedder(self) -> Embedder:
         s = self._selection
         return make_embedder(s.embedding, self.model, self.prompts, s.embed_batch_size)
+
+    def paraphrase_probe(self, synthesis: SynthesisSettings) -> ParaphraseProbe:
+        """How well the base model paraphrases (fixed probe questions, seeded, 3 rewrites each),
+        under these filter bounds: measured once per worker and filter, then reused."""
+        key = (synthesis.rouge_min, synthesis.rouge_max)
+        if key not in self._paraphrase_probes:
+            with self.base_model() as base:
+                self._paraphrase_probes[key] = probe_paraphrase(base, self.prompts, synthesis)
+        return self._paraphrase_probes[key]
+
+    def can_paraphrase(self, synthesis: SynthesisSettings) -> bool | None:
+        """The once-per-model verdict synthesis "auto" needs; None when "auto" is not in use."""
+        if synthesis.method != "auto":
+            return None
+        return self.paraphrase_probe(synthesis).can_paraphrase if synthesis.rewrites else False
 
     def embed(self, texts: list[str]) -> np.ndarray:
         """Selection embeddings from the *base* model (adapters off), so they stay comparable over time."""

@@ -13,6 +13,20 @@ A save writes new data files under a fresh token, then atomically replaces `stat
 longer names. A crash at any point leaves either the old or the new state, never a mix.
 The manifest records a SHA-256 per data file, so any corruption is detected on load.
 One writer per device at a time is assumed (devices never share a folder).
+
+Rounds (exact resume). A store opened for a federated round (`DeviceStore(root, round=r)`)
+tags each save with r and keeps the state it replaced as `state.prev.json` (two generations).
+A device's round-r save happens before the server records round r, so a run killed in the
+middle of round r leaves some devices at "after r" while the run's records end at r-1. When
+round r runs again, `load` first rolls such a device back (any generation tagged >= r is from
+an unrecorded attempt of round r, since the server runs round r only after recording r-1), so
+the rerun starts from exactly the state the first attempt started from. Why generations in the
+store rather than staging writes on the server: device state never leaves the device, and a
+real device (Deployment Engine) must be able to roll back on its own.
+
+`errors.log` in a device's folder keeps the tracebacks of its failed rounds (they never leave
+the device); `set_aside` moves a corrupt device folder aside (`device-<id>.corrupt-<time>`) so
+the device starts afresh while the bad files stay for inspection.
 """
 
 from __future__ import annotations
@@ -22,6 +36,7 @@ import io
 import json
 import os
 import shutil
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,20 +47,24 @@ import torch
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
+from fedasls.errors import FedaslsError
+
 FORMAT_VERSION = 1
 MANIFEST = "state.json"
+PREVIOUS = "state.prev.json"  # the generation a round-tagged save replaced
+ERRORS_LOG = "errors.log"  # device-local tracebacks of failed rounds
 _TMP_MARK = ".tmp-"
 
 
-class CorruptStateError(RuntimeError):
+class CorruptStateError(FedaslsError, RuntimeError):
     """A device's stored state cannot be read. Other devices are unaffected."""
 
     def __init__(self, device_id: int, path: Path, reason: str, folder: Path):
         self.device_id, self.path, self.reason, self.folder = device_id, path, reason, folder
         super().__init__(
             f"device {device_id}: stored state file {path} is corrupt ({reason}). "
-            f"Fix: delete the folder {folder} (DeviceStore.delete({device_id})) to reset this device; "
-            "other devices are not affected."
+            f"Fix: move the folder {folder} aside or delete it (DeviceStore.set_aside({device_id})) to reset "
+            "this device; other devices are not affected."
         )
 
 
@@ -109,11 +128,14 @@ def _atomic_write(path: Path, data: bytes) -> None:
 
 
 class DeviceStore:
-    """Persistent per-device state: `save`, `load`, `exists`, `delete`, `device_ids`."""
+    """Persistent per-device state: `save`, `load`, `exists`, `delete`, `set_aside`, `log_failure`,
+    `device_ids`. With `round=r`, saves are tagged with round r and loads roll back unrecorded
+    attempts of round r (see the module docstring)."""
 
-    def __init__(self, root: str | Path):
+    def __init__(self, root: str | Path, round: int | None = None):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
+        self.round = round
 
     def folder(self, device_id: int) -> Path:
         """The device's folder, e.g. root/00/07/device-7 for device 7."""
@@ -136,7 +158,8 @@ class DeviceStore:
         folder = self.folder(d)
         folder.mkdir(parents=True, exist_ok=True)
         token = uuid.uuid4().hex[:12]
-        manifest: dict[str, Any] = {"format": FORMAT_VERSION, "device_id": d, "json": {}, "files": {}}
+        manifest: dict[str, Any] = {"format": FORMAT_VERSION, "device_id": d, "round": self.round, "json": {},
+                                    "files": {}}
         arrays: dict[str, np.ndarray] = {}
         tensors: dict[str, torch.Tensor] = {}
         tensor_index: dict[str, Any] = {}
@@ -166,11 +189,44 @@ class DeviceStore:
         if tensors:
             self._write_data(folder, manifest, "tensors", f"tensors-{token}.safetensors", save_tensors(tensors))
             manifest["tensors"] = tensor_index
+        keep = {MANIFEST, ERRORS_LOG, *(f["name"] for f in manifest["files"].values())}
+        if self.round is None:
+            self._remove(folder / PREVIOUS)
+        else:
+            current = _read_manifest(folder / MANIFEST)
+            if current is not None and _older(current, self.round):
+                _atomic_write(folder / PREVIOUS, (folder / MANIFEST).read_bytes())  # keep the state it replaces
+            previous = _read_manifest(folder / PREVIOUS)
+            if previous is not None:
+                keep |= {PREVIOUS, *(f.get("name") for f in previous.get("files", {}).values() if isinstance(f, dict))}
         _atomic_write(folder / MANIFEST, json.dumps(manifest).encode("utf-8"))
-        keep = {MANIFEST, *(f["name"] for f in manifest["files"].values())}
         for entry in os.scandir(folder):
-            if entry.name not in keep:
+            if entry.name not in keep and entry.is_file():
                 os.unlink(entry.path)
+
+    @staticmethod
+    def _remove(path: Path) -> None:
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+
+    def rollback(self, device_id: int, round: int) -> bool:
+        """Undo generations written by an unrecorded attempt of round `round` (tagged >= it);
+        True if there was one. The previous generation becomes current again, or the device
+        has no state if it had none before."""
+        folder = self.folder(device_id)
+        current = _read_manifest(folder / MANIFEST)
+        if current is None or _older(current, round):
+            return False
+        previous = _read_manifest(folder / PREVIOUS)
+        if previous is not None and _older(previous, round):
+            _atomic_write(folder / MANIFEST, (folder / PREVIOUS).read_bytes())
+        else:
+            self._remove(folder / MANIFEST)
+        self._remove(folder / PREVIOUS)
+        _fsync_dir(folder)
+        return True
 
     @staticmethod
     def _write_data(folder: Path, manifest: dict, kind: str, name: str, data: bytes) -> None:
@@ -178,10 +234,14 @@ class DeviceStore:
         manifest["files"][kind] = {"name": name, "sha256": hashlib.sha256(data).hexdigest()}
 
     def load(self, device_id: int) -> dict[str, Any] | None:
-        """The device's state, or None if it was never saved. Raises CorruptStateError."""
+        """The device's state, or None if it was never saved. Raises CorruptStateError.
+
+        A store opened for round r first rolls back what an unrecorded attempt of round r saved."""
         d = _check_device_id(device_id)
         folder = self.folder(d)
         path = folder / MANIFEST
+        if self.round is not None and path.is_file():
+            self.rollback(d, self.round)
         if not path.is_file():
             return None
 
@@ -239,6 +299,27 @@ class DeviceStore:
         shutil.rmtree(tomb, ignore_errors=True)
         return True
 
+    def set_aside(self, device_id: int) -> Path | None:
+        """Move the device's folder aside (kept for inspection, never loaded again) so the device
+        starts afresh; returns where it went, or None if it had no folder."""
+        folder = self.folder(device_id)
+        if not folder.exists():
+            return None
+        target = folder.with_name(f"{folder.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}")
+        os.replace(folder, target)
+        _fsync_dir(folder.parent)
+        return target
+
+    def log_failure(self, device_id: int, text: str) -> Path:
+        """Append a failed round's traceback to the device's own errors.log (it never leaves the device)."""
+        folder = self.folder(device_id)
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / ERRORS_LOG
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        with path.open("a", encoding="utf-8") as f:
+            f.write(f"--- {stamp} round {self.round if self.round is not None else '-'}\n{text.rstrip()}\n")
+        return path
+
     def device_ids(self) -> Iterator[int]:
         """Ids of saved devices, in shard order (streamed: no index of all devices in memory)."""
         for shard1 in _sorted_dirs(self.root):
@@ -247,6 +328,21 @@ class DeviceStore:
                     name = dev.name
                     if name.startswith("device-") and name[7:].isdigit() and (dev / MANIFEST).is_file():
                         yield int(name[7:])
+
+
+def _read_manifest(path: Path) -> dict[str, Any] | None:
+    """A manifest's JSON, or None if it is missing or unreadable (load reports corruption)."""
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _older(manifest: dict[str, Any], round: int) -> bool:
+    """Whether a generation was written before round `round` (untagged saves count as older)."""
+    tag = manifest.get("round")
+    return not isinstance(tag, int) or tag < round
 
 
 def _sorted_dirs(path: Path) -> list[Path]:

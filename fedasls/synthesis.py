@@ -5,9 +5,11 @@ Methods:
   `PromptFormat.rewrite_prompt` (its chat template when it has one).
 - "fallback": `lexical_fallback`, a seeded non-LLM rewriter (synonyms, word dropout, local
   swaps, filler prefixes/suffixes) for models too small to paraphrase.
-- "auto": probe the LLM on the first few items; if fewer than half of its rewrites pass the
-  filter, switch to the fallback for the whole call (recorded in `last_stats`).
-Every rewrite keeps the original answer and must pass `rouge_filter`.
+- "auto": the LLM if it can paraphrase, else the fallback. Decided ONCE per base model by
+  `probe_paraphrase` (fixed probe questions; at least half the rewrites must pass the filter),
+  cached by DeviceRuntime; `last_stats.method` says which method ran.
+Every rewrite keeps the original answer and must pass `rouge_filter` (LLM rewrites must also
+still be questions: `filter_llm_rewrites`).
 """
 
 from __future__ import annotations
@@ -199,26 +201,91 @@ def llm_rewrites(
     finally:
         model.train(was_training)
     texts = tokenizer.batch_decode(out[:, n_prompt:], skip_special_tokens=True)
-    return [t.strip().split("\n", 1)[0].strip() for t in texts]
+    return [_clean_rewrite(t) for t in texts]
+
+
+_LABEL = re.compile(r"^(?:question|rewrite|rewritten question|paraphrase|new question)\s*:\s*", flags=re.I)
+
+
+def _clean_rewrite(text: str) -> str:
+    """First line of a generated rewrite, without a leading label ("Question:") or wrapping quotes."""
+    line = _LABEL.sub("", text.strip().split("\n", 1)[0].strip())
+    if len(line) > 1 and line[0] == line[-1] and line[0] in "\"'":
+        line = line[1:-1].strip()
+    return line
+
+
+def filter_llm_rewrites(question: str, candidates: Iterable[str], rouge_min: float, rouge_max: float) -> list[str]:
+    """`rouge_filter` on LLM rewrites that are still questions when the original is one.
+
+    A small model often answers instead of paraphrasing; such answers share words with the
+    question and would pass the ROUGE-1 range alone.
+    """
+    if question.strip().endswith("?"):
+        candidates = [c for c in candidates if c.strip().endswith("?")]
+    return rouge_filter(question, candidates, rouge_min, rouge_max)
+
+
+# --- "auto": can this model paraphrase? -------------------------------------------------------
+
+# Fixed, domain-neutral probe questions: the decision depends on the model only, not on a device.
+PROBE_QUESTIONS: tuple[str, ...] = (
+    "How do I keep fresh basil from wilting so quickly?",
+    "What is a good way to warm up before a long run?",
+    "How can I spend less money on groceries every week?",
+    "Which houseplants grow well in a room without much light?",
+)
+PROBE_SEED = 20_240_901
+
+
+@dataclass(frozen=True)
+class ParaphraseProbe:
+    """How many of a model's rewrites of `PROBE_QUESTIONS` passed `filter_llm_rewrites`."""
+
+    generated: int
+    kept: int
+
+    @property
+    def pass_rate(self) -> float:
+        return self.kept / self.generated if self.generated else 0.0
+
+    @property
+    def can_paraphrase(self) -> bool:
+        """At least half the rewrites pass: the LLM is worth its generation time."""
+        return self.generated > 0 and 2 * self.kept >= self.generated
+
+
+def probe_paraphrase(model: Any, prompts: PromptFormat, settings: SynthesisSettings, k: int = 3) -> ParaphraseProbe:
+    """Measure the model on the fixed probe questions (seeded): k rewrites each, ROUGE-filtered.
+
+    Run it once per base model (DeviceRuntime caches it) with adapters disabled.
+    """
+    generated = kept = 0
+    for i, question in enumerate(PROBE_QUESTIONS):
+        raw = llm_rewrites(model, prompts, question, k, seed=PROBE_SEED + i)
+        generated += len(raw)
+        kept += len(filter_llm_rewrites(question, raw, settings.rouge_min, settings.rouge_max))
+    return ParaphraseProbe(generated, kept)
 
 
 @dataclass
 class SynthesisStats:
-    """What the last `synthesize` call did. `method` produced the output."""
+    """What the last `synthesize` call did. `method` ("llm" or "fallback") produced the output."""
 
     method: str = "none"
     generated: int = 0
     kept: int = 0
-    switched_to_fallback: bool = False
-    probe_generated: int = 0
-    probe_kept: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
 class Synthesizer:
-    """Rewrites annotated (question, answer) pairs into k filtered similar questions each."""
+    """Rewrites annotated (question, answer) pairs into k filtered similar questions each.
+
+    `method` "auto" needs `can_paraphrase`, the model's `probe_paraphrase` verdict, decided once
+    per base model by the caller (DeviceRuntime.can_paraphrase), never per call.
+    """
 
     def __init__(
         self,
@@ -227,7 +294,7 @@ class Synthesizer:
         rouge_min: float = 0.3,
         rouge_max: float = 0.95,
         seed: int = 0,
-        probe_items: int = 3,
+        can_paraphrase: bool | None = None,
         temperature: float = 0.9,
         top_p: float = 0.95,
         max_new_tokens: int | None = None,
@@ -240,63 +307,51 @@ class Synthesizer:
             raise ValueError(
                 f"synthesis needs 0 <= rouge_min <= rouge_max <= 1, got rouge_min={rouge_min}, rouge_max={rouge_max}"
             )
-        if probe_items < 1:
-            raise ValueError(f"Synthesizer: probe_items must be >= 1, got {probe_items}")
+        if method == "auto" and can_paraphrase is None:
+            raise ValueError(
+                "Synthesizer('auto') needs can_paraphrase: measure the model once with probe_paraphrase "
+                "(DeviceRuntime.can_paraphrase) and pass its verdict"
+            )
         self.method, self.k, self.seed = method, k, seed
         self.rouge_min, self.rouge_max = rouge_min, rouge_max
-        self.probe_items, self.temperature, self.top_p = probe_items, temperature, top_p
+        self.temperature, self.top_p = temperature, top_p
         self.max_new_tokens = max_new_tokens  # None: about twice the question's length
         self.last_stats = SynthesisStats()
+        # The method that runs: "auto" is resolved here, once, from the model's probe verdict.
+        self.resolved: Literal["llm", "fallback"] = (
+            ("llm" if can_paraphrase else "fallback") if method == "auto" else method
+        )
 
     @classmethod
-    def from_settings(cls, settings: SynthesisSettings, seed: int = 0) -> "Synthesizer":
-        return cls(settings.method, settings.rewrites, settings.rouge_min, settings.rouge_max, seed)
+    def from_settings(
+        cls, settings: SynthesisSettings, seed: int = 0, can_paraphrase: bool | None = None
+    ) -> "Synthesizer":
+        return cls(settings.method, settings.rewrites, settings.rouge_min, settings.rouge_max, seed, can_paraphrase)
 
     def _item_seed(self, question: str) -> int:
         return (self.seed * 1_000_003 + zlib.crc32(question.encode("utf-8"))) % (2**63)
 
-    def _llm(self, model: Any, prompts: PromptFormat, question: str) -> tuple[list[str], int]:
-        raw = llm_rewrites(
-            model, prompts, question, self.k, self._item_seed(question), self.temperature, self.top_p, self.max_new_tokens
-        )
-        return rouge_filter(question, raw, self.rouge_min, self.rouge_max), len(raw)
-
-    def _fallback(self, pairs: list[tuple[str, str]], stats: SynthesisStats) -> list[tuple[str, str]]:
-        out: list[tuple[str, str]] = []
-        for question, answer in pairs:
-            rewrites = lexical_fallback(question, self.k, self.seed, self.rouge_min, self.rouge_max)
-            stats.generated += self.k
-            out.extend((r, answer) for r in rewrites)
-        stats.method = "fallback"
-        stats.kept = len(out)
-        return out
-
     def synthesize(self, model: Any, prompts: PromptFormat, pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
         """Filtered rewrites (question', answer) of the given pairs; the originals are not included.
 
-        `model`/`prompts` are only used by the "llm" and "auto" methods. See `last_stats`.
+        `model`/`prompts` are only used when the resolved method is "llm". See `last_stats`.
         """
-        stats = SynthesisStats()
+        stats = SynthesisStats(method=self.resolved)
         self.last_stats = stats
-        if self.k == 0 or not pairs:
-            stats.method = self.method
-            return []
-        if self.method == "fallback":
-            return self._fallback(pairs, stats)
         out: list[tuple[str, str]] = []
-        for i, (question, answer) in enumerate(pairs):
-            rewrites, n_raw = self._llm(model, prompts, question)
-            stats.generated += n_raw
+        if self.k == 0:
+            return out
+        for question, answer in pairs:
+            if self.resolved == "llm":
+                raw = llm_rewrites(
+                    model, prompts, question, self.k, self._item_seed(question), self.temperature, self.top_p,
+                    self.max_new_tokens,
+                )
+                rewrites = filter_llm_rewrites(question, raw, self.rouge_min, self.rouge_max)
+                stats.generated += len(raw)
+            else:
+                rewrites = lexical_fallback(question, self.k, self.seed, self.rouge_min, self.rouge_max)
+                stats.generated += self.k
             out.extend((r, answer) for r in rewrites)
-            if self.method == "auto" and i < self.probe_items:
-                stats.probe_generated += n_raw
-                stats.probe_kept += len(rewrites)
-                probe_done = i == min(self.probe_items, len(pairs)) - 1
-                if probe_done and 2 * stats.probe_kept < stats.probe_generated:
-                    fb = SynthesisStats(switched_to_fallback=True, probe_generated=stats.probe_generated, probe_kept=stats.probe_kept)
-                    result = self._fallback(pairs, fb)
-                    self.last_stats = fb
-                    return result
-        stats.method = "llm"
         stats.kept = len(out)
         return out

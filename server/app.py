@@ -14,6 +14,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedasls.config import ConfigError, Settings, load_settings
+from server.checkpoint import RunFailed
 from server.fleet import FleetRun, run_fleet
 
 
@@ -59,5 +60,7 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     run = fleet_run_from_config(dict(context.run_config))
     summary = run_fleet(grid, run)
+    if run.failure:  # too many device rounds failed: the run ends as failed, saying why
+        raise RunFailed(run.failure, run)
     print(f"fedasls: {summary['rounds']} rounds on {summary['fleet']} fleet ({summary}); results in {run.run_dir}; "
           f"tables and plots: fedasls report {run.run_dir}")

@@ -42,6 +42,7 @@ class Dispatched:
 
     replies: list[Message]
     unreachable: set[int] = field(default_factory=set)  # devices whose node did not answer: offline, not failed
+    devices: dict[str, list[int]] = field(default_factory=dict)  # sent message id -> the devices it carried
 
 
 class Fleet(Protocol):
@@ -137,14 +138,17 @@ class WorkerSlots:
                  on_replies: OnReplies | None = None) -> Dispatched:
         k = self.devices_per_message
         replies: list[Message] = []
+        carried: dict[str, list[int]] = {}
         for wave in _batches(devices, len(self.slots) * k):
-            messages = []
+            messages, groups = [], []
             for slot, group in zip(self.slots, _batches(wave, k)):
                 content = downlink(group[0]) if k == 1 else _batched(downlink, group, k)
                 messages.append(Message(content, dst_node_id=slot, message_type="train", group_id=str(server_round)))
+                groups.append(group)
             got, _ = exchange(grid, messages, on_replies=on_replies)
+            carried |= {m.metadata.message_id: group for m, group in zip(messages, groups)}
             replies += got.values()
-        return Dispatched(replies)
+        return Dispatched(replies, devices=carried)
 
     def durations(self, results: dict[int, dict[str, Any]]) -> dict[int, float]:
         return {d: self.timing.seconds(d, RoundWork.from_metrics(m).cost_work())
@@ -242,7 +246,7 @@ class DeviceNodes:
             kept.append(reply)
             self._seconds[device_of[mid]] = arrived.get(mid, time.monotonic() - sent_at)
         self.silent |= {self.node_of[d] for d in unreachable}
-        return Dispatched(kept, unreachable)
+        return Dispatched(kept, unreachable, {mid: [d] for mid, d in device_of.items()})
 
     def durations(self, results: dict[int, dict[str, Any]]) -> dict[int, float]:
         return {d: self._seconds[d] for d, m in results.items() if m["status_code"] == 0 and d in self._seconds}

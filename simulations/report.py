@@ -62,6 +62,7 @@ def summarize(run_dir: Path, wall_seconds: float) -> dict[str, Any]:
         "stragglers": sum(r["stragglers"] for r in rounds),
         "dropped": sum(r["dropped"] for r in rounds),
         "failed": sum(r["failed"] for r in rounds),
+        "failed_by_reason": _failures_by_reason(device_rows),
         "uplift_rouge1": ci([r["rouge1"] - r["base_rouge1"] for r in devices]),
         "uplift_rougeL": ci([r["rougeL"] - r["base_rougeL"] for r in devices]),
         "perplexity_reduction": ci([r["base_perplexity"] - r["perplexity"] for r in devices]),
@@ -69,6 +70,10 @@ def summarize(run_dir: Path, wall_seconds: float) -> dict[str, Any]:
         "base_rouge1": ci([r["base_rouge1"] for r in devices]),
         "satisfaction": ci([r["accept_rate"] for r in devices]),
         "base_satisfaction": ci([r["base_accept_rate"] for r in devices]),
+        # the adaptation gate, over the devices' lifetimes (each device row carries its running counts)
+        "gate_accepted": sum(int(r.get("gate_accepted", 0)) for r in devices),
+        "gate_rejected": sum(int(r.get("gate_rejected", 0)) for r in devices),
+        "gate_waiting": sum(int(r.get("gate_waiting", 0)) for r in devices),
         "fleet_virtual_seconds": sum(r["virtual_round_s"] for r in rounds),
         "wall_seconds": wall_seconds,
         "device_rounds_per_second": len(ok) / wall_seconds if wall_seconds > 0 else math.nan,
@@ -77,6 +82,13 @@ def summarize(run_dir: Path, wall_seconds: float) -> dict[str, Any]:
     }
 
 
+def _failures_by_reason(device_rows: list[dict[str, Any]]) -> dict[str, int]:
+    """Failed device rounds by reason ("error", "corrupt_state", ...), from the per-device rows."""
+    counts: dict[str, int] = defaultdict(int)
+    for row in device_rows:
+        if row.get("failure"):
+            counts[row["failure"]] += 1
+    return dict(sorted(counts.items()))
 def _example_level(devices: list[dict[str, Any]], run_dir: Path) -> dict[str, float] | None:
     """Devices' example-level (DP-SGD, opacus RDP, add/remove, Poisson) epsilons across the population."""
     eps = [r["epsilon"] for r in devices if isinstance(r.get("epsilon"), (int, float)) and math.isfinite(r["epsilon"])]
@@ -108,9 +120,13 @@ def format_summary(summary: dict[str, Any]) -> str:
         ("perplexity reduction (base - personal)", fmt_ci(summary["perplexity_reduction"])),
         ("satisfaction (accept rate), personal", fmt_ci(summary["satisfaction"])),
         ("satisfaction (accept rate), base", fmt_ci(summary["base_satisfaction"])),
+        ("adapters kept / rejected by the gate / waiting",
+         f"{summary.get('gate_accepted', 0)} / {summary.get('gate_rejected', 0)} / {summary.get('gate_waiting', 0)}"),
         ("devices that participated", str(summary["devices_participated"])),
         ("device-rounds completed", str(summary["device_rounds"])),
-        ("stragglers / dropped / failed", f"{summary['stragglers']} / {summary['dropped']} / {summary['failed']}"),
+        ("stragglers / dropped / failed", f"{summary['stragglers']} / {summary['dropped']} / {summary['failed']}"
+         + (" (" + ", ".join(f"{k} {v}" for k, v in summary.get("failed_by_reason", {}).items()) + ")"
+            if summary.get("failed_by_reason") else "")),
         ("simulated fleet time", f"{summary['fleet_virtual_seconds']:.0f} s"),
         ("wall time", f"{summary['wall_seconds']:.1f} s"),
         ("device-rounds per second", f"{summary['device_rounds_per_second']:.2f}"),
@@ -167,7 +183,8 @@ def plot_run(run_dir: Path) -> list[Path]:
     order = {"low": 0, "mid": 1, "high": 2}  # the default tiers by capability; others after, by name
     tiers = sorted(counts, key=lambda t: (order.get(t, len(order)), t))
     bottom = [0] * len(tiers)
-    for role, color in (("completed", "#228833"), ("straggler", "#ccbb44"), ("dropped", "#ee6677")):
+    for role, color in (("completed", "#228833"), ("straggler", "#ccbb44"), ("dropped", "#ee6677"),
+                        ("failed", "#aa3377")):
         vals = [counts[t][role] for t in tiers]
         ax.bar(tiers, vals, bottom=bottom, label=role, color=color)
         bottom = [b + v for b, v in zip(bottom, vals)]

@@ -21,24 +21,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from collections.abc import Callable
+
+from flwr.app import Message
 from flwr.simulation import run_simulation
 
 from clients.app import app as client_app
-from fedasls.config import Settings
+from fedasls.config import Settings, load_settings
 from fedasls.model import ensure_model
 from server.app import make_server_app
+from server.checkpoint import RunFailed
 from server.fleet import FleetRun
-
-
-def new_run_dir(settings: Settings, name: str | None = None) -> Path:
-    """A fresh folder under the output dir: <output_dir>/<name or timestamp>."""
-    root = Path(settings.simulation.output_dir)
-    run_dir = root / (name or time.strftime("run-%Y%m%d-%H%M%S"))
-    suffix = 1
-    while run_dir.exists():
-        suffix += 1
-        run_dir = root / f"{name or 'run'}-{suffix}"
-    return run_dir
+from simulations.validation import check_resume_matches, check_run_inputs, new_run_dir  # noqa: F401
 
 
 FLOWER_CONCURRENT_CALLS = min(32, (os.cpu_count() or 1) + 4)  # Flower's driver-side ThreadPoolExecutor()
@@ -109,14 +103,27 @@ def backend_config(settings: Settings, plan: WorkerPlan, attached: bool = False)
 
 
 def simulate(settings: Settings, run_dir: Path, config_source: Path | None = None, resume: bool = False,
-             quiet: bool = False) -> FleetRun:
-    """Build the model if needed, run every round on Ray, and return the finished FleetRun."""
+             quiet: bool = False, on_reply: Callable[[Message], None] | None = None,
+             started: float | None = None, validate: bool = True) -> FleetRun:
+    """Validate the inputs, run every round on Ray, and return the finished FleetRun.
+
+    The dataset and model are checked here, before Ray starts (simulations/validation.py). A
+    resumed run keeps its config.toml (rewritten only when more rounds were asked for). Raises
+    RunFailed when more than simulation.max_failed_share of the device rounds failed. `validate`
+    = False skips the checks when the caller made them already."""
+    # Build (or find) the base model once here, and check it, so Ray workers only load it.
+    model_path = check_run_inputs(settings) if validate else ensure_model(settings.model)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.toml").write_text(settings_toml(settings))
-    if config_source is not None:
+    recorded = run_dir / "config.toml"
+    if resume and recorded.is_file():
+        previous = load_settings(recorded)
+        check_resume_matches(run_dir, previous, settings)
+        if previous != settings:  # more rounds: the whole run's settings, not this part's alone
+            recorded.write_text(settings_toml(settings))
+    else:
+        recorded.write_text(settings_toml(settings))
+    if config_source is not None and not resume:
         shutil.copyfile(config_source, run_dir / "scenario.toml")
-    # Build (or find) the base model once here, so Ray workers only load it.
-    model_path = ensure_model(settings.model)
     settings = settings.model_copy(update={"model": settings.model.model_copy(update={"path": str(model_path)})})
     store_dir = Path(settings.simulation.store_dir) if settings.simulation.store_dir else run_dir / "store"
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
@@ -130,7 +137,8 @@ def simulate(settings: Settings, run_dir: Path, config_source: Path | None = Non
         sim = settings.simulation.model_copy(update={"devices_per_worker": plan.devices_per_worker})
         settings = settings.model_copy(update={"simulation": sim})
     slots = num_slots(settings, plan.devices_per_worker)
-    run = FleetRun(settings, run_dir, store_dir, resume=resume, quiet=quiet, expected_slots=slots)
+    run = FleetRun(settings, run_dir, store_dir, resume=resume, quiet=quiet, expected_slots=slots,
+                   on_reply=on_reply, started=started if started is not None else time.perf_counter())
     run_simulation(
         server_app=make_server_app(run),
         client_app=client_app,
@@ -140,6 +148,8 @@ def simulate(settings: Settings, run_dir: Path, config_source: Path | None = Non
     )
     run.summary |= {"ray": address or "local", "workers": plan.workers, "devices_per_worker": plan.devices_per_worker,
                     "concurrent_devices": plan.concurrent_devices}
+    if run.failure:
+        raise RunFailed(run.failure, run)
     return run
 
 

@@ -41,6 +41,7 @@ def test_train_then_evaluate_one_device_with_its_partition_id(tiny_model_dir, tm
     assert metrics["device_id"] == 3 and metrics["status_code"] == 0 and metrics["new_interactions"] == 30
     assert DeviceStore(tmp_path / "device").exists(3)  # the node's own store, not the message's
     assert set(reply.content.keys()) == {"metrics"}
+    assert metrics["stage_worker_setup_s"] > 0 and metrics["stage_train_cpu_s"] > 0  # stage timings, numbers only
 
     evaluated = dict(call("evaluate", base, node).content["metrics"])
     assert evaluated["device_id"] == 3

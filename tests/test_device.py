@@ -26,7 +26,7 @@ def settings(tiny_model_dir) -> Settings:
             "selection": {"buffer_bytes": 8192},
             "feedback": {"annotation_budget": 6},
             "synthesis": {"rewrites": 2, "method": "fallback"},
-            "adaptation": {"epochs": 2, "lora_rank": 4, "min_new_items": 3},
+            "adaptation": {"epochs": 2, "lora_rank": 4, "min_new_items": 3, "min_items": 4, "gate": "off"},
             "evaluation": {"max_new_tokens": 12},
         }
     )
@@ -64,7 +64,8 @@ def test_adapt_annotates_only_buffered_items_within_budget_and_learns(runtime, s
     assert set(device.annotations) <= buffered
     assert device.user.annotations_used <= settings.feedback.annotation_budget
     assert report.annotated == len(device.annotations) > 0
-    assert report.examples >= report.annotated + report.synthesized
+    assert report.examples >= report.annotated - report.heldback + report.synthesized
+    assert report.heldback >= 1 and report.status == "accepted"  # gate "off" in these settings
     assert report.loss_last < report.loss_first
     assert device.adapter is not None
     assert not device.should_adapt()  # nothing new since the adaptation
@@ -120,7 +121,7 @@ def test_ignoring_feedback_uses_annotations_only(runtime, settings):
         device.catch_up()
     r_with, r_without = with_feedback.adapt(), without.adapt()
     assert r_without.edits == r_without.accepts == 0
-    assert r_without.examples == r_without.annotated + r_without.synthesized
+    assert r_without.examples == r_without.annotated - r_without.heldback + r_without.synthesized
     # the user reacted to every unannotated buffered answer only when feedback is on
     assert sum(with_feedback.profile.feedback.values()) == r_with.buffered > 0
     assert sum(without.profile.feedback.values()) == 0
@@ -219,3 +220,29 @@ def test_advance_checks_the_trigger_every_chunk(runtime, settings):
     once = advance(at_once)
     assert once.new_interactions == 60 and len(once.adaptations) == at_once.counters.adaptations <= 1
     assert advance(chunked).new_interactions == 0  # nothing pending: one check, nothing new
+
+
+def test_synthesis_auto_is_decided_once_per_model_and_reported(tiny_model_dir):
+    settings = Settings.model_validate(
+        {
+            "model": {"path": str(tiny_model_dir)},
+            "population": {"num_devices": 6, "stream_length": 30, "heldout": 2},
+            "feedback": {"annotation_budget": 3},
+            "synthesis": {"rewrites": 2, "method": "auto"},
+            "adaptation": {"epochs": 1, "lora_rank": 4},
+            "evaluation": {"max_new_tokens": 6},
+        }
+    )
+    runtime = DeviceRuntime(settings)
+    assert not runtime._paraphrase_probes  # measured lazily, on the first adaptation
+    reports = []
+    for device_id in (1, 2):
+        device = Device(device_id, runtime, settings)
+        device.catch_up()
+        reports.append(device.adapt())
+        assert len(runtime._paraphrase_probes) == 1
+        probe = runtime.paraphrase_probe(settings.synthesis)
+    assert runtime.paraphrase_probe(settings.synthesis) is probe  # the second device reused the measurement
+    expected = "llm" if probe.can_paraphrase else "fallback"
+    assert [r.synthesis_method for r in reports] == [expected, expected]
+    assert probe.generated == 3 * 4  # 3 rewrites of each of the 4 probe questions

@@ -1,11 +1,12 @@
 """The privacy boundary: only scalar metrics (or a global update) may leave a device."""
 
 import pytest
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 
 from flwr.supercore.task_identity import TaskIdentity
 
 from clients.reply import PrivacyViolation, build_reply, check_reply, privacy_guard
+from fedasls.faults import DeviceFailure, FailureCode
 
 CANARY = "CANARY-7f3a-user-secret"
 
@@ -38,19 +39,53 @@ def test_build_reply_refuses_text():
         build_reply(incoming(), {"answer": CANARY})
 
 
+def refused(reply: Message) -> bool:
+    return reply.has_error() and reply.error.code == FailureCode.REFUSED and CANARY not in repr(reply.error)
+
+
 def test_guard_refuses_a_reply_smuggling_text_or_tensors():
     def leaky_app(msg, ctx):
         return Message(RecordDict({"metrics": MetricRecord({"a": 1.0}), "buffer": ConfigRecord({"q": CANARY})}),
                        reply_to=msg)
 
     with pytest.raises(PrivacyViolation, match="buffer"):
-        privacy_guard(incoming(), context(), leaky_app)
+        check_reply(leaky_app(incoming(), context()))
+    assert refused(privacy_guard(incoming(), context(), leaky_app))
 
     def config_as_metrics(msg, ctx):
         return Message(RecordDict({"metrics": ConfigRecord({"q": CANARY})}), reply_to=msg)
 
-    with pytest.raises(PrivacyViolation, match="MetricRecord"):
-        privacy_guard(incoming(), context(), config_as_metrics)
+    assert refused(privacy_guard(incoming(), context(), config_as_metrics))
+
+
+def test_an_app_that_raises_sends_a_code_and_a_fixed_message_only():
+    def raising_app(msg, ctx):
+        raise ValueError(f"bad field 'note': '... {CANARY} ...'")
+
+    reply = privacy_guard(incoming(), context(), raising_app)
+    assert reply.has_error() and reply.error.code == FailureCode.ERROR
+    assert reply.error.reason == FailureCode.ERROR.message and CANARY not in reply.error.reason
+    check_reply(reply)  # a fixed error reply passes the guard
+
+    def failing_device(msg, ctx):
+        raise DeviceFailure(FailureCode.CORRUPT_STATE, 3)
+
+    reply = privacy_guard(incoming(), context(), failing_device)
+    assert reply.error.code == FailureCode.CORRUPT_STATE and reply.error.reason == FailureCode.CORRUPT_STATE.message
+
+
+def test_error_replies_with_free_text_are_refused():
+    def free_text_error(msg, ctx):
+        return Message(Error(code=int(FailureCode.ERROR), reason=f"ValueError: {CANARY}"), reply_to=msg)
+
+    with pytest.raises(PrivacyViolation, match="free-text"):
+        check_reply(free_text_error(incoming(), context()))
+    assert refused(privacy_guard(incoming(), context(), free_text_error))
+
+    def flower_code(msg, ctx):  # Flower's own code for a raised exception carries its text
+        return Message(Error(code=2, reason=CANARY), reply_to=msg)
+
+    assert refused(privacy_guard(incoming(), context(), flower_code))
 
 
 def test_guard_passes_clean_replies():
@@ -73,7 +108,27 @@ def test_global_update_slot_accepts_only_arrays():
         return Message(RecordDict({"global-update": ConfigRecord({"t": CANARY})}), reply_to=msg)
 
     with pytest.raises(PrivacyViolation, match="ArrayRecord"):
-        privacy_guard(incoming(), context(), text)
+        check_reply(text(incoming(), context()))
+    assert refused(privacy_guard(incoming(), context(), text))
+
+
+def test_a_batch_reply_lists_failed_devices_by_code_only():
+    from clients.device_pool import run_devices
+    from clients.reply import build_batch_reply, device_failures, device_metrics
+
+    def device_round(settings_json, device_id, now, store_dir, simulated, server_round):
+        if device_id == 2:
+            raise DeviceFailure(FailureCode.CORRUPT_STATE, device_id)
+        if device_id == 3:
+            raise ValueError(CANARY)  # raised outside `contained`: logged on the worker, sent as a code
+        return {"device_id": device_id, "rouge1": 0.5, "status_code": 0}
+
+    rows, failures = run_devices(device_round, "{}", [1, 2, 3, 4], 0.0, "store", True, 1, 5)
+    reply = build_batch_reply(incoming(), rows, failures)
+    check_reply(reply)
+    assert [m["device_id"] for m in device_metrics(reply)] == [1, 4]
+    assert device_failures(reply) == {2: FailureCode.CORRUPT_STATE, 3: FailureCode.ERROR}
+    assert CANARY not in repr(reply.content)
 
 
 def test_batch_reply_carries_one_number_per_device_and_splits_back():

@@ -5,7 +5,8 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from clients.reply import GLOBAL_UPDATE_KEY, PrivacyViolation, allowed_layout, build_reply, privacy_guard
+from clients.reply import GLOBAL_UPDATE_KEY, PrivacyViolation, allowed_layout, build_reply, check_reply, privacy_guard
+from fedasls.faults import FailureCode
 
 A, B = "m.q_proj.lora_A.weight", "m.q_proj.lora_B.weight"
 GLOBAL = {A: torch.zeros(4, 8), B: torch.zeros(6, 4)}
@@ -56,23 +57,30 @@ def test_build_reply_refuses_updates_that_do_not_fit(update, match):
         build_reply(incoming(), {}, update)
 
 
+def refused(reply: Message) -> bool:
+    return reply.has_error() and reply.error.code == FailureCode.REFUSED and not reply.has_content()
+
+
 def test_guard_refuses_hand_built_updates_that_bypass_build_reply():
     def personal_tensors(msg, ctx):  # a personal B smuggled under the update's name
         return Message(RecordDict({"metrics": MetricRecord({}), GLOBAL_UPDATE_KEY: ArrayRecord(
             {A: torch.ones(4, 8), "m.q_proj.lora_B.personal": torch.ones(6, 4)})}), reply_to=msg)
 
     with pytest.raises(PrivacyViolation, match="not the global adapter"):
-        privacy_guard(incoming(), context(), personal_tensors)
+        check_reply(personal_tensors(incoming(), context()), allowed_layout(incoming()))
+    assert refused(privacy_guard(incoming(), context(), personal_tensors))  # what leaves: the REFUSED code only
 
     def wrong_dtype(msg, ctx):
         return Message(RecordDict({GLOBAL_UPDATE_KEY: ArrayRecord(
             {A: torch.ones(4, 8, dtype=torch.float16), B: torch.ones(6, 4)})}), reply_to=msg)
 
     with pytest.raises(PrivacyViolation, match="float32"):
-        privacy_guard(incoming(), context(), wrong_dtype)
+        check_reply(wrong_dtype(incoming(), context()), allowed_layout(incoming()))
+    assert refused(privacy_guard(incoming(), context(), wrong_dtype))  # what leaves: the REFUSED code only
 
     def any_update(msg, ctx):
         return Message(RecordDict({GLOBAL_UPDATE_KEY: ArrayRecord(dict(GLOBAL))}), reply_to=msg)
 
     with pytest.raises(PrivacyViolation, match="sent no global adapter"):
-        privacy_guard(incoming(None), context(), any_update)
+        check_reply(any_update(incoming(None), context()), allowed_layout(incoming(None)))
+    assert refused(privacy_guard(incoming(None), context(), any_update))  # what leaves: the REFUSED code only

@@ -99,8 +99,13 @@ def test_resume_continues_and_one_corrupt_device_does_not_stop_the_others(finish
     rounds = read_jsonl(copy / "rounds.jsonl")
     assert [r["round"] for r in rounds] == [1, 2, 3]  # rounds 1-2 kept, only round 3 ran
     assert rounds[2]["virtual_start_s"] == rounds[1]["virtual_start_s"] + settings.simulation.round_interval_s
-    assert rounds[2]["failed"] == 1  # device 0's ClientApp raised on its corrupt state ...
-    assert corrupt.read_text() == "{ not json"  # ... which was left for the user to inspect
+    assert rounds[2]["failed"] == rounds[2]["failed_corrupt_state"] == 1  # device 0's state was corrupt ...
+    row = next(r for r in read_jsonl(copy / "device_rounds.jsonl") if r["round"] == 3 and r["device_id"] == 0)
+    assert row["role"] == "failed" and row["failure"] == "corrupt_state" and row["failure_code"] == 101
+    aside = list(store.folder(0).parent.glob("device-0.corrupt-*"))  # ... moved aside, kept for inspection ...
+    assert len(aside) == 1 and (aside[0] / "state.json").read_text() == "{ not json"
+    assert store.load(0) is None  # ... and the device is reset: it starts afresh next time
+    assert "CorruptStateError" in (store.folder(0) / "errors.log").read_text()  # the traceback stays on the device
     after = {d: DeviceStore(resumed.store_dir).load(d)["cursor"] for d in range(1, 20)}
     assert all(after[d] >= before[d] for d in after) and after != before  # the others went on
 

@@ -121,7 +121,7 @@ def test_corrupt_files_raise_naming_device_and_fix(tmp_path: Path, target: str, 
     with pytest.raises(CorruptStateError) as err:
         store.load(21)
     msg = str(err.value)
-    assert "device 21" in msg and str(path) in msg and "delete the folder" in msg and str(store.folder(21)) in msg
+    assert "device 21" in msg and str(path) in msg and "move the folder" in msg and str(store.folder(21)) in msg
     assert err.value.device_id == 21
     _assert_same(store.load(22), _state(22))  # the neighbour is unaffected
     assert sorted(store.device_ids()) == [21, 22]

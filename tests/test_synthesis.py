@@ -7,7 +7,19 @@ import torch
 
 from fedasls.evaluation import rouge1_f
 from fedasls.prompts import PromptFormat
-from fedasls.synthesis import Synthesizer, lexical_fallback, llm_rewrites, rouge_filter
+from fedasls.config import SynthesisSettings
+from fedasls.synthesis import (
+    PROBE_QUESTIONS,
+    PROBE_SEED,
+    ParaphraseProbe,
+    Synthesizer,
+    _clean_rewrite,
+    filter_llm_rewrites,
+    lexical_fallback,
+    llm_rewrites,
+    probe_paraphrase,
+    rouge_filter,
+)
 
 ORIGINAL = "How do I bake bread at home"  # 7 unigrams
 
@@ -68,8 +80,17 @@ def test_fallback_synthesizer_keeps_answers_and_reports_stats() -> None:
         mine = [q for q, a in out if a == answer]
         assert mine == lexical_fallback(question, 3, seed=4)
     stats = synth.last_stats
-    assert (stats.method, stats.kept, stats.switched_to_fallback) == ("fallback", len(out), False)
+    assert (stats.method, stats.kept, stats.generated) == ("fallback", len(out), 3 * len(PAIRS))
     assert Synthesizer("fallback", k=0).synthesize(None, None, PAIRS) == []
+
+
+def test_llm_rewrites_must_stay_questions_and_lose_their_labels() -> None:
+    question = "How do I bake bread at home?"
+    answers_instead = ["To bake bread at home, mix flour and water.", "How can I bake bread at home quickly?"]
+    assert filter_llm_rewrites(question, answers_instead, 0.3, 0.95) == ["How can I bake bread at home quickly?"]
+    assert filter_llm_rewrites("bake bread at home", ["bake some bread at home."], 0.3, 0.95) == ["bake some bread at home."]
+    assert _clean_rewrite('Question: "How can I bake bread?"\nMore text') == "How can I bake bread?"
+    assert _clean_rewrite("  Rewrite: Where is it?  ") == "Where is it?"
 
 
 def test_bad_synthesizer_arguments_are_rejected() -> None:
@@ -77,6 +98,8 @@ def test_bad_synthesizer_arguments_are_rejected() -> None:
         Synthesizer("paraphrase")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="rouge_min"):
         Synthesizer("fallback", rouge_min=0.9, rouge_max=0.5)
+    with pytest.raises(ValueError, match="can_paraphrase"):
+        Synthesizer("auto")  # the per-model verdict is required, never probed per call
 
 
 def _weights(model: torch.nn.Module) -> torch.Tensor:
@@ -103,21 +126,27 @@ def test_llm_rewrites_are_filtered_seeded_and_leave_model_and_rng_alone(tiny_lm)
     assert raw[0] == raw[1] and raw[0] != raw[2]
 
 
-def test_auto_switches_to_fallback_exactly_when_llm_probe_fails(tiny_lm) -> None:
+def test_auto_runs_the_method_the_models_probe_decided(tiny_lm) -> None:
     model, prompts = tiny_lm[0], PromptFormat(tiny_lm[1])
-    probe = Synthesizer("llm", k=3, seed=0, max_new_tokens=12)
-    probe.synthesize(model, prompts, PAIRS[:2])
-    llm_passes = 2 * probe.last_stats.kept >= probe.last_stats.generated
+    llm = Synthesizer("llm", k=3, seed=0, max_new_tokens=12).synthesize(model, prompts, PAIRS)
+    fallback = Synthesizer("fallback", k=3, seed=0).synthesize(model, prompts, PAIRS)
+    yes = Synthesizer("auto", k=3, seed=0, can_paraphrase=True, max_new_tokens=12)
+    no = Synthesizer("auto", k=3, seed=0, can_paraphrase=False)
+    assert yes.synthesize(model, prompts, PAIRS) == llm and yes.last_stats.method == "llm"
+    assert no.synthesize(model, prompts, PAIRS) == fallback and no.last_stats.method == "fallback"
 
-    auto = Synthesizer("auto", k=3, seed=0, probe_items=2, max_new_tokens=12)
-    out = auto.synthesize(model, prompts, PAIRS)
-    stats = auto.last_stats
-    assert (stats.probe_generated, stats.probe_kept) == (probe.last_stats.generated, probe.last_stats.kept)
-    if llm_passes:
-        assert stats.method == "llm" and not stats.switched_to_fallback
-        assert out == Synthesizer("llm", k=3, seed=0, max_new_tokens=12).synthesize(model, prompts, PAIRS)
-    else:
-        assert stats.method == "fallback" and stats.switched_to_fallback
-        assert out == Synthesizer("fallback", k=3, seed=0).synthesize(model, prompts, PAIRS)
-        assert len(out) == 3 * len(PAIRS)
 
+def test_paraphrase_probe_counts_filtered_rewrites_of_the_fixed_questions(tiny_lm) -> None:
+    model, prompts = tiny_lm[0], PromptFormat(tiny_lm[1])
+    settings = SynthesisSettings()
+    probe = probe_paraphrase(model, prompts, settings, k=2)
+    assert probe == probe_paraphrase(model, prompts, settings, k=2)  # seeded: the same verdict on every worker
+    assert probe.generated == 2 * len(PROBE_QUESTIONS) and 0 <= probe.kept <= probe.generated
+    kept = sum(
+        len(filter_llm_rewrites(q, llm_rewrites(model, prompts, q, 2, seed=PROBE_SEED + i), 0.3, 0.95))
+        for i, q in enumerate(PROBE_QUESTIONS)
+    )
+    assert probe.kept == kept
+    assert probe.can_paraphrase == (2 * kept >= probe.generated)
+    assert ParaphraseProbe(6, 3).can_paraphrase and not ParaphraseProbe(6, 2).can_paraphrase
+    assert not ParaphraseProbe(0, 0).can_paraphrase and ParaphraseProbe(8, 2).pass_rate == 0.25

@@ -118,8 +118,8 @@ def adapt_from_global(device, downlink: Downlink) -> Contribution | None:
     start = start_adapter(template, downlink, device.adapter)
     with frozen_lora_a(model) if downlink.ffa else contextlib.nullcontext():
         report = device.adapt(start=start)
-    if report.examples == 0 or device.adapter is None:
-        return None
+    if report.status != "accepted" or device.adapter is None:
+        return None  # nothing trained, or the device's gate kept its previous adapter: nothing new to share
     return contribution(start, device.adapter, downlink, report.examples)
 
 

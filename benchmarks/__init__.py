@@ -1,0 +1,1 @@
+"""Benchmarks of fedasls (run as scripts: python benchmarks/NAME.py --help)."""

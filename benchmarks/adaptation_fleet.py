@@ -1,0 +1,169 @@
+"""The quickstart fleet in-process (no Flower, no Ray): fast loop for tuning the adaptation step.
+
+It samples the same cohorts as `fedasls simulate` (the seeded coordinator, dropouts and the
+virtual clock; with one round a day the clock advances by exactly `round_interval_s`, so the
+cohorts do not depend on device durations), runs each sampled device's rounds in order with
+`run_device_round`, and summarizes each device's last completed round like the fleet report:
+ROUGE-1 uplift and accept rates with 95% bootstrap CIs over devices, plus the adaptation gate's
+accept/reject counts and per-tier figures.
+
+    python benchmarks/adaptation_fleet.py                           # quickstart defaults
+    python benchmarks/adaptation_fleet.py --set adaptation.learning_rate=3e-3 --out results/lr3e-3.csv
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import tempfile
+import time
+from collections import defaultdict
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="quickstart", help="scenario name or TOML (default quickstart)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    p.add_argument("--jobs", type=int, default=2, help="worker processes (default 2)")
+    p.add_argument("--out", default="results/adaptation_fleet.csv", help="per-device CSV")
+    return p.parse_args()
+
+
+def cohorts(settings) -> list[tuple[int, float, list[int]]]:
+    """(round, now, devices that run) per round, as the fleet loop samples them."""
+    from fedasls.heterogeneity import HeterogeneityModel
+    from server.coordinator import Coordinator
+
+    s, sim = settings, settings.simulation
+    hetero = HeterogeneityModel.from_settings(s.heterogeneity)
+    coordinator = Coordinator(population_size=s.population.num_devices, heterogeneity=hetero,
+                              cohort_size=sim.cohort_size, overcommit=sim.overcommit,
+                              deadline_s=sim.deadline_s or None, seed=s.heterogeneity.seed)
+    coordinator.clock.now = sim.start_time_s
+    out = []
+    for server_round in range(1, sim.rounds + 1):
+        now = coordinator.clock.now
+        sampled = coordinator.sample(now)
+        dropouts = coordinator.draw_dropouts(sampled)
+        out.append((server_round, now, [d for d in sampled if d not in dropouts]))
+        coordinator.close_round(now, {}, set(sampled))
+        coordinator.clock.now = max(coordinator.clock.now, now + sim.round_interval_s)
+    return out
+
+
+_WORKER = None
+
+
+def run_device(job: tuple[str, int, list[tuple[int, float]], str]) -> list[dict]:
+    """All rounds of one device, in order, in a worker process with its own runtime."""
+    settings_json, device_id, rounds, store_dir = job
+    global _WORKER
+    import torch
+
+    torch.set_num_threads(1)
+    from fedasls.config import Settings
+    from fedasls.device_round import run_device_round
+    from fedasls.heterogeneity import HeterogeneityModel
+    from fedasls.runtime import DeviceRuntime
+    from fedasls.simulated_timing import SimulatedTiming
+    from fedasls.store import DeviceStore
+
+    settings = Settings.model_validate_json(settings_json)
+    if _WORKER is None:
+        _WORKER = (DeviceRuntime(settings), HeterogeneityModel.from_settings(settings.heterogeneity))
+    runtime, hetero = _WORKER
+    store = DeviceStore(store_dir)
+    rows: list[dict] = []
+    seen_history = 0
+    for server_round, now in rounds:
+        t0 = time.process_time()
+        keep = SimulatedTiming(hetero).keep_if_online(device_id, now)  # as the fleet's worker slots do
+        result = run_device_round(device_id, now, runtime, settings, store, hetero, keep=keep)
+        row = {"round": server_round, "now": now, "tier": hetero.profile(device_id).tier,
+               "cpu_s": time.process_time() - t0, **result.metrics()}
+        state = store.load(device_id)
+        persona = runtime.population.persona(device_id)
+        row["cursor"] = state["cursor"] if state else math.nan
+        row["drift_at"] = persona.drift_at if persona.drift_at is not None else -1
+        # the gate's view of this round's adaptation next to the truth (held-out ROUGE-1 before / after)
+        history = state["counters"]["history"] if state else []
+        last = history[-1] if len(history) > seen_history else {}
+        seen_history = len(history) if state else seen_history
+        for key in ("status", "heldback", "epochs", "examples", "annotated", "kept_heldback_loss",
+                    "new_heldback_loss", "kept_heldback_rouge1", "new_heldback_rouge1"):
+            row[f"adapt_{key}"] = last.get(key, "")
+        previous = [r for r in rows if r["status_code"] == 0]
+        row["prev_rouge1"] = previous[-1]["rouge1"] if previous else result.base_rouge1
+        rows.append(row)
+    return rows
+
+
+def main() -> None:
+    args = parse_args()
+    from fedasls.config import load_settings
+    from fedasls.model import ensure_model
+    from fedasls.stats import mean_ci
+    from server.app import scenario_path
+
+    config = args.config if Path(args.config).is_file() else str(scenario_path(args.config))
+    settings = load_settings(config, args.overrides)
+    model_path = ensure_model(settings.model)
+    settings = settings.model_copy(update={"model": settings.model.model_copy(update={"path": str(model_path)})})
+    plan: dict[int, list[tuple[int, float]]] = defaultdict(list)
+    for server_round, now, devices in cohorts(settings):
+        for d in devices:
+            plan[d].append((server_round, now))
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    rows: list[dict] = []
+    from tqdm import tqdm
+
+    with tempfile.TemporaryDirectory() as store_dir, ProcessPoolExecutor(max_workers=args.jobs) as pool:
+        jobs = [(settings.model_dump_json(), d, rs, store_dir) for d, rs in sorted(plan.items())]
+        for device_rows in tqdm(pool.map(run_device, jobs), total=len(jobs), desc="devices", unit="dev"):
+            rows += device_rows
+    wall = time.perf_counter() - t0
+    latest = {}
+    for row in rows:
+        if row["status_code"] == 0:
+            latest[row["device_id"]] = row
+    devices = [latest[d] for d in sorted(latest)]
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+    def ci(values: list[float]) -> str:
+        kept = [v for v in values if not math.isnan(v)]
+        if not kept:
+            return "n/a"
+        m, lo, hi = mean_ci(kept)
+        return f"{m:+.4f} [{lo:+.4f}, {hi:+.4f}]"
+
+    uplift = [r["rouge1"] - r["base_rouge1"] for r in devices]
+    print(f"\n{len(devices)} devices, {len(rows)} device-rounds, {wall:.0f} s wall, "
+          f"{sum(r['cpu_s'] for r in rows):.0f} s device CPU; overrides: {args.overrides or 'none'}")
+    print(f"ROUGE-1 uplift          {ci(uplift)}")
+    print(f"ROUGE-1 personal / base {ci([r['rouge1'] for r in devices])} / {ci([r['base_rouge1'] for r in devices])}")
+    print(f"accept rate personal    {ci([r['accept_rate'] for r in devices])}")
+    print(f"accept rate base        {ci([r['base_accept_rate'] for r in devices])}")
+    better = sum(u > 1e-9 for u in uplift)
+    worse = sum(u < -1e-9 for u in uplift)
+    print(f"devices better / same / worse: {better} / {len(uplift) - better - worse} / {worse}")
+    if devices and "gate_accepted" in devices[0]:
+        print(f"gate: accepted {sum(r['gate_accepted'] for r in devices)}, rejected "
+              f"{sum(r['gate_rejected'] for r in devices)}, waiting (too few items) "
+              f"{sum(r.get('gate_waiting', 0) for r in devices)} (over the devices' lifetimes)")
+    for tier in ("low", "mid", "high"):
+        t = [r["rouge1"] - r["base_rouge1"] for r in devices if r["tier"] == tier]
+        if t:
+            print(f"  tier {tier:<4} n={len(t):>2} uplift {ci(t)}")
+    print(f"CSV: {out}")
+
+
+if __name__ == "__main__":
+    main()

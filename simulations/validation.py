@@ -1,0 +1,173 @@
+"""Bad input fails fast, on the driver, before Ray starts.
+
+`check_run_inputs` loads what every device would load (the dataset, the model folder's config
+and tokenizer) once, here, so a problem is one paragraph naming what, where and how to fix, not
+the same traceback in every worker. `prepare_run_dir` never lets a new run overwrite an existing
+results folder unless asked, and `resume_settings` makes `--resume` use the run's own settings.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from fedasls.config import ConfigError, Settings, load_settings
+from fedasls.loaders import DatasetError
+
+MIN_RECORDS_PER_DEVICE = 2  # one to learn from, one held out for evaluation
+RESUMABLE = {"simulation.rounds"}  # may differ on --resume: more rounds continue a finished run
+
+
+def check_dataset(settings: Settings) -> None:
+    """A JSONL population must load and give every device enough records (raises DatasetError)."""
+    pop = settings.population
+    if pop.source != "jsonl":
+        return
+    from fedasls.population import population_from_settings
+
+    population = population_from_settings(pop)
+    if pop.partition == "user" and population.num_devices < pop.num_devices:
+        raise DatasetError(
+            f"{pop.jsonl_path}: population.num_devices = {pop.num_devices} but the file has only "
+            f"{population.num_devices} distinct user_id values (partition = 'user'). Fix: set population.num_devices "
+            f"to at most {population.num_devices}, or add records of more users.")
+    parts = population.parts
+    small = [i for i, part in enumerate(parts) if len(part) < MIN_RECORDS_PER_DEVICE]
+    if small:
+        records = len(population.records)
+        raise DatasetError(
+            f"{pop.jsonl_path}: too few records: {len(small)} of {len(parts)} devices get fewer than "
+            f"{MIN_RECORDS_PER_DEVICE} records (device {small[0]} gets {len(parts[small[0]])}; {records} records, "
+            f"partition = '{pop.partition}'). Each device needs one record to learn from and one held out. Fix: "
+            f"lower population.num_devices (at most {records // MIN_RECORDS_PER_DEVICE} for 'iid'), or add records.")
+
+
+def check_model(settings: Settings) -> Path:
+    """The base model folder must hold a causal LM, a usable tokenizer, and the LoRA target modules;
+    returns the folder (the embedded default is built here if needed). Raises ModelNotFoundError."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    from transformers.pytorch_utils import Conv1D
+
+    from fedasls.model import ModelNotFoundError, ensure_model
+
+    path = ensure_model(settings.model)
+    where = f"model folder {path} (--model / model.path)"
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise ModelNotFoundError(f"{where}: config.json cannot be read ({err}). Fix: point --model at a Hugging "
+                                 "Face causal-LM folder saved with save_pretrained.") from None
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise ModelNotFoundError(f"{where} holds a '{config.model_type}' model, which is not a causal language model "
+                                 "(transformers has no AutoModelForCausalLM for it). Fix: use a decoder-only causal "
+                                 "LM folder (e.g. Llama, SmolLM2, Qwen2), or omit --model for the embedded model.")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, TypeError) as err:
+        raise ModelNotFoundError(f"{where}: its tokenizer cannot be loaded ({type(err).__name__}: {err}). Fix: save "
+                                 "the model's tokenizer into the folder (tokenizer.save_pretrained).") from None
+    if tokenizer.eos_token is None:
+        raise ModelNotFoundError(f"{where}: the tokenizer has no end-of-sequence token, which fedasls needs to end "
+                                 "each answer. Fix: set eos_token in the folder's tokenizer_config.json.")
+    vocab = getattr(config, "vocab_size", None)
+    if vocab is not None and len(tokenizer) > vocab:
+        raise ModelNotFoundError(f"{where}: the tokenizer has {len(tokenizer)} tokens but the model's embedding only "
+                                 f"{vocab} (config.json vocab_size): they do not belong together. Fix: save the "
+                                 "tokenizer the model was trained with into the folder.")
+    with torch.device("meta"):  # module names only: no weights are read or allocated
+        model = AutoModelForCausalLM.from_config(config)
+    layers = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                     if isinstance(module, (torch.nn.Linear, Conv1D)) and name and not name.endswith("lm_head")})
+    targets = settings.adaptation.target_modules
+    if not any(name.endswith(t) for name, _ in model.named_modules() for t in targets):
+        example = ", ".join(f"'{name}'" for name in layers[:2])
+        raise ModelNotFoundError(
+            f"{where} is a '{config.model_type}' model with none of the LoRA target modules "
+            f"adaptation.target_modules = {targets} (Llama-style names). Its linear layers are: {', '.join(layers)}. "
+            f"Fix: set adaptation.target_modules to some of those (e.g. --set \"adaptation.target_modules=[{example}]\"), "
+            "or use a Llama-style model.")
+    return path
+
+
+def check_run_inputs(settings: Settings) -> Path:
+    """Validate the dataset and the model before anything starts; returns the model folder."""
+    check_dataset(settings)
+    return check_model(settings)
+
+
+def new_run_dir(settings: Settings, name: str | None = None) -> Path:
+    """<output_dir>/<name> (never renamed: an existing one is refused by `prepare_run_dir`), or a
+    fresh timestamped folder when no name is given."""
+    root = Path(settings.simulation.output_dir)
+    if name:
+        return root / name
+    run_dir = root / time.strftime("run-%Y%m%d-%H%M%S")
+    stem, suffix = run_dir.name, 1
+    while run_dir.exists():
+        suffix += 1
+        run_dir = root / f"{stem}-{suffix}"
+    return run_dir
+
+
+def prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
+    """A new run never writes into an existing results folder unless `overwrite` (then it is removed)."""
+    if not run_dir.exists():
+        return
+    if run_dir.is_dir() and not any(run_dir.iterdir()):
+        return
+    if not overwrite:
+        hint = f" or continue it with --resume {run_dir}" if (run_dir / "checkpoint.json").is_file() else ""
+        raise ConfigError(f"results folder {run_dir} already exists and is not empty; a new run would overwrite it. "
+                          f"Fix: choose another --name{hint}, or pass --overwrite to replace it.")
+    shutil.rmtree(run_dir)
+
+
+def check_store_dir(settings: Settings, run_dir: Path, overwrite: bool) -> None:
+    """A new run with an explicit simulation.store_dir must not start from another run's device state."""
+    store = settings.simulation.store_dir
+    if not store or not Path(store).is_dir() or not any(Path(store).iterdir()):
+        return
+    if not overwrite:
+        raise ConfigError(f"simulation.store_dir = {store} already holds device state, so a new run would start from "
+                          f"it. Fix: point store_dir at an empty folder, resume the run that wrote it (--resume), or "
+                          "pass --overwrite to delete that state.")
+    shutil.rmtree(store)
+
+
+def _flatten(data: dict[str, Any]) -> dict[str, Any]:
+    return {f"{section}.{key}": value for section, values in data.items() for key, value in values.items()}
+
+
+def resume_settings(run_dir: Path, config: str | None, overrides: list[str]) -> Settings:
+    """The settings a resumed run continues with: the run's own config.toml. Settings given on
+    the command line must agree with it (only simulation.rounds may differ, to add rounds)."""
+    recorded_path = run_dir / "config.toml"
+    if not recorded_path.is_file():
+        raise ConfigError(f"{recorded_path} is missing, so the run's settings are unknown. Fix: restore it, or start a "
+                          "new run instead of --resume.")
+    recorded = load_settings(recorded_path)
+    if config is None and not overrides:
+        return recorded
+    given = load_settings(config or recorded_path, overrides)
+    check_resume_matches(run_dir, recorded, given)
+    return given
+
+
+def check_resume_matches(run_dir: Path, recorded: Settings, given: Settings) -> None:
+    """Refuse to resume a run with settings other than its recorded ones (more rounds excepted)."""
+    old, new = _flatten(recorded.model_dump(mode="json")), _flatten(given.model_dump(mode="json"))
+    differ = [k for k in sorted(old) if old[k] != new.get(k) and k not in RESUMABLE]
+    if differ:
+        shown = "; ".join(f"{k}: run has {old[k]!r}, given {new.get(k)!r}" for k in differ[:8])
+        more = f" (and {len(differ) - 8} more)" if len(differ) > 8 else ""
+        raise ConfigError(f"--resume {run_dir}: the settings given differ from the run's recorded ones in "
+                          f"{run_dir / 'config.toml'}: {shown}{more}. A resumed run must use the settings it started "
+                          "with. Fix: drop --config/--set/--model (resume reads the run's own config.toml; only "
+                          "simulation.rounds may be raised), or start a new run with these settings.")
+    if given.simulation.rounds < recorded.simulation.rounds:
+        raise ConfigError(f"--resume {run_dir}: simulation.rounds = {given.simulation.rounds} is below the run's "
+                          f"{recorded.simulation.rounds}. Fix: give at least {recorded.simulation.rounds}, or omit it.")

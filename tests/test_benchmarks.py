@@ -1,0 +1,59 @@
+"""Toy-size runs of every benchmark script, so none of them can rot (real model, Flower, Ray)."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from benchmarks import breakdown, population_scale, throughput
+
+TOY = ["population.stream_length=30", "population.heldout=2", "adaptation.epochs=1", "adaptation.lora_rank=4",
+       "evaluation.max_new_tokens=6", 'synthesis.method="fallback"', "synthesis.rewrites=1"]
+
+
+def _sets(model_dir, extra=()) -> list[str]:
+    return [x for o in [f'model.path="{model_dir}"', *TOY, *extra] for x in ("--set", o)]
+
+
+def test_breakdown_writes_a_stage_table_a_plot_and_training_efficiency(tiny_model_dir, tmp_path):
+    summary = breakdown.main(["--no-embedded", "--model", str(tiny_model_dir), "--devices", "2", "--day", "30",
+                              "--out", str(tmp_path), *_sets(tiny_model_dir)])
+    (result,) = summary["results"]
+    with (tmp_path / "breakdown.csv").open() as f:
+        stages = {row["stage"]: float(row["cpu_s"]) for row in csv.DictReader(f)}
+    assert {"load_state", "catch_up", "embed", "train", "evaluate", "save", "messaging"} <= set(stages)
+    assert stages["train"] > 0 and result["device_rounds_cpu_s"] > 0
+    assert abs(sum(stages.values()) - result["device_rounds_cpu_s"]) < 1e-6  # the stages add up to the rounds
+    assert (tmp_path / "breakdown.png").stat().st_size > 10_000
+    flops = result["training_flops"]
+    assert flops["flops"] > 0 and 0 < flops["fraction_of_matmul_512"] < 2
+    assert json.loads((tmp_path / "breakdown.json").read_text())["machine"]["cores"] >= 1
+
+
+def test_breakdown_skips_a_missing_model_folder_with_a_message(tmp_path, capsys):
+    assert breakdown._models(breakdown.parse_args(["--no-embedded", "--model", str(tmp_path / "nope")])) == []
+    assert "skipping model" in capsys.readouterr().err
+
+
+def test_throughput_runs_the_three_variants_and_reports_rates_ratios_and_rouge(tiny_model_dir, tmp_path):
+    summary = throughput.main(["--devices", "2", "--rounds", "2", "--start-day", "30", "--out", str(tmp_path),
+                               *_sets(tiny_model_dir)])
+    variants = summary["variants"]
+    assert set(variants) == {"fedasls", "naive", "bare"}
+    for row in variants.values():
+        assert row["device_rounds"] == 4 and row["rate"] > 0 and row["cpu_s"] > 0 and len(row["rouge1"]) == 2
+    assert variants["naive"]["adapted"] == 4  # trains on every call
+    # the same device rounds, with and without Flower and Ray
+    assert sorted(variants["fedasls"]["rouge1"]) == pytest.approx(sorted(variants["bare"]["rouge1"]))
+    assert {"a/n", "a/b"} <= set(summary["ratios"])
+
+
+def test_population_scale_starts_a_million_device_population(tiny_model_dir, tmp_path):
+    rows = population_scale.main(["--populations", "1000000", "--cohort", "2", "--rounds", "1", "--out", str(tmp_path),
+                                  *_sets(tiny_model_dir, ["simulation.workers=1"])])
+    (row,) = rows
+    assert row["population"] == 1_000_000 and row["device_rounds"] >= 1
+    assert row["peak_rss_mb"] > 0 and row["startup_s"] > 0
+    assert "train" in row["where_time_goes"] or "evaluate" in row["where_time_goes"]

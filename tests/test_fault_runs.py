@@ -1,0 +1,225 @@
+"""Faults in real simulations (`fedasls simulate` subprocesses on Flower + Ray, a tiny model).
+
+- kill -9 in the middle of a round, then --resume, ends with exactly the per-round results of an
+  uninterrupted run with the same seed;
+- a device that raises with a canary string in its exception text leaks no byte of it (not in any
+  reply the server received, its console, or its results), and a run in which every device fails
+  exits non-zero with the first failure shown.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import shutil
+import sys
+
+import psutil
+
+from fedasls.store import DeviceStore
+
+CANARY = "My bank PIN is 4321"
+WALL_KEYS = {"wall_s", "wall_seconds"}  # real seconds differ between runs; everything else must match
+
+
+def fedasls_command() -> list[str]:
+    exe = shutil.which("fedasls")
+    return [exe] if exe else [sys.executable, "-m", "simulations.cli"]
+
+
+def scenario(tmp: Path, model: Path, rounds: int, audit: bool = False) -> Path:
+    path = tmp / "tiny.toml"
+    path.write_text(f"""
+[model]
+path = "{model}"
+[population]
+num_devices = 6
+stream_length = 30
+heldout = 2
+[synthesis]
+rewrites = 1
+method = "fallback"
+[adaptation]
+epochs = 1
+lora_rank = 4
+min_new_items = 2
+[evaluation]
+max_new_tokens = 8
+[heterogeneity]
+availability = "always"
+dropout_scale = 0.0
+[simulation]
+rounds = {rounds}
+cohort_size = 4
+overcommit = 1.5
+start_time_s = 259200.0
+round_interval_s = 259200.0
+workers = 1
+output_dir = "{tmp / 'results'}"
+audit_log = {str(audit).lower()}
+""")
+    return path
+
+
+def start(argv: list[str], log: Path) -> subprocess.Popen:
+    """A `fedasls` process in its own session (so it and every Ray process it starts can be killed)."""
+    out = log.open("w")
+    return subprocess.Popen([*fedasls_command(), *argv], stdout=out, stderr=subprocess.STDOUT,
+                            start_new_session=True, env={**os.environ, "RAY_DEDUP_LOGS": "0"})
+
+
+def kill_session(proc: subprocess.Popen) -> None:
+    """SIGKILL the process and everything left in its session (Ray's daemons included)."""
+    for p in psutil.process_iter(["pid"]):
+        try:
+            if p.pid != os.getpid() and os.getsid(p.pid) == proc.pid:
+                p.kill()
+        except (ProcessLookupError, psutil.Error, PermissionError):
+            pass
+    proc.wait(timeout=60)
+
+
+def rows(path: Path) -> list[dict]:
+    return [{k: v for k, v in json.loads(line).items() if k not in WALL_KEYS}
+            for line in path.read_text().splitlines()]
+
+
+def saved_rounds(store: Path) -> set[int]:
+    found = set()
+    for manifest in store.glob("*/*/device-*/state.json"):
+        try:
+            found.add(json.loads(manifest.read_text()).get("round"))
+        except (OSError, ValueError):
+            pass
+    return found
+
+
+def wait_until(predicate, proc: subprocess.Popen, timeout_s: float, log: Path) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended before the condition held:\n{log.read_text()[-3000:]}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out:\n{log.read_text()[-3000:]}")
+        time.sleep(0.05)
+
+
+def test_kill_9_mid_round_then_resume_equals_an_uninterrupted_run(tiny_model_dir, tmp_path):
+    config = scenario(tmp_path, tiny_model_dir, rounds=2)
+    results = tmp_path / "results"
+    reference = start(["simulate", "--config", str(config), "--name", "reference"], tmp_path / "reference.log")
+    victim_log = tmp_path / "victim.log"
+    victim = start(["simulate", "--config", str(config), "--name", "victim"], victim_log)
+    run = results / "victim"
+    try:
+        def mid_round_2() -> bool:  # round 1 recorded, and a device has already saved its round-2 state
+            checkpoint = run / "checkpoint.json"
+            return checkpoint.is_file() and json.loads(checkpoint.read_text())["rounds_done"] == 1 \
+                and 2 in saved_rounds(run / "store")
+
+        wait_until(mid_round_2, victim, 600, victim_log)
+    finally:
+        kill_session(victim)
+    assert victim.returncode == -signal.SIGKILL
+    assert [r["round"] for r in rows(run / "rounds.jsonl")] == [1]  # round 2 was never recorded
+    config_before = (run / "config.toml").read_bytes()
+    wall_before = json.loads((run / "checkpoint.json").read_text())["wall_seconds"]
+
+    resumed_log = tmp_path / "resumed.log"
+    resumed = start(["simulate", "--resume", str(run)], resumed_log)
+    try:
+        assert resumed.wait(timeout=600) == 0, resumed_log.read_text()[-3000:]
+        assert reference.wait(timeout=600) == 0, (tmp_path / "reference.log").read_text()[-3000:]
+    finally:
+        kill_session(resumed)
+        kill_session(reference)
+
+    for name in ("rounds.jsonl", "device_rounds.jsonl"):
+        got, want = rows(run / name), rows(results / "reference" / name)
+        assert [r["round"] for r in got] == [r["round"] for r in want]  # no round twice, none lost
+        for g, w in zip(got, want):
+            assert json.dumps(g, sort_keys=True) == json.dumps(w, sort_keys=True), (name, g, w)  # NaN == NaN here
+    assert sum(r["adapted"] for r in rows(run / "rounds.jsonl")) > 0  # the rounds did real work
+    assert (run / "config.toml").read_bytes() == config_before  # the run's settings were kept
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["wall_seconds"] > wall_before  # both parts' wall time, not the resumed part's alone
+    assert summary["device_rounds"] == 12
+
+
+def inject_canary(store_dir: Path) -> list[int]:
+    """Put the canary into each saved device's state where rebuilding the device raises an
+    exception quoting it (an unknown counter name), as a hand-edited or foreign state would."""
+    store = DeviceStore(store_dir)
+    ids = list(store.device_ids())
+    for device_id in ids:
+        manifest = store.folder(device_id) / "state.json"
+        data = json.loads(manifest.read_text())
+        data["json"]["counters"][f"... {CANARY} ..."] = 1
+        manifest.write_text(json.dumps(data))
+    return ids
+
+
+def test_a_raising_device_leaks_nothing_and_an_all_failed_run_exits_non_zero(tiny_model_dir, tmp_path):
+    config = scenario(tmp_path, tiny_model_dir, rounds=1, audit=True)
+    run = tmp_path / "results" / "canary"
+    first = start(["simulate", "--config", str(config), "--name", "canary"], tmp_path / "first.log")
+    try:
+        assert first.wait(timeout=600) == 0, (tmp_path / "first.log").read_text()[-3000:]
+    finally:
+        kill_session(first)
+    devices = inject_canary(run / "store")
+    assert len(devices) == 6
+
+    console = tmp_path / "second.log"
+    second = start(["simulate", "--resume", str(run), "--set", "simulation.rounds=2"], console)
+    try:
+        code = second.wait(timeout=600)
+    finally:
+        kill_session(second)
+    output = console.read_text()
+    assert code == 1, output[-3000:]
+    assert "fedasls: error: the run stopped: every device of round 2 failed (6 of 6; 6 of 12 in the run)" in output
+    assert "First failure: device 0 in round 2" in output and "Traceback" not in output
+
+    received = (run / "received.jsonl").read_text()
+    assert received.count('"error_code": 101') == 6  # six replies, each a code and its fixed message
+    # what the server received, printed and wrote: no byte of the canary
+    server_side = [console, *(p for p in run.rglob("*") if p.is_file() and "store" not in p.relative_to(run).parts)]
+    for path in server_side:
+        data = path.read_bytes()
+        assert b"4321" not in data and b"bank PIN" not in data, path
+    # ... while each device kept the full traceback in its own folder, and its state was set aside
+    store = DeviceStore(run / "store")
+    for device_id in devices:
+        assert CANARY in (store.folder(device_id) / "errors.log").read_text()
+        assert store.load(device_id) is None and list(store.folder(device_id).parent.glob(f"device-{device_id}.corrupt-*"))
+    failed = [r for r in rows(run / "device_rounds.jsonl") if r["round"] == 2]
+    assert {r["failure"] for r in failed} == {"corrupt_state"} and len(failed) == 6
+    assert json.loads((run / "rounds.jsonl").read_text().splitlines()[-1])["failed_corrupt_state"] == 6
+
+
+def test_ctrl_c_stops_at_a_consistent_checkpoint_with_exit_130(tiny_model_dir, tmp_path):
+    config = scenario(tmp_path, tiny_model_dir, rounds=2)
+    run = tmp_path / "results" / "interrupted"
+    log = tmp_path / "interrupted.log"
+    proc = start(["simulate", "--config", str(config), "--name", "interrupted"], log)
+    try:
+        wait_until(lambda: 2 in saved_rounds(run / "store"), proc, 600, log)  # in the middle of round 2
+        os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole process group
+        t0 = time.monotonic()
+        code = proc.wait(timeout=60)
+        stopped_s = time.monotonic() - t0
+    finally:
+        kill_session(proc)
+    output = log.read_text()
+    assert code == 130 and stopped_s < 30, output[-3000:]
+    assert "interrupted; the run stopped at its checkpoint after round 1" in output
+    assert f"fedasls simulate --resume {run}" in output and "Traceback" not in output
+    assert json.loads((run / "checkpoint.json").read_text())["rounds_done"] == 1
+    assert [r["round"] for r in rows(run / "rounds.jsonl")] == [1]
+    assert {r["round"] for r in rows(run / "device_rounds.jsonl")} == {1}

@@ -1,0 +1,143 @@
+"""The safe adaptation step: held-back split, early stopping, minimum items, the gate (real tiny model)."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from fedasls.adaptation import TrainingExample, attach_lora, sequence_loss, train_adapter
+from fedasls.config import AdaptationSettings, Settings
+from fedasls.device import Device, DeviceOptions
+from fedasls.gate import GateScore, gate_accepts
+from fedasls.heldback import assign_heldback, near_duplicate_groups
+from fedasls.population import SyntheticPopulation, near_duplicate
+from fedasls.prompts import PromptFormat
+from fedasls.runtime import DeviceRuntime
+
+NO_FEEDBACK = DeviceOptions(use_feedback=False)  # training data = the user's annotations only
+
+
+@pytest.fixture(scope="module")
+def settings(tiny_model_dir) -> Settings:
+    return Settings.model_validate(
+        {
+            "model": {"path": str(tiny_model_dir)},
+            "population": {"num_devices": 20, "stream_length": 60, "heldout": 4},
+            "selection": {"buffer_bytes": 8192},
+            "feedback": {"annotation_budget": 12},
+            "synthesis": {"rewrites": 1, "method": "fallback"},
+            "adaptation": {"epochs": 4, "lora_rank": 4, "learning_rate": 1e-2, "min_items": 4, "gate": "loss",
+                           "heldback_min": 3},
+            "evaluation": {"max_new_tokens": 8},
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def runtime(settings) -> DeviceRuntime:
+    return DeviceRuntime(settings)
+
+
+def test_near_duplicates_never_sit_on_both_sides_of_the_split():
+    population = SyntheticPopulation(8, stream_length=60)
+    rng = np.random.default_rng(0)
+    for device_id in range(8):
+        items = [it for it in population.stream(device_id) if it.kind != "chatter"]
+        # also reworded copies with the same answer (what synthesis and repeated asking produce)
+        items += [it.__class__(**{**it.to_dict(), "index": 1000 + it.index,
+                                  "question": near_duplicate(rng, it.question)}) for it in items[::3]]
+        heldback: set[int] = set()
+        trained: set[int] = set()
+        for end in range(10, len(items) + 10, 10):  # a growing buffer, split again at each adaptation
+            window = items[:end]
+            keys = [it.index for it in window]
+            pairs = [(it.question, it.preferred) for it in window]
+            new = assign_heldback(keys, pairs, heldback, trained, fraction=0.25, minimum=3, seed=device_id)
+            assert heldback <= new and len(new) < len(keys)  # once held back, always held back
+            # a trained item moves to the held-back side only when a new item joins it to a held-back group
+            group = dict(zip(keys, near_duplicate_groups(pairs)))
+            for moved in new & trained:
+                assert any(group[h] == group[moved] for h in heldback)
+            heldback, trained = new, trained | (set(keys) - new)
+            for x in window:
+                for y in window:
+                    if x.index in heldback and y.index not in heldback:
+                        assert x.preferred != y.preferred, (x.question, y.question)
+        assert heldback and trained
+
+
+def test_grouping_joins_rewordings_and_keeps_distinct_questions_apart():
+    pairs = [
+        ("How do I keep basil fresh?", "Wrap it in a damp towel."),
+        ("Quick question: how do I keep basil fresh?", "Wrap it in a damp towel."),
+        ("How do I keep my basil fresh", "Put the stems in water."),
+        ("What is a good warm-up before running?", "Jog lightly for ten minutes."),
+        ("Which visa do I need for Japan?", "Check the embassy site."),
+    ]
+    labels = near_duplicate_groups(pairs)
+    assert labels[0] == labels[1] == labels[2]
+    assert len({labels[0], labels[3], labels[4]}) == 3
+
+
+def test_gate_rules():
+    good, bad = GateScore(loss=1.0, rouge1=0.6), GateScore(loss=2.0, rouge1=0.4)
+    assert gate_accepts("loss", good, bad) and not gate_accepts("loss", bad, good)
+    assert gate_accepts("rouge1", good, bad) and not gate_accepts("rouge1", bad, good)
+    assert gate_accepts("both", good, bad) and not gate_accepts("both", GateScore(2.5, 0.7), good)
+    assert not gate_accepts("rouge1", good, good)  # a tie keeps what the device has
+    assert gate_accepts("off", bad, good)
+    with pytest.raises(ValueError, match="choose rouge1"):
+        gate_accepts("bleu", good, bad)  # type: ignore[arg-type]
+
+
+def test_early_stopping_stops_and_keeps_the_best_epoch(tiny_lm):
+    model, tok = tiny_lm[0], PromptFormat(tiny_lm[1])
+    peft_model = attach_lora(copy.deepcopy(model), rank=4, alpha=16, dropout=0.0)
+    right = [TrainingExample(f"what is item {k}?", f"item {k} is a small red apple") for k in range(6)]
+    # trained on answers that contradict the held-back ones: the held-back loss soon rises
+    wrong = [TrainingExample(f"what is thing {k}?", "nothing nothing nothing nothing nothing") for k in range(8)]
+    settings = AdaptationSettings(epochs=12, learning_rate=3e-2, batch_size=4, max_length=48, patience=2)
+    result = train_adapter(peft_model, tok, wrong, settings, seed=0, heldback=right)
+    assert result.stopped_early and len(result.losses) < 12
+    assert len(result.heldback_losses) == len(result.losses) == result.best_epoch + settings.patience
+    assert result.heldback_losses[result.best_epoch - 1] == min(result.heldback_losses)
+    # the adapter is left with the best epoch's weights, not the last epoch's
+    assert sequence_loss(peft_model, tok, right, 48) == pytest.approx(min(result.heldback_losses), rel=1e-5)
+
+
+def test_no_first_adapter_before_min_items(runtime, settings):
+    few = settings.model_copy(update={
+        "feedback": settings.feedback.model_copy(update={"annotation_budget": 3}),
+        "adaptation": settings.adaptation.model_copy(update={"min_items": 5}),
+    })
+    device = Device(2, runtime, few, options=NO_FEEDBACK)
+    device.catch_up()
+    first = device.adapt()
+    assert first.status == "waiting" and first.annotated == 3 and first.examples == 0
+    assert device.adapter is None and device.counters.gate_waiting == 1
+    second = device.adapt()  # a new budget: 6 labelled items now
+    assert second.annotated == 6 and second.status in ("accepted", "rejected") and second.examples > 0
+
+
+def test_gate_rejects_an_adapter_trained_on_wrong_answers_and_keeps_the_old_one(runtime, settings):
+    device = Device(3, runtime, settings, options=NO_FEEDBACK)
+    device.catch_up()
+    first = device.adapt()
+    assert first.status == "accepted" and first.heldback >= 3
+    assert first.new_heldback_loss < first.kept_heldback_loss  # it beat the base model
+    kept = {k: v.clone() for k, v in device.adapter.items()}
+    # the user now labels the training-side items with answers that belong to nothing they asked
+    for i in device.trained & set(device.annotations):
+        device.annotations[i] = "no idea, sorry, ask me later, bye"
+    second = device.adapt()
+    assert second.status == "rejected"
+    assert second.new_heldback_loss > second.kept_heldback_loss
+    assert device.counters.gate_accepted == 1 and device.counters.gate_rejected == 1
+    assert all(torch.equal(device.adapter[k], kept[k]) for k in kept)
+    # the shared model holds the kept adapter again right after the step, not the rejected one
+    probe = [TrainingExample(it.question, it.preferred) for it in device.selector.interactions()[:4]]
+    right_after = sequence_loss(runtime.model, runtime.prompts, probe)
+    assert sequence_loss(device.activate(), runtime.prompts, probe) == pytest.approx(right_after, rel=1e-6)

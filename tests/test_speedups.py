@@ -1,0 +1,97 @@
+"""Speed-ups of the device round keep its results: same losses, embeddings, answers and metrics."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fedasls.adaptation import IGNORE_INDEX, TrainingExample, _per_example_loss, _tensorize, attach_lora
+from fedasls.config import Settings
+from fedasls.device_round import load_device, run_device_round
+from fedasls.heterogeneity import HeterogeneityModel
+from fedasls.model import embed_last_token, generate, generation_batch_size, load_model
+from fedasls.prompts import PromptFormat
+from fedasls.runtime import DeviceRuntime
+from fedasls.store import DeviceStore
+
+PAIRS = [
+    ("what do i cook on sundays?", "you cook pasta with basil and a lot of garlic on sundays"),
+    ("where do i run?", "in the park by the river"),
+    ("which book am i reading at the moment, and why do i like it?", "dune, for the second time"),
+]
+
+
+@pytest.fixture()
+def peft_lm(tiny_model_dir):
+    model, tokenizer = load_model(tiny_model_dir)  # a private copy: LoRA wraps it in place
+    peft = attach_lora(model, 4, 8, 0.0, "p")
+    with torch.no_grad():  # a non-zero adapter, so the LoRA path matters
+        for name, param in peft.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
+    return peft, PromptFormat(tokenizer)
+
+
+def test_answer_only_head_gives_the_full_logits_loss_and_gradients(peft_lm):
+    model, prompts = peft_lm
+    ids, mask, labels, _ = _tensorize(prompts, [TrainingExample(q, a) for q, a in PAIRS], 96).tensors
+    model.train()
+    lean = _per_example_loss(model, ids, mask, labels)
+    lean.sum().backward()
+    lean_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]  # the reference: Hugging Face's logits
+    target = labels[:, 1:]
+    token = F.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1), ignore_index=IGNORE_INDEX,
+                            reduction="none").view(target.shape)
+    full = token.sum(1) / (target != IGNORE_INDEX).sum(1)
+    full.sum().backward()
+    torch.testing.assert_close(lean, full, rtol=1e-6, atol=1e-6)
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            torch.testing.assert_close(lean_grads[name], param.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_embeddings_skip_the_head_and_match_the_full_models_last_hidden_state(peft_lm):
+    model, prompts = peft_lm
+    texts = [q for q, _ in PAIRS]
+    with model.disable_adapter(), torch.no_grad():
+        fast = embed_last_token(model, prompts, texts)
+        enc = prompts.tokenize(texts, return_tensors="pt", padding=True, padding_side="right")
+        hidden = model(**enc, output_hidden_states=True).hidden_states[-1]
+        ref = hidden[torch.arange(len(texts)), enc["attention_mask"].sum(1) - 1].numpy()
+    np.testing.assert_array_equal(fast, ref)
+
+
+def test_generation_batches_are_sized_for_the_model_and_give_the_same_answers(peft_lm):
+    model, prompts = peft_lm
+    size = generation_batch_size(model, 100)
+    assert 16 < size <= 64  # the tiny model: full batches
+    huge = type("Config", (), {"num_hidden_layers": 80, "hidden_size": 8192, "num_attention_heads": 64,
+                               "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 128_000})()
+    assert generation_batch_size(type("Model", (), {"config": huge})(), 4096) == 1  # a 70B-class model: one row
+    questions = [f"{q} ({i})" for i in range(6) for q, _ in PAIRS]
+    assert generate(model, prompts, questions, 10) == generate(model, prompts, questions, 10, batch_size=4)
+
+
+def test_a_round_without_adaptation_reports_the_saved_evaluation_unchanged(tiny_model_dir, tmp_path):
+    settings = Settings.model_validate({
+        "model": {"path": str(tiny_model_dir)},
+        "population": {"num_devices": 3, "stream_length": 30, "heldout": 2},
+        "synthesis": {"method": "fallback", "rewrites": 1},
+        "adaptation": {"epochs": 1, "lora_rank": 4, "min_new_items": 2},
+        "evaluation": {"max_new_tokens": 6},
+        "heterogeneity": {"availability": "always"},
+    })
+    runtime, store = DeviceRuntime(settings), DeviceStore(tmp_path)
+    hetero = HeterogeneityModel.from_settings(settings.heterogeneity)
+    first = run_device_round(1, 40 * 86400.0, runtime, settings, store, hetero)
+    again = run_device_round(1, 40 * 86400.0, runtime, settings, store, hetero)
+    assert first.adapted == 1 and again.adapted == 0 and again.new_interactions == 0
+    assert "stage_evaluate_s" not in again.stage_seconds  # not recomputed ...
+    personal, base = load_device(1, runtime, settings, store, hetero).evaluate()  # ... and what a fresh evaluation gives
+    assert (again.rouge1, again.perplexity, again.base_rouge1) == (personal.rouge1, personal.perplexity, base.rouge1)
+    assert (again.rouge1, again.base_rouge1) == (first.rouge1, first.base_rouge1)
