@@ -27,7 +27,7 @@ def settings(tiny_model_dir) -> Settings:
             "population": {"num_devices": 10, "stream_length": 40, "heldout": 3},
             "feedback": {"annotation_budget": 4},
             "synthesis": {"rewrites": 1, "method": "fallback"},
-            "adaptation": {"epochs": 1, "lora_rank": MAX_RANK, "min_new_items": 2},
+            "adaptation": {"epochs": 1, "lora_rank": MAX_RANK, "min_new_items": 2, "min_items": 2, "gate": "off"},
             "evaluation": {"max_new_tokens": 6},
         }
     )
