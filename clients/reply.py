@@ -15,6 +15,7 @@ catches whatever the app raises, so Flower never sees an exception from a device
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
@@ -96,11 +97,12 @@ def build_batch_reply(msg: Message, rows: list[Mapping[str, float | int]],
                       failures: Mapping[int, FailureCode] | None = None) -> Message:
     """The reply of a worker slot that ran several devices: one MetricRecord whose every key holds a
     list with one number per device (in the order of the rows); numbers only, as in `build_reply`.
-    Devices that failed are listed apart, by id and FailureCode only (`device_failures`)."""
+    A metric that some devices do not report (e.g. a stage one of them never ran) is NaN for the
+    others. Devices that failed are listed apart, by id and FailureCode only (`device_failures`)."""
     keys = sorted({key for row in rows for key in row})
     clean: dict[str, list[int] | list[float]] = {}
     for key in keys:
-        values = [row[key] for row in rows]
+        values = [row.get(key, math.nan) for row in rows]
         if any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in values):
             raise PrivacyViolation(f"metric '{key}' holds a non-number, only numbers may leave a device")
         clean[key] = values if all(isinstance(v, int) for v in values) else [float(v) for v in values]

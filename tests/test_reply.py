@@ -143,3 +143,15 @@ def test_batch_reply_carries_one_number_per_device_and_splits_back():
     assert device_metrics(build_reply(incoming(), rows[0])) == [rows[0]]
     with pytest.raises(PrivacyViolation, match="only numbers"):
         build_batch_reply(incoming(), [{"device_id": 1, "answer": CANARY}])
+
+
+def test_batch_reply_of_devices_reporting_different_metrics_fills_nan():
+    """Devices on one slot may report different stage timings (one annotated, one did not)."""
+    import math
+
+    from clients.reply import build_batch_reply, device_metrics
+
+    rows = [{"device_id": 4, "stage_annotate_s": 0.5}, {"device_id": 9}]
+    first, second = device_metrics(build_batch_reply(incoming(), rows))
+    assert first == {"device_id": 4, "stage_annotate_s": 0.5}
+    assert second["device_id"] == 9 and math.isnan(second["stage_annotate_s"])
