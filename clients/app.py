@@ -19,10 +19,12 @@ from typing import TYPE_CHECKING
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from clients.reply import build_batch_reply, build_reply, privacy_guard
+from clients.reply import GLOBAL_ADAPTER_KEY, build_batch_reply, build_reply, privacy_guard
 
 if TYPE_CHECKING:
     from fedasls.config import Settings
+    from fedasls.device_round import DeviceRoundResult
+    from fedasls.federated.client import Downlink
     from fedasls.heterogeneity import HeterogeneityModel
     from fedasls.runtime import DeviceRuntime
 
@@ -51,10 +53,10 @@ def worker_resources(settings_json: str) -> tuple[Settings, DeviceRuntime, Heter
     return _WORKER[key]
 
 
-def device_round_metrics(settings_json: str, device_id: int, now: float, store_dir: str,
-                         simulated_timing: bool) -> dict[str, float | int]:
-    """Run one device round in this process; its reply metrics. Simulated devices keep their
-    state only if they finish inside their availability window; real devices always keep it."""
+def device_round(settings_json: str, device_id: int, now: float, store_dir: str, simulated_timing: bool,
+                 downlink: Downlink | None = None) -> DeviceRoundResult:
+    """Run one device round in this process. Simulated devices keep their state only if they finish
+    inside their availability window; real devices always keep it."""
     from fedasls.device_round import keep_always, run_device_round
     from fedasls.simulated_timing import SimulatedTiming
     from fedasls.store import DeviceStore
@@ -64,8 +66,27 @@ def device_round_metrics(settings_json: str, device_id: int, now: float, store_d
         with stage("worker_setup"):  # the base model loads on a worker's first call only
             settings, runtime, hetero = worker_resources(settings_json)
         keep = SimulatedTiming(hetero).keep_if_online(device_id, now) if simulated_timing else keep_always
-        result = run_device_round(device_id, now, runtime, settings, DeviceStore(store_dir), hetero, keep=keep)
-    return result.metrics() | timer.metrics()
+        result = run_device_round(device_id, now, runtime, settings, DeviceStore(store_dir), hetero, keep=keep,
+                                  downlink=downlink)
+    result.stage_seconds = timer.metrics()  # the round's stages and the worker setup
+    return result
+
+
+def device_round_metrics(settings_json: str, device_id: int, now: float, store_dir: str,
+                         simulated_timing: bool) -> dict[str, float | int]:
+    """Run one device round in this process; its reply metrics."""
+    return device_round(settings_json, device_id, now, store_dir, simulated_timing).metrics()
+
+
+def downlink_of(msg: Message, settings: Settings) -> Downlink | None:
+    """The global adapter this message carries (a global-adapter round), or None (local)."""
+    if GLOBAL_ADAPTER_KEY not in msg.content:
+        return None
+    from fedasls.federated.client import Downlink
+
+    f = settings.federated
+    return Downlink(f.strategy, f.ffa, settings.adaptation.lora_rank, f.seed, f.clip_norm,
+                    msg.content[GLOBAL_ADAPTER_KEY].to_torch_state_dict())
 
 
 def device_id_of(msg: Message, context: Context) -> int:
@@ -107,13 +128,17 @@ def train(msg: Message, context: Context) -> Message:
         rows = run_devices(device_round_metrics, settings_json, [int(d) for d in config["device-ids"]], now,
                            store, simulated, int(config.get("parallel", 1)))
         return build_batch_reply(msg, rows)
-    return build_reply(msg, device_round_metrics(settings_json, device_id_of(msg, context), now, store, simulated))
+    downlink = downlink_of(msg, worker_resources(settings_json)[0])
+    result = device_round(settings_json, device_id_of(msg, context), now, store, simulated, downlink)
+    return build_reply(msg, result.metrics(), result.contribution.update if result.contribution else None)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Personalized vs base metrics on the device's held-out interactions; state is not changed."""
+    from fedasls.adaptation import adapter_state
     from fedasls.device_round import load_device
+    from fedasls.federated.client import global_model_adapter
     from fedasls.store import DeviceStore
 
     config = msg.content["config"]
@@ -124,4 +149,9 @@ def evaluate(msg: Message, context: Context) -> Message:
     metrics = {"device_id": device_id, "rouge1": personal.rouge1, "rougeL": personal.rougeL,
                "perplexity": personal.perplexity, "base_rouge1": base.rouge1, "base_rougeL": base.rougeL,
                "base_perplexity": base.perplexity}
+    downlink = downlink_of(msg, settings)
+    if downlink is not None:  # the global adapter alone on this device (state not saved)
+        device.adapter = global_model_adapter(adapter_state(runtime.activate(device.lora_rank, settings.adaptation)), downlink)
+        shared, _ = device.evaluate()
+        metrics |= {"global_rouge1": shared.rouge1, "global_rougeL": shared.rougeL, "global_perplexity": shared.perplexity}
     return build_reply(msg, metrics)

@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from fedasls.federated.settings import FederatedSettings
 from fedasls.heterogeneity import HeterogeneitySettings
 
 
@@ -140,6 +141,9 @@ class SimulationSettings(_Section):
     cpus_per_worker: float = Field(1.0, gt=0)
     output_dir: str = "results"
     store_dir: str | None = Field(None, description="Device store; default <output_dir>/<run>/store.")
+    sampling: Literal["available", "poisson"] = Field(
+        "available", description="available: K fastest of an over-committed sample; poisson: rate K/N, for user-level DP."
+    )
     ray_address: str | None = Field(
         None, description="Attach to this running Ray cluster (e.g. 'auto', '10.0.0.5:6379'; env RAY_ADDRESS) "
         "instead of starting Ray; workers then follows the cluster's CPUs."
@@ -175,6 +179,21 @@ class Settings(_Section):
     heterogeneity: HeterogeneitySettings = HeterogeneitySettings()
     simulation: SimulationSettings = SimulationSettings()
     deployment: DeploymentSettings = DeploymentSettings()
+    federated: FederatedSettings = FederatedSettings()
+
+    @model_validator(mode="after")
+    def _dp_needs_poisson_sampling(self) -> "Settings":
+        if self.federated.dp and self.simulation.sampling != "poisson":
+            raise ValueError(
+                "[federated] dp = true needs [simulation] sampling = 'poisson': only Poisson sampling has a provable "
+                "amplification (the K-fastest rule makes one device's inclusion depend on the others' data)"
+            )
+        if self.federated.strategy != "local" and self.simulation.devices_per_worker > 1:
+            raise ValueError(
+                f"[federated] strategy = '{self.federated.strategy}' needs [simulation] devices_per_worker = 1: a "
+                "batched reply of several devices carries metrics only, not one global-adapter update per device"
+            )
+        return self
 
 
 def _format_errors(err: ValidationError, source: str) -> str:

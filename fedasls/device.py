@@ -164,8 +164,11 @@ class Device:
             load_adapter_state(model, self.adapter)
         return model
 
-    def adapt(self) -> AdaptReport:
-        """One adaptation: implicit feedback, sparse annotation, synthesis, LoRA training."""
+    def adapt(self, start: dict[str, torch.Tensor] | None = None) -> AdaptReport:
+        """One adaptation: implicit feedback, sparse annotation, synthesis, LoRA training.
+
+        Training starts from a fresh adapter, or from `start` (e.g. the global adapter truncated to
+        this device's rank, see fedasls.federated.client)."""
         s = self.settings
         model = self.activate()
         prompts = self.runtime.prompts
@@ -206,7 +209,10 @@ class Device:
             # on a mostly unchanged buffer overfits (measured: ROUGE-1 0.715 after one adaptation,
             # 0.475 after twelve continued ones on the same stream).
             with stage("train"):
-                reset_adapter(model, seed=self.seed + self.counters.adaptations)
+                if start is None:
+                    reset_adapter(model, seed=self.seed + self.counters.adaptations)
+                else:
+                    load_adapter_state(model, start)
                 result = train_adapter(model, prompts, examples, s.adaptation, seed=self.seed + self.counters.adaptations)
                 self.adapter = adapter_state(model)
             if result.epsilon is not None:

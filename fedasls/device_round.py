@@ -12,11 +12,12 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 from fedasls.config import Settings
 from fedasls.device import Device, DeviceOptions
 from fedasls.driver import advance
+from fedasls.federated.client import Contribution, Downlink, adapt_from_global
 from fedasls.heterogeneity import HeterogeneityModel
 from fedasls.interaction import STREAM_EPOCH
 from fedasls.runtime import DeviceRuntime
@@ -83,15 +84,17 @@ class DeviceRoundResult:
     base_perplexity: float
     base_accept_rate: float
     epsilon: float
+    contribution: Contribution | None = None  # global-adapter update (clipped, padded); never a metric
     stage_seconds: dict[str, float] = field(default_factory=dict)  # fedasls.timing: stage_<name>_s / _cpu_s
 
     @property
     def work(self) -> RoundWork:
-        return RoundWork.from_metrics(asdict(self))
+        return RoundWork.from_metrics(self.metrics())
 
     def metrics(self) -> dict[str, float | int]:
         """Numbers only, for the reply's MetricRecord (status as a code: 0 completed, 1 offline)."""
-        out = {k: v for k, v in asdict(self).items() if k not in ("status", "stage_seconds")}
+        out = {f.name: getattr(self, f.name) for f in fields(self)
+               if f.name not in ("status", "contribution", "stage_seconds")}
         out["status_code"] = {"completed": 0, "offline": 1}[self.status]
         out.update(self.stage_seconds)
         return out
@@ -117,25 +120,35 @@ def run_device_round(
     heterogeneity: HeterogeneityModel,
     options: DeviceOptions | None = None,
     keep: Callable[[RoundWork], bool] = keep_always,
+    downlink: Downlink | None = None,
 ) -> DeviceRoundResult:
     """Run device `device_id` at (virtual) time `now`; persist its state if `keep(work)` says so.
 
-    The result's `stage_seconds` holds the round's per-stage wall and CPU times (fedasls.timing).
-    """
+    With a `downlink` (a global-adapter round) the device observes its new interactions and, if it
+    has buffered items, trains once starting from the global adapter (not on its own trigger); the
+    result carries its contribution. Its `stage_seconds` holds the round's per-stage wall and CPU
+    times (fedasls.timing)."""
     with record() as timer:
-        result = _run_device_round(device_id, now, runtime, settings, store, heterogeneity, options, keep)
+        result = _run_device_round(device_id, now, runtime, settings, store, heterogeneity, options, keep, downlink)
     result.stage_seconds = timer.metrics()
     return result
 
 
 def _run_device_round(device_id: int, now: float, runtime: DeviceRuntime, settings: Settings, store: DeviceStore,
                       heterogeneity: HeterogeneityModel, options: DeviceOptions | None,
-                      keep: Callable[[RoundWork], bool]) -> DeviceRoundResult:
+                      keep: Callable[[RoundWork], bool], downlink: Downlink | None) -> DeviceRoundResult:
     t0 = time.perf_counter()
     with stage("load_state"):
         device = load_device(device_id, runtime, settings, store, heterogeneity, options)
-    progress = advance(device, until=STREAM_EPOCH + now)
-    new, examples, adapted = progress.new_interactions, progress.examples, bool(progress.adaptations)
+    contribution = None
+    if downlink is None:
+        progress = advance(device, until=STREAM_EPOCH + now)
+        new, examples, adapted = progress.new_interactions, progress.examples, bool(progress.adaptations)
+    else:
+        new = device.catch_up(until=STREAM_EPOCH + now)
+        adapted = len(device.selector.buffer) > 0
+        contribution = adapt_from_global(device, downlink) if adapted else None
+        examples = contribution.examples if contribution else 0
     had_base = device.base_eval is not None
     if adapted or device.last_eval is None:
         personal, base = device.evaluate()
@@ -147,7 +160,7 @@ def _run_device_round(device_id: int, now: float, runtime: DeviceRuntime, settin
         epochs=settings.adaptation.epochs,
         rank=device.lora_rank,
         eval_items=personal.n * (1 if had_base else 2),
-        upload_bytes=UPLOAD_BYTES,
+        upload_bytes=UPLOAD_BYTES + (_nbytes(contribution.update) if contribution else 0),
     )
     kept = keep(work)
     if kept:
@@ -176,4 +189,9 @@ def _run_device_round(device_id: int, now: float, runtime: DeviceRuntime, settin
         base_perplexity=base.perplexity,
         base_accept_rate=base.accept_rate if base.accept_rate is not None else math.nan,
         epsilon=last.get("epsilon") if last.get("epsilon") is not None else math.nan,
+        contribution=contribution if kept else None,
     )
+
+
+def _nbytes(tensors: Mapping) -> int:
+    return sum(int(t.numel()) * t.element_size() for t in tensors.values())

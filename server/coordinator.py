@@ -16,6 +16,14 @@ One round:
      the deadline; with no deadline, the slowest finisher (0 if none finished).
    The clock advances by round_seconds.
 
+Sampling mode "poisson" (for user-level DP, where amplification by sampling must be provable):
+every device of the population joins a round independently with probability
+q = cohort_size / population_size (drawn as Binomial(N, q) distinct uniform ids, which is the
+same distribution); devices not available at `now` are simply not asked (availability is public
+and independent of device data). There is no over-commitment and no K-fastest cut, because
+keeping the K fastest makes one device's inclusion depend on other devices' data: every finisher
+within the deadline completes. The aggregate is divided by the EXPECTED cohort q * N = cohort_size.
+
 For a real fleet (Deployment Engine), `sample(now, among=connected)` draws among the devices that
 are connected, and `simulated_availability=False` turns off the simulated availability windows
 (a real device is available when it is connected, and goes offline by not answering).
@@ -29,6 +37,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+from typing import Literal
 
 import numpy as np
 
@@ -64,7 +74,8 @@ class RoundOutcome:
 
 @dataclass
 class Coordinator:
-    """Availability-aware sampling with over-commitment, K-fastest and deadline rules."""
+    """Availability-aware sampling with over-commitment, K-fastest and deadline rules
+    (sampling="available"), or Poisson sampling for user-level DP (sampling="poisson")."""
 
     population_size: int
     heterogeneity: HeterogeneityModel
@@ -77,8 +88,11 @@ class Coordinator:
     clock: VirtualClock = field(default_factory=VirtualClock)
     round_index: int = 0
     pending: list[int] | None = None
+    sampling: Literal["available", "poisson"] = "available"
 
     def __post_init__(self) -> None:
+        if self.sampling not in ("available", "poisson"):
+            raise ValueError(f"sampling must be 'available' or 'poisson', got {self.sampling!r}")
         if self.population_size < 1:
             raise ValueError(f"population_size must be >= 1, got {self.population_size}")
         if self.cohort_size < 1:
@@ -93,6 +107,11 @@ class Coordinator:
         """How many devices a round samples: ceil(cohort_size * overcommit), capped by population."""
         return min(self.population_size, math.ceil(self.cohort_size * self.overcommit - 1e-9))
 
+    @property
+    def sample_rate(self) -> float:
+        """Poisson mode: each device's probability of joining a round, q = cohort_size / population."""
+        return min(1.0, self.cohort_size / self.population_size)
+
     def _rng(self, *extra: int) -> np.random.Generator:
         return np.random.default_rng(np.random.SeedSequence([self.seed, self.round_index, *extra]))
 
@@ -106,6 +125,8 @@ class Coordinator:
         with `among`, only from those ids (e.g. the connected devices of a real fleet)."""
         now = self.clock.now if now is None else float(now)
         rng = self._rng()
+        if self.sampling == "poisson":
+            return self._sample_poisson(now, rng, among)
         target = self.target
         tries = self.max_sample_tries or max(10_000, 100 * target)
         chosen: list[int] = []
@@ -138,6 +159,18 @@ class Coordinator:
         self.pending = chosen
         return list(chosen)
 
+    def _sample_poisson(self, now: float, rng: np.random.Generator, among: list[int] | None = None) -> list[int]:
+        """Each device independently with probability q (Binomial count, then distinct uniform ids;
+        with `among`, a coin per listed device)."""
+        if among is not None:
+            ids = sorted(set(int(d) for d in among))
+            drawn = np.array([d for d, u in zip(ids, rng.random(len(ids))) if u < self.sample_rate], dtype=int)
+        else:
+            count = int(rng.binomial(self.population_size, self.sample_rate))
+            drawn = rng.choice(self.population_size, size=count, replace=False) if count else np.array([], dtype=int)
+        self.pending = [int(d) for d in np.sort(drawn) if self._available(int(d), now)]
+        return list(self.pending)
+
     def draw_dropouts(self, device_ids: list[int]) -> set[int]:
         """Devices that fail this round at random, each with its profile's dropout_prob."""
         rng = self._rng(1)
@@ -166,10 +199,10 @@ class Coordinator:
             else:
                 finishers.append((float(durations[d]), d))
         finishers.sort()
-        k = self.cohort_size
+        k = self.cohort_size if self.sampling == "available" else len(finishers)
         on_time = [f for f in finishers if self.deadline_s is None or f[0] <= self.deadline_s]
         completed = on_time[:k]
-        if len(completed) == k:
+        if k and len(completed) == k:
             round_seconds = completed[-1][0]
         elif self.deadline_s is not None:
             round_seconds = float(self.deadline_s)
@@ -203,6 +236,7 @@ class Coordinator:
             "now": self.clock.now,
             "round_index": self.round_index,
             "pending": self.pending,
+            "sampling": self.sampling,
         }
 
     @classmethod
@@ -219,4 +253,5 @@ class Coordinator:
             clock=VirtualClock(state["now"]),
             round_index=state["round_index"],
             pending=None if state.get("pending") is None else list(state["pending"]),
+            sampling=state.get("sampling", "available"),
         )

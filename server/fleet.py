@@ -27,6 +27,7 @@ from fedasls.heterogeneity import HeterogeneityModel
 from fedasls.simulated_timing import SimulatedTiming
 from server.coordinator import Coordinator
 from server.fleets import DeviceNodes, Fleet, WorkerSlots
+from server.strategy import make_strategy
 
 CHECKPOINT = "checkpoint.json"
 ROUNDS_FILE = "rounds.jsonl"
@@ -111,6 +112,7 @@ def new_coordinator(settings: Settings, hetero: HeterogeneityModel, simulated: b
         deadline_s=sim.deadline_s or None,
         seed=s.heterogeneity.seed,
         simulated_availability=simulated,
+        sampling=sim.sampling,
     )
     coordinator.clock.now = sim.start_time_s
     return coordinator
@@ -134,8 +136,16 @@ def run_fleet(grid: Grid, run: FleetRun) -> dict[str, Any]:
         for name in (ROUNDS_FILE, DEVICE_ROUNDS_FILE):
             (run.run_dir / name).write_text("")
 
+    strategy = make_strategy(s, coordinator.sample_rate, coordinator.sample_rate * coordinator.population_size)
+    if run.resume and checkpoint.is_file() and "strategy" in saved:
+        strategy.load_state(saved["strategy"], run.run_dir)
+
     wall0 = time.perf_counter()
+    stop_reason = None
     for server_round in range(run.rounds_done + 1, sim.rounds + 1):
+        if stop_reason := strategy.stop_reason():
+            break
+        shared = strategy.configure(server_round)
         t0 = time.perf_counter()
         now = coordinator.clock.now
         sampled = fleet.sample(grid, coordinator, now)
@@ -145,7 +155,8 @@ def run_fleet(grid: Grid, run: FleetRun) -> dict[str, Any]:
 
         # What each device receives; a round strategy (server/strategy.py) plugs in here.
         def downlink(device_id: int) -> RecordDict:
-            return round_config(settings_json, run.store_dir, device_id, now, server_round, fleet.simulated)
+            content = round_config(settings_json, run.store_dir, device_id, now, server_round, fleet.simulated)
+            return RecordDict({**content, **shared})
 
         sent = fleet.dispatch(grid, to_run, downlink, server_round, _progress(bar))
         results, failed = _collect(sent.replies, to_run)
@@ -158,18 +169,23 @@ def run_fleet(grid: Grid, run: FleetRun) -> dict[str, Any]:
         # ... and a round strategy aggregates the completed replies here (after the round closes).
         rows = _device_rows(server_round, now, results, outcome, hetero)
         round_row = _round_row(server_round, now, outcome, rows, failed, time.perf_counter() - t0)
+        round_row.update(strategy.aggregate(server_round, sent.replies, outcome.completed))
         _append_jsonl(run.run_dir / DEVICE_ROUNDS_FILE, rows)
         _append_jsonl(run.run_dir / ROUNDS_FILE, [round_row])
         coordinator.clock.now = max(coordinator.clock.now, now + sim.round_interval_s)
         run.rounds_done = server_round
-        _write_atomic(checkpoint, json.dumps({"rounds_done": server_round, "coordinator": coordinator.state()}))
+        _write_atomic(checkpoint, json.dumps({"rounds_done": server_round, "coordinator": coordinator.state(),
+                                              "strategy": strategy.state(server_round, run.run_dir)}))
         if bar is not None:
             bar.set_postfix(
                 done=len(outcome.completed), strag=len(outcome.stragglers), drop=len(outcome.dropped),
                 uplift_r1=f"{round_row['uplift_rouge1_mean']:+.3f}", vt=f"{outcome.round_seconds:.0f}s",
             )
             bar.close()
-    run.summary = {"wall_seconds": time.perf_counter() - wall0, "rounds": run.rounds_done, **fleet.describe()}
+    run.summary = {"wall_seconds": time.perf_counter() - wall0, "rounds": run.rounds_done, **fleet.describe(),
+                   "strategy": strategy.name, "stop_reason": stop_reason}
+    if stop_reason and not run.quiet:
+        print(f"fedasls: {stop_reason}")
     return run.summary
 
 

@@ -83,6 +83,9 @@ class LoopbackFleet:
 def flower_env(flwr_home: Path) -> dict[str, str]:
     """This environment, offline, with Flower's home (connections, apps) in `flwr_home`."""
     env = dict(os.environ)
+    # Flower's processes start each other by name (flower-superlink -> flower-superexec): find them in
+    # this Python's environment even when it is not activated.
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env.update({"FLWR_HOME": str(flwr_home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
                 "FLWR_TELEMETRY_ENABLED": "0"})
     return env

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import tomllib
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -71,7 +72,27 @@ def summarize(run_dir: Path, wall_seconds: float) -> dict[str, Any]:
         "fleet_virtual_seconds": sum(r["virtual_round_s"] for r in rounds),
         "wall_seconds": wall_seconds,
         "device_rounds_per_second": len(ok) / wall_seconds if wall_seconds > 0 else math.nan,
+        "user_level_privacy": _user_level_privacy(run_dir),
+        "example_level_epsilon": _example_level(devices, run_dir),
     }
+
+
+def _example_level(devices: list[dict[str, Any]], run_dir: Path) -> dict[str, float] | None:
+    """Devices' example-level (DP-SGD, opacus RDP, add/remove, Poisson) epsilons across the population."""
+    eps = [r["epsilon"] for r in devices if isinstance(r.get("epsilon"), (int, float)) and math.isfinite(r["epsilon"])]
+    if not eps:
+        return None
+    mean, low, high = mean_ci(eps)
+    config = run_dir / "config.toml"
+    delta = tomllib.loads(config.read_text()).get("adaptation", {}).get("delta") if config.is_file() else None
+    return {"mean": mean, "low": low, "high": high, "max": max(eps), "devices": len(eps),
+            "delta": delta if delta is not None else math.nan}
+
+
+def _user_level_privacy(run_dir: Path) -> str | None:
+    """The DP-FedAvg epsilon report of the run (privacy.json), with its delta, sampling and relation."""
+    path = run_dir / "privacy.json"
+    return json.loads(path.read_text())["report"] if path.is_file() else None
 
 
 def format_summary(summary: dict[str, Any]) -> str:
@@ -97,6 +118,13 @@ def format_summary(summary: dict[str, Any]) -> str:
     width = max(len(k) for k, _ in rows)
     lines = ["", "figure".ljust(width) + "  value (mean [95% CI] over devices)", "-" * (width + 40)]
     lines += [k.ljust(width) + "  " + v for k, v in rows]
+    if summary.get("example_level_epsilon"):
+        e = summary["example_level_epsilon"]
+        lines.append(f"example-level DP-SGD epsilon over {e['devices']} devices: mean {e['mean']:.3g} "
+                     f"[{e['low']:.3g}, {e['high']:.3g}], max {e['max']:.3g}, delta {e['delta']:g} "
+                     "(opacus RDP; Poisson sampling of examples; add/remove-one example)")
+    if summary.get("user_level_privacy"):
+        lines.append("user-level DP on the global adapter: " + summary["user_level_privacy"])
     return "\n".join(lines)
 
 

@@ -58,3 +58,10 @@ def test_fleet_commands_without_a_fleet_are_clear_errors(tmp_path, capsys):
         assert "no fleet recorded" in err and "fedasls fleet start" in err and "Traceback" not in err
     assert main(["fleet", "start", "--nodes", "0", "--dir", str(tmp_path / "f")]) == 2
     assert "at least one SuperNode" in capsys.readouterr().err
+
+
+def test_sweep_privacy_refuses_a_bad_grid(capsys):
+    from simulations.cli import main
+
+    assert main(["sweep", "privacy", "--noise", "-1", "--jobs", "1"]) == 2
+    assert "noise multipliers must be finite numbers > 0" in capsys.readouterr().err

@@ -49,7 +49,7 @@ def scenario(tiny_model_dir: Path, path: Path) -> Path:
         "adaptation": {"epochs": 1, "lora_rank": 4, "min_new_items": 2},
         "evaluation": {"max_new_tokens": 8},
         "heterogeneity": {"availability": "always", "dropout_scale": 0.0},
-        "simulation": {"rounds": 2, "cohort_size": NODES, "overcommit": 1.0, "start_time_s": 3 * 86400.0,
+        "simulation": {"rounds": 2, "cohort_size": NODES, "overcommit": 1.0, "start_time_s": 7 * 86400.0,  # every stream has begun
                        "round_interval_s": 3 * 86400.0},
         "deployment": {"min_nodes": NODES, "reply_timeout_s": 150.0, "query_timeout_s": 120.0},
     })

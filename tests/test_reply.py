@@ -65,7 +65,9 @@ def test_global_update_slot_accepts_only_arrays():
     def arrays(msg, ctx):
         return Message(RecordDict({"global-update": ArrayRecord()}), reply_to=msg)
 
-    privacy_guard(incoming(), context(), arrays)
+    with_adapter = incoming()
+    with_adapter.content["global-adapter"] = ArrayRecord()  # an (empty) global adapter was sent
+    privacy_guard(with_adapter, context(), arrays)
 
     def text(msg, ctx):
         return Message(RecordDict({"global-update": ConfigRecord({"t": CANARY})}), reply_to=msg)

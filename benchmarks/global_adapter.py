@@ -1,0 +1,161 @@
+"""Does a global adapter help? local vs global (FedAvg) vs global+personal (FedSA-LoRA), plain loop.
+
+Devices are run as in the fleet (run_device_round, heterogeneous LoRA ranks from the tiers, the
+server's FedAvg maths from fedasls.federated), without Flower, for speed. Measured:
+- cold start: devices that never trained, base model vs the final global adapter alone
+  (global_model_adapter at each device's rank), held-out ROUGE-1, paired difference per device;
+- personalization: on the devices that trained, each strategy's personal model vs local and vs
+  the global adapter alone.
+Prints means with bootstrap 95% CIs over devices and writes JSON.
+
+    python benchmarks/global_adapter.py --train 12 --cold 12 --rounds 4 --cohort 6
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fedasls.adaptation import adapter_state
+from fedasls.config import load_settings
+from fedasls.device_round import load_device, run_device_round
+from fedasls.federated.client import Downlink, global_model_adapter, shared_part_of
+from fedasls.federated.fedavg import add, fedavg
+from fedasls.federated.init import initial_global
+from fedasls.federated.layout import adapter_layout
+from fedasls.federated.split import shared_part
+from fedasls.heterogeneity import HeterogeneityModel
+from fedasls.runtime import DeviceRuntime
+from fedasls.stats import mean_ci
+from fedasls.store import DeviceStore
+
+STRATEGIES = ("local", "global", "global+personal")
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--train", type=int, default=12, help="devices 0..N-1 take part in rounds")
+    p.add_argument("--cold", type=int, default=12, help="the next M devices never train (cold start)")
+    p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--cohort", type=int, default=6)
+    p.add_argument("--config", default="simulations/quickstart.toml", help="settings TOML (default: the quickstart)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    p.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=STRATEGIES)
+    p.add_argument("--out", default="benchmarks/results/global_adapter.json")
+    return p.parse_args()
+
+
+def run(strategy: str, args: argparse.Namespace, root: Path) -> dict:
+    settings = load_settings(args.config, args.overrides + [f"federated.strategy='{strategy}'"])
+    torch.set_num_threads(1)
+    runtime = DeviceRuntime(settings)
+    hetero = HeterogeneityModel.from_settings(settings.heterogeneity)
+    store = DeviceStore(root / strategy.replace("+", "_"))
+    f, sim = settings.federated, settings.simulation
+    rank = settings.adaptation.lora_rank
+    shared = None if strategy == "local" else shared_part_of(strategy, f.ffa)
+    adapter = None if shared is None else shared_part(initial_global(adapter_layout(settings), f.seed), shared)
+    rng = np.random.default_rng(0)
+    trained: set[int] = set()
+    norms: list[float] = []
+    t0 = time.process_time()
+    for r in range(args.rounds):
+        now = sim.start_time_s + r * sim.round_interval_s
+        downlink = None if adapter is None else Downlink(strategy, f.ffa, rank, f.seed, f.clip_norm, adapter)
+        updates, weights = [], []
+        for d in sorted(rng.choice(args.train, size=min(args.cohort, args.train), replace=False).tolist()):
+            result = run_device_round(d, now, runtime, settings, store, hetero, downlink=downlink)
+            trained.add(d)
+            if result.contribution is not None:
+                updates.append(result.contribution.update)
+                weights.append(result.examples)
+                norms.append(result.contribution.norm)
+        if adapter is not None and updates:
+            adapter = add(adapter, fedavg(updates, weights), f.server_lr)
+        print(f"  {strategy}: round {r + 1}/{args.rounds}, {len(updates)} updates", flush=True)
+    out: dict = {"personal": {}, "global_alone": {}, "base": {}, "cpu_s": 0.0}
+    final = None if adapter is None else Downlink(strategy, f.ffa, rank, f.seed, f.clip_norm, adapter)
+    for d in sorted(trained) + list(range(args.train, args.train + args.cold)):
+        device = load_device(d, runtime, settings, store, hetero)
+        personal, base = device.evaluate()
+        out["base"][d] = base.rouge1
+        if d in trained:
+            out["personal"][d] = personal.rouge1
+        if final is not None:
+            device.adapter = global_model_adapter(adapter_state(runtime.activate(device.lora_rank, settings.adaptation)), final)
+            out["global_alone"][d] = device.evaluate()[0].rouge1
+    out["cpu_s"] = time.process_time() - t0
+    out["update_norms"] = norms
+    return out
+
+
+def ci(values) -> dict:
+    values = list(values)
+    m, lo, hi = mean_ci(values)
+    return {"mean": m, "low": lo, "high": hi, "n": len(values)}
+
+
+def main() -> None:
+    args = parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        results = {s: run(s, args, Path(tmp)) for s in args.strategies}
+    summary = summarize(results, args)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(summary, indent=2))
+    for section in ("cold_start", "trained_devices"):
+        print(section)
+        for key, v in summary.get(section, {}).items():
+            if isinstance(v, dict):
+                print(f"  {key:38s} {v['mean']:+.4f} [{v['low']:+.4f}, {v['high']:+.4f}] (n={v['n']})")
+    print(f"written {out}")
+
+
+def summarize(results: dict, args: argparse.Namespace) -> dict:
+    cold = range(args.train, args.train + args.cold)
+    summary: dict = {
+        "command": "python benchmarks/global_adapter.py " + " ".join(
+            f"--{k} {' '.join(v) if isinstance(v, list) else v}" for k, v in vars(args).items()
+            if k not in ("overrides", "out")),
+        "overrides": args.overrides,
+        "cpu_seconds": {s: r["cpu_s"] for s, r in results.items()},
+        "update_norm_before_clip": {s: (float(np.median(r["update_norms"])) if r["update_norms"] else None)
+                                    for s, r in results.items()},
+        "per_device": {s: {k: r[k] for k in ("base", "personal", "global_alone")} for s, r in results.items()},
+    }
+    if "global" in results:
+        g = results["global"]
+        summary["cold_start"] = {
+            "base_rouge1": ci(g["base"][d] for d in cold),
+            "global_rouge1": ci(g["global_alone"][d] for d in cold),
+            "global_minus_base": ci(g["global_alone"][d] - g["base"][d] for d in cold),
+        }
+    if set(STRATEGIES) - set(results):
+        return summary
+    trained = sorted(set.intersection(*(set(results[s]["personal"]) for s in STRATEGIES)))
+    g, gp, loc = results["global"], results["global+personal"], results["local"]
+    summary |= {
+        "trained_devices": {
+            "n": len(trained),
+            "base": ci(loc["base"][d] for d in trained),
+            "local_personal": ci(loc["personal"][d] for d in trained),
+            "global_alone": ci(g["global_alone"][d] for d in trained),
+            "global_finetuned": ci(g["personal"][d] for d in trained),
+            "global+personal": ci(gp["personal"][d] for d in trained),
+            "global+personal_minus_local": ci(gp["personal"][d] - loc["personal"][d] for d in trained),
+            "global+personal_minus_global_alone": ci(gp["personal"][d] - g["global_alone"][d] for d in trained),
+            "global_finetuned_minus_local": ci(g["personal"][d] - loc["personal"][d] for d in trained),
+        },
+    }
+    summary["cold_start"]["fedsa_global_A_only_minus_base"] = ci(gp["global_alone"][d] - gp["base"][d] for d in cold)
+    return summary
+
+
+if __name__ == "__main__":
+    main()

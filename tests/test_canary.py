@@ -1,0 +1,170 @@
+"""The privacy boundary in a real Flower simulation: every strategy, DP on and off.
+
+Unique canary strings are planted in every device's data (questions and preferred answers);
+one Simulation Engine run (Ray) serves every mode in turn through the same ServerApp, whose grid
+records the serialized bytes of every message the server receives. No canary may appear in
+them, and each reply may hold only the metrics record and, in a global-adapter round, an update
+with exactly the global adapter's tensor names and shapes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from flwr.app import Context
+from flwr.common.serde import message_to_proto
+from flwr.serverapp import Grid, ServerApp
+from flwr.simulation import run_simulation
+
+from clients.app import app as client_app
+from clients.reply import GLOBAL_UPDATE_KEY
+from fedasls.config import Settings
+from fedasls.federated.client import shared_part_of
+from fedasls.federated.layout import adapter_layout
+from fedasls.federated.split import is_shared
+from server.fleet import FleetRun, run_fleet
+from simulations.runner import backend_config, plan_workers
+
+DEVICES = 6
+MODES = [  # (strategy, ffa, user-level DP, example-level DP-SGD)
+    ("local", False, False, False),
+    ("local", False, False, True),
+    ("global", False, False, False),
+    ("global", False, True, False),
+    ("global", True, True, False),
+    ("global+personal", False, False, False),
+    ("global+personal", False, True, True),
+]
+
+
+class RecordingGrid:
+    """The real grid, passing every call through; keeps the wire bytes of every pulled reply."""
+
+    def __init__(self, grid: Grid) -> None:
+        self.grid = grid
+        self.received: list[tuple[str, bytes, object]] = []
+        self.mode = ""
+
+    def __getattr__(self, name):
+        return getattr(self.grid, name)
+
+    def pull_messages(self, message_ids):
+        replies = list(self.grid.pull_messages(message_ids))
+        for reply in replies:
+            self.received.append((self.mode, message_to_proto(reply).SerializeToString(), reply))
+        return replies
+
+
+def canary(device: int, index: int, part: str) -> str:
+    return f"CANARY{device:02d}X{index:03d}{part}Z"
+
+
+@pytest.fixture(scope="module")
+def recorded(tiny_model_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("canary")
+    data = root / "canary.jsonl"
+    with data.open("w") as f:
+        for device in range(DEVICES):
+            for i in range(14):
+                f.write(json.dumps({
+                    "user_id": f"user-{device}",
+                    "instruction": f"How should I plan my savings and budget {canary(device, i, 'Q')} this month?",
+                    "output": f"Keep a simple budget and save a fixed share first {canary(device, i, 'A')}.",
+                }) + "\n")
+    runs = []
+    for strategy, ffa, dp, dp_sgd in MODES:
+        settings = Settings.model_validate({
+            "model": {"path": str(tiny_model_dir)},
+            "population": {"source": "jsonl", "jsonl_path": str(data), "partition": "user", "num_devices": DEVICES,
+                           "heldout": 2},
+            "feedback": {"annotation_budget": 4},
+            "synthesis": {"rewrites": 1, "method": "fallback"},
+            "adaptation": {"epochs": 1, "lora_rank": 4, "min_new_items": 1, "dp": dp_sgd, "max_length": 48},
+            "evaluation": {"max_new_tokens": 4},
+            "heterogeneity": {"availability": "always", "dropout_scale": 0.0},
+            "simulation": {"rounds": 2, "cohort_size": 3, "overcommit": 1.0, "start_time_s": 9 * 86400.0,
+                           "round_interval_s": 86400.0, "workers": 2,
+                           "sampling": "poisson" if dp else "available"},
+            "federated": {"strategy": strategy, "ffa": ffa, "dp": dp, "noise_multiplier": 0.8, "clip_norm": 0.05},
+        })
+        name = f"{strategy}-ffa{int(ffa)}-dp{int(dp)}-sgd{int(dp_sgd)}"
+        runs.append((name, FleetRun(settings, root / name, root / name / "store", quiet=True, expected_slots=3)))
+
+    server_app = ServerApp()
+    tapped: dict[str, RecordingGrid] = {}
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        recording = RecordingGrid(grid)
+        tapped["grid"] = recording
+        for name, run in runs:
+            recording.mode = name
+            run_fleet(recording, run)
+
+    run_simulation(server_app=server_app, client_app=client_app, num_supernodes=3, backend_name="ray",
+                   backend_config=backend_config(runs[0][1].settings, plan_workers(runs[0][1].settings)))
+    return runs, tapped["grid"].received
+
+
+def test_no_canary_in_any_byte_the_server_received(recorded):
+    runs, received = recorded
+    assert {mode for mode, _, _ in received} == {name for name, _ in runs}
+    planted = [canary(d, i, p).encode() for d in range(DEVICES) for i in range(14) for p in "QA"]
+    for mode, wire, _ in received:
+        assert b"CANARY" not in wire, mode
+        assert not any(c in wire for c in planted), mode
+
+
+def test_replies_hold_only_metrics_and_updates_of_the_global_layout(recorded):
+    runs, received = recorded
+    settings = dict(runs)
+    updates = {name: 0 for name, _ in runs}
+    for mode, _, reply in received:
+        assert not reply.has_error(), (mode, reply.error if reply.has_error() else None)
+        keys = set(reply.content.keys())
+        assert keys <= {"metrics", GLOBAL_UPDATE_KEY}, (mode, keys)
+        f = settings[mode].settings.federated
+        if GLOBAL_UPDATE_KEY not in keys:
+            continue
+        assert f.strategy != "local", mode
+        updates[mode] += 1
+        shared = shared_part_of(f.strategy, f.ffa)
+        layout = {k: v for k, v in adapter_layout(settings[mode].settings).items() if is_shared(k, shared)}
+        record = reply.content[GLOBAL_UPDATE_KEY]
+        assert [(k, tuple(a.shape)) for k, a in record.items()] == list(layout.items()), mode
+        assert all(a.dtype == "float32" for a in record.values())
+    assert all(n > 0 for name, n in updates.items() if not name.startswith("local")), updates
+    assert all(n == 0 for name, n in updates.items() if name.startswith("local")), updates
+
+
+def test_dp_runs_report_user_level_epsilon_with_its_assumptions(recorded):
+    runs, _ = recorded
+    for name, run in runs:
+        rounds = [json.loads(line) for line in (run.run_dir / "rounds.jsonl").read_text().splitlines()]
+        assert len(rounds) == 2
+        if run.settings.federated.dp:
+            eps = [r["user_epsilon"] for r in rounds]
+            assert 0 < eps[0] < eps[1] and all(math.isfinite(e) for e in eps)
+            privacy = json.loads((run.run_dir / "privacy.json").read_text())
+            assert privacy["epsilon"] == pytest.approx(eps[-1]) and privacy["sampling"] == "poisson"
+            assert "delta = 1e-05" in privacy["report"] and "add/remove" in privacy["report"]
+        else:
+            assert "user_epsilon" not in rounds[0] and not (run.run_dir / "privacy.json").exists()
+
+
+def test_privacy_sweep_tables_and_plots_from_real_runs(recorded, tmp_path):
+    from simulations.sweep import NO_NOISE, point_result, write_outputs
+
+    runs, _ = recorded
+    rows = [point_result(run.run_dir, run.settings) for name, run in runs if name.startswith("global-ffa0")]
+    assert [r["noise_multiplier"] for r in rows] == [NO_NOISE, 0.8]
+    assert rows[0]["epsilon"] == math.inf and 0 < rows[1]["epsilon"] < math.inf
+    assert rows[1]["devices"] > 0 and rows[1]["uplift_low"] <= rows[1]["uplift_rouge1"] <= rows[1]["uplift_high"]
+    assert 0 < rows[1]["snr_mean"] < math.inf and "delta = 1e-05" in rows[1]["report"]
+    write_outputs(rows, tmp_path)
+    for name in ("privacy_sweep.csv", "privacy_sweep.json", "epsilon_vs_utility.png", "snr_by_noise.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    header = (tmp_path / "privacy_sweep.csv").read_text().splitlines()[0].split(",")
+    assert {"noise_multiplier", "epsilon", "delta", "sampling", "neighbouring", "uplift_low", "snr_mean"} <= set(header)

@@ -1,0 +1,107 @@
+"""The device side of a global-adapter round on the tiny real model (plain loop, no Flower)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fedasls.adaptation import adapter_state
+from fedasls.config import Settings
+from fedasls.device import Device
+from fedasls.federated.client import Downlink, adapt_from_global, global_model_adapter, shared_part_of
+from fedasls.federated.clipping import l2_norm
+from fedasls.federated.init import initial_global
+from fedasls.federated.layout import adapter_layout
+from fedasls.federated.ranks import lora_kind, truncate
+from fedasls.federated.split import shared_part
+from fedasls.runtime import DeviceRuntime
+
+MAX_RANK = 4
+
+
+@pytest.fixture(scope="module")
+def settings(tiny_model_dir) -> Settings:
+    return Settings.model_validate(
+        {
+            "model": {"path": str(tiny_model_dir)},
+            "population": {"num_devices": 10, "stream_length": 40, "heldout": 3},
+            "feedback": {"annotation_budget": 4},
+            "synthesis": {"rewrites": 1, "method": "fallback"},
+            "adaptation": {"epochs": 1, "lora_rank": MAX_RANK, "min_new_items": 2},
+            "evaluation": {"max_new_tokens": 6},
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def runtime(settings) -> DeviceRuntime:
+    return DeviceRuntime(settings)
+
+
+def _downlink(settings, strategy="global", ffa=False, clip_norm=0.05) -> Downlink:
+    layout = adapter_layout(settings)
+    full = initial_global(layout, seed=5)
+    return Downlink(strategy, ffa, MAX_RANK, 5, clip_norm, shared_part(full, shared_part_of(strategy, ffa)))
+
+
+def test_layout_is_the_devices_adapter_at_the_largest_rank(runtime, settings):
+    layout = adapter_layout(settings)
+    state = adapter_state(runtime.activate(MAX_RANK, settings.adaptation))
+    assert list(layout) == list(state) and all(tuple(state[k].shape) == layout[k] for k in state)
+
+
+@pytest.mark.parametrize("rank", [2, MAX_RANK])
+def test_global_round_contribution_is_padded_clipped_and_in_global_order(runtime, settings, rank):
+    downlink = _downlink(settings)
+    device = Device(1, runtime, settings, lora_rank=rank)
+    device.catch_up()
+    c = adapt_from_global(device, downlink)
+    assert c is not None and c.examples > 0
+    assert list(c.update) == list(downlink.shared)
+    assert all(c.update[k].shape == downlink.shared[k].shape for k in c.update)
+    assert l2_norm(c.update) <= downlink.clip_norm * (1 + 1e-5) and c.norm > 0
+    for key, value in c.update.items():  # rows/columns beyond the device's rank stay zero
+        tail = value[rank:, :] if lora_kind(key) == "A" else value[:, rank:]
+        assert torch.count_nonzero(tail) == 0
+    # the device keeps its fine-tuned copy of the global adapter as its personal model
+    assert device.adapter is not None and rank == device.lora_rank
+
+
+def test_ffa_trains_and_sends_only_b_and_keeps_the_seeded_a(runtime, settings):
+    downlink = _downlink(settings, ffa=True)
+    assert all(lora_kind(k) == "B" for k in downlink.shared)
+    device = Device(2, runtime, settings, lora_rank=2)
+    device.catch_up()
+    c = adapt_from_global(device, downlink)
+    assert c is not None and list(c.update) == list(downlink.shared)
+    seeded = truncate(initial_global(adapter_layout(settings), 5), 2)
+    for key, value in device.adapter.items():
+        if lora_kind(key) == "A":
+            assert torch.equal(value, seeded[key])  # frozen
+    assert any(torch.count_nonzero(v) for v in c.update.values())
+    assert all(p.requires_grad for n, p in runtime.model.named_parameters() if "lora_A" in n and "r2" in n)
+
+
+def test_global_plus_personal_sends_a_and_keeps_its_own_b(runtime, settings):
+    downlink = _downlink(settings, strategy="global+personal")
+    device = Device(3, runtime, settings, lora_rank=MAX_RANK)
+    device.catch_up()
+    c = adapt_from_global(device, downlink)
+    assert c is not None and all(lora_kind(k) == "A" for k in c.update)
+    personal_b = {k: v.clone() for k, v in device.adapter.items() if lora_kind(k) == "B"}
+    assert any(torch.count_nonzero(v) for v in personal_b.values())  # B trained, never sent
+    # next round: A comes from the new global, B from the device itself
+    start = global_model_adapter(device.adapter, downlink)
+    assert all(torch.count_nonzero(v) == 0 for k, v in start.items() if lora_kind(k) == "B")
+    from fedasls.federated.client import start_adapter
+
+    again = start_adapter(device.adapter, downlink, device.adapter)
+    assert all(torch.equal(again[k], personal_b[k]) for k in personal_b)
+    assert all(torch.equal(again[k], downlink.shared[k]) for k in downlink.shared)
+
+
+def test_shared_part_rules():
+    assert shared_part_of("global", False) == "all" and shared_part_of("global", True) == "B"
+    assert shared_part_of("global+personal", False) == "A"
+    with pytest.raises(ValueError, match="shares no adapter"):
+        shared_part_of("local", False)
