@@ -162,7 +162,7 @@ def run_bare(settings: Any, work: Path) -> dict[str, Any]:
     devices = list(range(settings.population.num_devices))
     walls, last = [], []
     adapted = done = 0
-    work = 0.0
+    work_cpu = 0.0
     with ProcessPoolExecutor(sim.workers, mp_context=mp.get_context("spawn"), initializer=_bare_init,
                              initargs=(settings.model_dump_json(), str(work / "store"))) as pool:
         for r in range(sim.rounds):
@@ -173,8 +173,8 @@ def run_bare(settings: Any, work: Path) -> dict[str, Any]:
             done += sum(int(m["status_code"]) == 0 for m in results)
             adapted += sum(int(m["adapted"]) for m in results)
             last = [m["rouge1"] for m in results]
-            work += sum(_work_cpu(m) for m in results)
-    return {"round_wall_s": walls, "device_rounds": done, "rouge1": last, "adapted": adapted, "work_cpu_s": work}
+            work_cpu += sum(_work_cpu(m) for m in results)
+    return {"round_wall_s": walls, "device_rounds": done, "rouge1": last, "adapted": adapted, "work_cpu_s": work_cpu}
 
 
 RUNNERS = {"fedasls": run_fedasls, "naive": run_naive, "bare": run_bare}

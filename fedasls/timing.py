@@ -85,9 +85,11 @@ class StageTimer:
         return {n: StageTime(self._times[n].wall, self._times[n].cpu, self._times[n].calls) for n in order}
 
     def metrics(self, prefix: str = "stage_") -> dict[str, float]:
-        """Flat numbers for a reply: `<prefix><stage>_s` (wall) and `<prefix><stage>_cpu_s`."""
+        """Flat numbers for a reply: `<prefix><stage>_s` (wall) and `<prefix><stage>_cpu_s`, for every
+        stage in STAGES (0.0 when it did not run, so every device reports the same keys) and any other."""
         out: dict[str, float] = {}
-        for name, t in self.seconds().items():
+        times = {name: StageTime() for name in STAGES} | self.seconds()
+        for name, t in times.items():
             out[f"{prefix}{name}_s"] = t.wall
             out[f"{prefix}{name}_cpu_s"] = t.cpu
         return out
