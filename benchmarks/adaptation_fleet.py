@@ -106,7 +106,7 @@ def main() -> None:
     from fedasls.config import load_settings
     from fedasls.model import ensure_model
     from fedasls.stats import mean_ci
-    from server.app import scenario_path
+    from simulations.scenarios import scenario_path
 
     config = args.config if Path(args.config).is_file() else str(scenario_path(args.config))
     settings = load_settings(config, args.overrides)

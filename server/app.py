@@ -7,7 +7,6 @@ serves `flwr run .`, reading the scenario named in the run config (`[tool.flwr.a
 from __future__ import annotations
 
 import time
-from importlib import resources
 from pathlib import Path
 
 from flwr.app import Context
@@ -16,18 +15,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedasls.config import ConfigError, Settings, load_settings
 from server.checkpoint import RunFailed
 from server.fleet import FleetRun, run_fleet
-
-
-def scenario_path(name_or_path: str) -> Path:
-    """A scenario TOML: an existing path, or the name of one shipped in simulations/ (e.g. "quickstart")."""
-    path = Path(name_or_path)
-    if path.is_file():
-        return path
-    shipped = resources.files("simulations") / f"{name_or_path.removesuffix('.toml')}.toml"
-    if shipped.is_file():
-        return Path(str(shipped))
-    names = sorted(p.name.removesuffix(".toml") for p in resources.files("simulations").iterdir() if p.name.endswith(".toml"))
-    raise ConfigError(f"scenario '{name_or_path}' is neither a file nor a shipped scenario ({', '.join(names)})")
+from simulations.scenarios import scenario_path  # the scenario files ship in simulations/
 
 
 def make_server_app(run: FleetRun) -> ServerApp:
