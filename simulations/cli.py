@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import signal
 import sys
@@ -255,10 +256,11 @@ def _stop_cleanly_on_ctrl_c(run_dir: Path) -> None:
 
     def stop(signum: int, frame: object) -> None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C changes nothing
-        threading.Timer(20.0, os._exit, args=(130,)).start()  # never hang, whatever Ray does
+        logging.disable(logging.CRITICAL)  # Flower's and Ray's reports of the workers Ctrl-C stopped
+        threading.Timer(8.0, os._exit, args=(130,)).start()  # never hang, whatever Ray does
         from server.checkpoint import COMMIT_LOCK, CHECKPOINT
 
-        COMMIT_LOCK.acquire(timeout=10.0)  # held for good: nothing is recorded after this point
+        COMMIT_LOCK.acquire(timeout=5.0)  # held for good: nothing is recorded after this point
         done = _rounds_done(run_dir / CHECKPOINT)
         print(f"\nfedasls: interrupted; the run stopped at its checkpoint after round {done} (a round in progress "
               f"is rerun on resume). Continue with: fedasls simulate --resume {run_dir}", file=sys.stderr, flush=True)
@@ -329,16 +331,20 @@ def cmd_fleet_run(args: argparse.Namespace, settings: Settings) -> int:
     scenario = root / "scenario.toml"
     scenario.write_text(settings_toml(settings.model_copy(update=updates)))
     output = Path(args.output_dir or settings.simulation.output_dir).resolve()
+    started = time.time()
     code = run_app(root, scenario, output)
-    if code != 0:
-        print(f"fedasls: error: flwr run exited {code}; logs in {root / 'logs'}", file=sys.stderr)
+    runs = sorted((p for p in output.glob("flwr-run-*") if p.stat().st_mtime >= started - 1),
+                  key=lambda p: p.stat().st_mtime)
+    rounds_file = runs[-1] / "rounds.jsonl" if runs else None
+    recorded = len(rounds_file.read_text().splitlines()) if rounds_file and rounds_file.is_file() else 0
+    if code != 0 or recorded < settings.simulation.rounds:  # flwr run may exit 0 when the ServerApp failed
+        print(f"fedasls: error: the run did not complete ({recorded} of {settings.simulation.rounds} rounds recorded, "
+              f"flwr run exited {code}); see the output above and the logs in {root / 'logs'}", file=sys.stderr)
         return 1
-    runs = sorted(output.glob("flwr-run-*"), key=lambda p: p.stat().st_mtime)
-    if runs:
-        from simulations.report import format_summary, write_report
+    from simulations.report import format_summary, write_report
 
-        print(format_summary(write_report(runs[-1], wall_seconds=float("nan"))))
-        print(f"\nresults: {runs[-1]}")
+    print(format_summary(write_report(runs[-1], wall_seconds=time.time() - started)))
+    print(f"\nresults: {runs[-1]}")
     return 0
 
 

@@ -113,9 +113,10 @@ def test_node_addressed_run_with_a_supernode_killed_mid_run(fleet: LoopbackFleet
     for node in fleet.nodes:
         assert list(DeviceStore(node.store_dir).device_ids()) == [node.device_id]
     assert list(DeviceStore(run_dir / "store").device_ids()) == []
-    survivor = DeviceStore(fleet.nodes[0].store_dir).load(fleet.nodes[0].device_id)
-    first = next(r for r in rows if r["round"] == 1 and r["device_id"] == fleet.nodes[0].device_id)
-    assert survivor["cursor"] >= first["new_interactions"] > 0  # round 2 continued from round 1's state
+    survivor = fleet.nodes[0].device_id
+    ran = [r["new_interactions"] for r in rows if r["device_id"] == survivor]
+    assert len(ran) == 2 and sum(ran) > 0  # round 2 continued from round 1's saved state:
+    assert DeviceStore(fleet.nodes[0].store_dir).load(survivor)["cursor"] == sum(ran)
 
 
 def test_flwr_leaves_its_managed_superlink_running_and_fleet_stop_local_stops_it(tmp_path):
@@ -128,13 +129,18 @@ def test_flwr_leaves_its_managed_superlink_running_and_fleet_stop_local_stops_it
     env = flower_env(tmp_path / "flwr-home") | {"FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(port),
                                                 "FLWR_LOCAL_CONTROL_API_PORT": str(free_port())}
     try:
-        done = subprocess.run([str(Path(sys.executable).parent / "flwr"), "ls"], env=env, capture_output=True,
-                              text=True, timeout=120)
+        for _ in range(3):  # Flower gives its managed SuperLink 15 s to start: on a loaded machine, try again
+            done = subprocess.run([str(Path(sys.executable).parent / "flwr"), "ls"], env=env, capture_output=True,
+                                  text=True, timeout=120)
+            if "Failed to start local SuperLink" not in done.stdout + done.stderr:
+                break
         listening = [c.pid for c in psutil.net_connections(kind="tcp")
                      if c.status == psutil.CONN_LISTEN and c.laddr.port == port and c.pid]
         assert listening, done.stdout + done.stderr  # flwr returned, its SuperLink still runs
-        tree = [listening[0], *(p.pid for p in psutil.Process(listening[0]).children(recursive=True))]
-        assert stop_local_superlink(port) == len(tree) >= 2  # the SuperLink and its SuperExec
+        superlink = psutil.Process(listening[0])
+        wait_for(lambda: superlink.children(recursive=True), 90, "the SuperLink to start its SuperExec")
+        tree = [superlink.pid, *(p.pid for p in superlink.children(recursive=True))]
+        assert stop_local_superlink(port) >= len(tree) >= 2  # the SuperLink and its SuperExec
         assert not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie" for pid in tree)
     finally:
         stop_local_superlink(port)  # whatever happened above, leave nothing running

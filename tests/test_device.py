@@ -229,7 +229,7 @@ def test_synthesis_auto_is_decided_once_per_model_and_reported(tiny_model_dir):
             "population": {"num_devices": 6, "stream_length": 30, "heldout": 2},
             "feedback": {"annotation_budget": 3},
             "synthesis": {"rewrites": 2, "method": "auto"},
-            "adaptation": {"epochs": 1, "lora_rank": 4},
+            "adaptation": {"epochs": 1, "lora_rank": 4, "min_items": 2},  # 3 annotations suffice here
             "evaluation": {"max_new_tokens": 6},
         }
     )

@@ -85,7 +85,8 @@ def kill_session(proc: subprocess.Popen) -> None:
 
 
 def rows(path: Path) -> list[dict]:
-    return [{k: v for k, v in json.loads(line).items() if k not in WALL_KEYS}
+    """Records without real-time figures (wall seconds, per-stage timings), which differ between runs."""
+    return [{k: v for k, v in json.loads(line).items() if k not in WALL_KEYS and not k.startswith("stage_")}
             for line in path.read_text().splitlines()]
 
 

@@ -4,6 +4,7 @@ driver-side cap of min(32, cpu_count + 4) concurrent ClientApp calls."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -47,6 +48,8 @@ def ray_head():
          "--include-dashboard=false", f"--dashboard-agent-listen-port={free_port()}", "--disable-usage-stats",
          f"--temp-dir={temp_dir}", "--block"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        # this machine's memory is shared with other jobs: keep Ray's OOM killer off our few small workers
+        env=os.environ | {"RAY_memory_monitor_refresh_ms": "0"},
     )
     try:
         address = f"127.0.0.1:{port}"
