@@ -39,6 +39,16 @@ MODES = [  # (strategy, ffa, user-level DP, example-level DP-SGD)
 ]
 
 
+TOPICS = ["How should I plan my monthly savings budget", "Which running shoes suit long trail races",
+          "What is a quick vegetarian dinner for two", "How do I keep basil fresh on the windowsill",
+          "When should I repot a small lemon tree", "How can I sleep better before an early flight",
+          "What should I pack for a rainy mountain weekend"]
+ANSWERS = ["Save a fixed share first and track spending weekly", "Pick cushioned shoes with a grippy outsole",
+           "Try lentil curry with rice and spinach", "Keep the stems in water away from direct heat",
+           "Repot in spring into a slightly larger pot", "Dim the lights and skip caffeine after noon",
+           "Bring a waterproof jacket and spare socks"]
+
+
 class RecordingGrid:
     """The real grid, passing every call through; keeps the wire bytes of every pulled reply."""
 
@@ -70,8 +80,8 @@ def recorded(tiny_model_dir, tmp_path_factory):
             for i in range(14):
                 f.write(json.dumps({
                     "user_id": f"user-{device}",
-                    "instruction": f"How should I plan my savings and budget {canary(device, i, 'Q')} this month?",
-                    "output": f"Keep a simple budget and save a fixed share first {canary(device, i, 'A')}.",
+                    "instruction": f"{TOPICS[i % len(TOPICS)]} {canary(device, i, 'Q')}?",
+                    "output": f"{ANSWERS[i % len(ANSWERS)]} {canary(device, i, 'A')}.",
                 }) + "\n")
     runs = []
     for strategy, ffa, dp, dp_sgd in MODES:
