@@ -75,6 +75,8 @@ def test_real_smollm2_answers_on_topic_and_one_adaptation_moves_its_lora(smollm2
             "synthesis": {"rewrites": 1, "method": "fallback"},
             "adaptation": {
                 "epochs": 1, "lora_rank": 4, "batch_size": 8, "max_length": 96, "target_modules": ["q_proj", "v_proj"],
+                # a short end-to-end adaptation: few labelled items, and the gate (tested in test_gate) off
+                "min_items": 2, "heldback_min": 1, "gate": "off",
             },
             "evaluation": {"max_new_tokens": 10},
         }
