@@ -18,7 +18,7 @@ import shutil
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -270,12 +270,17 @@ def ensure_model(settings: ModelSettings) -> Path:
         from fedasls.presets import ensure_preset
 
         return ensure_preset(settings.preset, cache_root(settings.cache_dir))
-    target = default_model_dir(settings)
+    return build_once(default_model_dir(settings), lambda target: build_default_model(settings, target))
+
+
+def build_once(target: Path, build: Callable[[Path], object]) -> Path:
+    """`target`, built by `build(target)` unless a finished build (its BUILD_INFO) is already there;
+    file-locked, so concurrent processes build it once."""
     if (target / BUILD_INFO).is_file():
         return target
     with _file_lock(target.with_name(target.name + ".lock")):
         if not (target / BUILD_INFO).is_file():  # another process may have built it meanwhile
-            build_default_model(settings, target)
+            build(target)
     return target
 
 

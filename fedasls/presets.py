@@ -25,7 +25,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
 from fedasls.config import Settings
-from fedasls.model import BUILD_INFO, ModelNotFoundError, _file_lock, _replace_dir, cache_root
+from fedasls.model import BUILD_INFO, ModelNotFoundError, _replace_dir, build_once, cache_root
 
 PRESET_BUILD_VERSION = 1  # bump when the conversion recipe changes, so cached copies are rebuilt
 
@@ -155,13 +155,7 @@ def build_preset(name: str, out_dir: Path | str) -> Path:
 
 def ensure_preset(name: str, root: str | Path | None = None) -> Path:
     """The converted preset's folder in the cache, converted on first use (file-locked)."""
-    target = preset_dir(name, root)
-    if (target / BUILD_INFO).is_file():
-        return target
-    with _file_lock(target.with_name(target.name + ".lock")):
-        if not (target / BUILD_INFO).is_file():  # another process may have built it meanwhile
-            build_preset(name, target)
-    return target
+    return build_once(preset_dir(name, root), lambda target: build_preset(name, target))
 
 
 def model_fit_warning(settings: Settings) -> str | None:
