@@ -14,7 +14,6 @@ accept/reject counts and per-tier figures.
 from __future__ import annotations
 
 import argparse
-import csv
 import math
 import tempfile
 import time
@@ -106,6 +105,7 @@ def main() -> None:
     from fedasls.config import load_settings
     from fedasls.model import ensure_model
     from fedasls.stats import mean_ci
+    from simulations.report import last_participation, write_csv
     from simulations.scenarios import scenario_path
 
     config = args.config if Path(args.config).is_file() else str(scenario_path(args.config))
@@ -125,17 +125,10 @@ def main() -> None:
         for device_rows in tqdm(pool.map(run_device, jobs), total=len(jobs), desc="devices", unit="dev"):
             rows += device_rows
     wall = time.perf_counter() - t0
-    latest = {}
-    for row in rows:
-        if row["status_code"] == 0:
-            latest[row["device_id"]] = row
-    devices = [latest[d] for d in sorted(latest)]
+    devices = last_participation(rows)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(out, rows)
 
     def ci(values: list[float]) -> str:
         kept = [v for v in values if not math.isnan(v)]
