@@ -92,7 +92,7 @@ def run_device(job: tuple[str, int, list[tuple[int, float]], str]) -> list[dict]
         last = history[-1] if len(history) > seen_history else {}
         seen_history = len(history) if state else seen_history
         for key in ("status", "heldback", "epochs", "examples", "annotated", "kept_heldback_loss",
-                    "new_heldback_loss", "kept_heldback_rouge1", "new_heldback_rouge1"):
+                    "new_heldback_loss", "kept_heldback_rouge1", "new_heldback_rouge1", "scale"):
             row[f"adapt_{key}"] = last.get(key, "")
         previous = [r for r in rows if r["status_code"] == 0]
         row["prev_rouge1"] = previous[-1]["rouge1"] if previous else result.base_rouge1

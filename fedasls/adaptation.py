@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -208,6 +208,27 @@ def reset_adapter(peft_model: PeftModel, seed: int, adapter_name: str | None = N
                 module.reset_lora_parameters(name, init_lora_weights=True)
 
 
+def shrink_adapter(
+    trained: Mapping[str, torch.Tensor], scale: float, start: Mapping[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
+    """The trained adapter with its update pulled toward `start` by `scale` (1 = as trained).
+
+    Only the lora_B matrices move: B' = B0 + scale * (B - B0), with B0 = 0 for a fresh adapter
+    (whose update B @ A is then scaled exactly by `scale`) or the start adapter's B (e.g. the global
+    adapter). lora_A is kept as trained. New tensors; `trained` is not changed.
+    """
+    if not 0.0 <= scale <= 1.0:
+        raise ValueError(f"shrink_adapter: scale must be in [0, 1], got {scale}")
+    out = {}
+    for key, value in trained.items():
+        if "lora_B" in key and scale != 1.0:
+            origin = start[key].to(value.dtype) if start is not None else torch.zeros_like(value)
+            out[key] = origin + scale * (value - origin)
+        else:
+            out[key] = value.clone()
+    return out
+
+
 def save_adapter(peft_model: PeftModel, directory: str | Path, adapter_name: str | None = None) -> Path:
     """Save one adapter in peft's format (adapter_config.json + adapter_model.safetensors).
 
@@ -342,6 +363,31 @@ def _trim(batch: Sequence[torch.Tensor], device: torch.device) -> tuple[torch.Te
     return ids[:, :width].to(device), mask[:, :width].to(device), labels[:, :width].to(device), weights.to(device)
 
 
+class LengthBatches(torch.utils.data.Sampler):
+    """Shuffled batches of similar length: less padding for the decoder to run over.
+
+    Each epoch: shuffle, cut into windows of `window` batches, sort each window by length, cut it
+    into batches, shuffle the batches. Measured on quickstart devices: 19-36% of the tokens of
+    plainly shuffled batches were padding.
+    """
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, generator: torch.Generator, window: int = 4) -> None:
+        self.lengths, self.batch_size, self.generator, self.window = list(lengths), batch_size, generator, window
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.lengths) / self.batch_size)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order = torch.randperm(len(self.lengths), generator=self.generator).tolist()
+        span = self.batch_size * self.window
+        batches = []
+        for start in range(0, len(order), span):
+            chunk = sorted(order[start : start + span], key=lambda i: self.lengths[i])
+            batches += [chunk[k : k + self.batch_size] for k in range(0, len(chunk), self.batch_size)]
+        for b in torch.randperm(len(batches), generator=self.generator).tolist():
+            yield batches[b]
+
+
 # --------------------------------------------------------------------------- training
 
 
@@ -398,7 +444,11 @@ def train_adapter(
     stopper = _EarlyStopping(peft_model, prompts, heldback, settings.patience, max_length) if heldback else None
     with _seeded(seed, peft_model):
         loader_gen = torch.Generator().manual_seed(seed)
-        loader = DataLoader(data, batch_size=settings.batch_size, shuffle=True, generator=loader_gen)
+        if settings.dp:  # opacus replaces the sampler with Poisson sampling of the dataset
+            loader = DataLoader(data, batch_size=settings.batch_size, shuffle=True, generator=loader_gen)
+        else:
+            lengths = data.tensors[1].sum(dim=1).tolist()
+            loader = DataLoader(data, batch_sampler=LengthBatches(lengths, settings.batch_size, loader_gen))
         optimizer = torch.optim.AdamW([p for _, p in params], lr=settings.learning_rate, weight_decay=0.0)
         peft_model.train()
         try:

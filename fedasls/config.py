@@ -170,14 +170,22 @@ class AdaptationSettings(_Section):
         8, ge=1, description="Labelled buffered items (annotations + edits) before the first adapter is trained."
     )
     heldback_fraction: float = Field(0.25, ge=0, lt=1, description="Share of labelled items held back for the gate.")
-    heldback_min: int = Field(3, ge=1, description="Held-back items at least (near-duplicate groups never split).")
+    heldback_min: int = Field(3, ge=1, description="Held-back near-duplicate groups at least (groups never split).")
     patience: int = Field(2, ge=1, description="Early stopping: epochs without a better held-back loss.")
     retry_learning_rates: list[Annotated[float, Field(gt=0)]] = Field(
         default_factory=lambda: [2e-3],
         description="Learning rates of further candidates when the gate rejects one (in order; [] = no retry).",
     )
+    shrink_scales: list[Annotated[float, Field(gt=0, le=1)]] = Field(
+        default_factory=lambda: [1.0, 0.75, 0.5], min_length=1,
+        description="Each candidate's LoRA update is tried at these scales (pulled toward its start); the best "
+        "held-back ROUGE-1 wins (ties: the earlier scale). [1.0] = no shrinking.",
+    )
     gate: Literal["rouge1", "loss", "both", "off"] = Field(
         "rouge1", description="What a new adapter must beat the kept one on (held-back items); off = always keep."
+    )
+    gate_margin: float = Field(
+        0.05, ge=0, description="How much the new adapter must win by (ROUGE-1 points; nats for gate = loss)."
     )
     dp: bool = False
     noise_multiplier: float = Field(1.0, ge=0)

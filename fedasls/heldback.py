@@ -5,7 +5,8 @@ items that no adapter was ever trained on. So the split is *stable*: once an ite
 stays held back for as long as it is buffered, and an item that is a near-duplicate of a held-back
 item (or of a training item) joins that item's side. New groups go to the held-back side at
 random (seeded per group) with probability `fraction`, and more are moved there until at least
-`minimum` items are held back (never more than half of the groups).
+`minimum` groups are held back (never more than half of the groups). The gate scores one item per
+held-back group (`one_per_group`): four rewordings of one question are one piece of evidence.
 
 Near-duplicates: two items whose questions have ROUGE-1 F >= `question_similarity`, or whose
 answers have ROUGE-1 F >= `answer_similarity` (the same answer to a reworded question), joined
@@ -102,8 +103,14 @@ def assign_heldback(
     max_heldback_groups = len(members) // 2
     held_groups = sum(1 for g in members.values() if set(g) & out)
     for group in sorted(rest, key=min):
-        if len(out) >= minimum or held_groups >= max_heldback_groups:
+        if held_groups >= minimum or held_groups >= max_heldback_groups:
             break
         out.update(group)
         held_groups += 1
     return out
+
+
+def one_per_group(pairs: Sequence[tuple[str, str]]) -> list[int]:
+    """Indices of the first pair of each near-duplicate group, in order."""
+    labels = near_duplicate_groups(pairs)
+    return [i for i, label in enumerate(labels) if label == i]

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from fedasls.adaptation import TrainingExample, attach_lora, sequence_loss, train_adapter
+from fedasls.adaptation import LengthBatches, TrainingExample, attach_lora, sequence_loss, shrink_adapter, train_adapter
 from fedasls.config import AdaptationSettings, Settings
 from fedasls.device import Device, DeviceOptions
 from fedasls.gate import GateScore, gate_accepts
-from fedasls.heldback import assign_heldback, near_duplicate_groups
+from fedasls.heldback import assign_heldback, near_duplicate_groups, one_per_group
 from fedasls.population import SyntheticPopulation, near_duplicate
 from fedasls.prompts import PromptFormat
 from fedasls.runtime import DeviceRuntime
@@ -141,3 +141,77 @@ def test_gate_rejects_an_adapter_trained_on_wrong_answers_and_keeps_the_old_one(
     probe = [TrainingExample(it.question, it.preferred) for it in device.selector.interactions()[:4]]
     right_after = sequence_loss(runtime.model, runtime.prompts, probe)
     assert sequence_loss(device.activate(), runtime.prompts, probe) == pytest.approx(right_after, rel=1e-6)
+
+
+def test_gate_margin_needs_a_clear_win():
+    kept = GateScore(loss=2.0, rouge1=0.60)
+    assert not gate_accepts("rouge1", GateScore(1.0, 0.64), kept, margin=0.05)
+    assert gate_accepts("rouge1", GateScore(1.0, 0.66), kept, margin=0.05)
+    assert not gate_accepts("loss", GateScore(1.97, 0.9), kept, margin=0.05)
+    assert gate_accepts("loss", GateScore(1.9, 0.1), kept, margin=0.05)
+
+
+def test_held_back_minimum_counts_groups_and_the_gate_sees_one_item_per_group():
+    basil = ("How do I keep basil fresh?", "Wrap it in a damp towel.")
+    pairs = [basil, ("Quick question: how do I keep basil fresh?", basil[1]), ("Sorry, how do I keep basil fresh?", basil[1]),
+             ("What is a good warm-up before running?", "Jog lightly for ten minutes."),
+             ("Which visa do I need for Japan?", "Check the embassy site."),
+             ("How often should I water tomatoes?", "Deeply, twice a week."),
+             ("Should I rebalance my portfolio?", "Once a year."),
+             ("How do I stop a toddler tantrum?", "Stay calm and name the feeling.")]
+    held = assign_heldback(list(range(8)), pairs, set(), set(), fraction=0.0, minimum=3, seed=0)
+    groups = {near_duplicate_groups(pairs)[k] for k in held}
+    assert len(groups) == 3 and {0, 1, 2} <= held  # the three rewordings are one group, not three items
+    assert one_per_group([pairs[k] for k in sorted(held)]) == [0, 3, 4]
+
+
+def test_shrink_scales_the_fresh_update_exactly_and_moves_toward_a_start():
+    trained = {"x.lora_A.weight": torch.randn(4, 6), "x.lora_B.weight": torch.randn(6, 4)}
+    half = shrink_adapter(trained, 0.5)
+    assert torch.equal(half["x.lora_A.weight"], trained["x.lora_A.weight"])
+    assert torch.allclose(half["x.lora_B.weight"] @ half["x.lora_A.weight"],
+                          0.5 * trained["x.lora_B.weight"] @ trained["x.lora_A.weight"])
+    start = {k: torch.ones_like(v) for k, v in trained.items()}
+    assert torch.allclose(shrink_adapter(trained, 0.25, start)["x.lora_B.weight"],
+                          1 + 0.25 * (trained["x.lora_B.weight"] - 1))
+    assert torch.equal(shrink_adapter(trained, 1.0, start)["x.lora_B.weight"], trained["x.lora_B.weight"])
+    with pytest.raises(ValueError, match="scale must be in"):
+        shrink_adapter(trained, 1.5)
+
+
+def test_device_keeps_the_shrunk_candidate_it_scored(runtime, settings):
+    def adapted(scales: list[float]) -> tuple[Device, object]:
+        s = settings.model_copy(update={"adaptation": settings.adaptation.model_copy(
+            update={"gate": "off", "shrink_scales": scales, "retry_learning_rates": []})})
+        device = Device(4, runtime, s, options=NO_FEEDBACK)
+        device.catch_up()
+        return device, device.adapt()
+
+    full, full_report = adapted([1.0])
+    half, half_report = adapted([0.5])
+    assert full_report.scale == 1.0 and half_report.scale == 0.5
+    for key, value in full.adapter.items():
+        expected = 0.5 * value if "lora_B" in key else value
+        assert torch.allclose(half.adapter[key], expected, atol=1e-7), key
+    # with both on offer, the device keeps the one with the better held-back ROUGE-1 (first on a tie)
+    both, report = adapted([1.0, 0.5])
+    assert report.scale in (1.0, 0.5)
+    winner = full if report.scale == 1.0 else half
+    assert all(torch.equal(both.adapter[k], winner.adapter[k]) for k in winner.adapter)
+
+
+def test_length_batches_cover_every_item_once_with_less_padding():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(5, 60, size=50).tolist()
+    sampler = LengthBatches(lengths, batch_size=8, generator=torch.Generator().manual_seed(1))
+    epochs = [list(sampler) for _ in range(2)]
+    for batches in epochs:
+        assert sorted(i for b in batches for i in b) == list(range(50)) and len(batches) == len(sampler) == 7
+    assert epochs[0] != epochs[1]  # a new order every epoch
+
+    def padding(batches):
+        return sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in batches)
+
+    shuffled = torch.randperm(50, generator=torch.Generator().manual_seed(1)).tolist()
+    plain = [shuffled[k:k + 8] for k in range(0, 50, 8)]
+    assert padding(epochs[0]) < 0.5 * padding(plain)
