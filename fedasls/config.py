@@ -244,13 +244,22 @@ class DeploymentSettings(_Section):
 # model's (measured with benchmarks/adaptation_fleet.py, see README "Adaptation defaults"). Another
 # model kind (e.g. a preset name that `model.path` selects) adds an entry of [adaptation] keys here;
 # keys a user sets in TOML or --set always win.
-ADAPTATION_DEFAULTS_BY_MODEL: dict[str, dict[str, Any]] = {"embedded": {}}
+ADAPTATION_DEFAULTS_BY_MODEL: dict[str, dict[str, Any]] = {
+    "embedded": {},
+    # SmolLM2-135M-Instruct: q/v LoRA (one step, r=8, 4 x 128 tokens: 5.7 CPU s); max_length 128 (at 96,
+    # 18% of the pairs lose their end-of-turn token); a lower learning rate and fewer epochs than the
+    # 0.7M-parameter embedded model. Figures: benchmarks/smollm2_personalization.py, README.
+    "smollm2-135m-instruct": {"target_modules": ["q_proj", "v_proj"], "learning_rate": 1e-3,
+                              "retry_learning_rates": [3e-4], "epochs": 3, "batch_size": 4, "max_length": 128},
+}
 
 
 def model_kind(model: dict[str, Any] | None) -> str:
-    """The key of ADAPTATION_DEFAULTS_BY_MODEL for a [model] table: "embedded" or its `path`."""
-    path = (model or {}).get("path")
-    return "embedded" if not path else str(path)
+    """The key of ADAPTATION_DEFAULTS_BY_MODEL for a [model] table: "embedded", its preset or its `path`."""
+    model = model or {}
+    if model.get("preset"):
+        return str(model["preset"])
+    return "embedded" if not model.get("path") else str(model["path"])
 
 
 class Settings(_Section):

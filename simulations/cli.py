@@ -144,6 +144,35 @@ def cmd_population_show(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_population_export(args: argparse.Namespace, settings: Settings) -> int:
+    """Write devices' questions and preferred answers as a Dolly-shaped JSONL file (one user per device)."""
+    import json
+
+    from fedasls.population import population_from_settings
+
+    population = population_from_settings(settings.population)
+    count = min(args.count, population.num_devices)
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise ConfigError(f"{out} exists; pass --overwrite to replace it, or choose another --out")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    lines = 0
+    with tmp.open("w", encoding="utf-8") as f:
+        for i in range(count):
+            # stream first, held-out last: a JSONL population holds out each user's last records
+            for it in population.stream(i) + population.heldout(i):
+                if it.kind in args.kinds:
+                    record = {"instruction": it.question, "context": "", "response": it.preferred,
+                              "category": it.domain, "user_id": f"user-{i}"}
+                    f.write(json.dumps(record) + "\n")
+                    lines += 1
+    tmp.replace(out)
+    print(f"wrote {lines} records of {count} users to {out} (kinds: {', '.join(args.kinds)}); use it with "
+          f"--set population.source=jsonl --set population.jsonl_path={out} --set population.partition=user")
+    return 0
+
+
 def _clock(timestamp: float) -> str:
     """Stream time as 'day D HH:MM' on the virtual clock."""
     seconds = int(timestamp - STREAM_EPOCH)
@@ -433,6 +462,18 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--ids", type=int, nargs="*", help="specific device ids instead of --count")
     show.add_argument("--excerpt", type=int, default=6, help="interactions to print per device (default 6)")
     show.set_defaults(handler=cmd_population_show)
+    export = pop_sub.add_parser(
+        "export", help="write users' questions and preferred answers as JSONL (Dolly shape)",
+        description="Write the first --count users' interactions (stream, then held-out) as a Dolly-shaped JSONL "
+                    "file (instruction, context, response, category, user_id): a file to try the JSONL path with.")
+    _settings_args(export)
+    export.add_argument("--out", required=True, metavar="FILE.jsonl", help="output file")
+    export.add_argument("--count", type=int, default=8, help="users (devices from id 0, default 8)")
+    export.add_argument("--kinds", nargs="+", default=["valuable", "duplicate"],
+                        choices=["chatter", "duplicate", "valuable", "noise"],
+                        help="interaction kinds to write (default: valuable duplicate)")
+    export.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    export.set_defaults(handler=cmd_population_export)
 
     dev = sub.add_parser(
         "device",
