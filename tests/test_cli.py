@@ -7,7 +7,8 @@ import pytest
 from simulations.cli import main
 
 
-@pytest.mark.parametrize("argv", [[], ["model"], ["model", "build"], ["population", "show"], ["device"], ["simulate"],
+@pytest.mark.parametrize("argv", [[], ["model"], ["model", "build"], ["population", "show"], ["population", "export"],
+                                  ["device"], ["simulate"],
                                   ["fleet"], ["fleet", "start"], ["fleet", "run"], ["fleet", "status"],
                                   ["fleet", "stop"], ["fleet", "up"]])
 def test_every_command_has_help(argv, capsys):
@@ -65,3 +66,21 @@ def test_sweep_privacy_refuses_a_bad_grid(capsys):
 
     assert main(["sweep", "privacy", "--noise", "-1", "--jobs", "1"]) == 2
     assert "noise multipliers must be finite numbers > 0" in capsys.readouterr().err
+
+
+def test_population_export_writes_a_jsonl_population_with_the_same_users(tmp_path, capsys):
+    from fedasls.loaders import JsonlPopulation
+    from fedasls.population import SyntheticPopulation
+
+    out = tmp_path / "users.jsonl"
+    argv = ["population", "export", "--out", str(out), "--count", "3", "--set", "population.stream_length=40",
+            "--set", "population.heldout=4"]
+    assert main(argv) == 0 and "population.source=jsonl" in capsys.readouterr().out
+    exported = JsonlPopulation(out, partition="user", heldout=4)
+    synthetic = SyntheticPopulation(10, stream_length=40, heldout=4)
+    assert exported.num_devices == 3
+    for i in range(3):
+        assert [it.preferred for it in exported.heldout(i)] == [it.preferred for it in synthetic.heldout(i)]
+        assert all(it.domain in {x.domain for x in synthetic.stream(i)} | {x.domain for x in synthetic.heldout(i)}
+                   for it in exported.stream(i))
+    assert main(argv) == 2 and "--overwrite" in capsys.readouterr().err  # nothing is replaced silently
