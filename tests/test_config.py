@@ -74,3 +74,16 @@ def test_shipped_scenarios_load(name):
 def test_unknown_scenario_lists_the_shipped_ones():
     with pytest.raises(ConfigError, match="quickstart"):
         scenario_path("no-such-scenario")
+
+
+def test_a_preset_gets_its_own_adaptation_defaults_and_user_keys_still_win():
+    from fedasls.config import ADAPTATION_DEFAULTS_BY_MODEL, Settings
+
+    embedded = Settings()
+    smol = Settings.model_validate({"model": {"preset": "smollm2-135m-instruct"}})
+    own = ADAPTATION_DEFAULTS_BY_MODEL["smollm2-135m-instruct"]
+    assert smol.adaptation.learning_rate == own["learning_rate"] != embedded.adaptation.learning_rate
+    assert smol.adaptation.target_modules == own["target_modules"] and smol.adaptation.max_length == 128
+    chosen = Settings.model_validate({"model": {"preset": "smollm2-135m-instruct"},
+                                      "adaptation": {"learning_rate": 4e-4}})
+    assert chosen.adaptation.learning_rate == 4e-4 and chosen.adaptation.epochs == own["epochs"]
