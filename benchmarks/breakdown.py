@@ -84,6 +84,11 @@ def measure_model(label: str, path: str | None, args: argparse.Namespace) -> dic
     import torch
 
     from clients.app import app
+    # what a worker's first device round imports (torch, transformers, peft ...), here and not inside the
+    # measured rounds: it is process setup, like the model load ("worker_setup")
+    import fedasls.device_round  # noqa: F401
+    import fedasls.faults  # noqa: F401
+    import fedasls.simulated_timing  # noqa: F401
     from fedasls.config import load_settings
     from fedasls.model import ensure_model
     from fedasls.timing import record

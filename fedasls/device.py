@@ -230,14 +230,15 @@ class Device:
         accepted = {it.index: (it.question, fb.answer) for it, fb in feedback_pairs if fb.signal == "accept"}
         pairs = {**accepted, **own}
         buffered = {it.index for it in items}
-        self.heldback = assign_heldback(
-            list(pairs), list(pairs.values()), self.heldback & buffered, self.trained & buffered,
-            eligible=set(own), fraction=a.heldback_fraction, minimum=a.heldback_min,
-            seed=self.seed + 7919 * self.counters.adaptations,
-        )
-        by_index = {it.index: it for it in items}
-        heldback = [replace(by_index[i], preferred=own[i][1]) for i in sorted(own) if i in self.heldback]
-        heldback = [heldback[k] for k in one_per_group([(it.question, it.preferred) for it in heldback])]
+        with stage("split"):  # the held-back slice (near-duplicate grouping)
+            self.heldback = assign_heldback(
+                list(pairs), list(pairs.values()), self.heldback & buffered, self.trained & buffered,
+                eligible=set(own), fraction=a.heldback_fraction, minimum=a.heldback_min,
+                seed=self.seed + 7919 * self.counters.adaptations,
+            )
+            by_index = {it.index: it for it in items}
+            heldback = [replace(by_index[i], preferred=own[i][1]) for i in sorted(own) if i in self.heldback]
+            heldback = [heldback[k] for k in one_per_group([(it.question, it.preferred) for it in heldback])]
         train_own = [own[i] for i in sorted(own) if i not in self.heldback]
         # Accepted model answers stay training data (weight 0.5) even where the user also annotated
         # the item: dropping them made adapters worse (6 quickstart devices x 2 learning rates:

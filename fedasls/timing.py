@@ -29,7 +29,7 @@ from typing import Iterator
 
 # The stages of a device round, in pipeline order (others may be added; these are reported first).
 STAGES: tuple[str, ...] = (
-    "load_state", "catch_up", "embed", "select", "feedback", "annotate", "synthesize",
+    "load_state", "catch_up", "embed", "select", "feedback", "annotate", "split", "synthesize",
     "train", "gate", "evaluate", "save", "messaging", "worker_setup",
 )
 
