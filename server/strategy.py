@@ -27,6 +27,7 @@ from flwr.app import ArrayRecord, Message
 from safetensors.torch import load_file, save_file
 
 from clients.reply import GLOBAL_ADAPTER_KEY, GLOBAL_UPDATE_KEY
+from server.checkpoint import write_atomic
 from fedasls.config import Settings
 from fedasls.federated.accountant import UserLevelAccountant
 from fedasls.federated.clipping import l2_norm
@@ -202,6 +203,4 @@ def make_strategy(settings: Settings, sample_rate: float, expected_cohort: float
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, allow_nan=True))
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(data, indent=2, allow_nan=True))

@@ -149,6 +149,7 @@ def cmd_population_export(args: argparse.Namespace, settings: Settings) -> int:
     import json
 
     from fedasls.population import population_from_settings
+    from server.checkpoint import write_atomic
 
     population = population_from_settings(settings.population)
     count = min(args.count, population.num_devices)
@@ -156,19 +157,15 @@ def cmd_population_export(args: argparse.Namespace, settings: Settings) -> int:
     if out.exists() and not args.overwrite:
         raise ConfigError(f"{out} exists; pass --overwrite to replace it, or choose another --out")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    lines = 0
-    with tmp.open("w", encoding="utf-8") as f:
-        for i in range(count):
-            # stream first, held-out last: a JSONL population holds out each user's last records
-            for it in population.stream(i) + population.heldout(i):
-                if it.kind in args.kinds:
-                    record = {"instruction": it.question, "context": "", "response": it.preferred,
-                              "category": it.domain, "user_id": f"user-{i}"}
-                    f.write(json.dumps(record) + "\n")
-                    lines += 1
-    tmp.replace(out)
-    print(f"wrote {lines} records of {count} users to {out} (kinds: {', '.join(args.kinds)}); use it with "
+    records = [
+        json.dumps({"instruction": it.question, "context": "", "response": it.preferred,
+                    "category": it.domain, "user_id": f"user-{i}"})
+        for i in range(count)
+        # stream first, held-out last: a JSONL population holds out each user's last records
+        for it in population.stream(i) + population.heldout(i) if it.kind in args.kinds
+    ]
+    write_atomic(out, "".join(record + "\n" for record in records))
+    print(f"wrote {len(records)} records of {count} users to {out} (kinds: {', '.join(args.kinds)}); use it with "
           f"--set population.source=jsonl --set population.jsonl_path={out} --set population.partition=user")
     return 0
 
