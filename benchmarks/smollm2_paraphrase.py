@@ -1,7 +1,13 @@
 #!/usr/bin/env python
-# Run: PYTHONPATH=. python benchmarks/smollm2_paraphrase.py
+# Run: python benchmarks/smollm2_paraphrase.py
 """SmolLM2 paraphrasing with the chat template: share of rewrites passing the ROUGE filter alone and
 filter_llm_rewrites (ROUGE + still a question), on 12 default-population questions; and the probe verdict."""
+import sys as _sys
+from pathlib import Path as _Path
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    _sys.path.insert(0, str(_Path(__file__).resolve().parents[1]))
+
 import time, torch
 torch.set_num_threads(1)
 from fedasls.config import PopulationSettings, SynthesisSettings

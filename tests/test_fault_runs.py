@@ -20,6 +20,9 @@ import shutil
 import sys
 
 import psutil
+import pytest
+import torch
+from safetensors.torch import load_file
 
 from fedasls.store import DeviceStore
 
@@ -32,8 +35,19 @@ def fedasls_command() -> list[str]:
     return [exe] if exe else [sys.executable, "-m", "simulations.cli"]
 
 
-def scenario(tmp: Path, model: Path, rounds: int, audit: bool = False) -> Path:
+# A DP global-adapter run: Poisson sampling, DP-FedAvg on the aggregate, its accountant in the checkpoint.
+DP_GLOBAL = """
+[federated]
+strategy = "global"
+dp = true
+noise_multiplier = 1.0
+delta = 1e-3
+"""
+
+
+def scenario(tmp: Path, model: Path, rounds: int, audit: bool = False, federated: str = "") -> Path:
     path = tmp / "tiny.toml"
+    sampling = 'sampling = "poisson"' if "dp = true" in federated else ""
     path.write_text(f"""
 [model]
 path = "{model}"
@@ -62,6 +76,8 @@ round_interval_s = 259200.0
 workers = 1
 output_dir = "{tmp / 'results'}"
 audit_log = {str(audit).lower()}
+{sampling}
+{federated}
 """)
     return path
 
@@ -110,8 +126,9 @@ def wait_until(predicate, proc: subprocess.Popen, timeout_s: float, log: Path) -
         time.sleep(0.05)
 
 
-def test_kill_9_mid_round_then_resume_equals_an_uninterrupted_run(tiny_model_dir, tmp_path):
-    config = scenario(tmp_path, tiny_model_dir, rounds=2)
+@pytest.mark.parametrize("federated", ["", DP_GLOBAL], ids=["local", "dp-global"])
+def test_kill_9_mid_round_then_resume_equals_an_uninterrupted_run(tiny_model_dir, tmp_path, federated):
+    config = scenario(tmp_path, tiny_model_dir, rounds=2, federated=federated)
     results = tmp_path / "results"
     reference = start(["simulate", "--config", str(config), "--name", "reference"], tmp_path / "reference.log")
     victim_log = tmp_path / "victim.log"
@@ -149,7 +166,19 @@ def test_kill_9_mid_round_then_resume_equals_an_uninterrupted_run(tiny_model_dir
     assert (run / "config.toml").read_bytes() == config_before  # the run's settings were kept
     summary = json.loads((run / "summary.json").read_text())
     assert summary["wall_seconds"] > wall_before  # both parts' wall time, not the resumed part's alone
-    assert summary["device_rounds"] == 12
+    assert summary["device_rounds"] == sum(r["sampled"] for r in rows(run / "rounds.jsonl"))
+    if federated:  # the same global adapter, bit for bit, and the same user-level epsilon
+        got, want = global_adapter(run), global_adapter(results / "reference")
+        assert list(got) == list(want) and all(torch.equal(got[k], want[k]) for k in want)
+        eps = [json.loads((r / "privacy.json").read_text())["epsilon"] for r in (run, results / "reference")]
+        assert eps[0] == eps[1] > 0
+        assert sum(r["contributors"] for r in rows(run / "rounds.jsonl")) > 0  # updates were aggregated
+
+
+def global_adapter(run: Path) -> dict:
+    """The global adapter the run's checkpoint names (its last recorded round)."""
+    entry = json.loads((run / "checkpoint.json").read_text())["strategy"]
+    return load_file(str(run / entry["adapter_file"]))
 
 
 def inject_canary(store_dir: Path) -> list[int]:
