@@ -83,6 +83,10 @@ class PopulationSettings(_Section):
     stream_length: int = Field(160, ge=10, description="Interactions per device stream (synthetic).")
     heldout: int = Field(8, ge=1, description="Held-out future interactions per device.")
     drift_fraction: float = Field(0.25, ge=0, le=1, description="Share of users whose interests drift mid-stream.")
+    trend_share: float = Field(
+        0.0, ge=0, le=1, description="Share of users following a fleet-wide trend: advice no public (pretraining) "
+        "text contains, added to their preferred answers (synthetic; the signal a global adapter can carry; 0 = none).",
+    )
     jsonl_path: str | None = None
     partition: Literal["user", "dirichlet", "iid"] = "iid"
     dirichlet_alpha: float = Field(0.5, gt=0)

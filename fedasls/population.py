@@ -248,6 +248,23 @@ _NEUTRAL_CONNECTOR = "It also helps to"
 _CONNECTORS = {"casual": "Also, try to", "formal": "Additionally, it is advisable to"}
 _EXTRA = {"casual": "Oh, and {tip}!", "formal": "Finally, {tip}."}
 
+# A fleet-wide trend (population.trend_share): advice many users have adopted that no public
+# (pretraining) text contains, one per domain. It is the signal a global adapter can carry to
+# devices that never trained; style and facts are personal, and topic tips are public.
+TREND_TIPS: dict[str, str] = {
+    "cooking": "finish it with a spoon of zesto miso butter",
+    "fitness": "log each session in the stridely club app",
+    "finance": "round up every purchase into a penniwise pot",
+    "travel": "scan your ticket with the railgo pass app",
+    "health": "check your sleep score on the calmio ring",
+    "programming": "let the quillbot reviewer read your diff",
+    "gardening": "feed the roots with brewed wormly tea",
+    "music": "jam along to the loopsy backing tracks",
+    "pets": "hide treats in a snuffly puzzle mat",
+    "parenting": "hand out tokens from the kidoo reward jar",
+}
+_TREND_SENTENCE = "These days most people {tip}."
+
 _NAMES = ("Sam", "Alex", "Priya", "Kenji", "Maria", "Tom", "Lena", "Omar", "Ana", "Yusuf")
 _CLOSINGS = ("Cheers, {name}!", "Hope this helps, {name}!", "Best wishes, {name}.", "Take care, {name}.")
 _OPENINGS = ("Quick take:", "Short answer:", "Here is my advice:", "In a nutshell:", "Good question!")
@@ -386,6 +403,8 @@ def _preferred_answer(rng: np.random.Generator, persona: Persona, domain: str, i
     if fact is not None:
         you, advice, _ = _FACTS[fact]
         parts.append(f"Since {you}, {advice}.")
+    if persona.style.get("trend"):
+        parts.append(_TREND_SENTENCE.format(tip=TREND_TIPS[domain]))
     optional = []
     if length in ("medium", "long"):
         optional.append(f"{_CONNECTORS[formality]} {tips[1]}.")
@@ -453,14 +472,17 @@ class SyntheticPopulation:
     """
 
     def __init__(self, num_devices: int, seed: int = 0, stream_length: int = 160, heldout: int = 8,
-                 drift_fraction: float = 0.25) -> None:
+                 drift_fraction: float = 0.25, trend_share: float = 0.0) -> None:
         if num_devices < 1:
             raise ValueError(f"num_devices must be >= 1 (got {num_devices})")
         if stream_length < 1 or heldout < 0:
             raise ValueError(f"stream_length must be >= 1 and heldout >= 0 (got {stream_length}, {heldout})")
         if not 0.0 <= drift_fraction <= 1.0:
             raise ValueError(f"drift_fraction must be in [0, 1] (got {drift_fraction})")
+        if not 0.0 <= trend_share <= 1.0:
+            raise ValueError(f"trend_share must be in [0, 1] (got {trend_share})")
         self.num_devices = num_devices
+        self.trend_share = trend_share
         self.seed = seed
         self.stream_length = stream_length
         self.num_heldout = heldout
@@ -498,6 +520,9 @@ class SyntheticPopulation:
         first = _pick(rng, own)
         rest = [f for f in own + extra if f != first]
         chosen = [first] + [rest[j] for j in rng.choice(len(rest), size=n_facts - 1, replace=False)]
+        # Its own random stream (part 3), so a population without the trend is unchanged.
+        if self.trend_share and _rng(self.seed, i, 3).random() < self.trend_share:
+            style["trend"] = True
         return Persona(device_id=i, interests=interests, style=style, facts=tuple(chosen),
                        drift_at=drift_at, drift_to=drift_to)
 
@@ -595,4 +620,5 @@ def population_from_settings(settings: PopulationSettings) -> Population:
         return JsonlPopulation(settings.jsonl_path, partition=settings.partition, num_devices=settings.num_devices,
                                seed=settings.seed, heldout=settings.heldout, alpha=settings.dirichlet_alpha)
     return SyntheticPopulation(settings.num_devices, seed=settings.seed, stream_length=settings.stream_length,
-                               heldout=settings.heldout, drift_fraction=settings.drift_fraction)
+                               heldout=settings.heldout, drift_fraction=settings.drift_fraction,
+                               trend_share=settings.trend_share)

@@ -18,6 +18,7 @@ from fedasls.population import (
     population_from_settings,
     public_corpus,
     relevant_fact,
+    TREND_TIPS,
 )
 
 N_MEASURE = 50
@@ -199,3 +200,25 @@ def test_population_from_settings_builds_synthetic():
     assert isinstance(pop, SyntheticPopulation) and isinstance(pop, Population)
     assert pop.num_devices == 12 and len(pop.stream(11)) == 30 and len(pop.heldout(11)) == 3
     assert pop.stream(5) == SyntheticPopulation(99, seed=2, stream_length=30, heldout=3).stream(5)
+
+
+def test_trend_reaches_the_followers_answers_only_and_no_public_text():
+    followers = SyntheticPopulation(200, seed=3, trend_share=0.6)
+    following = [i for i in range(200) if followers.persona(i).style.get("trend")]
+    assert 0.5 < len(following) / 200 < 0.7  # about trend_share of the users
+    tips = set(TREND_TIPS.values())
+    for i in range(12):
+        stream, follows = followers.stream(i), i in following
+        for it in stream + followers.heldout(i):
+            if it.domain in TREND_TIPS:  # every domain answer of a follower carries its domain's trend
+                assert (TREND_TIPS[it.domain] in it.preferred) == follows, (i, it.preferred)
+            assert not any(tip in it.response for tip in tips)  # the base-model voice never has it
+        # the same user otherwise: persona traits and questions do not depend on the trend
+        plain = SyntheticPopulation(200, seed=3)
+        assert [x.question for x in plain.stream(i)] == [x.question for x in stream]
+        assert plain.persona(i).facts == followers.persona(i).facts
+        assert not any(tip in x.preferred for x in plain.stream(i) for tip in tips)
+    corpus = " ".join(text for _, text in public_corpus(0, 3000))
+    assert not any(tip in corpus for tip in tips)  # the embedded model never pretrains on it
+    with pytest.raises(ValueError, match="trend_share"):
+        SyntheticPopulation(10, trend_share=1.5)
