@@ -9,6 +9,13 @@ Two kinds of fleet call it (see server/fleet.py):
 
 The base model is loaded once per worker process and reused; only LoRA tensors are swapped per
 device. Replies pass the privacy guard.
+
+SecAgg+ rounds (server/secagg.py) arrive as Flower's SecAggPlusWorkflow sends them: four stages,
+each a message of type "train" carrying the protocol record. `secagg_route` sends exactly those
+through Flower's `secaggplus_mod` (plain rounds go straight to `train`). A separate "train.secagg"
+action cannot serve them: the workflow hard-codes message type "train" in every stage, and
+`secaggplus_mod` passes through any other type untouched. In the masked-vector stage the mod calls
+`train`, which sees the legacy FitIns layout and runs the same device round (`secagg_train`).
 """
 
 from __future__ import annotations
@@ -19,7 +26,16 @@ from typing import TYPE_CHECKING
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from clients.reply import GLOBAL_ADAPTER_KEY, build_batch_reply, build_reply, privacy_guard
+from clients.reply import (
+    FIT_CONFIG,
+    GLOBAL_ADAPTER_KEY,
+    SECAGG_CONFIGS,
+    build_batch_reply,
+    build_fit_reply,
+    build_reply,
+    fit_adapter,
+    privacy_guard,
+)
 
 if TYPE_CHECKING:
     from fedasls.config import Settings
@@ -93,8 +109,24 @@ def downlink_of(msg: Message, settings: Settings) -> Downlink | None:
                     msg.content[GLOBAL_ADAPTER_KEY].to_torch_state_dict())
 
 
+def secagg_downlink(msg: Message, settings: Settings) -> Downlink:
+    """The global adapter a SecAgg+ round's FitIns carries (tensor names from its config)."""
+    import torch
+
+    from fedasls.federated.client import Downlink
+
+    f = settings.federated
+    shared = {k: torch.from_numpy(a.copy()) for k, a in fit_adapter(msg).items()}
+    return Downlink(f.strategy, f.ffa, settings.adaptation.lora_rank, f.seed, f.clip_norm, shared)
+
+
+def _config(msg: Message):
+    """The round config: plain rounds' "config" record, or a SecAgg+ round's FitIns config."""
+    return msg.content[FIT_CONFIG] if FIT_CONFIG in msg.content else msg.content["config"]
+
+
 def device_id_of(msg: Message, context: Context) -> int:
-    config = msg.content["config"]
+    config = _config(msg)
     if "device-id" in config:
         return int(config["device-id"])
     return node_device_id(context)
@@ -108,7 +140,7 @@ def node_device_id(context: Context) -> int:
 
 
 def _store_dir(msg: Message, context: Context) -> str:
-    return str(context.node_config.get("store-dir", msg.content["config"]["store"]))
+    return str(context.node_config.get("store-dir", _config(msg)["store"]))
 
 
 def _round_of(config) -> int | None:
@@ -124,9 +156,33 @@ def query(msg: Message, context: Context) -> Message:
     return build_reply(msg, {"device_id": node_device_id(context)})
 
 
-@app.train()
+def secagg_route(msg: Message, context: Context, call_next) -> Message:
+    """Handler mod: SecAgg+ protocol messages (they carry its record) go through Flower's secaggplus_mod."""
+    if SECAGG_CONFIGS in msg.content:
+        from flwr.client.mod import secaggplus_mod
+
+        return secaggplus_mod(msg, context, call_next)
+    return call_next(msg, context)
+
+
+def secagg_train(msg: Message, context: Context) -> Message:
+    """A SecAgg+ round's device round (masked-vector stage): the same round as `train`, replying in the
+    FitRes layout that secaggplus_mod masks (clipped to [federated] clip_norm on the device)."""
+    config = msg.content[FIT_CONFIG]
+    settings_json, now, store = str(config["settings"]), float(config["now"]), _store_dir(msg, context)
+    simulated, server_round = bool(config.get("simulated-timing", False)), _round_of(config)
+    settings = worker_resources(settings_json)[0]
+    result = device_round(settings_json, device_id_of(msg, context), now, store, simulated,
+                          secagg_downlink(msg, settings), server_round)
+    return build_fit_reply(msg, result.metrics(), result.contribution.update if result.contribution else None,
+                           settings.federated.secagg_max_weight)
+
+
+@app.train(mods=[secagg_route])
 def train(msg: Message, context: Context) -> Message:
     """Catch up the stream to the (virtual) time, adapt if the trigger says so, evaluate, save."""
+    if FIT_CONFIG in msg.content:
+        return secagg_train(msg, context)
     config = msg.content["config"]
     settings_json, now, store = str(config["settings"]), float(config["now"]), _store_dir(msg, context)
     simulated, server_round = bool(config.get("simulated-timing", False)), _round_of(config)

@@ -305,7 +305,38 @@ class Settings(_Section):
                 f"[federated] strategy = '{self.federated.strategy}' needs [simulation] devices_per_worker = 1: a "
                 "batched reply of several devices carries metrics only, not one global-adapter update per device"
             )
+        if self.federated.secure_aggregation != "none":
+            self._check_secagg()
         return self
+
+    def _check_secagg(self) -> None:
+        """SecAgg+ runs one protocol instance per round with one SuperNode per participating device."""
+        import math
+
+        from fedasls.federated.secagg_cost import shares_and_threshold
+
+        f, sim = self.federated, self.simulation
+        if sim.sampling != "available":
+            raise ValueError(
+                "[federated] secure_aggregation = 'secagg+' needs [simulation] sampling = 'available': a SecAgg+ round "
+                "needs one SuperNode (worker slot) per device, and a Poisson cohort's random size can exceed the "
+                "ceil(cohort_size x overcommit) slots a simulation starts")
+        sampled = min(self.population.num_devices, math.ceil(sim.cohort_size * sim.overcommit - 1e-9))
+        if sampled < 2:
+            raise ValueError(
+                f"[federated] secure_aggregation = 'secagg+' needs at least 2 devices per round, but ceil(cohort_size x "
+                f"overcommit) = {sampled}: raise [simulation] cohort_size")
+        if sampled * f.secagg_quantization_range >= 2**32:
+            raise ValueError(
+                f"[federated] secagg_quantization_range = {f.secagg_quantization_range} x {sampled} devices per round "
+                "reaches the mask modulus 2**32 (the sum would wrap): lower secagg_quantization_range")
+        shares, threshold = shares_and_threshold(sampled, f.secagg_num_shares, f.secagg_reconstruction_threshold)
+        if threshold > min(sim.cohort_size, sampled):
+            raise ValueError(
+                f"[federated] SecAgg+ needs {threshold} shares to rebuild a key ({shares} shares per device, "
+                f"secagg_reconstruction_threshold = {f.secagg_reconstruction_threshold}), but only the cohort_size = "
+                f"{sim.cohort_size} fastest of {sampled} sampled devices count in a round (the others drop out of the "
+                "protocol): lower secagg_reconstruction_threshold or overcommit")
 
 
 Origins = dict[str, str]  # dotted key -> where its value came from ("file.toml line 12", "--set k=v")

@@ -42,6 +42,7 @@ from server.checkpoint import (
 )
 from server.coordinator import Coordinator
 from server.fleets import DeviceNodes, Dispatched, Fleet, WorkerSlots
+from server.secagg import secure_aggregation
 from server.strategy import make_strategy
 
 __all__ = ["CHECKPOINT", "DEVICE_ROUNDS_FILE", "ROUNDS_FILE", "FleetRun", "run_fleet"]
@@ -152,6 +153,7 @@ def run_fleet(grid: Grid, run: FleetRun) -> dict[str, Any]:
     fleet.connect(grid)
     coordinator, tally, saved = _start_or_restore(run, hetero, fleet.simulated)
     strategy = make_strategy(s, coordinator.sample_rate, coordinator.sample_rate * coordinator.population_size)
+    fleet, strategy = secure_aggregation(s, fleet, strategy)  # [federated] secure_aggregation: SecAgg+ wraps both
     if saved is not None and "strategy" in saved:
         strategy.load_state(saved["strategy"], run.run_dir)
     if sim.audit_log and run.on_reply is None:

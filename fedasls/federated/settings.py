@@ -1,4 +1,5 @@
-"""[federated]: what a round shares (strategy, HetLoRA, FFA-LoRA) and user-level DP on the aggregate."""
+"""[federated]: what a round shares (strategy, HetLoRA, FFA-LoRA), user-level DP on the aggregate, and
+optional SecAgg+ secure aggregation of the devices' updates."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 StrategyName = Literal["local", "global", "global+personal"]
+SecureAggregation = Literal["none", "secagg+"]
 
 
 class FederatedSettings(BaseModel):
@@ -30,6 +32,26 @@ class FederatedSettings(BaseModel):
         "add/remove", description="Neighbouring relation of the user-level epsilon (replace-one: sensitivity 2C)."
     )
     target_epsilon: float = Field(0.0, ge=0, description="Stop before a round would push epsilon above this; 0 = no limit.")
+    secure_aggregation: SecureAggregation = Field(
+        "none", description="secagg+: the devices' updates are summed with Flower's SecAgg+ protocol "
+        "(server/secagg.py); the server sees only the example-weighted mean, never one device's update.",
+    )
+    secagg_num_shares: int | float = Field(
+        1.0, gt=0, description="SecAgg+ neighbours per device (its key is split in this many shares): an int > 2, "
+        "or a float = that share of the round's devices (1.0 = every device, i.e. plain SecAgg).",
+    )
+    secagg_reconstruction_threshold: int | float = Field(
+        0.67, gt=0, description="Shares needed to rebuild a key: an int >= 2 below secagg_num_shares, or a float in "
+        "(0, 1] = that share of secagg_num_shares. Higher = more privacy, fewer dropouts tolerated.",
+    )
+    secagg_max_weight: float = Field(
+        100.0, gt=0, description="SecAgg+ weights each update by examples / max_weight before quantizing; a device "
+        "with more examples sends weight max_weight. Set it near the largest real example count (precision).",
+    )
+    secagg_quantization_range: int = Field(
+        2**22, ge=2, le=2**31, description="Integer levels of the quantized update (each value in "
+        "[-clip_norm, clip_norm]); devices per round x this must stay below 2**32 (the mask modulus).",
+    )
 
     @model_validator(mode="after")
     def _ffa_needs_global(self) -> "FederatedSettings":
@@ -37,4 +59,34 @@ class FederatedSettings(BaseModel):
             raise ValueError(f"ffa = true needs strategy = 'global' (FFA-LoRA shares B only), got '{self.strategy}'")
         if self.dp and self.strategy == "local":
             raise ValueError("dp = true needs strategy = 'global' or 'global+personal' (local sends no update to noise)")
+        if self.secure_aggregation != "none":
+            self._check_secagg()
         return self
+
+    def _check_secagg(self) -> None:
+        if self.strategy == "local":
+            raise ValueError("secure_aggregation = 'secagg+' needs strategy = 'global' or 'global+personal' (local "
+                             "sends no update to aggregate)")
+        if self.dp:
+            raise ValueError(
+                "secure_aggregation = 'secagg+' cannot be combined with dp = true yet: DP-FedAvg noises the unweighted "
+                "sum of clipped updates over the expected Poisson cohort, while Flower's SecAgg+ workflow releases the "
+                "example-weighted mean, and a Poisson cohort's random size can exceed the worker slots one SecAgg+ "
+                "instance needs (one SuperNode per device); use one of the two")
+        shares, threshold = self.secagg_num_shares, self.secagg_reconstruction_threshold
+        if isinstance(shares, float) and shares > 1:
+            raise ValueError(f"secagg_num_shares = {shares}: a float is a share of the round's devices, in (0, 1]; "
+                             "write an integer (e.g. 5) for a fixed number of neighbours")
+        if isinstance(shares, int) and shares != 1 and (shares <= 2 or shares % 2 == 0):
+            raise ValueError(f"secagg_num_shares = {shares}: an integer must be odd and > 2 (a device and k/2 "
+                             "neighbours either side on Flower's ring; an even count breaks its share split), or a "
+                             "float such as 1.0 for every device")
+        if isinstance(threshold, float) and threshold > 1:
+            raise ValueError(f"secagg_reconstruction_threshold = {threshold}: a float is a share of "
+                             "secagg_num_shares, in (0, 1]; write an integer for a fixed number of shares")
+        if isinstance(threshold, int) and threshold != 1:
+            if threshold < 2:
+                raise ValueError("secagg_reconstruction_threshold must be >= 2 (an integer) or a float in (0, 1]")
+            if isinstance(shares, int) and shares != 1 and threshold >= shares:
+                raise ValueError(f"secagg_reconstruction_threshold = {threshold} must be below secagg_num_shares = "
+                                 f"{shares}")

@@ -1,0 +1,360 @@
+"""SecAgg+ secure aggregation of the global-adapter rounds, with Flower 1.41's own SecAggPlusWorkflow.
+
+`secure_aggregation(settings, fleet, strategy)` wraps the run's fleet and round strategy when
+[federated] secure_aggregation = "secagg+"; the fleet loop (server/fleet.py) is unchanged:
+
+- `SecAggFleet.dispatch` runs the protocol's stages 0-2 (setup, share keys, masked vectors) for
+  the devices the coordinator sampled. Flower's workflow asks a legacy Strategy for its FitIns:
+  `_PlanStrategy.configure_fit` hands it exactly our devices, each with our round config and the
+  global adapter as the FitIns. The replies the loop gets are the devices' scalar metrics only.
+- The loop closes the round (K fastest, deadline, availability) as for plain rounds.
+- `SecAggStrategy.aggregate` runs stage 3 (unmask) for the devices in `outcome.completed`: a
+  sampled device that did not complete (a straggler, or one that went offline in simulated time)
+  is a SecAgg+ dropout: its masked vector is taken back out of the masked sum and the server
+  rebuilds only its pairwise masks (never its private mask), so its update stays hidden and does
+  not count, exactly as the plain path leaves it out. Flower's `aggregate_fit` call hands
+  `_PlanStrategy` the aggregate, which our strategy applies (global += server_lr * mean).
+
+Node mapping: one protocol instance per round, one participant per SuperNode (the workflow keys
+FitIns by node id, and `secaggplus_mod` keeps its state in the node's Context). On the Simulation
+Engine's worker slots the sampled devices are zipped onto the slots, so a round may run at most as
+many devices as there are slots (ceil(cohort_size x overcommit), one device per message; there are
+no waves). On the Deployment Engine each device is its own node (this path is written but untested).
+
+What the server sees, per device: its public keys, the encrypted key shares it forwards, its
+masked vector (uniform modulo 2**32 to anyone holding fewer than `threshold` of its shares), its
+scalar metrics and its weight (FitRes metrics and num_examples are not masked), and in stage 3
+its neighbours' key shares. Of the updates it learns only the weighted mean
+sum_i w_i x_i / sum_i w_i over the completed devices, with w_i = min(examples_i, max_weight).
+
+Precision: each device clips its update to L2 norm C = [federated] clip_norm, so every element
+is in [-C, C]; Flower scales it by w_i / max_weight <= 1 and clips to +-clipping_range, so
+clipping_range = C never clips. Values are stochastically rounded to Q = secagg_quantization_range
+levels (step 2C/Q) and weights to multiples of 1/Q, so each element of the mean is off by at most
+n (2C + X) / (Q sum_i q_i), X = the largest |element|, q_i = the quantized weight ratios
+(`quantization_bound`).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.common import (
+    EvaluateIns,
+    EvaluateRes,
+    FitIns,
+    FitRes,
+    Parameters,
+    Scalar,
+    bytes_to_ndarray,
+    ndarray_to_bytes,
+    parameters_to_ndarrays,
+)
+from flwr.common.secure_aggregation.ndarrays_arithmetic import parameters_mod, parameters_subtraction
+from flwr.common.secure_aggregation.secaggplus_constants import Key
+from flwr.server.client_manager import ClientManager
+from flwr.server.client_proxy import ClientProxy
+from flwr.server.compat.grid_client_proxy import GridClientProxy
+from flwr.server.compat.legacy_context import LegacyContext
+from flwr.server.strategy import Strategy
+from flwr.server.workflow import SecAggPlusWorkflow
+from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
+from flwr.server.workflow.constant import Key as WorkflowKey
+from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
+from flwr.serverapp import Grid
+
+from clients.reply import (
+    ADAPTER_NAMES,
+    FIT_CONFIG,
+    FITRES_EXAMPLES,
+    FITRES_METRICS,
+    GLOBAL_ADAPTER_KEY,
+    LEGACY_TENSOR_TYPE,
+    METRICS_KEY,
+    SECAGG_CONFIGS,
+)
+from fedasls.config import Settings
+from fedasls.federated.secagg_cost import round_cost
+from server.fleets import Dispatched, Downlink, Fleet, OnReplies, exchange
+from server.strategy import GlobalAdapterStrategy, RoundStrategy
+
+MODULUS = 2**32  # Flower's default mask modulus (the largest it allows)
+
+
+def quantization_bound(weights: list[float], clip_norm: float, max_weight: float, quantization_range: int,
+                       largest: float | None = None) -> float:
+    """Largest per-element error of SecAgg+'s weighted mean against the exact one, for n devices of
+    these weights (their example counts, capped at max_weight), elements in [-C, C] (C = clip_norm
+    = clipping_range), stochastic rounding to Q levels: n (2C + X) / (Q sum_i q_i), where X bounds
+    the elements (default C) and q_i = round(Q w_i / max_weight) / Q are the quantized weight ratios."""
+    q = quantization_range
+    total = sum(round(w / max_weight * q) / q for w in weights)
+    if total <= 0:
+        return math.inf
+    x = clip_norm if largest is None else largest
+    return len(weights) * (2 * clip_norm + x) / (q * total)
+
+
+class _PlanStrategy(Strategy):
+    """The legacy Strategy the workflow calls: `configure_fit` returns this round's plan (our devices on
+    their nodes, our FitIns), `aggregate_fit` keeps the securely aggregated mean. Nothing else is used."""
+
+    def __init__(self, plan: list[tuple[ClientProxy, FitIns]]) -> None:
+        self.plan = plan
+        self.mean: list[np.ndarray] | None = None
+        self.weights: list[int] = []
+
+    def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
+        return None
+
+    def configure_fit(self, server_round: int, parameters: Parameters, client_manager: ClientManager
+                      ) -> list[tuple[ClientProxy, FitIns]]:
+        return list(self.plan)
+
+    def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]],
+                      failures: list[Any]) -> tuple[Parameters | None, dict[str, Scalar]]:
+        # Every FitRes carries the same aggregate (the workflow writes it into each); no single update.
+        self.weights = [int(res.num_examples) for _, res in results]
+        if results and sum(self.weights) > 0:
+            self.mean = parameters_to_ndarrays(results[0][1].parameters)
+        return None, {}  # we apply the step ourselves (SecAggStrategy), not through the LegacyContext
+
+    def configure_evaluate(self, server_round: int, parameters: Parameters, client_manager: ClientManager
+                           ) -> list[tuple[ClientProxy, EvaluateIns]]:
+        return []
+
+    def aggregate_evaluate(self, server_round: int, results: list[tuple[ClientProxy, EvaluateRes]],
+                           failures: list[Any]) -> tuple[float | None, dict[str, Scalar]]:
+        return None, {}
+
+    def evaluate(self, server_round: int, parameters: Parameters) -> tuple[float, dict[str, Scalar]] | None:
+        return None
+
+
+class _ProtocolGrid:
+    """The grid the workflow drives. send_and_receive goes through our own push/pull (so a recording or
+    auditing grid underneath sees every message), and stage 2's messages and replies are kept."""
+
+    def __init__(self, grid: Grid) -> None:
+        self.grid = grid
+        self.sent: list[Message] = []  # stage 2: the FitIns messages
+        self.replies: list[Message] = []  # stage 2: the masked vectors (or error replies)
+        self.seconds: dict[int, float] = {}  # stage 2: node id -> seconds from send to reply
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.grid, name)
+
+    def send_and_receive(self, messages, *, timeout: float | None = None) -> list[Message]:
+        messages = list(messages)
+        if not messages:
+            return []
+        stage2 = any(FIT_CONFIG in m.content for m in messages)
+        sent_at = time.monotonic()
+        arrived: dict[int, float] = {}
+
+        def timed(got: list[Message]) -> None:
+            for reply in got:
+                arrived[reply.metadata.src_node_id] = time.monotonic() - sent_at
+
+        replies, _ = exchange(self.grid, messages, timeout_s=timeout, on_replies=timed)
+        if stage2:
+            self.sent, self.replies, self.seconds = messages, list(replies.values()), arrived
+        return list(replies.values())
+
+
+@dataclass
+class _Round:
+    """One round's protocol between stage 2 (dispatch) and stage 3 (aggregate)."""
+
+    context: LegacyContext
+    state: WorkflowState
+    grid: _ProtocolGrid
+    plan: _PlanStrategy
+    node_of: dict[int, int]  # device id -> node id
+    masked: dict[int, list[np.ndarray]] = field(default_factory=dict)  # node id -> its masked vector
+    sampled: int = 0
+    vector_length: int = 0
+
+
+def fit_ins(content: RecordDict, keep_device_id: bool = True) -> FitIns:
+    """A plain round's downlink (config + global adapter) as legacy FitIns: the adapter's arrays in
+    order as the parameters, the names and the round config as the config."""
+    record = content[GLOBAL_ADAPTER_KEY]
+    names = list(record.keys())
+    config: dict[str, Any] = dict(content["config"])
+    if not keep_device_id:
+        config.pop("device-id", None)  # a Deployment Engine node knows which device it is
+    config[ADAPTER_NAMES] = names
+    params = Parameters([ndarray_to_bytes(record[k].numpy()) for k in names], LEGACY_TENSOR_TYPE)
+    return FitIns(params, config)
+
+
+class SecAggFleet:
+    """A fleet whose dispatch runs SecAgg+ stages 0-2; everything else is the wrapped fleet's."""
+
+    def __init__(self, inner: Fleet, settings: Settings) -> None:
+        f = settings.federated
+        self.inner = inner
+        self.kind, self.simulated = inner.kind, inner.simulated
+        self.settings = settings
+        timeout = settings.deployment.reply_timeout_s if inner.kind == "nodes" else None
+        self.workflow = SecAggPlusWorkflow(
+            f.secagg_num_shares, f.secagg_reconstruction_threshold, max_weight=f.secagg_max_weight,
+            clipping_range=f.clip_norm, quantization_range=f.secagg_quantization_range, modulus_range=MODULUS,
+            timeout=timeout)
+        self.pending: _Round | None = None
+        self._seconds: dict[int, float] = {}
+
+    def connect(self, grid: Grid) -> None:
+        self.inner.connect(grid)
+
+    def sample(self, grid: Grid, coordinator, now: float) -> list[int]:
+        return self.inner.sample(grid, coordinator, now)
+
+    def dropouts(self, coordinator, sampled: list[int]) -> set[int]:
+        return self.inner.dropouts(coordinator, sampled)
+
+    def nodes(self, devices: list[int]) -> dict[int, int]:
+        """device id -> the SuperNode that runs it this round (one device per node)."""
+        if self.inner.kind == "slots":
+            slots = list(self.inner.slots)
+            if len(devices) > len(slots):
+                raise RuntimeError(
+                    f"a SecAgg+ round needs one SuperNode per device, but {len(devices)} devices were sampled for "
+                    f"{len(slots)} worker slots: start at least ceil(cohort_size x overcommit) SuperNodes")
+            return dict(zip(devices, slots))
+        return {d: self.inner.node_of[d] for d in devices}
+
+    def dispatch(self, grid: Grid, devices: list[int], downlink: Downlink, server_round: int,
+                 on_replies: OnReplies | None = None) -> Dispatched:
+        self.pending, self._seconds = None, {}
+        if len(devices) < 2:  # SecAgg+ cannot hide one update: such a round does not run
+            return Dispatched([], unreachable=set(devices))
+        node_of = self.nodes(devices)
+        keep_id = self.inner.kind == "slots"
+        first = downlink(devices[0])
+        plan = [(GridClientProxy(node_of[d], grid, 0), fit_ins(first if i == 0 else downlink(d), keep_id))
+                for i, d in enumerate(devices)]
+        strategy = _PlanStrategy(plan)
+        context = LegacyContext(Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={}),
+                                strategy=strategy)
+        context.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({WorkflowKey.CURRENT_ROUND: server_round})
+        context.state.array_records[MAIN_PARAMS_RECORD] = ArrayRecord()  # our FitIns carry the adapter
+        state, pgrid = WorkflowState(), _ProtocolGrid(grid)
+        d = sum(int(np.prod(a.shape)) for a in first[GLOBAL_ADAPTER_KEY].values())
+        rnd = _Round(context, state, pgrid, strategy, node_of, sampled=len(devices), vector_length=d)
+        wf = self.workflow
+        if not (wf.setup_stage(pgrid, context, state) and wf.share_keys_stage(pgrid, context, state)):
+            return Dispatched([], unreachable=set(devices))  # the key exchange failed: no device trained
+        wf.collect_masked_vectors_stage(pgrid, context, state)
+        device_of = {n: dev for dev, n in node_of.items()}
+        replies: list[Message] = []
+        carried: dict[str, list[int]] = {}
+        by_id = {m.metadata.message_id: m for m in pgrid.sent}
+        for m in pgrid.sent:
+            carried[m.metadata.message_id] = [device_of[m.metadata.dst_node_id]]
+        for reply in pgrid.replies:
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                replies.append(reply)
+                continue
+            rnd.masked[node] = [bytes_to_ndarray(b) for b in reply.content[SECAGG_CONFIGS][Key.MASKED_PARAMETERS]]
+            metrics = MetricRecord(dict(reply.content[FITRES_METRICS]))  # the device's scalars, not masked
+            replies.append(Message(RecordDict({METRICS_KEY: metrics}), reply_to=by_id[reply.metadata.reply_to_message_id]))
+            self._seconds[device_of[node]] = pgrid.seconds.get(node, 0.0)
+        if on_replies is not None:
+            on_replies(replies)
+        asked = {device_of[m.metadata.dst_node_id] for m in pgrid.sent}
+        answered = {device_of[r.metadata.src_node_id] for r in pgrid.replies}
+        unreachable = (set(devices) - asked) | (asked - answered if self.inner.kind == "nodes" else set())
+        self.pending = rnd
+        return Dispatched(replies, unreachable=unreachable, devices=carried)
+
+    def durations(self, results: dict[int, dict[str, Any]]) -> dict[int, float]:
+        if self.inner.simulated:
+            return self.inner.durations(results)
+        return {d: self._seconds[d] for d, m in results.items() if m["status_code"] == 0 and d in self._seconds}
+
+    def describe(self) -> dict[str, Any]:
+        return {**self.inner.describe(), "secure_aggregation": "secagg+"}
+
+    def finish(self, completed: list[int]) -> tuple[_Round | None, bool]:
+        """Run stage 3 for the completed devices; the others become protocol dropouts. Returns the
+        round (None if it never reached stage 2) and whether the aggregate was recovered."""
+        rnd, self.pending = self.pending, None
+        if rnd is None:
+            return None, False
+        state = rnd.state
+        keep = {rnd.node_of[d] for d in completed if d in rnd.node_of} & state.active_node_ids
+        if not keep:
+            return rnd, False
+        for node in sorted(state.active_node_ids - keep):  # late: take its masked vector back out of the sum
+            state.aggregate_ndarrays = parameters_mod(
+                parameters_subtraction(state.aggregate_ndarrays, rnd.masked[node]), state.mod_range)
+        state.active_node_ids = set(keep)
+        state.legacy_results = [(p, r) for p, r in state.legacy_results if p.node_id in keep]
+        with np.errstate(divide="ignore", invalid="ignore"):  # all weights 0: the mean is undefined (skipped)
+            ok = self.workflow.unmask_stage(rnd.grid, rnd.context, state)
+        return rnd, ok and rnd.plan.mean is not None
+
+
+class SecAggStrategy:
+    """The global-adapter strategy, aggregating through SecAgg+ (stage 3 runs here, after the round closed)."""
+
+    def __init__(self, inner: GlobalAdapterStrategy, fleet: SecAggFleet, settings: Settings) -> None:
+        self.inner, self.fleet, self.settings = inner, fleet, settings
+        self.name = f"SecAgg+({inner.name})"
+
+    def stop_reason(self) -> str | None:
+        return self.inner.stop_reason()
+
+    def configure(self, server_round: int) -> dict[str, Any]:
+        return self.inner.configure(server_round)
+
+    def aggregate(self, server_round: int, replies: list[Message], completed: list[int]) -> dict[str, float]:
+        rnd, ok = self.fleet.finish(completed)
+        out: dict[str, float] = {"contributors": 0, "global_step_norm": 0.0, "secagg_ok": int(ok)}
+        if rnd is None:
+            return out
+        f = self.settings.federated
+        dropped = rnd.sampled - len(rnd.state.active_node_ids) if ok else rnd.sampled
+        cost = round_cost(rnd.sampled, rnd.vector_length, f.secagg_num_shares, f.secagg_reconstruction_threshold,
+                          dropped=min(max(dropped, 0), rnd.sampled - 1))
+        out |= {"secagg_devices": rnd.sampled, "secagg_dropouts": dropped, "secagg_neighbours": cost.neighbours,
+                "secagg_threshold": cost.threshold, "secagg_bytes_up_per_device": cost.bytes_up_per_device,
+                "secagg_bytes_down_per_device": cost.bytes_down_per_device,
+                "secagg_server_bytes_in": cost.server_bytes_in}
+        if not ok:
+            return out
+        names = list(self.inner.adapter)
+        mean = {k: torch.from_numpy(np.asarray(a, dtype=np.float32)).reshape(self.inner.adapter[k].shape)
+                for k, a in zip(names, rnd.plan.mean)}
+        out["contributors"] = sum(1 for w in rnd.plan.weights if w > 0)
+        out["global_step_norm"] = self.inner.apply(mean)
+        return out
+
+    def state(self, server_round: int, run_dir: Path) -> dict[str, Any]:
+        return self.inner.state(server_round, run_dir)
+
+    def load_state(self, state: Mapping[str, Any], run_dir: Path) -> None:
+        self.inner.load_state(state, run_dir)
+
+
+def secure_aggregation(settings: Settings, fleet: Fleet, strategy: RoundStrategy) -> tuple[Fleet, RoundStrategy]:
+    """The fleet and strategy a run uses: unchanged, or wrapped for SecAgg+ ([federated] secure_aggregation)."""
+    if settings.federated.secure_aggregation == "none":
+        return fleet, strategy
+    if not isinstance(strategy, GlobalAdapterStrategy):
+        raise ValueError(f"secure_aggregation = 'secagg+' needs the plain global-adapter strategy, got {strategy.name}")
+    if fleet.kind == "slots" and getattr(fleet, "devices_per_message", 1) != 1:
+        raise ValueError("secure_aggregation = 'secagg+' needs [simulation] devices_per_worker = 1")
+    secure = SecAggFleet(fleet, settings)
+    return secure, SecAggStrategy(strategy, secure, settings)
