@@ -73,7 +73,7 @@ def run(strategy: str, args: argparse.Namespace, root: Path) -> dict:
     t0 = time.process_time()
     for r in range(args.rounds):
         now = sim.start_time_s + r * sim.round_interval_s
-        downlink = None if adapter is None else Downlink(strategy, f.ffa, rank, f.seed, f.clip_norm, adapter)
+        downlink = None if adapter is None else Downlink(strategy, f.ffa, rank, f.seed, f.clip_norm, adapter, f.contribute)
         updates, weights = [], []
         for d in sorted(rng.choice(args.train, size=min(args.cohort, args.train), replace=False).tolist()):
             result = run_device_round(d, now, runtime, settings, store, hetero, downlink=downlink)
@@ -86,7 +86,7 @@ def run(strategy: str, args: argparse.Namespace, root: Path) -> dict:
             adapter = add(adapter, fedavg(updates, weights), f.server_lr)
         print(f"  {strategy}: round {r + 1}/{args.rounds}, {len(updates)} updates", flush=True)
     out: dict = {"personal": {}, "global_alone": {}, "base": {}, "cpu_s": 0.0}
-    final = None if adapter is None else Downlink(strategy, f.ffa, rank, f.seed, f.clip_norm, adapter)
+    final = None if adapter is None else Downlink(strategy, f.ffa, rank, f.seed, f.clip_norm, adapter, f.contribute)
     for d in sorted(trained) + list(range(args.train, args.train + args.cold)):
         device = load_device(d, runtime, settings, store, hetero)
         personal, base = device.evaluate()

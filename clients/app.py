@@ -106,7 +106,7 @@ def downlink_of(msg: Message, settings: Settings) -> Downlink | None:
 
     f = settings.federated
     return Downlink(f.strategy, f.ffa, settings.adaptation.lora_rank, f.seed, f.clip_norm,
-                    msg.content[GLOBAL_ADAPTER_KEY].to_torch_state_dict())
+                    msg.content[GLOBAL_ADAPTER_KEY].to_torch_state_dict(), f.contribute)
 
 
 def secagg_downlink(msg: Message, settings: Settings) -> Downlink:
@@ -117,7 +117,7 @@ def secagg_downlink(msg: Message, settings: Settings) -> Downlink:
 
     f = settings.federated
     shared = {k: torch.from_numpy(a.copy()) for k, a in fit_adapter(msg).items()}
-    return Downlink(f.strategy, f.ffa, settings.adaptation.lora_rank, f.seed, f.clip_norm, shared)
+    return Downlink(f.strategy, f.ffa, settings.adaptation.lora_rank, f.seed, f.clip_norm, shared, f.contribute)
 
 
 def _config(msg: Message):

@@ -79,6 +79,7 @@ class TrainResult:
     privacy: PrivacyReport | None = field(default=None)
     heldback_losses: list[float] = field(default_factory=list)  # held-back answer loss after each epoch
     best_epoch: int | None = None  # 1-based epoch whose weights were kept (None: no held-back data)
+    epoch_states: list[dict[str, torch.Tensor]] = field(default_factory=list)  # LoRA weights after each epoch (with held-back data)
     planned_epochs: int = 0  # settings.epochs
 
     @property
@@ -463,6 +464,7 @@ def train_adapter(
     if stopper is not None:
         stopper.restore_best()
         result.heldback_losses, result.best_epoch = stopper.losses, stopper.best_epoch
+        result.epoch_states = stopper.states
     result.planned_epochs = settings.epochs
     result.seconds = time.perf_counter() - start
     return result
@@ -478,11 +480,13 @@ class _EarlyStopping:
         self.losses: list[float] = []
         self.best_epoch: int | None = None
         self.best_state: dict[str, torch.Tensor] | None = None
+        self.states: list[dict[str, torch.Tensor]] = []
 
     def after_epoch(self) -> bool:
         """Measure the held-back loss; True when training should stop."""
         loss = sequence_loss(self.model, self.prompts, self.heldback, self.max_length)
         self.losses.append(loss)
+        self.states.append(adapter_state(self.model))
         if self.best_epoch is None or loss < self.losses[self.best_epoch - 1]:
             self.best_epoch, self.best_state = len(self.losses), adapter_state(self.model)
         return len(self.losses) - self.best_epoch >= self.patience

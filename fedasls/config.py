@@ -176,9 +176,14 @@ class AdaptationSettings(_Section):
     heldback_fraction: float = Field(0.25, ge=0, lt=1, description="Share of labelled items held back for the gate.")
     heldback_min: int = Field(3, ge=1, description="Held-back near-duplicate groups at least (groups never split).")
     patience: int = Field(2, ge=1, description="Early stopping: epochs without a better held-back loss.")
+    retry_epochs: list[Annotated[int, Field(ge=1)]] = Field(
+        default_factory=lambda: [3],
+        description="When the gate rejects the first candidate: try its own weights after these epochs (no "
+        "training; skipped if training stopped before, or if it is the epoch already gated). [] = none.",
+    )
     retry_learning_rates: list[Annotated[float, Field(gt=0)]] = Field(
-        default_factory=lambda: [2e-3],
-        description="Learning rates of further candidates when the gate rejects one (in order; [] = no retry).",
+        default_factory=list,
+        description="Then retrain at these learning rates (in order) until a candidate passes the gate.",
     )
     shrink_scales: list[Annotated[float, Field(gt=0, le=1)]] = Field(
         default_factory=lambda: [1.0, 0.75, 0.5], min_length=1,
@@ -254,7 +259,7 @@ ADAPTATION_DEFAULTS_BY_MODEL: dict[str, dict[str, Any]] = {
     # 18% of the pairs lose their end-of-turn token); a lower learning rate and fewer epochs than the
     # 0.7M-parameter embedded model. Figures: benchmarks/smollm2_personalization.py, README.
     "smollm2-135m-instruct": {"target_modules": ["q_proj", "v_proj"], "learning_rate": 1e-3,
-                              "retry_learning_rates": [3e-4], "epochs": 3, "batch_size": 4, "max_length": 128},
+                              "retry_epochs": [], "retry_learning_rates": [3e-4], "epochs": 3, "batch_size": 4, "max_length": 128},
 }
 
 

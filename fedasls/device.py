@@ -57,7 +57,8 @@ class AdaptReport:
     status: str = "accepted"  # "accepted" | "rejected" (the gate kept the old adapter) | "waiting" (too few items)
     heldback: int = 0  # held-back annotated items the gate compared on
     epochs: int = 0  # epochs run by the last candidate (early stopping may end before adaptation.epochs)
-    attempts: int = 0  # candidates trained (1 + retries at retry_learning_rates until one passed the gate)
+    attempts: int = 0  # candidates gated (the first, then retries until one passed: see Device.adapt)
+    best_epoch: int = 0  # the epoch whose weights the first candidate kept (early stopping; 0: none)
     kept_heldback_loss: float = float("nan")  # answer loss of the kept adapter (or base) on the held-back items
     new_heldback_loss: float = float("nan")
     kept_heldback_rouge1: float = float("nan")  # ROUGE-1 of greedy answers on the held-back items
@@ -120,6 +121,7 @@ class Device:
         self.dp_history: list[tuple[float, float, int]] = []  # (noise, sample rate, steps) per DP run
         self.heldback: set[int] = set()  # buffered items held back for the gate (never trained on)
         self.trained: set[int] = set()  # buffered items some adaptation trained on
+        self.candidate: dict[str, torch.Tensor] | None = None  # the last adaptation's final candidate (not saved)
 
     # ------------------------------------------------------------------ stream
     def observe(self, interactions: list[Interaction], embeddings: np.ndarray | None = None) -> int:
@@ -249,7 +251,7 @@ class Device:
 
         synthesizer = Synthesizer.from_settings(s.synthesis, seed=self.seed,
                                                 can_paraphrase=self.runtime.can_paraphrase(s.synthesis))
-        status, result, rewrites, examples = "waiting", None, [], []
+        status, result, rewrites, examples, first_run, gated = "waiting", None, [], [], None, 0
         first = self.adapter is None
         if first and len(own) < a.min_items:
             status = "waiting"  # too few labelled items for a first adapter worth gating
@@ -267,24 +269,38 @@ class Device:
             status = "rejected"
             # Re-tune a fresh adapter on the current buffer: continuing the last one epoch after epoch
             # on a mostly unchanged buffer overfits (measured: ROUGE-1 0.715 after one adaptation,
-            # 0.475 after twelve continued ones on the same stream). A rejected candidate is retried
-            # at each of `retry_learning_rates` until one passes the gate.
-            for attempt, lr in enumerate([a.learning_rate, *a.retry_learning_rates]):
-                seed = self.seed + self.counters.adaptations + 1009 * attempt
-                if start is None:
-                    reset_adapter(model, seed=seed)
+            # 0.475 after twelve continued ones on the same stream). A rejected candidate is followed
+            # by the first run's weights after each of `retry_epochs` (no training: an earlier point of
+            # the same run, a smaller step), then by runs at `retry_learning_rates`, until one passes.
+            trainings = 0
+            plan = [("train", a.learning_rate), *(("epoch", e) for e in a.retry_epochs),
+                    *(("train", lr) for lr in a.retry_learning_rates)]
+            for kind, value in plan:
+                if kind == "epoch":
+                    states = first_run.epoch_states if first_run is not None else []
+                    if value > len(states) or value == first_run.best_epoch:
+                        continue  # no such epoch (stopped early), or it is the candidate already gated
+                    load_adapter_state(model, states[value - 1])
                 else:
-                    load_adapter_state(model, start)
-                with stage("train"):
-                    result = train_adapter(model, prompts, examples, a.model_copy(update={"learning_rate": lr}),
-                                           seed=seed, heldback=held_examples)
-                if result.epsilon is not None:
-                    self.dp_history.append((result.noise_multiplier, result.sample_rate, result.steps))
+                    seed = self.seed + self.counters.adaptations + 1009 * trainings
+                    if start is None:
+                        reset_adapter(model, seed=seed)
+                    else:
+                        load_adapter_state(model, start)
+                    with stage("train"):
+                        result = train_adapter(model, prompts, examples, a.model_copy(update={"learning_rate": value}),
+                                               seed=seed, heldback=held_examples)
+                    trainings += 1
+                    first_run = first_run or result
+                    if result.epsilon is not None:
+                        self.dp_history.append((result.noise_multiplier, result.sample_rate, result.steps))
+                gated += 1
                 with stage("gate"):
                     candidate, scale = self._shrink(model, heldback, start)
                 if gate_accepts(a.gate, candidate, kept, a.gate_margin):
                     status, self.adapter = "accepted", adapter_state(model)
                     break
+            self.candidate = self.adapter if status == "accepted" else adapter_state(model)
             if status == "accepted":
                 self.counters.gate_accepted += 1
             else:
@@ -309,7 +325,8 @@ class Device:
             status=status,
             heldback=len(heldback),
             epochs=len(result.losses) if result else 0,
-            attempts=attempt + 1 if result else 0,
+            attempts=gated if result else 0,
+            best_epoch=(first_run.best_epoch or 0) if first_run else 0,
             kept_heldback_loss=kept.loss if result else float("nan"),
             new_heldback_loss=candidate.loss if result else float("nan"),
             kept_heldback_rouge1=kept.rouge1 if result else float("nan"),

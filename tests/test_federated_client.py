@@ -105,3 +105,21 @@ def test_shared_part_rules():
     assert shared_part_of("global+personal", False) == "A"
     with pytest.raises(ValueError, match="shares no adapter"):
         shared_part_of("local", False)
+
+
+@pytest.mark.parametrize("contribute", ["trained", "accepted"])
+def test_a_rejected_candidate_is_shared_only_under_contribute_trained(runtime, settings, contribute):
+    never = settings.model_copy(update={"adaptation": settings.adaptation.model_copy(
+        update={"gate": "rouge1", "gate_margin": 10.0, "retry_learning_rates": []})})  # no candidate can win by 10
+    downlink = Downlink("global", False, MAX_RANK, 5, 0.05, _downlink(settings).shared, contribute)
+    device = Device(4, runtime, never, lora_rank=MAX_RANK)
+    device.catch_up()
+    c = adapt_from_global(device, downlink)
+    assert device.counters.gate_rejected == 1 and device.adapter is None  # the device keeps the base model
+    if contribute == "accepted":
+        assert c is None
+        return
+    assert c is not None and c.norm > 0 and list(c.update) == list(downlink.shared)
+    step = {k: device.candidate[k] - downlink.shared[k] for k in downlink.shared}  # the rejected candidate's update
+    scale = min(1.0, 0.05 / l2_norm(step))
+    assert all(torch.allclose(c.update[k], step[k] * scale, atol=1e-7) for k in step)

@@ -215,3 +215,27 @@ def test_length_batches_cover_every_item_once_with_less_padding():
     shuffled = torch.randperm(50, generator=torch.Generator().manual_seed(1)).tolist()
     plain = [shuffled[k:k + 8] for k in range(0, 50, 8)]
     assert padding(epochs[0]) < 0.5 * padding(plain)
+
+
+@pytest.mark.parametrize("retrain", [[], [3e-3]])
+def test_rejected_candidate_is_followed_by_its_own_earlier_epochs_then_retraining(runtime, settings, retrain):
+    from fedasls.timing import record
+
+    s = settings.model_copy(update={"adaptation": settings.adaptation.model_copy(update={
+        "gate_margin": 10.0, "patience": 10, "shrink_scales": [1.0],  # no candidate can win by 10 nats
+        "retry_epochs": [1, 2, 9], "retry_learning_rates": retrain})})
+    device = Device(5, runtime, s, options=NO_FEEDBACK)
+    device.catch_up()
+    with record() as timer:
+        report = device.adapt()
+    assert report.status == "rejected" and report.epochs == 4
+    # epoch 9 does not exist (4 epochs); the best epoch is the first candidate itself and is not gated twice
+    history = device.counters.history[-1]
+    assert 1 <= report.best_epoch <= 4
+    checkpoints = len({1, 2} - {report.best_epoch})
+    assert report.attempts == 1 + checkpoints + len(retrain)
+    stages = timer.seconds()
+    assert stages["train"].calls == 1 + len(retrain)  # earlier epochs cost no training
+    assert stages["gate"].calls == 1 + report.attempts  # the kept model's score, then each candidate
+    assert history["status"] == "rejected" and device.adapter is None
+

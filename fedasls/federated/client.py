@@ -55,6 +55,7 @@ class Downlink:
     seed: int
     clip_norm: float
     shared: Mapping[str, torch.Tensor]  # the global adapter's shared tensors at max_rank, in the global order
+    contribute: str = "trained"  # [federated] contribute: "trained" (every trained candidate) or "accepted"
 
 
 @dataclass(frozen=True)
@@ -118,9 +119,14 @@ def adapt_from_global(device, downlink: Downlink) -> Contribution | None:
     start = start_adapter(template, downlink, device.adapter)
     with frozen_lora_a(model) if downlink.ffa else contextlib.nullcontext():
         report = device.adapt(start=start)
-    if report.status != "accepted" or device.adapter is None:
-        return None  # nothing trained, or the device's gate kept its previous adapter: nothing new to share
-    return contribution(start, device.adapter, downlink, report.examples)
+    if downlink.contribute == "accepted":
+        if report.status != "accepted" or device.adapter is None:
+            return None  # nothing trained, or the device's gate kept its previous adapter
+        return contribution(start, device.adapter, downlink, report.examples)
+    if report.status == "waiting" or device.candidate is None:
+        return None  # nothing trained
+    # The gate guards the device's own model; the average gains from every trained update.
+    return contribution(start, device.candidate, downlink, report.examples)
 
 
 def global_model_adapter(template: Mapping[str, torch.Tensor], downlink: Downlink) -> TensorDict:

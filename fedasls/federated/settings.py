@@ -23,6 +23,10 @@ class FederatedSettings(BaseModel):
     )
     ffa: bool = Field(False, description="FFA-LoRA (strategy global): A seeded and frozen, only B trained and sent.")
     seed: int = Field(0, description="Seed of the initial global adapter (and of FFA's frozen A).")
+    contribute: Literal["trained", "accepted"] = Field(
+        "trained", description="Which devices send an update: every device that trained a candidate (the gate "
+        "guards only its own model), or only those whose gate accepted it.",
+    )
     clip_norm: float = Field(1.0, gt=0, description="L2 bound of each device's whole update (clipped on the device).")
     server_lr: float = Field(1.0, gt=0, description="global += server_lr * aggregated update.")
     dp: bool = Field(False, description="User-level DP (DP-FedAvg): Gaussian noise on the sum of clipped updates.")
