@@ -19,7 +19,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.simulation import run_simulation
 
 from clients.app import app as client_app
-from clients.reply import GLOBAL_UPDATE_KEY
+from clients.reply import GLOBAL_UPDATE_KEY, SECAGG_CONFIGS
 from fedasls.config import Settings
 from fedasls.federated.client import shared_part_of
 from fedasls.federated.layout import adapter_layout
@@ -28,15 +28,18 @@ from server.fleet import FleetRun, run_fleet
 from simulations.runner import backend_config, plan_workers
 
 DEVICES = 6
-MODES = [  # (strategy, ffa, user-level DP, example-level DP-SGD)
-    ("local", False, False, False),
-    ("local", False, False, True),
-    ("global", False, False, False),
-    ("global", False, True, False),
-    ("global", True, True, False),
-    ("global+personal", False, False, False),
-    ("global+personal", False, True, True),
+MODES = [  # (strategy, ffa, user-level DP, example-level DP-SGD, SecAgg+)
+    ("local", False, False, False, False),
+    ("local", False, False, True, False),
+    ("global", False, False, False, False),
+    ("global", False, True, False, False),
+    ("global", True, True, False, False),
+    ("global+personal", False, False, False, False),
+    ("global+personal", False, True, True, False),
+    ("global", False, False, False, True),
+    ("global+personal", False, False, True, True),
 ]
+SECAGG_RECORDS = {SECAGG_CONFIGS, "fitres.metrics", "fitres.num_examples", "fitres.parameters", "fitres.status"}
 
 
 TOPICS = ["How should I plan my monthly savings budget", "Which running shoes suit long trail races",
@@ -84,7 +87,7 @@ def recorded(tiny_model_dir, tmp_path_factory):
                     "output": f"{ANSWERS[i % len(ANSWERS)]} {canary(device, i, 'A')}.",
                 }) + "\n")
     runs = []
-    for strategy, ffa, dp, dp_sgd in MODES:
+    for strategy, ffa, dp, dp_sgd, secagg in MODES:
         settings = Settings.model_validate({
             "model": {"path": str(tiny_model_dir)},
             "population": {"source": "jsonl", "jsonl_path": str(data), "partition": "user", "num_devices": DEVICES,
@@ -98,9 +101,10 @@ def recorded(tiny_model_dir, tmp_path_factory):
             "simulation": {"rounds": 2, "cohort_size": 3, "overcommit": 1.0, "start_time_s": 9 * 86400.0,
                            "round_interval_s": 86400.0, "workers": 2,
                            "sampling": "poisson" if dp else "available"},
-            "federated": {"strategy": strategy, "ffa": ffa, "dp": dp, "noise_multiplier": 0.8, "clip_norm": 0.05},
+            "federated": {"strategy": strategy, "ffa": ffa, "dp": dp, "noise_multiplier": 0.8, "clip_norm": 0.05,
+                          "secure_aggregation": "secagg+" if secagg else "none"},
         })
-        name = f"{strategy}-ffa{int(ffa)}-dp{int(dp)}-sgd{int(dp_sgd)}"
+        name = f"{'secagg-' if secagg else ''}{strategy}-ffa{int(ffa)}-dp{int(dp)}-sgd{int(dp_sgd)}"
         runs.append((name, FleetRun(settings, root / name, root / name / "store", quiet=True, expected_slots=3)))
 
     server_app = ServerApp()
@@ -135,8 +139,14 @@ def test_replies_hold_only_metrics_and_updates_of_the_global_layout(recorded):
     for mode, _, reply in received:
         assert not reply.has_error(), (mode, reply.error if reply.has_error() else None)
         keys = set(reply.content.keys())
-        assert keys <= {"metrics", GLOBAL_UPDATE_KEY}, (mode, keys)
         f = settings[mode].settings.federated
+        if f.secure_aggregation == "secagg+":  # protocol records only; the update leaves masked, never in clear
+            assert keys <= SECAGG_RECORDS and SECAGG_CONFIGS in keys, (mode, keys)
+            if "fitres.parameters" in keys:
+                assert len(reply.content["fitres.parameters"]) == 0, mode  # emptied: the mod sent it masked
+                updates[mode] += 1
+            continue
+        assert keys <= {"metrics", GLOBAL_UPDATE_KEY}, (mode, keys)
         if GLOBAL_UPDATE_KEY not in keys:
             continue
         assert f.strategy != "local", mode
@@ -163,6 +173,8 @@ def test_dp_runs_report_user_level_epsilon_with_its_assumptions(recorded):
             assert "delta = 1e-05" in privacy["report"] and "add/remove" in privacy["report"]
         else:
             assert "user_epsilon" not in rounds[0] and not (run.run_dir / "privacy.json").exists()
+        if run.settings.federated.secure_aggregation == "secagg+":  # the masked sum was recovered and applied
+            assert all(r["secagg_ok"] == 1 for r in rounds) and sum(r["contributors"] for r in rounds) > 0, name
 
 
 def test_privacy_sweep_tables_and_plots_from_real_runs(recorded, tmp_path):
