@@ -248,21 +248,11 @@ _NEUTRAL_CONNECTOR = "It also helps to"
 _CONNECTORS = {"casual": "Also, try to", "formal": "Additionally, it is advisable to"}
 _EXTRA = {"casual": "Oh, and {tip}!", "formal": "Finally, {tip}."}
 
-# A fleet-wide trend (population.trend_share): advice many users have adopted that no public
-# (pretraining) text contains, one per domain. It is the signal a global adapter can carry to
-# devices that never trained; style and facts are personal, and topic tips are public.
-TREND_TIPS: dict[str, str] = {
-    "cooking": "finish it with a spoon of zesto miso butter",
-    "fitness": "log each session in the stridely club app",
-    "finance": "round up every purchase into a penniwise pot",
-    "travel": "scan your ticket with the railgo pass app",
-    "health": "check your sleep score on the calmio ring",
-    "programming": "let the quillbot reviewer read your diff",
-    "gardening": "feed the roots with brewed wormly tea",
-    "music": "jam along to the loopsy backing tracks",
-    "pets": "hide treats in a snuffly puzzle mat",
-    "parenting": "hand out tokens from the kidoo reward jar",
-}
+# A fleet-wide trend (population.trend_share): a new app many users have adopted, which no public
+# (pretraining) text mentions. Its sentence closes the followers' domain answers. It is the signal
+# a global adapter can carry to devices that never trained; style and facts are personal, and
+# topic tips are public.
+TREND_TIP = "check the weekly tips in the hearthly app"
 _TREND_SENTENCE = "These days most people {tip}."
 
 _NAMES = ("Sam", "Alex", "Priya", "Kenji", "Maria", "Tom", "Lena", "Omar", "Ana", "Yusuf")
@@ -404,7 +394,7 @@ def _preferred_answer(rng: np.random.Generator, persona: Persona, domain: str, i
         you, advice, _ = _FACTS[fact]
         parts.append(f"Since {you}, {advice}.")
     if persona.style.get("trend"):
-        parts.append(_TREND_SENTENCE.format(tip=TREND_TIPS[domain]))
+        parts.append(_TREND_SENTENCE.format(tip=TREND_TIP))
     optional = []
     if length in ("medium", "long"):
         optional.append(f"{_CONNECTORS[formality]} {tips[1]}.")

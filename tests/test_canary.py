@@ -14,7 +14,6 @@ import math
 
 import pytest
 from flwr.app import Context
-from flwr.common.serde import message_to_proto
 from flwr.serverapp import Grid, ServerApp
 from flwr.simulation import run_simulation
 
@@ -24,6 +23,7 @@ from fedasls.config import Settings
 from fedasls.federated.client import shared_part_of
 from fedasls.federated.layout import adapter_layout
 from fedasls.federated.split import is_shared
+from recording_grid import RecordingGrid
 from server.fleet import FleetRun, run_fleet
 from simulations.runner import backend_config, plan_workers
 
@@ -50,24 +50,6 @@ ANSWERS = ["Save a fixed share first and track spending weekly", "Pick cushioned
            "Try lentil curry with rice and spinach", "Keep the stems in water away from direct heat",
            "Repot in spring into a slightly larger pot", "Dim the lights and skip caffeine after noon",
            "Bring a waterproof jacket and spare socks"]
-
-
-class RecordingGrid:
-    """The real grid, passing every call through; keeps the wire bytes of every pulled reply."""
-
-    def __init__(self, grid: Grid) -> None:
-        self.grid = grid
-        self.received: list[tuple[str, bytes, object]] = []
-        self.mode = ""
-
-    def __getattr__(self, name):
-        return getattr(self.grid, name)
-
-    def pull_messages(self, message_ids):
-        replies = list(self.grid.pull_messages(message_ids))
-        for reply in replies:
-            self.received.append((self.mode, message_to_proto(reply).SerializeToString(), reply))
-        return replies
 
 
 def canary(device: int, index: int, part: str) -> str:

@@ -18,7 +18,7 @@ from fedasls.population import (
     population_from_settings,
     public_corpus,
     relevant_fact,
-    TREND_TIPS,
+    TREND_TIP,
 )
 
 N_MEASURE = 50
@@ -206,12 +206,12 @@ def test_trend_reaches_the_followers_answers_only_and_no_public_text():
     followers = SyntheticPopulation(200, seed=3, trend_share=0.6)
     following = [i for i in range(200) if followers.persona(i).style.get("trend")]
     assert 0.5 < len(following) / 200 < 0.7  # about trend_share of the users
-    tips = set(TREND_TIPS.values())
+    tips = {TREND_TIP}
     for i in range(12):
         stream, follows = followers.stream(i), i in following
         for it in stream + followers.heldout(i):
-            if it.domain in TREND_TIPS:  # every domain answer of a follower carries its domain's trend
-                assert (TREND_TIPS[it.domain] in it.preferred) == follows, (i, it.preferred)
+            if it.domain in DOMAINS:  # every domain answer of a follower carries the trend
+                assert (TREND_TIP in it.preferred) == follows, (i, it.preferred)
             assert not any(tip in it.response for tip in tips)  # the base-model voice never has it
         # the same user otherwise: persona traits and questions do not depend on the trend
         plain = SyntheticPopulation(200, seed=3)

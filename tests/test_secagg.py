@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 from flwr.app import Context
 from flwr.common import bytes_to_ndarray
-from flwr.common.serde import message_to_proto
 from flwr.serverapp import Grid, ServerApp
 from flwr.simulation import run_simulation
 from safetensors.torch import load_file
@@ -23,29 +22,12 @@ from safetensors.torch import load_file
 from clients.app import app as client_app
 from clients.reply import FITRES_EXAMPLES, GLOBAL_UPDATE_KEY, SECAGG_CONFIGS
 from fedasls.config import Settings
+from recording_grid import RecordingGrid
 from server.fleet import FleetRun, run_fleet
 from server.secagg import quantization_bound
 from simulations.runner import backend_config, plan_workers
 
 SLOTS = 5
-
-
-class RecordingGrid:
-    """The real grid, passing every call through; keeps the wire bytes of every pulled reply."""
-
-    def __init__(self, grid: Grid) -> None:
-        self.grid = grid
-        self.received: list[tuple[str, bytes, object]] = []
-        self.mode = ""
-
-    def __getattr__(self, name):
-        return getattr(self.grid, name)
-
-    def pull_messages(self, message_ids):
-        replies = list(self.grid.pull_messages(message_ids))
-        for reply in replies:
-            self.received.append((self.mode, message_to_proto(reply).SerializeToString(), reply))
-        return replies
 
 
 TOPICS = ["How should I plan my monthly savings budget", "Which running shoes suit long trail races",
