@@ -28,13 +28,13 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="quickstart", help="scenario name or TOML (default quickstart)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     p.add_argument("--jobs", type=int, default=2, help="worker processes (default 2)")
     p.add_argument("--out", default="results/adaptation_fleet.csv", help="per-device CSV")
-    return p.parse_args()
+    return p.parse_args(argv)
 
 
 def cohorts(settings) -> list[tuple[int, float, list[int]]]:
@@ -106,8 +106,9 @@ def run_device(job: tuple[str, int, list[tuple[int, float]], str]) -> list[dict]
     return rows
 
 
-def main() -> None:
-    args = parse_args()
+def main(argv: list[str] | None = None) -> list[dict]:
+    """Run the fleet, print the summary; returns each device's last completed round."""
+    args = parse_args(argv)
     from fedasls.config import load_settings
     from fedasls.model import ensure_model
     from fedasls.stats import mean_ci
@@ -162,6 +163,7 @@ def main() -> None:
         if t:
             print(f"  tier {tier:<4} n={len(t):>2} uplift {ci(t)}")
     print(f"CSV: {out}")
+    return devices
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ from fedasls.store import DeviceStore
 STRATEGIES = ("local", "global", "global+personal")
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--train", type=int, default=12, help="devices 0..N-1 take part in rounds")
     p.add_argument("--cold", type=int, default=12, help="the next M devices never train (cold start)")
@@ -54,7 +54,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     p.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=STRATEGIES)
     p.add_argument("--out", default="benchmarks/results/global_adapter.json")
-    return p.parse_args()
+    return p.parse_args(argv)
 
 
 def run(strategy: str, args: argparse.Namespace, root: Path) -> dict:
@@ -107,8 +107,9 @@ def ci(values) -> dict:
     return {"mean": m, "low": lo, "high": hi, "n": len(values)}
 
 
-def main() -> None:
-    args = parse_args()
+def main(argv: list[str] | None = None) -> dict:
+    """Run each strategy, print and write the summary; returns it."""
+    args = parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         results = {s: run(s, args, Path(tmp)) for s in args.strategies}
     summary = summarize(results, args)
@@ -121,6 +122,7 @@ def main() -> None:
             if isinstance(v, dict):
                 print(f"  {key:38s} {v['mean']:+.4f} [{v['low']:+.4f}, {v['high']:+.4f}] (n={v['n']})")
     print(f"written {out}")
+    return summary
 
 
 def summarize(results: dict, args: argparse.Namespace) -> dict:

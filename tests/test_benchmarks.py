@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from benchmarks import breakdown, population_scale, throughput
+from benchmarks import adaptation_fleet, breakdown, global_adapter, population_scale, throughput
 
 TOY = ["population.stream_length=30", "population.heldout=2", "adaptation.epochs=1", "adaptation.lora_rank=4",
        "evaluation.max_new_tokens=6", 'synthesis.method="fallback"', "synthesis.rewrites=1"]
@@ -57,3 +57,23 @@ def test_population_scale_starts_a_million_device_population(tiny_model_dir, tmp
     assert row["population"] == 1_000_000 and row["device_rounds"] >= 1
     assert row["peak_rss_mb"] > 0 and row["startup_s"] > 0
     assert "train" in row["where_time_goes"] or "evaluate" in row["where_time_goes"]
+
+
+def test_adaptation_fleet_summarizes_each_devices_last_round(tiny_model_dir, tmp_path):
+    out = tmp_path / "fleet.csv"
+    devices = adaptation_fleet.main(["--jobs", "1", "--out", str(out), *_sets(tiny_model_dir, [
+        "population.num_devices=6", "simulation.cohort_size=2", "simulation.overcommit=1.0", "simulation.rounds=2"])])
+    assert 1 <= len(devices) <= 4 and len({d["device_id"] for d in devices}) == len(devices)
+    assert all(0 <= d["rouge1"] <= 1 and 0 <= d["base_rouge1"] <= 1 for d in devices)
+    with out.open() as f:
+        assert len(list(csv.DictReader(f))) >= len(devices)  # one row per device round
+
+
+def test_global_adapter_compares_strategies_on_cold_start_and_trained_devices(tiny_model_dir, tmp_path):
+    out = tmp_path / "global.json"
+    summary = global_adapter.main(["--train", "2", "--cold", "2", "--rounds", "1", "--cohort", "2", "--out", str(out),
+                                   *_sets(tiny_model_dir, ["adaptation.gate=\"off\"", "adaptation.min_items=2"])])
+    assert summary["cold_start"]["global_minus_base"]["n"] == 2
+    trained = summary["trained_devices"]
+    assert trained["n"] == 2 and set(summary["per_device"]) == {"local", "global", "global+personal"}
+    assert json.loads(out.read_text())["cold_start"] == summary["cold_start"]
