@@ -84,8 +84,9 @@ class PopulationSettings(_Section):
     heldout: int = Field(8, ge=1, description="Held-out future interactions per device.")
     drift_fraction: float = Field(0.25, ge=0, le=1, description="Share of users whose interests drift mid-stream.")
     trend_share: float = Field(
-        0.0, ge=0, le=1, description="Share of users following a fleet-wide trend: advice no public (pretraining) "
-        "text contains, added to their preferred answers (synthetic; the signal a global adapter can carry; 0 = none).",
+        0.0, ge=0, le=1, description="Share of users following a fleet-wide trend: a sentence about a new app, which no "
+        "public (pretraining) text contains, closes their domain answers (synthetic; the signal a global adapter can "
+        "carry to new devices; 0 = none).",
     )
     jsonl_path: str | None = None
     partition: Literal["user", "dirichlet", "iid"] = "iid"

@@ -199,6 +199,7 @@ class Device:
         """
         s = self.settings
         a = s.adaptation
+        self.candidate = None
         model = self.activate()
         prompts = self.runtime.prompts
         items = self.selector.interactions()
