@@ -66,12 +66,20 @@ def _children_cpu() -> float:
 
 
 class TreeCPU:
-    """CPU seconds of process `pid` (default: this one) and every descendant, sampled every `period` s."""
+    """CPU seconds of process `pid` (default: this one) and every descendant, sampled every `period` s.
+
+    Each process counts its own user + system time as last sampled. A reaped child's time also lands
+    in its parent's children_* times; of that, only what was never sampled counts (short-lived
+    children, the tail after the last sample), so no process is counted twice.
+    """
 
     def __init__(self, pid: int | None = None, period: float = 0.25) -> None:
         self.root = psutil.Process(pid or os.getpid())
         self.period = period
-        self._seen: dict[tuple[int, float], float] = {}
+        self._own: dict[tuple[int, float], float] = {}  # process -> own user + system
+        self._reaped: dict[tuple[int, float], float] = {}  # process -> children_user + children_system
+        self._parent: dict[tuple[int, float], tuple[int, float] | None] = {}
+        self._alive: set[tuple[int, float]] = set()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -80,12 +88,23 @@ class TreeCPU:
             procs = [self.root, *self.root.children(recursive=True)]
         except psutil.Error:
             return
+        keys = {}
+        for p in procs:
+            try:
+                keys[p.pid] = (p.pid, p.create_time())
+            except psutil.Error:
+                pass
+        alive = set()
         for p in procs:
             try:
                 t = p.cpu_times()
-                self._seen[(p.pid, p.create_time())] = t.user + t.system + t.children_user + t.children_system
-            except psutil.Error:
+                key = keys[p.pid]
+                self._own[key], self._reaped[key] = t.user + t.system, t.children_user + t.children_system
+                self._parent.setdefault(key, keys.get(p.ppid()))
+                alive.add(key)
+            except (psutil.Error, KeyError):
                 pass
+        self._alive = alive
 
     def _run(self) -> None:
         while not self._stop.wait(self.period):
@@ -93,7 +112,7 @@ class TreeCPU:
 
     def __enter__(self) -> "TreeCPU":
         self._sample()
-        self._base = dict(self._seen)
+        self._base_own, self._base_reaped = dict(self._own), dict(self._reaped)
         self._thread.start()
         return self
 
@@ -105,7 +124,13 @@ class TreeCPU:
     @property
     def seconds(self) -> float:
         """CPU seconds used inside the block by the tree (processes alive at start count from there)."""
-        return sum(v - self._base.get(k, 0.0) for k, v in self._seen.items())
+        own = sum(v - self._base_own.get(k, 0.0) for k, v in self._own.items())
+        unseen = 0.0
+        for key, reaped in self._reaped.items():
+            gone = [c for c, parent in self._parent.items() if parent == key and c not in self._alive]
+            seen = sum(self._own[c] + self._reaped[c] for c in gone)  # already counted above (and below)
+            unseen += max(0.0, reaped - self._base_reaped.get(key, 0.0) - seen)
+        return own + unseen
 
 
 def machine() -> dict[str, Any]:

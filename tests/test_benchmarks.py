@@ -77,3 +77,28 @@ def test_global_adapter_compares_strategies_on_cold_start_and_trained_devices(ti
     trained = summary["trained_devices"]
     assert trained["n"] == 2 and set(summary["per_device"]) == {"local", "global", "global+personal"}
     assert json.loads(out.read_text())["cold_start"] == summary["cold_start"]
+
+
+def test_tree_cpu_counts_each_process_once(tmp_path):
+    """A pool's workers are sampled while alive and, once reaped, land in their parent's children
+    times too: the tree's total must match what the OS accounts for the whole tree (rusage)."""
+    import resource
+    import subprocess
+    import sys
+
+    from benchmarks.measure import TreeCPU
+
+    script = tmp_path / "burn.py"
+    script.write_text("import multiprocessing as mp\n"
+                      "def burn(n):\n    return sum(range(n))\n"
+                      "if __name__ == '__main__':\n"
+                      "    with mp.get_context('spawn').Pool(2) as pool:\n        pool.map(burn, [20_000_000] * 4)\n"
+                      "    import time\n    time.sleep(0.5)  # alive after reaping its workers, as a benchmark variant is\n")
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    proc = subprocess.Popen([sys.executable, str(script)])
+    with TreeCPU(proc.pid, period=0.05) as tree:
+        proc.wait()
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    truth = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    assert proc.returncode == 0 and truth > 0.5
+    assert abs(tree.seconds - truth) < 0.15 * truth, (tree.seconds, truth)

@@ -13,19 +13,14 @@ import json
 import math
 
 import pytest
-from flwr.app import Context
-from flwr.serverapp import Grid, ServerApp
-from flwr.simulation import run_simulation
 
-from clients.app import app as client_app
 from clients.reply import GLOBAL_UPDATE_KEY, SECAGG_CONFIGS
 from fedasls.config import Settings
 from fedasls.federated.client import shared_part_of
 from fedasls.federated.layout import adapter_layout
 from fedasls.federated.split import is_shared
-from recording_grid import RecordingGrid
-from server.fleet import FleetRun, run_fleet
-from simulations.runner import backend_config, plan_workers
+from recording_grid import run_recorded
+from server.fleet import FleetRun
 
 DEVICES = 6
 MODES = [  # (strategy, ffa, user-level DP, example-level DP-SGD, SecAgg+)
@@ -89,20 +84,7 @@ def recorded(tiny_model_dir, tmp_path_factory):
         name = f"{'secagg-' if secagg else ''}{strategy}-ffa{int(ffa)}-dp{int(dp)}-sgd{int(dp_sgd)}"
         runs.append((name, FleetRun(settings, root / name, root / name / "store", quiet=True, expected_slots=3)))
 
-    server_app = ServerApp()
-    tapped: dict[str, RecordingGrid] = {}
-
-    @server_app.main()
-    def main(grid: Grid, context: Context) -> None:
-        recording = RecordingGrid(grid)
-        tapped["grid"] = recording
-        for name, run in runs:
-            recording.mode = name
-            run_fleet(recording, run)
-
-    run_simulation(server_app=server_app, client_app=client_app, num_supernodes=3, backend_name="ray",
-                   backend_config=backend_config(runs[0][1].settings, plan_workers(runs[0][1].settings)))
-    return runs, tapped["grid"].received
+    return runs, run_recorded(runs, 3)
 
 
 def test_no_canary_in_any_byte_the_server_received(recorded):

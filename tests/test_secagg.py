@@ -13,19 +13,14 @@ import json
 
 import numpy as np
 import pytest
-from flwr.app import Context
 from flwr.common import bytes_to_ndarray
-from flwr.serverapp import Grid, ServerApp
-from flwr.simulation import run_simulation
 from safetensors.torch import load_file
 
-from clients.app import app as client_app
 from clients.reply import FITRES_EXAMPLES, GLOBAL_UPDATE_KEY, SECAGG_CONFIGS
 from fedasls.config import Settings
-from recording_grid import RecordingGrid
-from server.fleet import FleetRun, run_fleet
+from recording_grid import run_recorded
+from server.fleet import FleetRun
 from server.secagg import quantization_bound
-from simulations.runner import backend_config, plan_workers
 
 SLOTS = 5
 
@@ -71,21 +66,7 @@ def recorded(tiny_model_dir, tmp_path_factory):
     write_users(root / "users.jsonl")
     runs = [(mode, FleetRun(settings_for(tiny_model_dir, root / "users.jsonl", mode), root / mode, root / mode / "store", quiet=True,
                             expected_slots=SLOTS)) for mode in ("none", "secagg+")]
-    server_app = ServerApp()
-    tapped: dict[str, RecordingGrid] = {}
-
-    @server_app.main()
-    def main(grid: Grid, context: Context) -> None:
-        recording = RecordingGrid(grid)
-        tapped["grid"] = recording
-        for mode, run in runs:
-            recording.mode = mode
-            run_fleet(recording, run)
-
-    s = runs[0][1].settings
-    run_simulation(server_app=server_app, client_app=client_app, num_supernodes=SLOTS, backend_name="ray",
-                   backend_config=backend_config(s, plan_workers(s)))
-    return dict(runs), tapped["grid"].received
+    return dict(runs), run_recorded(runs, SLOTS)
 
 
 def read_jsonl(path):
