@@ -249,7 +249,7 @@ _CONNECTORS = {"casual": "Also, try to", "formal": "Additionally, it is advisabl
 _EXTRA = {"casual": "Oh, and {tip}!", "formal": "Finally, {tip}."}
 
 # A fleet-wide trend (population.trend_share): a new app many users have adopted, which no public
-# (pretraining) text mentions. Its sentence closes the followers' domain answers. It is the signal
+# (pretraining) text mentions. Its sentence follows the intro (and fact) of the followers' domain answers. It is the signal
 # a global adapter can carry to devices that never trained; style and facts are personal, and
 # topic tips are public.
 TREND_TIP = "check the weekly tips in the hearthly app"
