@@ -64,7 +64,6 @@ def run(strategy: str, args: argparse.Namespace, root: Path) -> dict:
     hetero = HeterogeneityModel.from_settings(settings.heterogeneity)
     store = DeviceStore(root / strategy.replace("+", "_"))
     f, sim = settings.federated, settings.simulation
-    rank = settings.adaptation.lora_rank
     shared = None if strategy == "local" else shared_part_of(strategy, f.ffa)
     adapter = None if shared is None else shared_part(initial_global(adapter_layout(settings), f.seed), shared)
     rng = np.random.default_rng(0)
@@ -73,7 +72,7 @@ def run(strategy: str, args: argparse.Namespace, root: Path) -> dict:
     t0 = time.process_time()
     for r in range(args.rounds):
         now = sim.start_time_s + r * sim.round_interval_s
-        downlink = None if adapter is None else Downlink(strategy, f.ffa, rank, f.seed, f.clip_norm, adapter, f.contribute)
+        downlink = None if adapter is None else Downlink.from_settings(settings, adapter)
         updates, weights = [], []
         for d in sorted(rng.choice(args.train, size=min(args.cohort, args.train), replace=False).tolist()):
             result = run_device_round(d, now, runtime, settings, store, hetero, downlink=downlink)
@@ -86,7 +85,7 @@ def run(strategy: str, args: argparse.Namespace, root: Path) -> dict:
             adapter = add(adapter, fedavg(updates, weights), f.server_lr)
         print(f"  {strategy}: round {r + 1}/{args.rounds}, {len(updates)} updates", flush=True)
     out: dict = {"personal": {}, "global_alone": {}, "base": {}, "cpu_s": 0.0}
-    final = None if adapter is None else Downlink(strategy, f.ffa, rank, f.seed, f.clip_norm, adapter, f.contribute)
+    final = None if adapter is None else Downlink.from_settings(settings, adapter)
     for d in sorted(trained) + list(range(args.train, args.train + args.cold)):
         device = load_device(d, runtime, settings, store, hetero)
         personal, base = device.evaluate()

@@ -99,25 +99,19 @@ def device_round_metrics(settings_json: str, device_id: int, now: float, store_d
 
 
 def downlink_of(msg: Message, settings: Settings) -> Downlink | None:
-    """The global adapter this message carries (a global-adapter round), or None (local)."""
-    if GLOBAL_ADAPTER_KEY not in msg.content:
+    """The global adapter this message carries (a global-adapter round, plain or as a SecAgg+ round's
+    FitIns with the tensor names in its config), or None (local)."""
+    if FIT_CONFIG in msg.content:
+        import torch
+
+        shared = {k: torch.from_numpy(a.copy()) for k, a in fit_adapter(msg).items()}
+    elif GLOBAL_ADAPTER_KEY in msg.content:
+        shared = msg.content[GLOBAL_ADAPTER_KEY].to_torch_state_dict()
+    else:
         return None
     from fedasls.federated.client import Downlink
 
-    f = settings.federated
-    return Downlink(f.strategy, f.ffa, settings.adaptation.lora_rank, f.seed, f.clip_norm,
-                    msg.content[GLOBAL_ADAPTER_KEY].to_torch_state_dict(), f.contribute)
-
-
-def secagg_downlink(msg: Message, settings: Settings) -> Downlink:
-    """The global adapter a SecAgg+ round's FitIns carries (tensor names from its config)."""
-    import torch
-
-    from fedasls.federated.client import Downlink
-
-    f = settings.federated
-    shared = {k: torch.from_numpy(a.copy()) for k, a in fit_adapter(msg).items()}
-    return Downlink(f.strategy, f.ffa, settings.adaptation.lora_rank, f.seed, f.clip_norm, shared, f.contribute)
+    return Downlink.from_settings(settings, shared)
 
 
 def _config(msg: Message):
@@ -147,6 +141,13 @@ def _round_of(config) -> int | None:
     return int(config["server-round"]) if "server-round" in config else None
 
 
+def _round_request(msg: Message, context: Context) -> tuple[str, float, str, bool, int | None]:
+    """(settings JSON, virtual now, store folder, simulated timing?, server round) of a train message."""
+    config = _config(msg)
+    return (str(config["settings"]), float(config["now"]), _store_dir(msg, context),
+            bool(config.get("simulated-timing", False)), _round_of(config))
+
+
 app = ClientApp(mods=[privacy_guard])
 
 
@@ -168,12 +169,10 @@ def secagg_route(msg: Message, context: Context, call_next) -> Message:
 def secagg_train(msg: Message, context: Context) -> Message:
     """A SecAgg+ round's device round (masked-vector stage): the same round as `train`, replying in the
     FitRes layout that secaggplus_mod masks (clipped to [federated] clip_norm on the device)."""
-    config = msg.content[FIT_CONFIG]
-    settings_json, now, store = str(config["settings"]), float(config["now"]), _store_dir(msg, context)
-    simulated, server_round = bool(config.get("simulated-timing", False)), _round_of(config)
+    settings_json, now, store, simulated, server_round = _round_request(msg, context)
     settings = worker_resources(settings_json)[0]
     result = device_round(settings_json, device_id_of(msg, context), now, store, simulated,
-                          secagg_downlink(msg, settings), server_round)
+                          downlink_of(msg, settings), server_round)
     return build_fit_reply(msg, result.metrics(), result.contribution.update if result.contribution else None,
                            settings.federated.secagg_max_weight)
 
@@ -184,8 +183,7 @@ def train(msg: Message, context: Context) -> Message:
     if FIT_CONFIG in msg.content:
         return secagg_train(msg, context)
     config = msg.content["config"]
-    settings_json, now, store = str(config["settings"]), float(config["now"]), _store_dir(msg, context)
-    simulated, server_round = bool(config.get("simulated-timing", False)), _round_of(config)
+    settings_json, now, store, simulated, server_round = _round_request(msg, context)
     if "device-ids" in config:  # a worker slot running several devices side by side
         if GLOBAL_ADAPTER_KEY in msg.content:
             raise ValueError("a global-adapter round cannot batch devices (one update per reply): "

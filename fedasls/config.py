@@ -8,6 +8,7 @@ that contradict each other (e.g. rouge_min above rouge_max) raise `CrossFieldErr
 
 from __future__ import annotations
 
+import math
 import re
 import tomllib
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from fedasls.errors import FedaslsError
+from fedasls.federated.secagg_cost import shares_and_threshold
 from fedasls.federated.settings import FederatedSettings
 from fedasls.heterogeneity import HeterogeneitySettings
 
@@ -317,10 +319,6 @@ class Settings(_Section):
 
     def _check_secagg(self) -> None:
         """SecAgg+ runs one protocol instance per round with one SuperNode per participating device."""
-        import math
-
-        from fedasls.federated.secagg_cost import shares_and_threshold
-
         f, sim = self.federated, self.simulation
         if sim.sampling != "available":
             raise ValueError(

@@ -354,7 +354,5 @@ def secure_aggregation(settings: Settings, fleet: Fleet, strategy: RoundStrategy
         return fleet, strategy
     if not isinstance(strategy, GlobalAdapterStrategy):
         raise ValueError(f"secure_aggregation = 'secagg+' needs the plain global-adapter strategy, got {strategy.name}")
-    if fleet.kind == "slots" and getattr(fleet, "devices_per_message", 1) != 1:
-        raise ValueError("secure_aggregation = 'secagg+' needs [simulation] devices_per_worker = 1")
     secure = SecAggFleet(fleet, settings)
     return secure, SecAggStrategy(strategy, secure, settings)

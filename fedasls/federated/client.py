@@ -57,6 +57,12 @@ class Downlink:
     shared: Mapping[str, torch.Tensor]  # the global adapter's shared tensors at max_rank, in the global order
     contribute: str = "trained"  # [federated] contribute: "trained" (every trained candidate) or "accepted"
 
+    @classmethod
+    def from_settings(cls, settings, shared: Mapping[str, torch.Tensor]) -> "Downlink":
+        """The downlink a run's settings ([federated], [adaptation] lora_rank) describe, with these tensors."""
+        f = settings.federated
+        return cls(f.strategy, f.ffa, settings.adaptation.lora_rank, f.seed, f.clip_norm, shared, f.contribute)
+
 
 @dataclass(frozen=True)
 class Contribution:
