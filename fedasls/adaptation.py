@@ -100,16 +100,16 @@ def _quiet_peft() -> Iterator[None]:
 
 
 def lora_config(
-    rank: int, alpha: int, dropout: float, target_modules: Sequence[str] = DEFAULT_TARGET_MODULES
+    rank: int, alpha: float, dropout: float, target_modules: Sequence[str] = DEFAULT_TARGET_MODULES
 ) -> LoraConfig:
     """The peft LoraConfig every adapter uses (causal LM, no bias); also for `PeftModel.add_adapter`.
 
     `target_modules` are module-name suffixes of a Llama-style model: LLAMA_ALL_LINEAR (default)
     or ATTENTION_QV, or any other list of Linear module names.
     """
-    if rank < 1 or alpha < 1 or not (0.0 <= dropout < 1.0):
+    if rank < 1 or alpha <= 0 or not (0.0 <= dropout < 1.0):
         raise ValueError(
-            f"LoRA needs rank >= 1, alpha >= 1 and 0 <= dropout < 1; got rank={rank}, alpha={alpha}, "
+            f"LoRA needs rank >= 1, alpha > 0 and 0 <= dropout < 1; got rank={rank}, alpha={alpha}, "
             f"dropout={dropout} (set [adaptation] lora_rank / lora_alpha / lora_dropout)"
         )
     return LoraConfig(

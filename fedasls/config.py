@@ -158,6 +158,11 @@ class AdaptationSettings(_Section):
 
     lora_rank: int = Field(8, ge=1)
     lora_alpha: int = Field(16, ge=1)
+    lora_scaling: Literal["per-rank", "uniform"] = Field(
+        "per-rank", description="LoRA scale of a device of rank r: 'per-rank' = lora_alpha / r (peft's), 'uniform' = "
+        "lora_alpha / lora_rank at every rank, so the first r components of a global adapter mean the same update on a "
+        "rank-r device as on the server. Default under a global-adapter [federated] strategy: uniform.",
+    )
     lora_dropout: float = Field(0.0, ge=0, lt=1)
     target_modules: list[str] = Field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
@@ -203,6 +208,12 @@ class AdaptationSettings(_Section):
     noise_multiplier: float = Field(1.0, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
     delta: float = Field(1e-5, gt=0, lt=1)
+
+    def alpha_for(self, rank: int) -> float:
+        """The lora_alpha a rank-`rank` adapter gets under `lora_scaling` (its scale is alpha / rank)."""
+        if self.lora_scaling == "per-rank":
+            return self.lora_alpha
+        return self.lora_alpha * rank / self.lora_rank
 
 
 class EvaluationSettings(_Section):
@@ -287,6 +298,18 @@ class Settings(_Section):
         adaptation = data.get("adaptation", {})
         if defaults and isinstance(adaptation, dict):
             data = {**data, "adaptation": {**defaults, **adaptation}}
+        return data
+
+    @model_validator(mode="before")
+    @classmethod
+    def _uniform_lora_scale_for_shared_adapters(cls, data: Any) -> Any:
+        """A truncated global adapter keeps its meaning only at one LoRA scale for all ranks."""
+        if not isinstance(data, dict):
+            return data
+        federated, adaptation = data.get("federated", {}), data.get("adaptation", {})
+        shared = isinstance(federated, dict) and federated.get("strategy", "local") != "local"
+        if shared and isinstance(adaptation, dict) and "lora_scaling" not in adaptation:
+            data = {**data, "adaptation": {**adaptation, "lora_scaling": "uniform"}}
         return data
 
     model: ModelSettings = ModelSettings()

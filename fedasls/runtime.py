@@ -44,7 +44,7 @@ def resource_key(settings: Settings) -> str:
 
 def slot_name(rank: int, adaptation: AdaptationSettings) -> str:
     """The peft adapter name that holds devices of LoRA rank `rank` with this LoRA shape."""
-    shape = json.dumps([adaptation.lora_alpha, adaptation.lora_dropout, sorted(adaptation.target_modules)])
+    shape = json.dumps([adaptation.alpha_for(rank), adaptation.lora_dropout, sorted(adaptation.target_modules)])
     return f"personal-r{rank}-{hashlib.sha256(shape.encode()).hexdigest()[:8]}"
 
 
@@ -113,7 +113,7 @@ class DeviceRuntime:
         name = slot_name(rank, adaptation)
         if name not in self.model.peft_config:
             a = adaptation
-            self.model.add_adapter(name, lora_config(rank, a.lora_alpha, a.lora_dropout, a.target_modules))
+            self.model.add_adapter(name, lora_config(rank, a.alpha_for(rank), a.lora_dropout, a.target_modules))
         self.model.set_adapter(name)
         return self.model
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedasls.adaptation import adapter_state
+from fedasls.adaptation import adapter_state, load_adapter_state
 from fedasls.config import Settings
 from fedasls.device import Device
 from fedasls.federated.client import Downlink, adapt_from_global, global_model_adapter, shared_part_of
@@ -123,3 +123,41 @@ def test_a_rejected_candidate_is_shared_only_under_contribute_trained(runtime, s
     step = {k: device.candidate[k] - downlink.shared[k] for k in downlink.shared}  # the rejected candidate's update
     scale = min(1.0, 0.05 / l2_norm(step))
     assert all(torch.allclose(c.update[k], step[k] * scale, atol=1e-7) for k in step)
+
+
+def _logits(runtime, settings, rank: int, state) -> torch.Tensor:
+    model = runtime.activate(rank, settings.adaptation)
+    load_adapter_state(model, state)
+    ids = torch.tensor([[5, 17, 42, 99, 7, 3]])
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+@pytest.mark.parametrize("scaling", ["uniform", "per-rank"])
+def test_a_truncated_global_adapter_is_the_same_update_only_under_uniform_scaling(settings, scaling):
+    shared = settings.model_copy(update={"federated": settings.federated.model_copy(update={"strategy": "global"})})
+    chosen = Settings.model_validate(
+        {**shared.model_dump(), "adaptation": {**shared.adaptation.model_dump(), "lora_scaling": scaling}}
+    )
+    runtime = DeviceRuntime(chosen)
+    generator = torch.Generator().manual_seed(3)
+    full = {k: torch.randn(v.shape, generator=generator) * 0.5
+            for k, v in adapter_state(runtime.activate(MAX_RANK, chosen.adaptation)).items()}
+    low = 2  # the global adapter's components beyond rank 2 are zero: rank 2 holds all of it
+    full = {k: v.clone().index_fill_(0 if lora_kind(k) == "A" else 1, torch.arange(low, MAX_RANK), 0.0)
+            for k, v in full.items()}
+    server = _logits(runtime, chosen, MAX_RANK, full)
+    device = _logits(runtime, chosen, low, truncate(full, low))
+    base = _logits(runtime, chosen, MAX_RANK, {k: torch.zeros_like(v) for k, v in full.items()})
+    assert not torch.allclose(server, base, atol=1e-3)  # the adapter does change the model
+    assert torch.allclose(device, server, atol=1e-4) == (scaling == "uniform")
+
+
+def test_global_strategies_default_to_uniform_lora_scaling():
+    assert Settings().adaptation.lora_scaling == "per-rank"
+    for strategy in ("global", "global+personal"):
+        chosen = Settings.model_validate({"federated": {"strategy": strategy}})
+        assert chosen.adaptation.lora_scaling == "uniform"
+        assert chosen.adaptation.alpha_for(4) == chosen.adaptation.lora_alpha * 4 / chosen.adaptation.lora_rank
+    explicit = Settings.model_validate({"federated": {"strategy": "global"}, "adaptation": {"lora_scaling": "per-rank"}})
+    assert explicit.adaptation.alpha_for(4) == explicit.adaptation.lora_alpha
