@@ -19,7 +19,7 @@ Node mapping: one protocol instance per round, one participant per SuperNode (th
 FitIns by node id, and `secaggplus_mod` keeps its state in the node's Context). On the Simulation
 Engine's worker slots the sampled devices are zipped onto the slots, so a round may run at most as
 many devices as there are slots (ceil(cohort_size x overcommit), one device per message; there are
-no waves). On the Deployment Engine each device is its own node (this path is written but untested).
+no waves). On the Deployment Engine each device is its own node (tests/test_deployment.py runs one round).
 
 What the server sees, per device: its public keys, the encrypted key shares it forwards, its
 masked vector (uniform modulo 2**32 to anyone holding fewer than `threshold` of its shares), its

@@ -40,6 +40,7 @@ def point_settings(base: Settings, noise: float | None) -> Settings:
     data["simulation"]["sampling"] = "poisson"
     if data["federated"]["strategy"] == "local":
         data["federated"]["strategy"] = "global"
+        del data["adaptation"]["lora_scaling"]  # the global-adapter default (uniform), not local's
     data["federated"]["dp"] = noise is not None
     if noise is not None:
         data["federated"]["noise_multiplier"] = float(noise)

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from benchmarks import adaptation_fleet, breakdown, global_adapter, population_scale, throughput
+from benchmarks import adaptation_fleet, breakdown, cold_start_pooled, global_adapter, population_scale, throughput
 
 TOY = ["population.stream_length=30", "population.heldout=2", "adaptation.epochs=1", "adaptation.lora_rank=4",
        "evaluation.max_new_tokens=6", 'synthesis.method="fallback"', "synthesis.rewrites=1"]
@@ -72,11 +72,18 @@ def test_adaptation_fleet_summarizes_each_devices_last_round(tiny_model_dir, tmp
 def test_global_adapter_compares_strategies_on_cold_start_and_trained_devices(tiny_model_dir, tmp_path):
     out = tmp_path / "global.json"
     summary = global_adapter.main(["--train", "2", "--cold", "2", "--rounds", "1", "--cohort", "2", "--out", str(out),
-                                   *_sets(tiny_model_dir, ["adaptation.gate=\"off\"", "adaptation.min_items=2"])])
+                                   *_sets(tiny_model_dir, ["adaptation.gate=\"off\"", "adaptation.min_items=2",
+                                                           "population.trend_share=1.0"])])
     assert summary["cold_start"]["global_minus_base"]["n"] == 2
     trained = summary["trained_devices"]
     assert trained["n"] == 2 and set(summary["per_device"]) == {"local", "global", "global+personal"}
     assert json.loads(out.read_text())["cold_start"] == summary["cold_start"]
+    # pooling two runs: the cold devices (2 and 3) of each, every user following the trend
+    g = summary["per_device"]["global"]
+    diffs = [g["global_alone"][d] - g["base"][d] for d in (2, 3)]
+    pooled = cold_start_pooled.main([str(out), str(out)])
+    assert pooled["all"] == pytest.approx(diffs * 2) and pooled["trend users"] == pooled["all"]
+    assert pooled["other users"] == []
 
 
 def test_tree_cpu_counts_each_process_once(tmp_path):

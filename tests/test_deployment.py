@@ -41,15 +41,15 @@ def background():
         stop_process_tree(process.pid)
 
 
-def scenario(tiny_model_dir: Path, path: Path) -> Path:
-    settings = Settings.model_validate({
+def scenario(tiny_model_dir: Path, path: Path, rounds: int = 2, **sections: dict) -> Path:
+    settings = Settings.model_validate({**sections,
         "model": {"path": str(tiny_model_dir)},
         "population": {"num_devices": NODES, "stream_length": 30, "heldout": 2},
         "synthesis": {"rewrites": 1, "method": "fallback"},
         "adaptation": {"epochs": 1, "lora_rank": 4, "min_new_items": 2},
         "evaluation": {"max_new_tokens": 8},
         "heterogeneity": {"availability": "always", "dropout_scale": 0.0},
-        "simulation": {"rounds": 2, "cohort_size": NODES, "overcommit": 1.0, "start_time_s": 7 * 86400.0,  # every stream has begun
+        "simulation": {"rounds": rounds, "cohort_size": NODES, "overcommit": 1.0, "start_time_s": 7 * 86400.0,  # every stream has begun
                        "round_interval_s": 3 * 86400.0},
         "deployment": {"min_nodes": NODES, "reply_timeout_s": 150.0, "query_timeout_s": 120.0},
     })
@@ -117,6 +117,23 @@ def test_node_addressed_run_with_a_supernode_killed_mid_run(fleet: LoopbackFleet
     ran = [r["new_interactions"] for r in rows if r["device_id"] == survivor]
     assert len(ran) == 2 and sum(ran) > 0  # round 2 continued from round 1's saved state:
     assert DeviceStore(fleet.nodes[0].store_dir).load(survivor)["cursor"] == sum(ran)
+
+
+def test_secagg_plus_global_adapter_round_on_the_deployment_engine(fleet: LoopbackFleet, tiny_model_dir, tmp_path):
+    """SecAgg+ with one device per SuperNode: every node takes part in the protocol, the server
+    unmasks the weighted mean of their updates and applies it to the global adapter."""
+    out = tmp_path / "results"
+    federated = {"strategy": "global", "secure_aggregation": "secagg+", "clip_norm": 0.05}
+    path = scenario(tiny_model_dir, tmp_path / "scenario.toml", rounds=1, federated=federated)
+    command, env = app_command(fleet.root, path, out)
+    done = subprocess.run(command, env=env, cwd=PROJECT_DIR, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    run_dir = next(out.glob("flwr-run-*"))
+    rounds = read_jsonl(run_dir / "rounds.jsonl")
+    assert [r["round"] for r in rounds] == [1]
+    assert all(r["secagg_ok"] and r["completed"] == NODES and r["failed"] == 0 for r in rounds)
+    assert all(r["contributors"] >= 1 and r["global_step_norm"] > 0 for r in rounds)
+    assert sorted((run_dir / "global-adapter").glob("round-*.safetensors"))
 
 
 def test_flwr_leaves_its_managed_superlink_running_and_fleet_stop_local_stops_it(tmp_path):

@@ -161,3 +161,12 @@ def test_global_strategies_default_to_uniform_lora_scaling():
         assert chosen.adaptation.alpha_for(4) == chosen.adaptation.lora_alpha * 4 / chosen.adaptation.lora_rank
     explicit = Settings.model_validate({"federated": {"strategy": "global"}, "adaptation": {"lora_scaling": "per-rank"}})
     assert explicit.adaptation.alpha_for(4) == explicit.adaptation.lora_alpha
+
+
+def test_a_privacy_sweep_of_a_local_scenario_runs_global_with_uniform_scaling():
+    from simulations.sweep import point_settings
+
+    point = point_settings(Settings(), noise=1.0)
+    assert point.federated.strategy == "global" and point.adaptation.lora_scaling == "uniform"
+    kept = Settings.model_validate({"adaptation": {"lora_scaling": "per-rank"}, "federated": {"strategy": "global"}})
+    assert point_settings(kept, noise=None).adaptation.lora_scaling == "per-rank"
