@@ -38,6 +38,8 @@ from clients.reply import (
 )
 
 if TYPE_CHECKING:
+    import torch
+
     from fedasls.config import Settings
     from fedasls.device_round import DeviceRoundResult
     from fedasls.federated.client import Downlink
@@ -92,10 +94,13 @@ def device_round(settings_json: str, device_id: int, now: float, store_dir: str,
         return result
 
 
-def device_round_metrics(settings_json: str, device_id: int, now: float, store_dir: str,
-                         simulated_timing: bool, server_round: int | None = None) -> dict[str, float | int]:
-    """Run one device round in this process; its reply metrics."""
-    return device_round(settings_json, device_id, now, store_dir, simulated_timing, None, server_round).metrics()
+def device_round_reply(settings_json: str, device_id: int, now: float, store_dir: str, simulated_timing: bool,
+                       server_round: int | None = None, downlink: Downlink | None = None
+                       ) -> tuple[dict[str, float | int], dict[str, torch.Tensor] | None]:
+    """Run one device round in this process (one of a worker slot's batch); its reply metrics and
+    its global-adapter update (None in a local round, or when it trained nothing)."""
+    result = device_round(settings_json, device_id, now, store_dir, simulated_timing, downlink, server_round)
+    return result.metrics(), (result.contribution.update if result.contribution else None)
 
 
 def downlink_of(msg: Message, settings: Settings) -> Downlink | None:
@@ -185,14 +190,17 @@ def train(msg: Message, context: Context) -> Message:
     config = msg.content["config"]
     settings_json, now, store, simulated, server_round = _round_request(msg, context)
     if "device-ids" in config:  # a worker slot running several devices side by side
-        if GLOBAL_ADAPTER_KEY in msg.content:
-            raise ValueError("a global-adapter round cannot batch devices (one update per reply): "
-                             "set [simulation] devices_per_worker = 1")
-        from clients.device_pool import run_devices
+        from functools import partial
 
-        rows, failures = run_devices(device_round_metrics, settings_json, [int(d) for d in config["device-ids"]],
-                                     now, store, simulated, int(config.get("parallel", 1)), server_round)
-        return build_batch_reply(msg, rows, failures)
+        from clients.device_pool import run_devices
+        from fedasls.config import Settings
+
+        downlink = downlink_of(msg, Settings.model_validate_json(settings_json))  # no model load on this slot
+        results, failures = run_devices(partial(device_round_reply, downlink=downlink), settings_json,
+                                        [int(d) for d in config["device-ids"]], now, store, simulated,
+                                        int(config.get("parallel", 1)), server_round)
+        updates = {int(m["device_id"]): u for m, u in results if u is not None}
+        return build_batch_reply(msg, [m for m, _ in results], failures, updates)
     downlink = downlink_of(msg, worker_resources(settings_json)[0])
     result = device_round(settings_json, device_id_of(msg, context), now, store, simulated, downlink, server_round)
     return build_reply(msg, result.metrics(), result.contribution.update if result.contribution else None)

@@ -12,6 +12,7 @@ import logging
 import multiprocessing
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
+from typing import Any
 
 from fedasls.faults import DeviceFailure, FailureCode
 
@@ -19,7 +20,8 @@ logger = logging.getLogger(__name__)
 
 _POOL: dict[int, ProcessPoolExecutor] = {}
 
-DeviceRoundFn = Callable[[str, int, float, str, bool, "int | None"], dict[str, float | int]]
+# (settings JSON, device id, now, store, simulated timing?, server round) -> the device's result
+DeviceRoundFn = Callable[[str, int, float, str, bool, "int | None"], Any]
 
 
 def _pool(size: int) -> ProcessPoolExecutor:
@@ -34,16 +36,17 @@ def _pool(size: int) -> ProcessPoolExecutor:
 
 def run_devices(fn: DeviceRoundFn, settings_json: str, device_ids: list[int], now: float, store_dir: str,
                 simulated_timing: bool, parallel: int, server_round: int | None = None
-                ) -> tuple[list[dict[str, float | int]], dict[int, FailureCode]]:
-    """Reply metrics of each device that finished its round, and the FailureCode of each device that
-    raised (its traceback stays on the worker: the device's errors.log, or this worker's log)."""
+                ) -> tuple[list[Any], dict[int, FailureCode]]:
+    """`fn`'s result for each device that finished its round (in `device_ids` order), and the
+    FailureCode of each device that raised (its traceback stays on the worker: the device's
+    errors.log, or this worker's log)."""
     args = (settings_json, now, store_dir, simulated_timing, server_round)
     if parallel <= 1:
         futures = [_run_inline(fn, d, *args) for d in device_ids]
     else:
         pool = _pool(parallel)
         futures = [pool.submit(_call, fn, d, *args) for d in device_ids]
-    rows: list[dict[str, float | int]] = []
+    rows: list[Any] = []
     failures: dict[int, FailureCode] = {}
     for device_id, future in zip(device_ids, futures):
         try:
@@ -57,7 +60,7 @@ def run_devices(fn: DeviceRoundFn, settings_json: str, device_ids: list[int], no
 
 
 def _call(fn: DeviceRoundFn, device_id: int, settings_json: str, now: float, store_dir: str,
-          simulated_timing: bool, server_round: int | None) -> dict[str, float | int]:
+          simulated_timing: bool, server_round: int | None) -> Any:
     return fn(settings_json, device_id, now, store_dir, simulated_timing, server_round)
 
 

@@ -4,8 +4,10 @@ refuses any reply holding anything else.
 A reply may carry one MetricRecord of scalar numbers under "metrics" and, in a global-adapter
 round, the device's clipped update of the shared LoRA tensors under "global-update": an
 ArrayRecord with exactly the names, order and shapes of the "global-adapter" record the device
-received (float32). Raw text, buffers, profiles and personal adapters never leave: there is no
-code path that puts them in a reply, and the guard refuses any reply that does not fit.
+received (float32). A worker slot that ran several devices sends one such record per device that
+trained, under "global-update.<device id>". Raw text, buffers, profiles and personal adapters
+never leave: there is no code path that puts them in a reply, and the guard refuses any reply
+that does not fit.
 
 Under SecAgg+ ([federated] secure_aggregation = "secagg+", server/secagg.py) a round is Flower's
 four-stage protocol and the update never leaves in the clear: `build_fit_reply` builds the
@@ -70,13 +72,42 @@ def build_reply(msg: Message, metrics: Mapping[str, float | int],
         clean[key] = value if isinstance(value, int) else float(value)
     records: dict = {METRICS_KEY: MetricRecord(clean)}
     if update is not None:
-        import torch
-
-        tensors = {k: v.detach().to("cpu", torch.float32) for k, v in update.items()}
-        _check_update_layout(list(tensors), {k: tuple(v.shape) for k, v in tensors.items()},
-                             {k: str(v.dtype) for k, v in tensors.items()}, allowed_layout(msg))
-        records[GLOBAL_UPDATE_KEY] = ArrayRecord(tensors)
+        records[GLOBAL_UPDATE_KEY] = _update_record(msg, update)
     return Message(RecordDict(records), reply_to=msg)
+
+
+def _update_record(msg: Message, update: Mapping[str, torch.Tensor]) -> ArrayRecord:
+    """A device's update as float32 on the CPU, refused unless it fits the global adapter `msg` carried."""
+    import torch
+
+    tensors = {k: v.detach().to("cpu", torch.float32) for k, v in update.items()}
+    _check_update_layout(list(tensors), {k: tuple(v.shape) for k, v in tensors.items()},
+                         {k: str(v.dtype) for k, v in tensors.items()}, allowed_layout(msg))
+    return ArrayRecord(tensors)
+
+
+def batch_update_key(device_id: int) -> str:
+    """The record under which a worker slot's batch reply carries one device's update."""
+    return f"{GLOBAL_UPDATE_KEY}.{int(device_id)}"
+
+
+def _batch_update_device(key: str) -> int | None:
+    """The device id of a batch reply's update record key, else None."""
+    head, _, tail = key.partition(".")
+    return int(tail) if head == GLOBAL_UPDATE_KEY and tail.isdigit() else None
+
+
+def reply_updates(reply: Message) -> dict[int, dict[str, torch.Tensor]]:
+    """The global-adapter updates a reply carries, by device id (one device's reply or a batch's)."""
+    if reply.has_error():
+        return {}
+    out: dict[int, dict[str, torch.Tensor]] = {}
+    for key in reply.content.keys():
+        if key == GLOBAL_UPDATE_KEY:
+            out[int(reply.content[METRICS_KEY]["device_id"])] = reply.content[key].to_torch_state_dict()
+        elif (device_id := _batch_update_device(key)) is not None:
+            out[device_id] = reply.content[key].to_torch_state_dict()
+    return out
 
 
 def fit_adapter(msg: Message) -> dict[str, np.ndarray]:
@@ -210,11 +241,14 @@ def error_reply(msg: Message, code: FailureCode) -> Message:
 
 
 def build_batch_reply(msg: Message, rows: list[Mapping[str, float | int]],
-                      failures: Mapping[int, FailureCode] | None = None) -> Message:
+                      failures: Mapping[int, FailureCode] | None = None,
+                      updates: Mapping[int, Mapping[str, torch.Tensor]] | None = None) -> Message:
     """The reply of a worker slot that ran several devices: one MetricRecord whose every key holds a
     list with one number per device (in the order of the rows); numbers only, as in `build_reply`.
     A metric that some devices do not report (e.g. a stage one of them never ran) is NaN for the
-    others. Devices that failed are listed apart, by id and FailureCode only (`device_failures`)."""
+    others. Devices that failed are listed apart, by id and FailureCode only (`device_failures`).
+    In a global-adapter round each device's update goes in its own record (`batch_update_key`),
+    checked against the global adapter `msg` carried, for devices of the rows only."""
     keys = sorted({key for row in rows for key in row})
     clean: dict[str, list[int] | list[float]] = {}
     for key in keys:
@@ -225,7 +259,13 @@ def build_batch_reply(msg: Message, rows: list[Mapping[str, float | int]],
     if failures:
         clean[FAILED_IDS_KEY] = [int(d) for d in failures]
         clean[FAILED_CODES_KEY] = [int(c) for c in failures.values()]
-    return Message(RecordDict({METRICS_KEY: MetricRecord(clean)}), reply_to=msg)
+    records: dict = {METRICS_KEY: MetricRecord(clean)}
+    ran = {int(row["device_id"]) for row in rows}
+    for device_id, update in (updates or {}).items():
+        if int(device_id) not in ran:
+            raise PrivacyViolation(f"an update for device {device_id}, which is not among this batch's results")
+        records[batch_update_key(device_id)] = _update_record(msg, update)
+    return Message(RecordDict(records), reply_to=msg)
 
 
 def device_failures(reply: Message) -> dict[int, int]:
@@ -263,15 +303,23 @@ def check_reply(reply: Message, allowed: Layout | None = None, stage: str | None
         check_secagg_reply(reply, stage, allowed)
         return
     content = reply.content
-    extra = sorted(set(content.keys()) - ALLOWED_KEYS)
+    batched = {k: d for k in content.keys() if (d := _batch_update_device(k)) is not None}
+    extra = sorted(set(content.keys()) - ALLOWED_KEYS - set(batched))
     if extra:
-        raise PrivacyViolation(f"reply holds records {extra}; only {sorted(ALLOWED_KEYS)} may leave a device")
+        raise PrivacyViolation(f"reply holds records {extra}; only {sorted(ALLOWED_KEYS)} (and, from a batch, "
+                               f"'{GLOBAL_UPDATE_KEY}.<device id>') may leave a device")
     if METRICS_KEY in content and not isinstance(content[METRICS_KEY], MetricRecord):
         raise PrivacyViolation(f"'{METRICS_KEY}' must be a MetricRecord of numbers")
-    if GLOBAL_UPDATE_KEY in content:
-        record = content[GLOBAL_UPDATE_KEY]
+    if batched:
+        metrics = content[METRICS_KEY] if METRICS_KEY in content else {}
+        ran = metrics["device_id"] if "device_id" in metrics else []
+        strangers = sorted(set(batched.values()) - {int(d) for d in (ran if isinstance(ran, list) else [ran])})
+        if strangers:
+            raise PrivacyViolation(f"the reply holds updates for devices {strangers[:3]} it reports no results for")
+    for key in ([GLOBAL_UPDATE_KEY] if GLOBAL_UPDATE_KEY in content else []) + list(batched):
+        record = content[key]
         if not isinstance(record, ArrayRecord):
-            raise PrivacyViolation(f"'{GLOBAL_UPDATE_KEY}' must be an ArrayRecord (the global-adapter contribution)")
+            raise PrivacyViolation(f"'{key}' must be an ArrayRecord (the global-adapter contribution)")
         names = list(record.keys())
         _check_update_layout(names, {k: tuple(record[k].shape) for k in names},
                              {k: str(np.dtype(record[k].dtype)) for k in names}, allowed)

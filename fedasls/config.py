@@ -331,11 +331,6 @@ class Settings(_Section):
                 "[federated] dp = true needs [simulation] sampling = 'poisson': only Poisson sampling has a provable "
                 "amplification (the K-fastest rule makes one device's inclusion depend on the others' data)"
             )
-        if self.federated.strategy != "local" and self.simulation.devices_per_worker > 1:
-            raise ValueError(
-                f"[federated] strategy = '{self.federated.strategy}' needs [simulation] devices_per_worker = 1: a "
-                "batched reply of several devices carries metrics only, not one global-adapter update per device"
-            )
         if self.federated.secure_aggregation != "none":
             self._check_secagg()
         return self
@@ -348,6 +343,10 @@ class Settings(_Section):
                 "[federated] secure_aggregation = 'secagg+' needs [simulation] sampling = 'available': a SecAgg+ round "
                 "needs one SuperNode (worker slot) per device, and a Poisson cohort's random size can exceed the "
                 "ceil(cohort_size x overcommit) slots a simulation starts")
+        if sim.devices_per_worker > 1:
+            raise ValueError(
+                "[federated] secure_aggregation = 'secagg+' needs [simulation] devices_per_worker = 1: SecAgg+ has one "
+                "protocol participant per SuperNode, so a worker slot cannot run several devices")
         sampled = min(self.population.num_devices, math.ceil(sim.cohort_size * sim.overcommit - 1e-9))
         if sampled < 2:
             raise ValueError(

@@ -26,7 +26,7 @@ import torch
 from flwr.app import ArrayRecord, Message
 from safetensors.torch import load_file, save_file
 
-from clients.reply import GLOBAL_ADAPTER_KEY, GLOBAL_UPDATE_KEY
+from clients.reply import GLOBAL_ADAPTER_KEY, device_metrics, reply_updates
 from server.checkpoint import write_atomic
 from fedasls.config import Settings
 from fedasls.federated.accountant import UserLevelAccountant
@@ -60,11 +60,11 @@ def completed_updates(replies: list[Message], completed: list[int]) -> tuple[lis
     """(updates, example weights, device ids) of completed devices that sent an update, in `completed` order."""
     by_device: dict[int, tuple[TensorDict, float]] = {}
     for reply in replies:
-        if reply.has_error() or GLOBAL_UPDATE_KEY not in reply.content:
+        updates = reply_updates(reply)  # one device's reply, or a worker slot's batch
+        if not updates:
             continue
-        metrics = reply.content["metrics"]
-        by_device[int(metrics["device_id"])] = (reply.content[GLOBAL_UPDATE_KEY].to_torch_state_dict(),
-                                                float(metrics["examples"]))
+        examples = {int(m["device_id"]): float(m["examples"]) for m in device_metrics(reply)}
+        by_device |= {d: (update, examples[d]) for d, update in updates.items()}
     ids = [d for d in completed if d in by_device]
     return [by_device[d][0] for d in ids], [by_device[d][1] for d in ids], ids
 

@@ -63,7 +63,7 @@ def plan_workers(settings: Settings, cluster_cpus: float | None = None,
         return WorkerPlan(min(sim.workers, flower_calls), sim.devices_per_worker, cpus)
     fit = max(1, int(cluster_cpus // cpus))  # devices the cluster runs at once
     per_worker = max(sim.devices_per_worker, math.ceil(fit / flower_calls))
-    if settings.federated.strategy != "local":  # one global-adapter update per reply: one device per message
+    if settings.federated.secure_aggregation != "none":  # one SecAgg+ participant per SuperNode
         per_worker = 1
     return WorkerPlan(max(1, min(flower_calls, fit // per_worker)), per_worker, cpus)
 

@@ -13,6 +13,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from clients.reply import GLOBAL_UPDATE_KEY, SECAGG_CONFIGS
 from fedasls.config import Settings
@@ -23,16 +24,17 @@ from recording_grid import run_recorded
 from server.fleet import FleetRun
 
 DEVICES = 6
-MODES = [  # (strategy, ffa, user-level DP, example-level DP-SGD, SecAgg+)
-    ("local", False, False, False, False),
-    ("local", False, False, True, False),
-    ("global", False, False, False, False),
-    ("global", False, True, False, False),
-    ("global", True, True, False, False),
-    ("global+personal", False, False, False, False),
-    ("global+personal", False, True, True, False),
-    ("global", False, False, False, True),
-    ("global+personal", False, False, True, True),
+MODES = [  # (strategy, ffa, user-level DP, example-level DP-SGD, SecAgg+, devices per worker slot)
+    ("local", False, False, False, False, 1),
+    ("local", False, False, True, False, 1),
+    ("global", False, False, False, False, 1),
+    ("global", False, False, False, False, 2),  # the same run, two devices per message
+    ("global", False, True, False, False, 1),
+    ("global", True, True, False, False, 1),
+    ("global+personal", False, False, False, False, 1),
+    ("global+personal", False, True, True, False, 1),
+    ("global", False, False, False, True, 1),
+    ("global+personal", False, False, True, True, 1),
 ]
 SECAGG_RECORDS = {SECAGG_CONFIGS, "fitres.metrics", "fitres.num_examples", "fitres.parameters", "fitres.status"}
 
@@ -64,7 +66,7 @@ def recorded(tiny_model_dir, tmp_path_factory):
                     "output": f"{ANSWERS[i % len(ANSWERS)]} {canary(device, i, 'A')}.",
                 }) + "\n")
     runs = []
-    for strategy, ffa, dp, dp_sgd, secagg in MODES:
+    for strategy, ffa, dp, dp_sgd, secagg, per_worker in MODES:
         settings = Settings.model_validate({
             "model": {"path": str(tiny_model_dir)},
             "population": {"source": "jsonl", "jsonl_path": str(data), "partition": "user", "num_devices": DEVICES,
@@ -76,12 +78,13 @@ def recorded(tiny_model_dir, tmp_path_factory):
             "evaluation": {"max_new_tokens": 4},
             "heterogeneity": {"availability": "always", "dropout_scale": 0.0},
             "simulation": {"rounds": 2, "cohort_size": 3, "overcommit": 1.0, "start_time_s": 9 * 86400.0,
-                           "round_interval_s": 86400.0, "workers": 2,
+                           "round_interval_s": 86400.0, "workers": 2, "devices_per_worker": per_worker,
                            "sampling": "poisson" if dp else "available"},
             "federated": {"strategy": strategy, "ffa": ffa, "dp": dp, "noise_multiplier": 0.8, "clip_norm": 0.05,
                           "secure_aggregation": "secagg+" if secagg else "none"},
         })
-        name = f"{'secagg-' if secagg else ''}{strategy}-ffa{int(ffa)}-dp{int(dp)}-sgd{int(dp_sgd)}"
+        name = f"{'secagg-' if secagg else ''}{strategy}-ffa{int(ffa)}-dp{int(dp)}-sgd{int(dp_sgd)}" + (
+            f"-batch{per_worker}" if per_worker > 1 else "")
         runs.append((name, FleetRun(settings, root / name, root / name / "store", quiet=True, expected_slots=3)))
 
     return runs, run_recorded(runs, 3)
@@ -110,16 +113,18 @@ def test_replies_hold_only_metrics_and_updates_of_the_global_layout(recorded):
                 assert len(reply.content["fitres.parameters"]) == 0, mode  # emptied: the mod sent it masked
                 updates[mode] += 1
             continue
-        assert keys <= {"metrics", GLOBAL_UPDATE_KEY}, (mode, keys)
-        if GLOBAL_UPDATE_KEY not in keys:
-            continue
-        assert f.strategy != "local", mode
-        updates[mode] += 1
-        shared = shared_part_of(f.strategy, f.ffa)
-        layout = {k: v for k, v in adapter_layout(settings[mode].settings).items() if is_shared(k, shared)}
-        record = reply.content[GLOBAL_UPDATE_KEY]
-        assert [(k, tuple(a.shape)) for k, a in record.items()] == list(layout.items()), mode
-        assert all(a.dtype == "float32" for a in record.values())
+        batch = settings[mode].settings.simulation.devices_per_worker > 1
+        ran = reply.content["metrics"]["device_id"]
+        allowed = {f"{GLOBAL_UPDATE_KEY}.{d}" for d in ran} if batch else {GLOBAL_UPDATE_KEY}
+        assert keys <= {"metrics"} | allowed, (mode, keys)
+        shared = shared_part_of(f.strategy, f.ffa) if f.strategy != "local" else None
+        for key in keys - {"metrics"}:
+            assert f.strategy != "local", mode
+            updates[mode] += 1
+            layout = {k: v for k, v in adapter_layout(settings[mode].settings).items() if is_shared(k, shared)}
+            record = reply.content[key]
+            assert [(k, tuple(a.shape)) for k, a in record.items()] == list(layout.items()), mode
+            assert all(a.dtype == "float32" for a in record.values())
     assert all(n > 0 for name, n in updates.items() if not name.startswith("local")), updates
     assert all(n == 0 for name, n in updates.items() if name.startswith("local")), updates
 
@@ -141,11 +146,26 @@ def test_dp_runs_report_user_level_epsilon_with_its_assumptions(recorded):
             assert all(r["secagg_ok"] == 1 for r in rounds) and sum(r["contributors"] for r in rounds) > 0, name
 
 
+def test_two_devices_per_message_give_the_same_global_adapter(recorded):
+    from safetensors.torch import load_file
+
+    runs = dict(recorded[0])
+    one, two = runs["global-ffa0-dp0-sgd0"], runs["global-ffa0-dp0-sgd0-batch2"]
+    rounds = [[json.loads(x) for x in (r.run_dir / "rounds.jsonl").read_text().splitlines()] for r in (one, two)]
+    assert [r["contributors"] for r in rounds[0]] == [r["contributors"] for r in rounds[1]]
+    assert sum(r["contributors"] for r in rounds[0]) >= 2
+    final = [load_file(str(r.run_dir / "global-adapter" / "round-00002.safetensors")) for r in (one, two)]
+    assert list(final[0]) == list(final[1])
+    assert all(torch.allclose(final[0][k], final[1][k], atol=1e-6) for k in final[0])
+    assert any(torch.count_nonzero(v) for k, v in final[0].items() if "lora_B" in k)  # it did move from B = 0
+
+
 def test_privacy_sweep_tables_and_plots_from_real_runs(recorded, tmp_path):
     from simulations.sweep import NO_NOISE, point_result, write_outputs
 
     runs, _ = recorded
-    rows = [point_result(run.run_dir, run.settings) for name, run in runs if name.startswith("global-ffa0")]
+    rows = [point_result(run.run_dir, run.settings) for name, run in runs
+            if name.startswith("global-ffa0") and "batch" not in name]
     assert [r["noise_multiplier"] for r in rows] == [NO_NOISE, 0.8]
     assert rows[0]["epsilon"] == math.inf and 0 < rows[1]["epsilon"] < math.inf
     assert rows[1]["devices"] > 0 and rows[1]["uplift_low"] <= rows[1]["uplift_rouge1"] <= rows[1]["uplift_high"]

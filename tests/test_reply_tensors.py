@@ -84,3 +84,38 @@ def test_guard_refuses_hand_built_updates_that_bypass_build_reply():
     with pytest.raises(PrivacyViolation, match="sent no global adapter"):
         check_reply(any_update(incoming(None), context()), allowed_layout(incoming(None)))
     assert refused(privacy_guard(incoming(None), context(), any_update))  # what leaves: the REFUSED code only
+
+
+def test_a_batch_reply_carries_one_checked_update_per_device_that_trained():
+    from clients.reply import batch_update_key, build_batch_reply, reply_updates
+
+    rows = [{"device_id": 4, "examples": 3}, {"device_id": 9, "examples": 5}]
+    update = {A: torch.full((4, 8), 2.0), B: torch.ones(6, 4)}
+    reply = privacy_guard(incoming(), context(), lambda m, c: build_batch_reply(m, rows, None, {9: update}))
+    assert not reply.has_error() and set(reply.content.keys()) == {"metrics", batch_update_key(9)}
+    got = reply_updates(reply)
+    assert list(got) == [9] and list(got[9]) == [A, B] and torch.equal(got[9][A], update[A])
+    with pytest.raises(PrivacyViolation, match="not among this batch"):
+        build_batch_reply(incoming(), rows, None, {5: update})  # a device the slot did not run
+    with pytest.raises(PrivacyViolation, match="shape"):
+        build_batch_reply(incoming(), rows, None, {4: {A: torch.ones(2, 8), B: torch.ones(6, 4)}})
+    with pytest.raises(PrivacyViolation, match="sent no global adapter"):
+        build_batch_reply(incoming(None), rows, None, {4: update})
+
+
+def test_guard_refuses_a_batch_reply_with_an_update_of_a_device_it_did_not_run():
+    from clients.reply import batch_update_key
+
+    def stranger(msg, ctx):
+        return Message(RecordDict({"metrics": MetricRecord({"device_id": [4, 9]}),
+                                   batch_update_key(5): ArrayRecord(dict(GLOBAL))}), reply_to=msg)
+
+    with pytest.raises(PrivacyViolation, match="no results for"):
+        check_reply(stranger(incoming(), context()), allowed_layout(incoming()))
+    assert refused(privacy_guard(incoming(), context(), stranger))
+
+    def named_oddly(msg, ctx):  # only "global-update.<device id>" is a batch update's name
+        return Message(RecordDict({"metrics": MetricRecord({"device_id": [4]}),
+                                   "global-update.personal": ArrayRecord(dict(GLOBAL))}), reply_to=msg)
+
+    assert refused(privacy_guard(incoming(), context(), named_oddly))
