@@ -111,6 +111,8 @@ def downlink_of(msg: Message, settings: Settings) -> Downlink | None:
 
         shared = {k: torch.from_numpy(a.copy()) for k, a in fit_adapter(msg).items()}
     elif GLOBAL_ADAPTER_KEY in msg.content:
+        import torch  # noqa: F401 - flwr's to_torch_state_dict needs torch imported already
+
         shared = msg.content[GLOBAL_ADAPTER_KEY].to_torch_state_dict()
     else:
         return None

@@ -101,6 +101,8 @@ def reply_updates(reply: Message) -> dict[int, dict[str, torch.Tensor]]:
     """The global-adapter updates a reply carries, by device id (one device's reply or a batch's)."""
     if reply.has_error():
         return {}
+    import torch  # noqa: F401 - flwr's to_torch_state_dict needs torch imported already
+
     out: dict[int, dict[str, torch.Tensor]] = {}
     for key in reply.content.keys():
         if key == GLOBAL_UPDATE_KEY:

@@ -39,7 +39,8 @@ class FailureCode(IntEnum):
 
 
 FIXED_MESSAGES = {
-    FailureCode.ERROR: "fedasls: the device round raised an error; its traceback is in the device's errors.log",
+    FailureCode.ERROR: "fedasls: the device round raised an error; its traceback is in the device's errors.log "
+                       "(or in the worker's log, for an error outside the device round)",
     FailureCode.CORRUPT_STATE: "fedasls: the device's stored state was corrupt; it was moved aside and the device reset",
     FailureCode.REFUSED: "fedasls: the privacy guard refused the device's reply; details are in the device's log",
 }

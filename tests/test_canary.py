@@ -25,10 +25,10 @@ from server.fleet import FleetRun
 
 DEVICES = 6
 MODES = [  # (strategy, ffa, user-level DP, example-level DP-SGD, SecAgg+, devices per worker slot)
+    ("global", False, False, False, False, 2),  # first: its worker slots start without torch imported
     ("local", False, False, False, False, 1),
     ("local", False, False, True, False, 1),
-    ("global", False, False, False, False, 1),
-    ("global", False, False, False, False, 2),  # the same run, two devices per message
+    ("global", False, False, False, False, 1),  # the same run, one device per message
     ("global", False, True, False, False, 1),
     ("global", True, True, False, False, 1),
     ("global+personal", False, False, False, False, 1),
