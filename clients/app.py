@@ -35,6 +35,7 @@ from clients.reply import (
     build_reply,
     fit_adapter,
     privacy_guard,
+    torch_tensors,
 )
 
 if TYPE_CHECKING:
@@ -111,9 +112,7 @@ def downlink_of(msg: Message, settings: Settings) -> Downlink | None:
 
         shared = {k: torch.from_numpy(a.copy()) for k, a in fit_adapter(msg).items()}
     elif GLOBAL_ADAPTER_KEY in msg.content:
-        import torch  # noqa: F401 - flwr's to_torch_state_dict needs torch imported already
-
-        shared = msg.content[GLOBAL_ADAPTER_KEY].to_torch_state_dict()
+        shared = torch_tensors(msg.content[GLOBAL_ADAPTER_KEY])
     else:
         return None
     from fedasls.federated.client import Downlink

@@ -97,18 +97,24 @@ def _batch_update_device(key: str) -> int | None:
     return int(tail) if head == GLOBAL_UPDATE_KEY and tail.isdigit() else None
 
 
+def torch_tensors(record: ArrayRecord) -> dict[str, torch.Tensor]:
+    """An ArrayRecord's arrays as torch tensors, in its order (flwr's `to_torch_state_dict` works only
+    once torch is imported, which a fresh ClientApp process may not have done yet)."""
+    import torch  # noqa: F401
+
+    return record.to_torch_state_dict()
+
+
 def reply_updates(reply: Message) -> dict[int, dict[str, torch.Tensor]]:
     """The global-adapter updates a reply carries, by device id (one device's reply or a batch's)."""
     if reply.has_error():
         return {}
-    import torch  # noqa: F401 - flwr's to_torch_state_dict needs torch imported already
-
     out: dict[int, dict[str, torch.Tensor]] = {}
     for key in reply.content.keys():
         if key == GLOBAL_UPDATE_KEY:
-            out[int(reply.content[METRICS_KEY]["device_id"])] = reply.content[key].to_torch_state_dict()
+            out[int(reply.content[METRICS_KEY]["device_id"])] = torch_tensors(reply.content[key])
         elif (device_id := _batch_update_device(key)) is not None:
-            out[device_id] = reply.content[key].to_torch_state_dict()
+            out[device_id] = torch_tensors(reply.content[key])
     return out
 
 
@@ -313,9 +319,10 @@ def check_reply(reply: Message, allowed: Layout | None = None, stage: str | None
     if METRICS_KEY in content and not isinstance(content[METRICS_KEY], MetricRecord):
         raise PrivacyViolation(f"'{METRICS_KEY}' must be a MetricRecord of numbers")
     if batched:
-        metrics = content[METRICS_KEY] if METRICS_KEY in content else {}
-        ran = metrics["device_id"] if "device_id" in metrics else []
-        strangers = sorted(set(batched.values()) - {int(d) for d in (ran if isinstance(ran, list) else [ran])})
+        # the ids alone (not device_metrics): a hand-built reply's other metric lists need not line up
+        ids = content[METRICS_KEY].get("device_id", []) if METRICS_KEY in content else []
+        ran = {int(d) for d in (ids if isinstance(ids, list) else [ids])}
+        strangers = sorted(set(batched.values()) - ran)
         if strangers:
             raise PrivacyViolation(f"the reply holds updates for devices {strangers[:3]} it reports no results for")
     for key in ([GLOBAL_UPDATE_KEY] if GLOBAL_UPDATE_KEY in content else []) + list(batched):
