@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from benchmarks import adaptation_fleet, breakdown, cold_start_pooled, global_adapter, population_scale, throughput
+from benchmarks import adaptation_fleet, breakdown, global_adapter, global_adapter_pooled, population_scale, throughput
 
 TOY = ["population.stream_length=30", "population.heldout=2", "adaptation.epochs=1", "adaptation.lora_rank=4",
        "evaluation.max_new_tokens=6", 'synthesis.method="fallback"', "synthesis.rewrites=1"]
@@ -81,9 +81,14 @@ def test_global_adapter_compares_strategies_on_cold_start_and_trained_devices(ti
     # pooling two runs: the cold devices (2 and 3) of each, every user following the trend
     g = summary["per_device"]["global"]
     diffs = [g["global_alone"][d] - g["base"][d] for d in (2, 3)]
-    pooled = cold_start_pooled.main([str(out), str(out)])
+    pooled = global_adapter_pooled.main([str(out), str(out)])
     assert pooled["all"] == pytest.approx(diffs * 2) and pooled["trend users"] == pooled["all"]
     assert pooled["other users"] == []
+    # and the trained devices (0 and 1) of each run, paired by device
+    gp, loc = summary["per_device"]["global+personal"], summary["per_device"]["local"]
+    assert pooled["global+personal - local"] == pytest.approx([gp["personal"][d] - loc["personal"][d] for d in (0, 1)] * 2)
+    assert pooled["global+personal - global alone"] == pytest.approx(
+        [gp["personal"][d] - g["global_alone"][d] for d in (0, 1)] * 2)
 
 
 def test_tree_cpu_counts_each_process_once(tmp_path):
