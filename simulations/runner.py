@@ -102,6 +102,20 @@ def backend_config(settings: Settings, plan: WorkerPlan, attached: bool = False)
     }
 
 
+class HideRunSimulationDeprecation(logging.Filter):
+    """Drop Flower's notice that `run_simulation` is deprecated in favour of `flwr run`.
+
+    fedasls calls `run_simulation` on purpose (one process that owns the Ray backend, the worker
+    slots and the run folder; `flwr run` would fill `context.run_config` but needs a SuperLink), so
+    the notice tells a user of `fedasls simulate` to do something they cannot. Every other Flower
+    record passes.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(isinstance(a, str) and "`run_simulation` function is deprecated" in a
+                       for a in (record.args if isinstance(record.args, tuple) else ()))
+
+
 def simulate(settings: Settings, run_dir: Path, config_source: Path | None = None, resume: bool = False,
              quiet: bool = False, on_reply: Callable[[Message], None] | None = None,
              started: float | None = None, validate: bool = True) -> FleetRun:
@@ -130,7 +144,10 @@ def simulate(settings: Settings, run_dir: Path, config_source: Path | None = Non
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # CPU actors: keep Ray's GPU env as is
     # Flower logs through its own console handler; a root handler (installed by another library's
     # logging.basicConfig) would otherwise echo its DEBUG records too.
-    logging.getLogger("flwr").propagate = False
+    flwr_logger = logging.getLogger("flwr")
+    flwr_logger.propagate = False
+    if not any(isinstance(f, HideRunSimulationDeprecation) for f in flwr_logger.filters):
+        flwr_logger.addFilter(HideRunSimulationDeprecation())
     address = ray_address(settings)
     plan = plan_workers(settings, attach_ray(address) if address else None)
     if plan.devices_per_worker != settings.simulation.devices_per_worker:  # the plan follows the cluster

@@ -10,7 +10,7 @@ import pytest
 from fedasls.config import Settings
 from fedasls.store import DeviceStore
 from simulations.report import PLOTS, write_report
-from simulations.runner import num_slots, simulate
+from simulations.runner import HideRunSimulationDeprecation, num_slots, simulate
 
 
 @pytest.fixture(scope="module")
@@ -123,3 +123,34 @@ def test_report_command_rebuilds_tables_and_plots(finished_run, tmp_path, capsys
     for name in ("rounds.csv", "device_rounds.csv", "summary.json", *PLOTS):
         assert (copy / name).is_file(), name
     assert json.loads((copy / "summary.json").read_text())["devices_participated"] == 20
+
+
+def test_flowers_run_simulation_deprecation_notice_is_hidden_and_its_errors_are_not(finished_run):
+    """`simulate` installs the filter; Flower's own run_simulation still warns (so the test would
+    fail if Flower changed the notice's text) and its error records still pass."""
+    import logging
+
+    from flwr.simulation import run_simulation
+
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    flwr_logger, handler = logging.getLogger("flwr"), Keep()
+    flwr_logger.addHandler(handler)
+    try:
+        with pytest.raises(RuntimeError):
+            run_simulation(server_app=None, client_app=None, num_supernodes=0)  # fails after its notice
+        hidden = [r for r in records if "DEPRECATED" in r.getMessage()]
+        errors = [r for r in records if r.levelno >= logging.ERROR]
+        flwr_logger.removeFilter(next(f for f in flwr_logger.filters if isinstance(f, HideRunSimulationDeprecation)))
+        records.clear()
+        with pytest.raises(RuntimeError):
+            run_simulation(server_app=None, client_app=None, num_supernodes=0)
+        unfiltered = [r for r in records if "DEPRECATED" in r.getMessage()]
+    finally:
+        flwr_logger.removeHandler(handler)
+    assert hidden == [] and errors  # the notice is gone, Flower's error about the bad call is not
+    assert len(unfiltered) == 1  # without the filter Flower does print it: the filter is what hides it
