@@ -106,9 +106,8 @@ class HideRunSimulationDeprecation(logging.Filter):
     """Drop Flower's notice that `run_simulation` is deprecated in favour of `flwr run`.
 
     fedasls calls `run_simulation` on purpose (one process that owns the Ray backend, the worker
-    slots and the run folder; `flwr run` would fill `context.run_config` but needs a SuperLink), so
-    the notice tells a user of `fedasls simulate` to do something they cannot. Every other Flower
-    record passes.
+    slots and the run folder), so the notice asks a user of `fedasls simulate` to change code they
+    did not write. Every other Flower record passes.
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
