@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     config = args.config if Path(args.config).is_file() else str(scenario_path(args.config))
     settings = load_settings(config, args.overrides)
     model_path = ensure_model(settings.model)
-    settings = settings.model_copy(update={"model": settings.model.model_copy(update={"path": str(model_path)})})
+    settings = settings.model_copy(update={"model": settings.model.at_path(model_path)})
     plan: dict[int, list[tuple[int, float]]] = defaultdict(list)
     for server_round, now, devices in cohorts(settings):
         for d in devices:

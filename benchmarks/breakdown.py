@@ -97,7 +97,7 @@ def measure_model(label: str, path: str | None, args: argparse.Namespace) -> dic
     settings = load_settings(args.config, overrides)
     model_path = path or str(ensure_model(settings.model))
     settings = settings.model_copy(update={
-        "model": settings.model.model_copy(update={"path": model_path}),
+        "model": settings.model.at_path(model_path),
         "simulation": settings.simulation.model_copy(update={"cpus_per_worker": float(args.threads)}),
     })
     torch.set_num_threads(args.threads)

@@ -86,8 +86,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     torch.set_num_threads(1)
     settings = load_settings(args.config, args.overrides)
-    settings = settings.model_copy(update={"model": settings.model.model_copy(
-        update={"path": settings.model.path or str(ensure_model(settings.model))})})
+    settings = settings.model_copy(update={"model": settings.model.at_path(ensure_model(settings.model))})
     runtime = DeviceRuntime(settings)
     a = settings.adaptation
     devices = []

@@ -83,7 +83,7 @@ def bench_settings(args: argparse.Namespace) -> Any:
     ]
     settings = load_settings(args.config, overrides)
     path = ensure_model(settings.model)  # build once here, outside any timing
-    return settings.model_copy(update={"model": settings.model.model_copy(update={"path": str(path)})})
+    return settings.model_copy(update={"model": settings.model.at_path(path)})
 
 
 # --------------------------------------------------------------------------- the variants

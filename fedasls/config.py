@@ -61,6 +61,11 @@ class ModelSettings(_Section):
     pretrain_lr: float = Field(3e-3, gt=0)
     corpus_size: int = Field(6000, ge=100, description="Public (non-user) texts used for tokenizer + pretraining.")
 
+    def at_path(self, path: str | Path) -> "ModelSettings":
+        """These settings resolved to a built or converted model folder (`fedasls.model.ensure_model`):
+        path set, preset cleared, so that they validate again wherever they are written and read."""
+        return self.model_copy(update={"path": str(path), "preset": None})
+
     @model_validator(mode="after")
     def _one_model_source(self) -> "ModelSettings":
         if self.path and self.preset:

@@ -350,7 +350,7 @@ def cmd_fleet_run(args: argparse.Namespace, settings: Settings) -> int:
     if devices and max(devices) >= settings.population.num_devices:
         raise ConfigError(f"the fleet has device {max(devices)} but population.num_devices is "
                           f"{settings.population.num_devices}: --set population.num_devices={max(devices) + 1}")
-    model = settings.model.model_copy(update={"path": str(ensure_model(settings.model))})  # build once, here
+    model = settings.model.at_path(ensure_model(settings.model))  # build once, here
     updates: dict = {"model": model}
     if not any(o.startswith("deployment.min_nodes") for o in args.overrides):
         updates["deployment"] = settings.deployment.model_copy(update={"min_nodes": max(1, len(fleet.nodes))})

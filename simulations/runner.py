@@ -137,7 +137,7 @@ def simulate(settings: Settings, run_dir: Path, config_source: Path | None = Non
         recorded.write_text(settings_toml(settings))
     if config_source is not None and not resume:
         shutil.copyfile(config_source, run_dir / "scenario.toml")
-    settings = settings.model_copy(update={"model": settings.model.model_copy(update={"path": str(model_path)})})
+    settings = settings.model_copy(update={"model": settings.model.at_path(model_path)})
     store_dir = Path(settings.simulation.store_dir) if settings.simulation.store_dir else run_dir / "store"
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # CPU actors: keep Ray's GPU env as is

@@ -87,3 +87,19 @@ def test_a_preset_gets_its_own_adaptation_defaults_and_user_keys_still_win():
     chosen = Settings.model_validate({"model": {"preset": "smollm2-135m-instruct"},
                                       "adaptation": {"learning_rate": 4e-4}})
     assert chosen.adaptation.learning_rate == 4e-4 and chosen.adaptation.epochs == own["epochs"]
+
+
+def test_settings_resolved_to_a_model_folder_validate_again_and_keep_the_presets_defaults(tmp_path):
+    """A preset resolved to its converted folder (as the runner, the fleet's scenario.toml and the
+    benchmarks' settings files do) must read back: path set, preset cleared, the preset's
+    adaptation defaults kept."""
+    from fedasls.config import Settings
+
+    smol = Settings.model_validate({"model": {"preset": "smollm2-135m-instruct"}})
+    resolved = smol.model_copy(update={"model": smol.model.at_path(tmp_path)})
+    again = Settings.model_validate_json(resolved.model_dump_json())
+    assert again.model.path == str(tmp_path) and again.model.preset is None
+    assert again.adaptation == smol.adaptation
+    with pytest.raises(ValueError, match="not both"):  # what writing path and preset together gave
+        Settings.model_validate_json(smol.model_copy(update={"model": smol.model.model_copy(
+            update={"path": str(tmp_path)})}).model_dump_json())
