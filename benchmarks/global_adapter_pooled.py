@@ -26,6 +26,8 @@ from fedasls.config import load_settings
 from fedasls.population import population_from_settings
 from fedasls.stats import mean_ci
 
+STRATEGIES = ("local", "global", "global+personal")  # as benchmarks/global_adapter.py names them
+COLD = ("all", "trend users", "other users")  # cold-start groups
 # trained-device comparisons: label -> (strategy, model) minus (strategy, model)
 TRAINED = {
     "global+personal - local": (("global+personal", "personal"), ("local", "personal")),
@@ -56,10 +58,9 @@ def cold_start_rows(summary: dict) -> list[tuple[bool, float]]:
 def trained_rows(summary: dict) -> dict[str, list[float]]:
     """Each TRAINED comparison's per-device differences ({} unless the run has all three strategies)."""
     per = summary["per_device"]
-    if not all(s in per for s in ("local", "global", "global+personal")):
+    if not all(s in per for s in STRATEGIES):
         return {}
-    devices = sorted(set.intersection(*(set(per[s]["personal"]) for s in ("local", "global", "global+personal"))),
-                     key=int)
+    devices = sorted(set.intersection(*(set(per[s]["personal"]) for s in STRATEGIES)), key=int)
     return {label: [per[a][am][d] - per[b][bm][d] for d in devices] for label, ((a, am), (b, bm)) in TRAINED.items()}
 
 
@@ -76,7 +77,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[float]]:
     p.add_argument("runs", nargs="+", type=Path, help="JSON files written by benchmarks/global_adapter.py")
     args = p.parse_args(argv)
     summaries = [(path, _load(path)) for path in args.runs]
-    pooled: dict[str, list[float]] = {"all": [], "trend users": [], "other users": []} | {k: [] for k in TRAINED}
+    pooled: dict[str, list[float]] = {k: [] for k in (*COLD, *TRAINED)}
     print("cold start, global adapter alone - base, held-out ROUGE-1 (95% CI over devices)")
     for path, summary in summaries:
         rows = cold_start_rows(summary)
@@ -93,7 +94,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[float]]:
             pooled[label] += values
     print("pooled")
     for label, values in pooled.items():
-        print(line(("cold start, " if label in ("all", "trend users", "other users") else "trained, ") + label, values))
+        print(line(("cold start, " if label in COLD else "trained, ") + label, values))
     return pooled
 
 
