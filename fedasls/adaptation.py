@@ -42,6 +42,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from transformers import PreTrainedModel
 
 from fedasls.config import AdaptationSettings
+from fedasls.model import eval_mode
 from fedasls.prompts import PromptFormat, check_prompt_format
 from fedasls.privacy import PrivacyReport, opacus_report
 
@@ -601,13 +602,11 @@ def sequence_loss(
     """Mean next-token loss over all answer tokens of `examples` (exp of it = perplexity)."""
     data = _tensorize(prompts, examples, max_length)
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     total, tokens = 0.0, 0
-    for batch in DataLoader(data, batch_size=batch_size):
-        ids, mask, labels, _ = _trim(batch, device)
-        counts = (labels[:, 1:] != IGNORE_INDEX).sum(dim=1)
-        total += float((_per_example_loss(model, ids, mask, labels) * counts).sum())
-        tokens += int(counts.sum())
-    model.train(was_training)
+    with eval_mode(model):
+        for batch in DataLoader(data, batch_size=batch_size):
+            ids, mask, labels, _ = _trim(batch, device)
+            counts = (labels[:, 1:] != IGNORE_INDEX).sum(dim=1)
+            total += float((_per_example_loss(model, ids, mask, labels) * counts).sum())
+            tokens += int(counts.sum())
     return total / max(tokens, 1)

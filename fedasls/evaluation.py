@@ -14,7 +14,7 @@ from rouge_score import rouge_scorer
 
 from fedasls.adaptation import TrainingExample, sequence_loss
 from fedasls.interaction import Interaction
-from fedasls.model import generate
+from fedasls.model import eval_mode, generate
 from fedasls.prompts import PromptFormat
 
 if TYPE_CHECKING:
@@ -100,15 +100,11 @@ def evaluate(
     """
     if not heldout:
         raise ValueError("evaluate: heldout is empty; pass the device's held-out interactions (population.heldout(i))")
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         questions = [item.question for item in heldout]
         answers = generate(model, prompts, questions, max_new_tokens=max_new_tokens, batch_size=batch_size)
         r1, rl = score_answers(answers, [item.preferred for item in heldout])
         ppl = answer_perplexity(model, prompts, [(item.question, item.preferred) for item in heldout], batch_size)
-    finally:
-        model.train(was_training)
     accept_rate = None
     if user is not None:
         signals = [user.react(item, answer).signal for item, answer in zip(heldout, answers)]

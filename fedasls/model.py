@@ -315,7 +315,9 @@ def load_model(path: Path | str) -> tuple[PreTrainedModel, PreTrainedTokenizerFa
     except (OSError, ValueError) as err:
         raise ModelNotFoundError(f"model folder {p}: config.json is unreadable ({err}): {_EXPECTED}") from None
     try:
-        model = AutoModelForCausalLM.from_pretrained(p, config=config, local_files_only=True, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(
+            p, config=config, local_files_only=True, dtype=torch.float32, use_kernels=False
+        )
     except ValueError as err:
         raise ModelNotFoundError(
             f"model folder {p} holds a '{config.model_type}' model that is not a causal language model "
@@ -343,6 +345,24 @@ def _device(model: torch.nn.Module) -> torch.device:
 
 def _max_positions(model: torch.nn.Module) -> int | None:
     return getattr(getattr(model, "config", None), "max_position_embeddings", None)
+
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """The model in eval mode inside the block, its own mode again after it (also on errors).
+
+    Switches only when the model is training: each `train()` / `eval()` walks every submodule
+    (transformers' override adds its own work), and a device round used to switch several hundred
+    times, mostly from eval to eval.
+    """
+    was_training = model.training
+    if was_training:
+        model.eval()
+    try:
+        yield
+    finally:
+        if was_training:
+            model.train()
 
 
 GENERATION_MEMORY_BYTES = 256 * 2**20  # KV cache + logits budget of one generation batch
@@ -382,39 +402,40 @@ def generate(
     Face models and peft-wrapped ones (PeftModel.generate).
     """
     prompts = check_prompt_format(prompts)
-    tokenizer = prompts.tokenizer
     limit = _max_positions(model)
     max_prompt = max(1, limit - max_new_tokens) if limit else None
     device = _device(model)
-    stops = prompts.stop_ids
-    was_training = model.training
-    model.eval()
     texts = [prompts.answer_prompt(q) for q in questions]
     out: list[str] = []
     if batch_size is None and texts:
         lengths = prompts.tokenize(texts, truncation=max_prompt is not None, max_length=max_prompt)["input_ids"]
         batch_size = generation_batch_size(model, max(map(len, lengths)) + max_new_tokens)
-    for i in range(0, len(texts), batch_size or 1):
-        enc = prompts.tokenize(
-            texts[i : i + batch_size],
-            return_tensors="pt",
-            padding=True,
-            padding_side="left",
-            truncation=max_prompt is not None,
-            max_length=max_prompt,
-        ).to(device)
-        gen = model.generate(
-            input_ids=enc["input_ids"],
-            attention_mask=enc["attention_mask"],
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=stops,
-        )
-        for row in gen[:, enc["input_ids"].shape[1] :].tolist():
-            end = next((j for j, t in enumerate(row) if t in stops), len(row))
-            out.append(prompts.clean_answer(tokenizer.decode(row[:end], skip_special_tokens=True)))
-    model.train(was_training)
+    with eval_mode(model):
+        for i in range(0, len(texts), batch_size or 1):
+            out += _generate_batch(model, prompts, texts[i : i + batch_size], max_new_tokens, max_prompt, device)
+    return out
+
+
+def _generate_batch(model: torch.nn.Module, prompts: PromptFormat, texts: list[str], max_new_tokens: int,
+                    max_prompt: int | None, device: torch.device) -> list[str]:
+    """Greedy answers to one left-padded batch of formatted prompts (see `generate`)."""
+    tokenizer, stops = prompts.tokenizer, prompts.stop_ids
+    enc = prompts.tokenize(
+        texts, return_tensors="pt", padding=True, padding_side="left",
+        truncation=max_prompt is not None, max_length=max_prompt,
+    ).to(device)
+    gen = model.generate(
+        input_ids=enc["input_ids"],
+        attention_mask=enc["attention_mask"],
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=stops,
+    )
+    out = []
+    for row in gen[:, enc["input_ids"].shape[1] :].tolist():
+        end = next((j for j, t in enumerate(row) if t in stops), len(row))
+        out.append(prompts.clean_answer(tokenizer.decode(row[:end], skip_special_tokens=True)))
     return out
 
 
@@ -445,26 +466,20 @@ def embed_last_token(
     prompts = check_prompt_format(prompts)
     device = _device(model)
     limit = _max_positions(model)
-    was_training = model.training
-    model.eval()
+    decoder = _decoder(model)
     rows: list[np.ndarray] = []
-    for i in range(0, len(texts), batch_size):
-        enc = prompts.tokenize(
-            texts[i : i + batch_size],
-            return_tensors="pt",
-            padding=True,
-            padding_side="right",
-            truncation=limit is not None,
-            max_length=limit,
-        ).to(device)
-        decoder = _decoder(model)
-        if decoder is not None:  # skip the vocabulary projection: only the hidden states are needed
-            hidden = decoder(**enc).last_hidden_state
-        else:
-            hidden = model(**enc, output_hidden_states=True).hidden_states[-1]
-        last = enc["attention_mask"].sum(dim=1) - 1
-        rows.append(hidden[torch.arange(hidden.shape[0], device=device), last].float().cpu().numpy())
-    model.train(was_training)
+    with eval_mode(model):
+        for i in range(0, len(texts), batch_size):
+            enc = prompts.tokenize(
+                texts[i : i + batch_size], return_tensors="pt", padding=True, padding_side="right",
+                truncation=limit is not None, max_length=limit,
+            ).to(device)
+            if decoder is not None:  # skip the vocabulary projection: only the hidden states are needed
+                hidden = decoder(**enc).last_hidden_state
+            else:
+                hidden = model(**enc, output_hidden_states=True).hidden_states[-1]
+            last = enc["attention_mask"].sum(dim=1) - 1
+            rows.append(hidden[torch.arange(hidden.shape[0], device=device), last].float().cpu().numpy())
     if not rows:
         hidden_size = getattr(getattr(model, "config", None), "hidden_size", 0)
         return np.zeros((0, hidden_size), dtype=np.float32)

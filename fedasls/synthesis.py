@@ -25,6 +25,7 @@ import torch
 
 from fedasls.config import SynthesisSettings
 from fedasls.evaluation import rouge1_f
+from fedasls.model import eval_mode
 from fedasls.prompts import PromptFormat, check_prompt_format
 
 Method = Literal["auto", "llm", "fallback"]
@@ -182,9 +183,7 @@ def llm_rewrites(
         return []
     device = next(model.parameters()).device
     enc = {name: t.to(device) for name, t in enc.items()}
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(seed)
             out = model.generate(
@@ -198,8 +197,6 @@ def llm_rewrites(
                 pad_token_id=tokenizer.pad_token_id,
                 eos_token_id=prompts.stop_ids,
             )
-    finally:
-        model.train(was_training)
     texts = tokenizer.batch_decode(out[:, n_prompt:], skip_special_tokens=True)
     return [_clean_rewrite(t) for t in texts]
 

@@ -21,6 +21,7 @@ from fedasls.model import (
     default_model_dir,
     embed_last_token,
     ensure_model,
+    eval_mode,
     generate,
     load_model,
 )
@@ -67,6 +68,24 @@ def test_batched_generation_matches_one_prompt_at_a_time(tiny_lm) -> None:
     batched = generate(model, prompts, questions, max_new_tokens=10, batch_size=2)
     single = [generate(model, prompts, [q], max_new_tokens=10)[0] for q in questions]
     assert batched == single
+
+
+def test_inference_restores_the_callers_mode_and_loads_no_hub_kernels(tiny_model_dir: Path) -> None:
+    model, tokenizer = load_model(tiny_model_dir)
+    assert not model.use_kernels  # transformers 5 would otherwise kernelize from the Hub (a download)
+    prompts = PromptFormat(tokenizer)
+    model.train()
+    generate(model, prompts, QUESTIONS[:1], max_new_tokens=4)
+    embed_last_token(model, prompts, ["Pack light."])
+    assert model.training and all(m.training for m in model.modules())
+    with pytest.raises(RuntimeError), eval_mode(model):
+        assert not model.training and not any(m.training for m in model.modules())
+        raise RuntimeError("inside")
+    assert model.training and all(m.training for m in model.modules())
+    model.eval()
+    with eval_mode(model):
+        pass
+    assert not any(m.training for m in model.modules())
 
 
 def test_pretraining_lowers_loss(tiny_model_dir: Path) -> None:
