@@ -87,7 +87,7 @@ class MiniLMEmbedder:
             raise ValueError(f"MiniLMEmbedder: batch_size must be >= 1 (got {batch_size})")
         path = minilm_path()
         self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        self.model = AutoModel.from_pretrained(path, local_files_only=True).eval()
+        self.model = AutoModel.from_pretrained(path, local_files_only=True, use_kernels=False).eval()
         self.batch_size = batch_size
         self.max_length = max_length
 
