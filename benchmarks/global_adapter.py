@@ -4,6 +4,10 @@ Devices are run as in the fleet (run_device_round, heterogeneous LoRA ranks from
 server's FedAvg maths from fedasls.federated), without Flower, for speed. Measured:
 - cold start: devices that never trained, base model vs the final global adapter alone
   (global_model_adapter at each device's rank), held-out ROUGE-1, paired difference per device;
+- cold-start adoption (--adoption N): each cold device catches up its stream to the last round,
+  shows its user the base model's and the global adapter's answers to its N most recent buffered
+  questions side by side, and adopts the global adapter only if the user's implicit reactions
+  favour it (fedasls.federated.adoption); its model is then the global adapter, else the base;
 - personalization: on the devices that trained, each strategy's personal model vs local and vs
   the global adapter alone.
 Prints means with bootstrap 95% CIs over devices and writes JSON.
@@ -31,12 +35,14 @@ import torch
 from fedasls.adaptation import adapter_state
 from fedasls.config import load_settings
 from fedasls.device_round import load_device, run_device_round
+from fedasls.federated.adoption import compare_by_feedback, recent_questions
 from fedasls.federated.client import Downlink, global_model_adapter, shared_part_of
 from fedasls.federated.fedavg import add, fedavg
 from fedasls.federated.init import initial_global
 from fedasls.federated.layout import adapter_layout
 from fedasls.federated.split import shared_part
 from fedasls.heterogeneity import HeterogeneityModel
+from fedasls.interaction import STREAM_EPOCH
 from fedasls.runtime import DeviceRuntime
 from fedasls.stats import mean_ci
 from fedasls.store import DeviceStore
@@ -53,6 +59,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--config", default="simulations/quickstart.toml", help="settings TOML (default: the quickstart)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     p.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=STRATEGIES)
+    p.add_argument("--adoption", type=int, default=0, metavar="N",
+                   help="cold devices decide on the global adapter by their user's reactions to both models' answers "
+                   "to their N most recent buffered questions (0 = off)")
     p.add_argument("--out", default="benchmarks/results/global_adapter.json")
     return p.parse_args(argv)
 
@@ -84,7 +93,7 @@ def run(strategy: str, args: argparse.Namespace, root: Path) -> dict:
         if adapter is not None and updates:
             adapter = add(adapter, fedavg(updates, weights), f.server_lr)
         print(f"  {strategy}: round {r + 1}/{args.rounds}, {len(updates)} updates", flush=True)
-    out: dict = {"personal": {}, "global_alone": {}, "base": {}, "cpu_s": 0.0}
+    out: dict = {"personal": {}, "global_alone": {}, "base": {}, "adopted": {}, "cpu_s": 0.0}
     final = None if adapter is None else Downlink.from_settings(settings, adapter)
     for d in sorted(trained) + list(range(args.train, args.train + args.cold)):
         device = load_device(d, runtime, settings, store, hetero)
@@ -93,7 +102,16 @@ def run(strategy: str, args: argparse.Namespace, root: Path) -> dict:
         if d in trained:
             out["personal"][d] = personal.rouge1
         if final is not None:
-            device.adapter = global_model_adapter(adapter_state(runtime.activate(device.lora_rank, settings.adaptation)), final)
+            alone = global_model_adapter(adapter_state(runtime.activate(device.lora_rank, settings.adaptation)), final)
+            if args.adoption and d not in trained:
+                device.catch_up(until=STREAM_EPOCH + now)  # the stream a new device has seen by the last round
+                items = device.selector.interactions()
+                decision = compare_by_feedback(
+                    device.activate(), runtime.prompts, device.user,
+                    recent_questions(items, args.adoption) if items else [], alone, settings.evaluation.max_new_tokens)
+                out["adopted"][d] = {"adopt": decision.adopt, "global_value": decision.global_value,
+                                     "base_value": decision.base_value, "n": decision.n}
+            device.adapter = alone
             out["global_alone"][d] = device.evaluate()[0].rouge1
     out["cpu_s"] = time.process_time() - t0
     out["update_norms"] = norms
@@ -120,6 +138,8 @@ def main(argv: list[str] | None = None) -> dict:
         for key, v in summary.get(section, {}).items():
             if isinstance(v, dict):
                 print(f"  {key:38s} {v['mean']:+.4f} [{v['low']:+.4f}, {v['high']:+.4f}] (n={v['n']})")
+            elif isinstance(v, float):
+                print(f"  {key:38s} {v:.3f}")
     print(f"written {out}")
     return summary
 
@@ -134,7 +154,7 @@ def summarize(results: dict, args: argparse.Namespace) -> dict:
         "cpu_seconds": {s: r["cpu_s"] for s, r in results.items()},
         "update_norm_before_clip": {s: (float(np.median(r["update_norms"])) if r["update_norms"] else None)
                                     for s, r in results.items()},
-        "per_device": {s: {k: r[k] for k in ("base", "personal", "global_alone")} for s, r in results.items()},
+        "per_device": {s: {k: r[k] for k in ("base", "personal", "global_alone", "adopted")} for s, r in results.items()},
     }
     if "global" in results:
         g = results["global"]
@@ -143,6 +163,12 @@ def summarize(results: dict, args: argparse.Namespace) -> dict:
             "global_rouge1": ci(g["global_alone"][d] for d in cold),
             "global_minus_base": ci(g["global_alone"][d] - g["base"][d] for d in cold),
         }
+        if g["adopted"]:  # the device's model: the global adapter where its user's feedback chose it, else the base
+            chosen = {d: g["global_alone"][d] if g["adopted"][d]["adopt"] else g["base"][d] for d in cold}
+            summary["cold_start"] |= {
+                "adopted_share": sum(g["adopted"][d]["adopt"] for d in cold) / len(cold),
+                "adoption_minus_base": ci(chosen[d] - g["base"][d] for d in cold),
+            }
     if set(STRATEGIES) - set(results):
         return summary
     trained = sorted(set.intersection(*(set(results[s]["personal"]) for s in STRATEGIES)))
