@@ -71,7 +71,8 @@ def test_adaptation_fleet_summarizes_each_devices_last_round(tiny_model_dir, tmp
 
 def test_global_adapter_compares_strategies_on_cold_start_and_trained_devices(tiny_model_dir, tmp_path):
     out = tmp_path / "global.json"
-    summary = global_adapter.main(["--train", "2", "--cold", "2", "--rounds", "1", "--cohort", "2", "--out", str(out),
+    summary = global_adapter.main(["--train", "2", "--cold", "2", "--rounds", "1", "--cohort", "2", "--adoption", "3",
+                                   "--out", str(out),
                                    *_sets(tiny_model_dir, ["adaptation.gate=\"off\"", "adaptation.min_items=2",
                                                            "population.trend_share=1.0"])])
     assert summary["cold_start"]["global_minus_base"]["n"] == 2
@@ -84,6 +85,12 @@ def test_global_adapter_compares_strategies_on_cold_start_and_trained_devices(ti
     pooled = global_adapter_pooled.main([str(out), str(out)])
     assert pooled["all"] == pytest.approx(diffs * 2) and pooled["trend users"] == pooled["all"]
     assert pooled["other users"] == []
+    # cold devices chose by their user's feedback: the global adapter's gain where they adopted it, else 0
+    adopted = g["adopted"]
+    assert set(adopted) == {2, 3} and all(0 < a["n"] <= 3 for a in adopted.values())
+    chosen = [g["global_alone"][d] - g["base"][d] if adopted[d]["adopt"] else 0.0 for d in (2, 3)]
+    assert pooled["chosen by feedback - base, all"] == pytest.approx(chosen * 2)
+    assert summary["cold_start"]["adoption_minus_base"]["mean"] == pytest.approx(sum(chosen) / 2)
     # and the trained devices (0 and 1) of each run, paired by device
     gp, loc = summary["per_device"]["global+personal"], summary["per_device"]["local"]
     assert pooled["global+personal - local"] == pytest.approx([gp["personal"][d] - loc["personal"][d] for d in (0, 1)] * 2)
