@@ -115,6 +115,8 @@ class Device:
         self.cursor = 0  # stream interactions consumed so far
         self.annotations: dict[int, str] = {}  # interaction index -> annotated preference (buffered items only)
         self.adapter: dict[str, torch.Tensor] | None = None
+        # the global adapter the device uses while it has no adapter of its own (cold-start adoption)
+        self.shared_model: dict[str, torch.Tensor] | None = None
         self.counters = DeviceCounters()
         self.base_eval: EvalResult | None = None
         self.last_eval: EvalResult | None = None
@@ -178,12 +180,14 @@ class Device:
         return self.profile.should_adapt(self.selector.changes_since_adaptation, enough, a.drift_trigger)
 
     def activate(self):
-        """Swap this device's adapter into the shared model and return it."""
+        """Swap this device's adapter (without one: the global adapter it adopted, else a zero update,
+        i.e. the base model) into the shared model and return it."""
         model = self.runtime.activate(self.lora_rank, self.settings.adaptation)
-        if self.adapter is None:
+        model_state = self.adapter if self.adapter is not None else self.shared_model
+        if model_state is None:
             reset_adapter(model, seed=self.seed)
         else:
-            load_adapter_state(model, self.adapter)
+            load_adapter_state(model, model_state)
         return model
 
     def adapt(self, start: dict[str, torch.Tensor] | None = None) -> AdaptReport:
@@ -402,6 +406,7 @@ class Device:
             "heldback": sorted(self.heldback),
             "trained": sorted(self.trained),
             "adapter": self.adapter,
+            "shared_model": self.shared_model,
         }
 
     @classmethod
@@ -426,4 +431,5 @@ class Device:
         device.heldback = {int(i) for i in state["heldback"]}
         device.trained = {int(i) for i in state["trained"]}
         device.adapter = state["adapter"]
+        device.shared_model = state.get("shared_model")
         return device

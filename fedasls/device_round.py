@@ -87,6 +87,7 @@ class DeviceRoundResult:
     gate_accepted: int = 0  # the device's lifetime count of adapters the gate kept
     gate_rejected: int = 0  # ... refused (the device kept its previous adapter or the base model)
     gate_waiting: int = 0  # ... adaptation steps that trained nothing (too few labelled items)
+    uses_global: int = 0  # 1: no adapter of its own, the device uses the global adapter it adopted (cold_adoption)
     contribution: Contribution | None = None  # global-adapter update (clipped, padded); never a metric
     stage_seconds: dict[str, float] = field(default_factory=dict)  # fedasls.timing: stage_<name>_s / _cpu_s
 
@@ -207,6 +208,7 @@ def _run_device_round(device_id: int, now: float, runtime: DeviceRuntime, settin
         gate_accepted=device.counters.gate_accepted,
         gate_rejected=device.counters.gate_rejected,
         gate_waiting=device.counters.gate_waiting,
+        uses_global=int(device.adapter is None and device.shared_model is not None),
         contribution=contribution if kept else None,
     )
 

@@ -79,6 +79,8 @@ def summarize(run_dir: Path, wall_seconds: float) -> dict[str, Any]:
         "gate_accepted": sum(int(r.get("gate_accepted", 0)) for r in devices),
         "gate_rejected": sum(int(r.get("gate_rejected", 0)) for r in devices),
         "gate_waiting": sum(int(r.get("gate_waiting", 0)) for r in devices),
+        # devices with no adapter of their own whose user's feedback picked the global adapter ([federated] cold_adoption)
+        "using_global_adapter": sum(int(r.get("uses_global", 0)) for r in devices),
         "fleet_virtual_seconds": sum(r["virtual_round_s"] for r in rounds),
         "wall_seconds": wall_seconds,
         "device_rounds_per_second": len(ok) / wall_seconds if wall_seconds > 0 else math.nan,
@@ -137,6 +139,8 @@ def format_summary(summary: dict[str, Any]) -> str:
         ("satisfaction (accept rate), base", fmt_ci(summary["base_satisfaction"])),
         ("adapters kept / rejected by the gate / waiting",
          f"{summary.get('gate_accepted', 0)} / {summary.get('gate_rejected', 0)} / {summary.get('gate_waiting', 0)}"),
+        *([("devices without an adapter using the global one", str(summary["using_global_adapter"]))]
+          if summary.get("using_global_adapter") else []),
         ("devices that participated", str(summary["devices_participated"])),
         ("device-rounds completed", str(summary["device_rounds"])),
         ("stragglers / dropped / failed", f"{summary['stragglers']} / {summary['dropped']} / {summary['failed']}"

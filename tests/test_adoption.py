@@ -73,3 +73,85 @@ def test_recent_questions_are_the_latest_by_stream_index():
     assert [it.index for it in recent_questions(list(reversed(items)), 2)] == [2, 3]
     with pytest.raises(ValueError, match="count must be >= 1"):
         recent_questions(items, 0)
+
+
+# ----------------------------------------------------------------- in the fleet's device round
+
+
+@pytest.fixture(scope="module")
+def cold_settings(tiny_model_dir) -> Settings:
+    return Settings.model_validate({
+        "model": {"path": str(tiny_model_dir)},
+        "population": {"num_devices": 4, "stream_length": 30, "heldout": 2},
+        "synthesis": {"rewrites": 1, "method": "fallback"},
+        "adaptation": {"lora_rank": 4, "min_items": 1000},  # never trains: a device without an adapter of its own
+        "evaluation": {"max_new_tokens": 12},
+        "federated": {"strategy": "global", "cold_adoption": 6},
+    })
+
+
+def _cold_device(cold_settings, runtime, preferred_by):
+    """A new device whose buffer holds stream questions whose user prefers `preferred_by(questions)`."""
+    from dataclasses import replace
+
+    from fedasls.device import Device
+
+    device = Device(0, runtime, cold_settings, lora_rank=2)
+    stream = [it for it in runtime.population.stream(0) if it.kind == "valuable"][:6]
+    answers = preferred_by([it.question for it in stream])
+    device.observe([replace(it, preferred=a) for it, a in zip(stream, answers)])
+    assert device.selector.interactions()
+    return device
+
+
+def _downlink_with_update(cold_settings, runtime):
+    from fedasls.federated.client import Downlink
+    from fedasls.federated.layout import adapter_layout
+
+    gen = torch.Generator().manual_seed(4)
+    shared = {k: torch.randn(shape, generator=gen) * (0.5 if "lora_B" in k else 1.0)
+              for k, shape in adapter_layout(cold_settings).items()}
+    return Downlink.from_settings(cold_settings, shared)
+
+
+def test_a_cold_device_uses_the_global_adapter_only_where_its_user_prefers_it(cold_settings):
+    from fedasls.device import Device
+    from fedasls.federated.client import adapt_from_global, global_model_adapter
+
+    runtime = DeviceRuntime(cold_settings)
+    downlink = _downlink_with_update(cold_settings, runtime)
+    model = runtime.activate(2, cold_settings.adaptation)
+    alone = global_model_adapter(adapter_state(model), downlink)
+
+    def global_answers(questions):
+        load_adapter_state(model, alone)
+        return generate(model, runtime.prompts, questions, max_new_tokens=12)
+
+    def base_answers(questions):
+        load_adapter_state(model, {k: torch.zeros_like(v) if "lora_B" in k else v for k, v in alone.items()})
+        return generate(model, runtime.prompts, questions, max_new_tokens=12)
+
+    likes_global = _cold_device(cold_settings, runtime, global_answers)
+    assert adapt_from_global(likes_global, downlink) is None  # nothing trained (min_items)
+    assert likes_global.adapter is None and likes_global.shared_model is not None
+    assert all(torch.equal(likes_global.shared_model[k], alone[k]) for k in alone)
+    questions = [it.question for it in likes_global.selector.interactions()]
+    assert global_answers(questions) != base_answers(questions)  # else the checks below could not tell them apart
+    assert generate(likes_global.activate(), runtime.prompts, questions, max_new_tokens=12) == global_answers(questions)
+    restored = Device.from_state(likes_global.to_state(), runtime, cold_settings)
+    assert restored.shared_model is not None and all(torch.equal(restored.shared_model[k], alone[k]) for k in alone)
+
+    likes_base = _cold_device(cold_settings, runtime, base_answers)
+    adapt_from_global(likes_base, downlink)
+    assert likes_base.shared_model is None
+    assert generate(likes_base.activate(), runtime.prompts, questions, max_new_tokens=12) == base_answers(questions)
+
+    # a device with an adapter of its own never uses the adopted one
+    likes_global.adapter = {k: v.clone() for k, v in adapter_state(likes_global.activate()).items()}
+    adapt_from_global(likes_global, downlink)
+    assert likes_global.shared_model is None
+
+
+def test_cold_adoption_needs_the_global_strategy():
+    with pytest.raises(ValueError, match="cold_adoption = 4 needs strategy = 'global'"):
+        Settings.model_validate({"federated": {"strategy": "global+personal", "cold_adoption": 4}})

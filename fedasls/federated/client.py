@@ -24,12 +24,14 @@ from dataclasses import dataclass
 import torch
 from peft import PeftModel
 
-from fedasls.adaptation import adapter_state
+from fedasls.adaptation import adapter_state, reset_adapter
+from fedasls.federated.adoption import compare_by_feedback, recent_questions
 from fedasls.federated.clipping import clip
 from fedasls.federated.fedavg import TensorDict
 from fedasls.federated.init import global_shapes, initial_global
 from fedasls.federated.ranks import lora_kind, pad, rank_of, truncate
 from fedasls.federated.split import Shared
+from fedasls.timing import stage
 
 STRATEGIES = ("local", "global", "global+personal")
 
@@ -56,12 +58,14 @@ class Downlink:
     clip_norm: float
     shared: Mapping[str, torch.Tensor]  # the global adapter's shared tensors at max_rank, in the global order
     contribute: str = "trained"  # [federated] contribute: "trained" (every trained candidate) or "accepted"
+    cold_adoption: int = 0  # [federated] cold_adoption: questions a device without an adapter compares both models on
 
     @classmethod
     def from_settings(cls, settings, shared: Mapping[str, torch.Tensor]) -> "Downlink":
         """The downlink a run's settings ([federated], [adaptation] lora_rank) describe, with these tensors."""
         f = settings.federated
-        return cls(f.strategy, f.ffa, settings.adaptation.lora_rank, f.seed, f.clip_norm, shared, f.contribute)
+        return cls(f.strategy, f.ffa, settings.adaptation.lora_rank, f.seed, f.clip_norm, shared, f.contribute,
+                   f.cold_adoption)
 
 
 @dataclass(frozen=True)
@@ -125,6 +129,10 @@ def adapt_from_global(device, downlink: Downlink) -> Contribution | None:
     start = start_adapter(template, downlink, device.adapter)
     with frozen_lora_a(model) if downlink.ffa else contextlib.nullcontext():
         report = device.adapt(start=start)
+    if device.adapter is not None:
+        device.shared_model = None  # it has a model of its own now
+    elif downlink.cold_adoption:
+        device.shared_model = adopt_if_preferred(device, downlink, template)
     if downlink.contribute == "accepted":
         if report.status != "accepted" or device.adapter is None:
             return None  # nothing trained, or the device's gate kept its previous adapter
@@ -133,6 +141,23 @@ def adapt_from_global(device, downlink: Downlink) -> Contribution | None:
         return None  # nothing trained
     # The gate guards the device's own model; the average gains from every trained update.
     return contribution(start, device.candidate, downlink, report.examples)
+
+
+def adopt_if_preferred(device, downlink: Downlink, template: Mapping[str, torch.Tensor]) -> TensorDict | None:
+    """Cold-start adoption for a device with no adapter of its own: the global adapter at its rank if
+    its user's reactions to both models' answers on its `downlink.cold_adoption` most recent buffered
+    questions favour it over the base model, else None (fedasls.federated.adoption)."""
+    items = device.selector.interactions()
+    if not items:
+        return None
+    model = device.runtime.activate(device.lora_rank, device.settings.adaptation)
+    reset_adapter(model, seed=device.seed)  # B = 0: the base model
+    alone = global_model_adapter(template, downlink)
+    with stage("adopt"):
+        decision = compare_by_feedback(model, device.runtime.prompts, device.user,
+                                       recent_questions(items, downlink.cold_adoption), alone,
+                                       device.settings.evaluation.max_new_tokens)
+    return alone if decision.adopt else None
 
 
 def global_model_adapter(template: Mapping[str, torch.Tensor], downlink: Downlink) -> TensorDict:

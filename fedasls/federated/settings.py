@@ -27,6 +27,11 @@ class FederatedSettings(BaseModel):
         "trained", description="Which devices send an update: every device that trained a candidate (the gate "
         "guards only its own model), or only those whose gate accepted it.",
     )
+    cold_adoption: int = Field(
+        0, ge=0, description="Strategy global: a device with no adapter of its own shows its user the base model's and "
+        "the global adapter's answers to this many of its recent buffered questions and uses the global adapter until "
+        "it trains if the user's reactions favour it (fedasls/federated/adoption.py). 0 = the base model until it trains.",
+    )
     clip_norm: float = Field(1.0, gt=0, description="L2 bound of each device's whole update (clipped on the device).")
     server_lr: float = Field(1.0, gt=0, description="global += server_lr * aggregated update.")
     dp: bool = Field(False, description="User-level DP (DP-FedAvg): Gaussian noise on the sum of clipped updates.")
@@ -61,6 +66,9 @@ class FederatedSettings(BaseModel):
     def _ffa_needs_global(self) -> "FederatedSettings":
         if self.ffa and self.strategy != "global":
             raise ValueError(f"ffa = true needs strategy = 'global' (FFA-LoRA shares B only), got '{self.strategy}'")
+        if self.cold_adoption and self.strategy != "global":
+            raise ValueError(f"cold_adoption = {self.cold_adoption} needs strategy = 'global' (a device adopts the whole "
+                             f"global adapter; under '{self.strategy}' there is none to adopt); set it to 0")
         if self.dp and self.strategy == "local":
             raise ValueError("dp = true needs strategy = 'global' or 'global+personal' (local sends no update to noise)")
         if self.secure_aggregation != "none":
