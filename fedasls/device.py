@@ -382,7 +382,7 @@ class Device:
         if self.base_eval is None:
             with self.runtime.base_model() as base:
                 self.base_eval = evaluate(base, prompts, heldout, s.evaluation.max_new_tokens, user)
-        if self.adapter is None:
+        if self.adapter is None and self.shared_model is None:  # the base model
             self.last_eval = self.base_eval
         else:
             self.last_eval = evaluate(self.activate(), prompts, heldout, s.evaluation.max_new_tokens, user)

@@ -138,12 +138,16 @@ def test_a_cold_device_uses_the_global_adapter_only_where_its_user_prefers_it(co
     questions = [it.question for it in likes_global.selector.interactions()]
     assert global_answers(questions) != base_answers(questions)  # else the checks below could not tell them apart
     assert generate(likes_global.activate(), runtime.prompts, questions, max_new_tokens=12) == global_answers(questions)
+    personal, base = likes_global.evaluate()  # the adopted model is the one evaluated
+    assert personal.perplexity != base.perplexity
     restored = Device.from_state(likes_global.to_state(), runtime, cold_settings)
     assert restored.shared_model is not None and all(torch.equal(restored.shared_model[k], alone[k]) for k in alone)
 
     likes_base = _cold_device(cold_settings, runtime, base_answers)
     adapt_from_global(likes_base, downlink)
     assert likes_base.shared_model is None
+    personal, base = likes_base.evaluate()
+    assert personal == base
     assert generate(likes_base.activate(), runtime.prompts, questions, max_new_tokens=12) == base_answers(questions)
 
     # a device with an adapter of its own never uses the adopted one
