@@ -133,6 +133,7 @@ def adapt_from_global(device, downlink: Downlink) -> Contribution | None:
         device.shared_model = None  # it has a model of its own now
     elif downlink.cold_adoption:
         device.shared_model = adopt_if_preferred(device, downlink, template)
+        device.activate()  # the device's model again: the comparison left the global adapter loaded
     if downlink.contribute == "accepted":
         if report.status != "accepted" or device.adapter is None:
             return None  # nothing trained, or the device's gate kept its previous adapter
