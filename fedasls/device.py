@@ -124,6 +124,7 @@ class Device:
         self.heldback: set[int] = set()  # buffered items held back for the gate (never trained on)
         self.trained: set[int] = set()  # buffered items some adaptation trained on
         self.candidate: dict[str, torch.Tensor] | None = None  # the last adaptation's final candidate (not saved)
+        self.compared = 0  # questions this round's cold-start adoption answered with both models (not saved)
 
     # ------------------------------------------------------------------ stream
     def observe(self, interactions: list[Interaction], embeddings: np.ndarray | None = None) -> int:

@@ -174,8 +174,10 @@ def _run_device_round(device_id: int, now: float, runtime: DeviceRuntime, settin
         # epochs actually run (early stopping, retried candidates), per training example
         epochs=round(epoch_examples / examples) if examples else settings.adaptation.epochs,
         rank=device.lora_rank,
-        # held-out evaluation, plus the gate scoring the kept adapter and each candidate on the held-back items
-        eval_items=personal.n * (1 if had_base else 2) + sum((1 + r.attempts) * r.heldback for r in trained),
+        # held-out evaluation, the gate scoring the kept adapter and each candidate on the held-back items, and
+        # cold-start adoption answering its questions with both models
+        eval_items=personal.n * (1 if had_base else 2) + sum((1 + r.attempts) * r.heldback for r in trained)
+        + 2 * device.compared,
         upload_bytes=UPLOAD_BYTES + (_nbytes(contribution.update) if contribution else 0),
     )
     kept = keep(work)

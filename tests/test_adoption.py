@@ -133,6 +133,7 @@ def test_a_cold_device_uses_the_global_adapter_only_where_its_user_prefers_it(co
 
     likes_global = _cold_device(cold_settings, runtime, global_answers)
     assert adapt_from_global(likes_global, downlink) is None  # nothing trained (min_items)
+    assert likes_global.compared == min(6, len(likes_global.selector.interactions()))  # its cost for the virtual clock
     assert likes_global.adapter is None and likes_global.shared_model is not None
     assert all(torch.equal(likes_global.shared_model[k], alone[k]) for k in alone)
     questions = [it.question for it in likes_global.selector.interactions()]

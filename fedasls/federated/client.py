@@ -158,6 +158,7 @@ def adopt_if_preferred(device, downlink: Downlink, template: Mapping[str, torch.
         decision = compare_by_feedback(model, device.runtime.prompts, device.user,
                                        recent_questions(items, downlink.cold_adoption), alone,
                                        device.settings.evaluation.max_new_tokens)
+    device.compared = decision.n
     return alone if decision.adopt else None
 
 
