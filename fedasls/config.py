@@ -184,7 +184,8 @@ class AdaptationSettings(_Section):
     )
     drift_trigger: float = Field(0.5, ge=0, le=2, description="Profile drift above which the device re-tunes.")
     min_items: int = Field(
-        8, ge=1, description="Labelled buffered items (annotations + edits) before the first adapter is trained."
+        8, ge=1, description="Labelled buffered items (annotations + edits) before the first adapter is trained "
+        "(or every item of a full buffer that holds fewer)."
     )
     heldback_fraction: float = Field(0.25, ge=0, lt=1, description="Share of labelled items held back for the gate.")
     heldback_min: int = Field(3, ge=1, description="Held-back near-duplicate groups at least (groups never split).")

@@ -259,7 +259,10 @@ class Device:
                                                 can_paraphrase=self.runtime.can_paraphrase(s.synthesis))
         status, result, rewrites, examples, first_run, gated = "waiting", None, [], [], None, 0
         first = self.adapter is None
-        if first and len(own) < a.min_items:
+        # A full buffer that holds fewer than min_items items (a small budget, large embeddings) could
+        # never reach min_items: there, every buffered item labelled is enough.
+        needed = min(a.min_items, len(items)) if self.selector.buffer.is_full() else a.min_items
+        if first and len(own) < needed:
             status = "waiting"  # too few labelled items for a first adapter worth gating
         elif len(heldback) < 1 or not train_own:
             status = "waiting"  # no held-back slice (all items are one near-duplicate group) or nothing to train on

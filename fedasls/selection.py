@@ -219,6 +219,11 @@ class Buffer:
     def domain_counts(self) -> dict[str, int]:
         return {d: len(v) for d, v in self._domains.items() if v}
 
+    def is_full(self) -> bool:
+        """True when an item of the buffered items' mean size would not fit without an eviction."""
+        n = len(self)
+        return n > 0 and self.used_bytes + self.used_bytes / n > self.budget_bytes
+
     def fits(self, item: BufferItem, freed: int = 0) -> bool:
         return self.used_bytes - freed + item.nbytes <= self.budget_bytes
 

@@ -122,6 +122,24 @@ def test_no_first_adapter_before_min_items(runtime, settings):
     assert second.annotated == 6 and second.status in ("accepted", "rejected") and second.examples > 0
 
 
+def test_a_full_buffer_smaller_than_min_items_does_not_wait_forever(runtime, settings):
+    tiny_buffer = settings.model_copy(update={
+        "selection": settings.selection.model_copy(update={"buffer_bytes": 2500}),
+        "adaptation": settings.adaptation.model_copy(update={"min_items": 50}),
+    })
+    device = Device(2, runtime, tiny_buffer, options=NO_FEEDBACK)
+    device.catch_up()
+    buffer = device.selector.buffer
+    assert buffer.is_full() and 2 <= len(buffer) < 50
+    report = device.adapt()
+    assert report.annotated == len(buffer) and report.status in ("accepted", "rejected") and report.examples > 0
+    # with room left in the buffer, min_items still holds
+    roomy = Device(2, runtime, tiny_buffer.model_copy(update={
+        "selection": settings.selection.model_copy(update={"buffer_bytes": 10**6})}), options=NO_FEEDBACK)
+    roomy.catch_up()
+    assert not roomy.selector.buffer.is_full() and roomy.adapt().status == "waiting"
+
+
 def test_gate_rejects_an_adapter_trained_on_wrong_answers_and_keeps_the_old_one(runtime, settings):
     device = Device(3, runtime, settings, options=NO_FEEDBACK)
     device.catch_up()
