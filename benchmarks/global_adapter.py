@@ -27,6 +27,7 @@ import argparse
 import json
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -35,8 +36,7 @@ import torch
 from fedasls.adaptation import adapter_state
 from fedasls.config import load_settings
 from fedasls.device_round import load_device, run_device_round
-from fedasls.federated.adoption import compare_by_feedback, recent_questions
-from fedasls.federated.client import Downlink, global_model_adapter, shared_part_of
+from fedasls.federated.client import Downlink, cold_start_choice, global_model_adapter, shared_part_of
 from fedasls.federated.fedavg import add, fedavg
 from fedasls.federated.init import initial_global
 from fedasls.federated.layout import adapter_layout
@@ -102,13 +102,11 @@ def run(strategy: str, args: argparse.Namespace, root: Path) -> dict:
         if d in trained:
             out["personal"][d] = personal.rouge1
         if final is not None:
-            alone = global_model_adapter(adapter_state(runtime.activate(device.lora_rank, settings.adaptation)), final)
+            template = adapter_state(runtime.activate(device.lora_rank, settings.adaptation))
+            alone = global_model_adapter(template, final)
             if args.adoption and d not in trained:
                 device.catch_up(until=STREAM_EPOCH + now)  # the stream a new device has seen by the last round
-                items = device.selector.interactions()
-                decision = compare_by_feedback(
-                    device.activate(), runtime.prompts, device.user,
-                    recent_questions(items, args.adoption) if items else [], alone, settings.evaluation.max_new_tokens)
+                decision, _ = cold_start_choice(device, replace(final, cold_adoption=args.adoption), template)
                 out["adopted"][d] = {"adopt": decision.adopt, "global_value": decision.global_value,
                                      "base_value": decision.base_value, "n": decision.n}
             device.adapter = alone

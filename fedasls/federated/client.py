@@ -25,7 +25,7 @@ import torch
 from peft import PeftModel
 
 from fedasls.adaptation import adapter_state, reset_adapter
-from fedasls.federated.adoption import compare_by_feedback, recent_questions
+from fedasls.federated.adoption import Adoption, compare_by_feedback, recent_questions
 from fedasls.federated.clipping import clip
 from fedasls.federated.fedavg import TensorDict
 from fedasls.federated.init import global_shapes, initial_global
@@ -132,7 +132,8 @@ def adapt_from_global(device, downlink: Downlink) -> Contribution | None:
     if device.adapter is not None:
         device.shared_model = None  # it has a model of its own now
     elif downlink.cold_adoption:
-        device.shared_model = adopt_if_preferred(device, downlink, template)
+        decision, alone = cold_start_choice(device, downlink, template)
+        device.shared_model = alone if decision.adopt else None
         device.activate()  # the device's model again: the comparison left the global adapter loaded
     if downlink.contribute == "accepted":
         if report.status != "accepted" or device.adapter is None:
@@ -144,22 +145,21 @@ def adapt_from_global(device, downlink: Downlink) -> Contribution | None:
     return contribution(start, device.candidate, downlink, report.examples)
 
 
-def adopt_if_preferred(device, downlink: Downlink, template: Mapping[str, torch.Tensor]) -> TensorDict | None:
-    """Cold-start adoption for a device with no adapter of its own: the global adapter at its rank if
-    its user's reactions to both models' answers on its `downlink.cold_adoption` most recent buffered
-    questions favour it over the base model, else None (fedasls.federated.adoption)."""
+def cold_start_choice(device, downlink: Downlink, template: Mapping[str, torch.Tensor]) -> tuple[Adoption, TensorDict]:
+    """Cold-start adoption for a device with no adapter of its own: its user's verdict on the base
+    model against the global adapter at its rank (`template`'s names and shapes), compared on its
+    `downlink.cold_adoption` most recent buffered questions, and that adapter
+    (fedasls.federated.adoption). Leaves the global adapter loaded in the shared model."""
     items = device.selector.interactions()
-    if not items:
-        return None
     model = device.runtime.activate(device.lora_rank, device.settings.adaptation)
     reset_adapter(model, seed=device.seed)  # B = 0: the base model
     alone = global_model_adapter(template, downlink)
     with stage("adopt"):
         decision = compare_by_feedback(model, device.runtime.prompts, device.user,
-                                       recent_questions(items, downlink.cold_adoption), alone,
+                                       recent_questions(items, downlink.cold_adoption) if items else [], alone,
                                        device.settings.evaluation.max_new_tokens)
     device.compared = decision.n
-    return alone if decision.adopt else None
+    return decision, alone
 
 
 def global_model_adapter(template: Mapping[str, torch.Tensor], downlink: Downlink) -> TensorDict:
