@@ -9,6 +9,11 @@ accept/reject counts and per-tier figures.
 
     python benchmarks/adaptation_fleet.py                           # quickstart defaults
     python benchmarks/adaptation_fleet.py --set adaptation.learning_rate=3e-3 --out results/lr3e-3.csv
+    python benchmarks/adaptation_fleet.py --set ... --baseline results/adaptation_fleet.csv   # paired vs a run
+
+With `--baseline CSV` (a per-device CSV of an earlier run on the same scenario), it also prints the
+paired difference of ROUGE-1 uplift over the devices both runs completed (95% CI) and the training
+and device CPU seconds of both runs.
 """
 
 from __future__ import annotations
@@ -34,7 +39,52 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     p.add_argument("--jobs", type=int, default=2, help="worker processes (default 2)")
     p.add_argument("--out", default="results/adaptation_fleet.csv", help="per-device CSV")
-    return p.parse_args(argv)
+    p.add_argument("--baseline", metavar="CSV", help="an earlier run's per-device CSV: print the paired difference")
+    args = p.parse_args(argv)
+    if args.baseline and not Path(args.baseline).is_file():
+        p.error(f"--baseline {args.baseline}: no such file; pass the --out CSV of an earlier run")
+    if args.baseline and Path(args.baseline).resolve() == Path(args.out).resolve():
+        p.error(f"--baseline and --out are the same file ({args.out}); write this run elsewhere with --out")
+    return args
+
+
+def read_rows(path: Path) -> list[dict]:
+    """Device rows of a CSV written by this benchmark, numbers parsed back."""
+    import csv
+
+    def value(text: str):
+        try:
+            return int(text)
+        except ValueError:
+            try:
+                return float(text)
+            except ValueError:
+                return text
+
+    with path.open(newline="") as f:
+        return [{k: value(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def paired_difference(rows: list[dict], baseline_rows: list[dict]) -> dict:
+    """This run minus the baseline: per-device ROUGE-1 uplift (last completed round) on the devices
+    both completed, with a 95% CI; and both runs' training and device CPU seconds."""
+    from fedasls.stats import mean_ci
+    from simulations.report import last_participation
+
+    ours = {r["device_id"]: r for r in last_participation(rows)}
+    theirs = {r["device_id"]: r for r in last_participation(baseline_rows)}
+    common = sorted(set(ours) & set(theirs))
+    if not common:
+        raise ValueError("the baseline CSV shares no completed device with this run: is it the same scenario?")
+    diff = [(ours[d]["rouge1"] - ours[d]["base_rouge1"]) - (theirs[d]["rouge1"] - theirs[d]["base_rouge1"])
+            for d in common]
+
+    def total(key: str, table: list[dict]) -> float:
+        return sum(float(r.get(key) or 0.0) for r in table)
+
+    return {"devices": len(common), "uplift_difference": mean_ci(diff),
+            "train_cpu_s": (total("stage_train_cpu_s", rows), total("stage_train_cpu_s", baseline_rows)),
+            "device_cpu_s": (total("cpu_s", rows), total("cpu_s", baseline_rows))}
 
 
 def cohorts(settings) -> list[tuple[int, float, list[int]]]:
@@ -162,6 +212,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
         t = [r["rouge1"] - r["base_rouge1"] for r in devices if r["tier"] == tier]
         if t:
             print(f"  tier {tier:<4} n={len(t):>2} uplift {ci(t)}")
+    if args.baseline:
+        d = paired_difference(rows, read_rows(Path(args.baseline)))
+        m, lo, hi = d["uplift_difference"]
+        print(f"paired vs {args.baseline} ({d['devices']} devices): uplift difference {m:+.4f} [{lo:+.4f}, {hi:+.4f}]; "
+              f"training CPU s {d['train_cpu_s'][0]:.1f} vs {d['train_cpu_s'][1]:.1f}, "
+              f"device CPU s {d['device_cpu_s'][0]:.1f} vs {d['device_cpu_s'][1]:.1f}")
     print(f"CSV: {out}")
     return devices
 

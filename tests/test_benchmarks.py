@@ -67,6 +67,15 @@ def test_adaptation_fleet_summarizes_each_devices_last_round(tiny_model_dir, tmp
     assert all(0 <= d["rouge1"] <= 1 and 0 <= d["base_rouge1"] <= 1 for d in devices)
     with out.open() as f:
         assert len(list(csv.DictReader(f))) >= len(devices)  # one row per device round
+    # --baseline: the paired difference against an earlier run's CSV (here: itself, then one device better)
+    rows = adaptation_fleet.read_rows(out)
+    same = adaptation_fleet.paired_difference(rows, rows)
+    assert same["devices"] == len(devices) and same["uplift_difference"] == (0.0, 0.0, 0.0)
+    last = max((r for r in rows if r["device_id"] == devices[0]["device_id"] and r["status_code"] == 0),
+               key=lambda r: r["round"])
+    better = [dict(r, rouge1=r["rouge1"] + 0.1) if r is last else r for r in rows]
+    assert adaptation_fleet.paired_difference(better, rows)["uplift_difference"][0] == pytest.approx(0.1 / len(devices))
+    assert same["train_cpu_s"][0] == same["train_cpu_s"][1] > 0
 
 
 def test_global_adapter_compares_strategies_on_cold_start_and_trained_devices(tiny_model_dir, tmp_path):
