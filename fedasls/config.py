@@ -226,6 +226,12 @@ class EvaluationSettings(_Section):
     max_new_tokens: int = Field(72, ge=1, description="Enough for a full preferred answer (~45 words).")
 
 
+def devices_per_round(population_size: int, cohort_size: int, overcommit: float) -> int:
+    """How many devices a round samples: ceil(cohort_size x overcommit), capped by the population
+    (the 1e-9 keeps 20 x 1.15 at 23 despite float rounding)."""
+    return min(population_size, math.ceil(cohort_size * overcommit - 1e-9))
+
+
 class SimulationSettings(_Section):
     """The fleet run: rounds, cohort, over-commitment, deadline, virtual clock, Ray workers."""
 
@@ -353,7 +359,7 @@ class Settings(_Section):
             raise ValueError(
                 "[federated] secure_aggregation = 'secagg+' needs [simulation] devices_per_worker = 1: SecAgg+ has one "
                 "protocol participant per SuperNode, so a worker slot cannot run several devices")
-        sampled = min(self.population.num_devices, math.ceil(sim.cohort_size * sim.overcommit - 1e-9))
+        sampled = devices_per_round(self.population.num_devices, sim.cohort_size, sim.overcommit)
         if sampled < 2:
             raise ValueError(
                 f"[federated] secure_aggregation = 'secagg+' needs at least 2 devices per round, but ceil(cohort_size x "

@@ -42,6 +42,7 @@ from typing import Literal
 
 import numpy as np
 
+from fedasls.config import devices_per_round
 from fedasls.heterogeneity import HeterogeneityModel
 
 
@@ -105,7 +106,7 @@ class Coordinator:
     @property
     def target(self) -> int:
         """How many devices a round samples: ceil(cohort_size * overcommit), capped by population."""
-        return min(self.population_size, math.ceil(self.cohort_size * self.overcommit - 1e-9))
+        return devices_per_round(self.population_size, self.cohort_size, self.overcommit)
 
     @property
     def sample_rate(self) -> float:

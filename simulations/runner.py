@@ -27,7 +27,7 @@ from flwr.app import Message
 from flwr.simulation import run_simulation
 
 from clients.app import app as client_app
-from fedasls.config import Settings, load_settings
+from fedasls.config import Settings, devices_per_round, load_settings
 from fedasls.model import ensure_model
 from server.app import make_server_app
 from server.checkpoint import RunFailed
@@ -71,7 +71,7 @@ def plan_workers(settings: Settings, cluster_cpus: float | None = None,
 def num_slots(settings: Settings, devices_per_worker: int = 1) -> int:
     """SuperNodes to start: enough worker slots for one over-committed cohort."""
     sim = settings.simulation
-    target = min(settings.population.num_devices, math.ceil(sim.cohort_size * sim.overcommit - 1e-9))
+    target = devices_per_round(settings.population.num_devices, sim.cohort_size, sim.overcommit)
     return max(1, math.ceil(target / devices_per_worker))
 
 
