@@ -13,8 +13,10 @@ same content in the user's style (length, formality, signature) mentioning relev
 
 from __future__ import annotations
 
+import json
 import zlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -22,196 +24,20 @@ import numpy as np
 from fedasls.config import PopulationSettings
 from fedasls.interaction import Interaction, InteractionKind, Persona, STREAM_EPOCH
 
-# --------------------------------------------------------------------------------------
-# Domain data: topics (noun phrases), tips (imperative advice), domain question templates,
-# and personal facts as (first person, second person, advice, relevant domains).
-# --------------------------------------------------------------------------------------
+DOMAINS_PATH = Path(__file__).with_name("data") / "domains.json"
 
-_DOMAIN_DATA: dict[str, dict[str, Any]] = {
-    "cooking": {
-        "topics": ["sourdough bread", "pasta sauce", "cast iron skillet", "knife skills", "roast chicken",
-                   "vegetable stir fry", "spice blends", "soup stock", "baking cookies", "rice cooking",
-                   "meal prep", "marinades", "fresh herbs", "pie crust", "tofu", "oven temperature"],
-        "tips": ["preheat the oven fully before baking", "salt the pasta water generously",
-                 "let the dough rest overnight in the fridge", "sear the meat in a hot skillet first",
-                 "taste and season the sauce as it simmers", "chop the onions and garlic before you start",
-                 "toast whole spices in a dry pan", "keep your knife sharp and use a claw grip",
-                 "roast vegetables in a single layer on the tray", "marinate for at least an hour",
-                 "simmer the broth slowly with bones and herbs", "measure flour by weight for consistent baking"],
-        "questions": ["What can I cook tonight with {topic} and some leftovers?",
-                      "How long should I simmer {topic} for the best flavour?",
-                      "Is there an easy recipe that uses {topic}?",
-                      "How do I stop {topic} from tasting bland?"],
-        "facts": [("I am vegetarian", "you are vegetarian", "swap the meat for beans or tofu", ("cooking", "health")),
-                  ("I cook for a family of four", "you cook for four people", "double the portions and prep ahead", ("cooking", "parenting")),
-                  ("I only have a small kitchen with one burner", "you have a single burner", "pick one pot recipes", ("cooking",))],
-    },
-    "fitness": {
-        "topics": ["marathon training", "strength workouts", "squats", "deadlifts", "push ups", "stretching routine",
-                   "interval running", "gym schedule", "protein intake", "muscle soreness", "cardio sessions",
-                   "plank holds", "cycling workouts", "rest days", "warm up drills", "kettlebell swings"],
-        "tips": ["warm up with ten minutes of light jogging", "increase your weekly mileage by ten percent at most",
-                 "keep your back straight and brace your core", "rest two days between heavy lifting sessions",
-                 "add one more repetition each week", "stretch your hamstrings after every run",
-                 "track your sets and reps in a training log", "mix short sprints with easy recovery laps",
-                 "eat protein within an hour after training", "foam roll sore muscles gently",
-                 "swap running for cycling on recovery days", "focus on form before adding weight"],
-        "questions": ["How many sets of {topic} should I do per week?",
-                      "Should I do {topic} before or after cardio?",
-                      "How do I avoid injury during {topic}?",
-                      "What is a good weekly plan that combines {topic} and {topic2}?"],
-        "facts": [("I am training for a marathon", "you are training for a marathon", "build long runs on weekends", ("fitness", "health")),
-                  ("I have a bad knee", "your knee is sensitive", "choose low impact moves like cycling", ("fitness", "health")),
-                  ("I work out at home without a gym", "you train at home", "use bodyweight moves and resistance bands", ("fitness",))],
-    },
-    "finance": {
-        "topics": ["emergency fund", "monthly budget", "credit card debt", "index funds", "retirement savings",
-                   "student loans", "mortgage payments", "tax returns", "stock portfolio", "interest rates",
-                   "savings account", "pension contributions", "bond investments", "household expenses",
-                   "compound interest", "inflation"],
-        "tips": ["save three to six months of expenses in cash", "pay off the highest interest debt first",
-                 "automate a fixed transfer to savings every payday", "invest in low cost diversified index funds",
-                 "track every expense for one month", "avoid paying only the minimum on credit cards",
-                 "rebalance your portfolio once a year", "check your credit report for errors",
-                 "contribute enough to get the full employer match", "compare loan interest rates before refinancing",
-                 "keep receipts for deductible tax expenses", "review subscriptions and cancel unused ones"],
-        "questions": ["How much of my salary should go to {topic}?",
-                      "Is it smarter to focus on {topic} or {topic2} first?",
-                      "How do I lower the cost of {topic}?",
-                      "What does {topic} mean for my savings over ten years?"],
-        "facts": [("I am saving for a house deposit", "you are saving for a house deposit", "keep the deposit fund in a separate savings account", ("finance",)),
-                  ("I am a freelancer with irregular income", "your income is irregular", "budget from your lowest earning month", ("finance",)),
-                  ("I have student loans to repay", "you are repaying student loans", "check if your loan rate beats market returns", ("finance",))],
-    },
-    "travel": {
-        "topics": ["flight tickets", "hotel booking", "train passes", "carry on luggage", "travel insurance",
-                   "passport renewal", "airport layovers", "road trip routes", "hostel stays", "visa applications",
-                   "jet lag", "packing lists", "city sightseeing", "beach resorts", "currency exchange",
-                   "backpacking itinerary"],
-        "tips": ["book flights about two months ahead for better fares", "pack light and roll your clothes in the suitcase",
-                 "keep digital copies of your passport and visa", "buy a rail pass if you take several train trips",
-                 "arrive at the airport two hours before departure", "check visa rules before booking anything",
-                 "withdraw local currency at an atm instead of the airport booth",
-                 "adjust to local time on the first day to beat jet lag", "compare hostel and hotel reviews on several sites",
-                 "plan a loose itinerary with free afternoons", "buy travel insurance that covers cancellations",
-                 "carry a small daypack for city sightseeing"],
-        "questions": ["Where should I go for a long weekend with cheap {topic}?",
-                      "How far ahead should I sort out {topic} for a trip abroad?",
-                      "What do I need to check about {topic} before flying?",
-                      "How can I save money on {topic} and {topic2}?"],
-        "facts": [("I travel with two kids", "you travel with two kids", "pick family rooms and direct flights", ("travel", "parenting")),
-                  ("I am afraid of flying", "you are nervous about flying", "consider the train for shorter trips", ("travel",)),
-                  ("I only travel with a backpack", "you travel with a backpack only", "stick to carry on size limits", ("travel",))],
-    },
-    "health": {
-        "topics": ["sleep schedule", "blood pressure", "headaches", "vitamin d", "seasonal allergies", "cold symptoms",
-                   "hydration", "back pain", "stress levels", "cholesterol", "dental hygiene", "healthy diet",
-                   "eye strain", "flu vaccine", "posture", "migraines"],
-        "tips": ["keep a regular bedtime and wake time", "drink water steadily through the day",
-                 "see a doctor if symptoms last more than a week", "limit salt and processed food",
-                 "take short breaks from screens every hour", "get a flu vaccine each autumn",
-                 "floss daily and visit the dentist twice a year", "try slow breathing exercises to lower stress",
-                 "check your blood pressure at home regularly", "avoid caffeine late in the afternoon",
-                 "use an ergonomic chair to protect your posture", "ask a pharmacist about antihistamines for allergies"],
-        "questions": ["When should I see a doctor about {topic}?",
-                      "What natural ways are there to improve {topic}?",
-                      "Could {topic} be linked to {topic2}?",
-                      "What symptoms of {topic} should worry me?"],
-        "facts": [("I have mild asthma", "you have mild asthma", "keep your inhaler close", ("health", "fitness")),
-                  ("I am allergic to peanuts", "you are allergic to peanuts", "read labels for hidden nuts", ("health", "cooking")),
-                  ("I am pregnant", "you are pregnant", "check with your midwife first", ("health", "fitness", "parenting"))],
-    },
-    "programming": {
-        "topics": ["python scripts", "unit tests", "git branches", "sql queries", "javascript promises",
-                   "memory leaks", "api endpoints", "docker containers", "regular expressions", "code reviews",
-                   "recursion", "database indexes", "compiler errors", "linux shell", "type hints", "merge conflicts"],
-        "tips": ["write a small failing test before fixing the bug", "read the full stack trace from the bottom up",
-                 "commit small changes with clear messages", "add an index on the columns you filter by",
-                 "use a debugger instead of print statements", "pin your dependency versions",
-                 "rebase your branch on main before merging", "profile the code before optimizing anything",
-                 "handle errors explicitly at the api boundary", "keep functions short with one responsibility",
-                 "run the linter and formatter on every commit", "log the request and response when debugging endpoints"],
-        "questions": ["How do I debug {topic} that fail only in production?",
-                      "What is the cleanest way to structure {topic} in a large codebase?",
-                      "Why are my {topic} so slow and how do I speed them up?",
-                      "How do I explain {topic} to a junior developer?"],
-        "facts": [("I mostly code in Python", "you mostly use Python", "try pytest and the built in debugger", ("programming",)),
-                  ("I work on a legacy Java codebase", "you maintain legacy Java code", "refactor in small safe steps", ("programming",)),
-                  ("I am learning to code on my own", "you are learning to code on your own", "build one small project at a time", ("programming",))],
-    },
-    "gardening": {
-        "topics": ["tomato plants", "compost pile", "raised beds", "potting soil", "rose bushes", "herb garden",
-                   "lawn care", "seedlings", "fruit trees", "pruning shears", "aphids", "mulch", "watering schedule",
-                   "succulents", "vegetable patch", "fertilizer"],
-        "tips": ["water deeply in the early morning", "add a thick layer of mulch around the roots",
-                 "turn the compost every two weeks", "prune dead branches in late winter",
-                 "start seeds indoors six weeks before the last frost", "spray aphids off with soapy water",
-                 "rotate crops between beds each season", "use well drained potting soil for succulents",
-                 "feed tomatoes with a potassium rich fertilizer", "harden off seedlings outside for a week",
-                 "mow the lawn high to shade out weeds", "plant herbs where they get six hours of sun"],
-        "questions": ["Why are the leaves on my {topic} turning yellow?",
-                      "When is the best season to plant {topic}?",
-                      "How often should I water {topic} in summer?",
-                      "Can I grow {topic} next to {topic2}?"],
-        "facts": [("I garden on a small apartment balcony", "you garden on a balcony", "use deep containers", ("gardening",)),
-                  ("I have heavy clay soil", "your soil is heavy clay", "dig in compost to loosen it", ("gardening",)),
-                  ("I grow only organic vegetables", "you grow organic", "use neem oil instead of pesticides", ("gardening", "cooking"))],
-    },
-    "music": {
-        "topics": ["guitar chords", "piano scales", "music theory", "song writing", "drum rhythms", "vocal warm ups",
-                   "home recording", "sheet music", "ukulele strumming", "jazz improvisation", "metronome practice",
-                   "bass lines", "chord progressions", "concert tickets", "microphone setup", "ear training"],
-        "tips": ["practice slowly with a metronome and speed up gradually", "learn the major scale in every key",
-                 "warm up your voice with humming and lip trills", "record yourself and listen back critically",
-                 "practice chord changes for five minutes daily", "learn songs by ear before reading the tabs",
-                 "tune your guitar before every session", "use a pop filter when recording vocals",
-                 "study the circle of fifths for chord progressions", "play along with recordings of your favourite bands",
-                 "split practice into technique and repertoire", "rest your fingers when they start to hurt"],
-        "questions": ["How long does it take to get good at {topic}?",
-                      "What songs are good for practising {topic}?",
-                      "How do I make {topic} sound less robotic?",
-                      "Should I learn {topic} before {topic2}?"],
-        "facts": [("I play acoustic guitar", "you play acoustic guitar", "practise fingerpicking patterns", ("music",)),
-                  ("I sing in a community choir", "you sing in a choir", "work on breath support", ("music",)),
-                  ("I am a complete beginner at piano", "you are new to piano", "start with five finger exercises", ("music",))],
-    },
-    "pets": {
-        "topics": ["puppy training", "cat litter", "dog food", "vet visits", "leash walking", "flea treatment",
-                   "aquarium fish", "kitten vaccines", "dog grooming", "scratching posts", "hamster cages",
-                   "pet insurance", "separation anxiety", "chew toys", "bird cages", "rabbit diet"],
-        "tips": ["reward good behaviour with small treats right away", "walk your dog twice a day on a short leash",
-                 "scoop the litter box every day", "book a vet check up once a year", "apply flea treatment monthly",
-                 "brush long haired pets several times a week", "give your cat a tall scratching post",
-                 "leave a worn shirt with your dog to ease anxiety", "change a third of the aquarium water weekly",
-                 "feed measured portions instead of free feeding", "socialize puppies with other dogs early",
-                 "hide treats in puzzle toys to prevent boredom"],
-        "questions": ["Why does my pet ignore {topic}?",
-                      "How much should I spend on {topic} each month?",
-                      "Is {topic} safe for a young animal?",
-                      "How do I get my pet used to {topic}?"],
-        "facts": [("my dog Rex is a young beagle", "your beagle Rex is young", "keep Rex busy with sniffing games", ("pets",)),
-                  ("I have two indoor cats", "you have two indoor cats", "give each cat its own bowl", ("pets",)),
-                  ("my rabbit Luna lives indoors", "Luna lives indoors", "rabbit proof the cables", ("pets",))],
-    },
-    "parenting": {
-        "topics": ["toddler tantrums", "bedtime routine", "screen time", "homework help", "potty training",
-                   "picky eaters", "sibling rivalry", "school lunches", "baby sleep", "teen curfew", "pocket money",
-                   "daycare", "reading aloud", "family chores", "playdates", "newborn feeding"],
-        "tips": ["keep the same bedtime routine every night", "offer two simple choices to avoid power struggles",
-                 "set clear screen time limits together", "praise effort rather than results",
-                 "read aloud for twenty minutes before bed", "give small chores with a sticker chart",
-                 "stay calm and name the feeling during tantrums", "serve new foods next to familiar ones",
-                 "agree on a curfew and explain the reasons", "pack school lunches the night before",
-                 "schedule one on one time with each child", "let toddlers practise on the potty after meals"],
-        "questions": ["How do I handle {topic} without yelling?",
-                      "At what age should kids start {topic}?",
-                      "How can I make {topic} less stressful for the whole family?",
-                      "What do other parents do about {topic} and {topic2}?"],
-        "facts": [("I have a three year old daughter", "your daughter is three", "keep instructions short and playful", ("parenting",)),
-                  ("I am a single parent", "you parent on your own", "ask friends to share the load", ("parenting", "finance")),
-                  ("my son is a teenager", "your son is a teenager", "involve him in setting the rules", ("parenting",))],
-    },
-}
+
+def _load_domains() -> dict[str, dict[str, Any]]:
+    """The domain data (fedasls/data/domains.json): per domain, topics (noun phrases), tips
+    (imperative advice), question templates and personal facts as (first person, second person,
+    advice, relevant domains)."""
+    data = json.loads(DOMAINS_PATH.read_text(encoding="utf-8"))
+    for domain in data.values():
+        domain["facts"] = [(me, you, advice, tuple(domains)) for me, you, advice, domains in domain["facts"]]
+    return data
+
+
+_DOMAIN_DATA: dict[str, dict[str, Any]] = _load_domains()
 
 DOMAINS: tuple[str, ...] = tuple(_DOMAIN_DATA)
 """The ground-truth interest domains (chatter is not a domain)."""
