@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from fedasls.errors import FedaslsError
 from fedasls.federated.secagg_cost import shares_and_threshold
 from fedasls.federated.settings import FederatedSettings
-from fedasls.heterogeneity import HeterogeneitySettings
+from fedasls.heterogeneity import DEFAULT_BUFFER_BYTES, HeterogeneitySettings
 
 
 class ConfigError(FedaslsError, ValueError):
@@ -113,7 +113,9 @@ class SelectionSettings(_Section):
     """Bounded on-device buffer and its replacement policy (Qin et al.)."""
 
     policy: SelectionPolicyName = "full"
-    buffer_bytes: int = Field(16_384, ge=256, description="Buffer budget in bytes (text + embeddings).")
+    buffer_bytes: int = Field(
+        DEFAULT_BUFFER_BYTES, ge=256, description="Buffer budget in bytes (text + embeddings). In a fleet this is a mid-tier "
+        "device's (32 MB of storage); other devices scale it with their storage (low 0.5x, high 2x).")
     embedding: Literal["lm", "minilm"] = "lm"
     embed_batch_size: int = Field(16, ge=1)
 

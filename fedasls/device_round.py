@@ -116,7 +116,7 @@ def load_device(device_id: int, runtime: DeviceRuntime, settings: Settings, stor
             raise CorruptStateError(device_id, folder / MANIFEST, f"not a loadable device state: {err}", folder) from None
     profile = heterogeneity.profile(device_id)
     return Device(device_id, runtime, settings, lora_rank=min(profile.max_lora_rank, settings.adaptation.lora_rank),
-                  buffer_bytes=profile.buffer_bytes, options=options)
+                  buffer_bytes=profile.buffer_bytes(settings.selection.buffer_bytes), options=options)
 
 
 def run_device_round(

@@ -30,8 +30,11 @@ HOUR = 3_600.0
 
 # Memory (MB) -> the largest LoRA rank a device trains: below 4 GB rank 4, below 8 GB rank 8, else 16.
 RANK_BY_MEMORY_MB: tuple[tuple[float, int], ...] = ((4096.0, 4), (8192.0, 8), (math.inf, 16))
-# Storage set aside for personalization (MB) -> selection-buffer bytes (16 MB -> 8 KB, 64 MB -> 32 KB).
-BUFFER_BYTES_PER_STORAGE_MB = 512
+# Storage set aside for personalization (MB) -> selection-buffer bytes: `selection.buffer_bytes` is the budget of
+# a device with REFERENCE_STORAGE_MB (the mid tier); others scale with their storage (default 16 KiB:
+# 16 MB -> 8 KiB, 32 MB -> 16 KiB, 64 MB -> 32 KiB).
+REFERENCE_STORAGE_MB = 32.0
+DEFAULT_BUFFER_BYTES = 16_384
 BUFFER_BYTES_QUANTUM = 256
 
 
@@ -68,9 +71,10 @@ def lora_rank_for_memory(memory_mb: float) -> int:
     return RANK_BY_MEMORY_MB[-1][1]
 
 
-def buffer_bytes_for_storage(storage_mb: float) -> int:
-    """Selection-buffer budget for `storage_mb` of storage, rounded down to 256 bytes (min 256)."""
-    raw = int(storage_mb * BUFFER_BYTES_PER_STORAGE_MB)
+def buffer_bytes_for_storage(storage_mb: float, reference_bytes: int = DEFAULT_BUFFER_BYTES) -> int:
+    """Selection-buffer budget for `storage_mb` of storage: `reference_bytes` (selection.buffer_bytes)
+    scaled by storage_mb / REFERENCE_STORAGE_MB, rounded down to 256 bytes (min 256)."""
+    raw = int(storage_mb * reference_bytes / REFERENCE_STORAGE_MB)
     return max(BUFFER_BYTES_QUANTUM, raw // BUFFER_BYTES_QUANTUM * BUFFER_BYTES_QUANTUM)
 
 
@@ -161,11 +165,15 @@ class DeviceProfile:
     compute_speed: float
     bandwidth_mbps: float
     max_lora_rank: int
-    buffer_bytes: int
     dropout_prob: float
     availability: DailyAvailability
     memory_mb: float = 0.0
-    storage_mb: float = 0.0
+    storage_mb: float = REFERENCE_STORAGE_MB
+
+    def buffer_bytes(self, reference_bytes: int = DEFAULT_BUFFER_BYTES) -> int:
+        """This device's selection-buffer budget when a mid-tier device has `reference_bytes`
+        (selection.buffer_bytes)."""
+        return buffer_bytes_for_storage(self.storage_mb, reference_bytes)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -469,7 +477,6 @@ class HeterogeneityModel:
             compute_speed=speed,
             bandwidth_mbps=bandwidth,
             max_lora_rank=lora_rank_for_memory(memory),
-            buffer_bytes=buffer_bytes_for_storage(storage),
             dropout_prob=min(1.0, tier.dropout_prob * self.dropout_scale),
             availability=availability,
             memory_mb=memory,

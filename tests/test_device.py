@@ -9,7 +9,7 @@ import torch
 
 from fedasls.config import Settings
 from fedasls.device import Device, DeviceOptions
-from fedasls.device_round import run_device_round
+from fedasls.device_round import load_device, run_device_round
 from fedasls.simulated_timing import SimulatedTiming
 from fedasls.heterogeneity import HeterogeneityModel
 from fedasls.interaction import STREAM_EPOCH
@@ -44,6 +44,22 @@ def test_observe_keeps_buffer_within_budget_and_updates_profile(runtime, setting
     assert 0 < buf.used_bytes <= buf.budget_bytes
     assert device.profile.n_observed == 60
     assert device.cursor == 60 and device.catch_up() == 0
+
+
+def test_a_fleet_device_scales_the_configured_buffer_by_its_storage(runtime, settings, tmp_path):
+    """selection.buffer_bytes is a mid-tier device's budget in a fleet: a setting the fleet used to ignore."""
+    hetero = HeterogeneityModel.from_settings(settings.heterogeneity)
+    store = DeviceStore(tmp_path)
+    tiers = {}
+    for device_id in range(20):
+        tiers.setdefault(hetero.profile(device_id).tier, device_id)
+    assert {"low", "high"} <= set(tiers)
+    for budget in (8192, 65536):
+        s = settings.model_copy(update={"selection": settings.selection.model_copy(update={"buffer_bytes": budget})})
+        for tier, device_id in tiers.items():
+            storage = hetero.profile(device_id).storage_mb
+            got = load_device(device_id, runtime, s, store, hetero).selector.buffer.budget_bytes
+            assert abs(got - budget * storage / 32) <= 256, (tier, budget, got)
 
 
 def test_catch_up_respects_virtual_time(runtime, settings):

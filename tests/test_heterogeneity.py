@@ -51,12 +51,16 @@ def test_memory_and_storage_map_to_rank_and_buffer():
     assert buffer_bytes_for_storage(32) == 16384
     assert buffer_bytes_for_storage(64) == 32768
     assert buffer_bytes_for_storage(16.7) == 8448  # 8550.4 bytes rounded down to 256
+    assert buffer_bytes_for_storage(16, 65536) == 32768 and buffer_bytes_for_storage(64, 65536) == 131072
     model = HeterogeneityModel(seed=0)
     expected_rank = {"low": 4, "mid": 8, "high": 16}
     for i in range(300):
         p = model.profile(i)
         assert p.max_lora_rank == expected_rank[p.tier]
-        assert p.buffer_bytes == buffer_bytes_for_storage(p.storage_mb)
+        assert p.buffer_bytes() == buffer_bytes_for_storage(p.storage_mb)
+        # selection.buffer_bytes is a mid-tier device's budget; the others scale with their storage
+        assert p.buffer_bytes(65536) == buffer_bytes_for_storage(p.storage_mb, 65536)
+        assert abs(p.buffer_bytes(65536) - 4 * p.buffer_bytes()) < 4 * 256  # each rounded down to 256 bytes
         tier = DEFAULT_TIERS[p.tier]
         assert 0.9 * tier.storage_mb <= p.storage_mb <= 1.1 * tier.storage_mb
         assert p.compute_speed > 0 and p.bandwidth_mbps > 0
@@ -217,7 +221,7 @@ def test_settings_validate_and_build_model(tmp_path: Path):
 
 
 def _profile(speed: float, mbps: float, rank: int = 8) -> DeviceProfile:
-    return DeviceProfile(0, "mid", speed, mbps, rank, 16384, 0.0, DailyAvailability.always())
+    return DeviceProfile(0, "mid", speed, mbps, rank, 0.0, DailyAvailability.always())
 
 
 def test_cost_model_hand_computed_and_monotone():
