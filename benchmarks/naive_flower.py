@@ -52,10 +52,11 @@ def train(msg: Message, context: Context) -> Message:
     model, tokenizer = load_model(settings.model.path)  # every call, as the examples do
     prompts = PromptFormat(tokenizer)
     a = settings.adaptation
+    seed = settings.population.seed * 1_000_003 + device_id
+    torch.manual_seed(seed)  # peft draws the LoRA init from torch's global RNG: seed it, or runs differ
     model = attach_lora(model, a.lora_rank, a.lora_alpha, a.lora_dropout, "default", a.target_modules)
     data = [it for it in population.stream(device_id) if it.timestamp <= STREAM_EPOCH + now]
     examples = [TrainingExample(it.question, it.preferred) for it in data]
-    seed = settings.population.seed * 1_000_003 + device_id
     steps = train_adapter(model, prompts, examples, a, seed=seed).steps if examples else 0
     result = evaluate(model, prompts, population.heldout(device_id), settings.evaluation.max_new_tokens)
     metrics = {"device_id": device_id, "examples": len(examples), "steps": steps,
