@@ -16,6 +16,8 @@ from fedasls.interaction import STREAM_EPOCH
 from fedasls.runtime import DeviceRuntime
 from fedasls.store import DeviceStore
 
+from settings_update import updated
+
 
 @pytest.fixture(scope="module")
 def settings(tiny_model_dir) -> Settings:
@@ -55,7 +57,7 @@ def test_a_fleet_device_scales_the_configured_buffer_by_its_storage(runtime, set
         tiers.setdefault(hetero.profile(device_id).tier, device_id)
     assert {"low", "high"} <= set(tiers)
     for budget in (8192, 65536):
-        s = settings.model_copy(update={"selection": settings.selection.model_copy(update={"buffer_bytes": budget})})
+        s = updated(settings, selection={"buffer_bytes": budget})
         for tier, device_id in tiers.items():
             storage = hetero.profile(device_id).storage_mb
             got = load_device(device_id, runtime, s, store, hetero).selector.buffer.budget_bytes
@@ -213,14 +215,14 @@ def test_trigger_waits_until_half_the_buffer_is_new(runtime, settings):
 
 
 def test_devices_with_different_settings_share_one_runtime(runtime, settings):
-    other = settings.model_copy(update={"selection": settings.selection.model_copy(update={"policy": "fifo"})})
+    other = updated(settings, selection={"policy": "fifo"})
     full, fifo = Device(13, runtime, settings), Device(13, runtime, other)
     for device in (full, fifo):
         device.catch_up()
     assert full.settings.selection.policy == "full" and fifo.settings.selection.policy == "fifo"
     assert [it.index for it in full.selector.interactions()] != [it.index for it in fifo.selector.interactions()]
     # a device whose settings need another model or population is refused, not silently run
-    bigger = settings.model_copy(update={"population": settings.population.model_copy(update={"num_devices": 21})})
+    bigger = updated(settings, population={"num_devices": 21})
     with pytest.raises(ValueError, match="build a DeviceRuntime"):
         Device(13, runtime, bigger)
 

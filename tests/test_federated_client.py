@@ -16,6 +16,8 @@ from fedasls.federated.ranks import lora_kind, truncate
 from fedasls.federated.split import shared_part
 from fedasls.runtime import DeviceRuntime
 
+from settings_update import updated
+
 MAX_RANK = 4
 
 
@@ -135,7 +137,7 @@ def _logits(runtime, settings, rank: int, state) -> torch.Tensor:
 
 @pytest.mark.parametrize("scaling", ["uniform", "per-rank"])
 def test_a_truncated_global_adapter_is_the_same_update_only_under_uniform_scaling(settings, scaling):
-    shared = settings.model_copy(update={"federated": settings.federated.model_copy(update={"strategy": "global"})})
+    shared = updated(settings, federated={"strategy": "global"})
     chosen = Settings.model_validate(
         {**shared.model_dump(), "adaptation": {**shared.adaptation.model_dump(), "lora_scaling": scaling}}
     )

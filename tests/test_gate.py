@@ -17,6 +17,8 @@ from fedasls.population import SyntheticPopulation, near_duplicate
 from fedasls.prompts import PromptFormat
 from fedasls.runtime import DeviceRuntime
 
+from settings_update import updated
+
 NO_FEEDBACK = DeviceOptions(use_feedback=False)  # training data = the user's annotations only
 
 
@@ -109,10 +111,7 @@ def test_early_stopping_stops_and_keeps_the_best_epoch(tiny_lm):
 
 
 def test_no_first_adapter_before_min_items(runtime, settings):
-    few = settings.model_copy(update={
-        "feedback": settings.feedback.model_copy(update={"annotation_budget": 3}),
-        "adaptation": settings.adaptation.model_copy(update={"min_items": 5}),
-    })
+    few = updated(settings, feedback={"annotation_budget": 3}, adaptation={"min_items": 5})
     device = Device(2, runtime, few, options=NO_FEEDBACK)
     device.catch_up()
     first = device.adapt()
@@ -123,10 +122,7 @@ def test_no_first_adapter_before_min_items(runtime, settings):
 
 
 def test_a_full_buffer_smaller_than_min_items_does_not_wait_forever(runtime, settings):
-    tiny_buffer = settings.model_copy(update={
-        "selection": settings.selection.model_copy(update={"buffer_bytes": 2500}),
-        "adaptation": settings.adaptation.model_copy(update={"min_items": 50}),
-    })
+    tiny_buffer = updated(settings, selection={"buffer_bytes": 2500}, adaptation={"min_items": 50})
     device = Device(2, runtime, tiny_buffer, options=NO_FEEDBACK)
     device.catch_up()
     buffer = device.selector.buffer
@@ -134,8 +130,7 @@ def test_a_full_buffer_smaller_than_min_items_does_not_wait_forever(runtime, set
     report = device.adapt()
     assert report.annotated == len(buffer) and report.status in ("accepted", "rejected") and report.examples > 0
     # with room left in the buffer, min_items still holds
-    roomy = Device(2, runtime, tiny_buffer.model_copy(update={
-        "selection": settings.selection.model_copy(update={"buffer_bytes": 10**6})}), options=NO_FEEDBACK)
+    roomy = Device(2, runtime, updated(tiny_buffer, selection={"buffer_bytes": 10**6}), options=NO_FEEDBACK)
     roomy.catch_up()
     assert not roomy.selector.buffer.is_full() and roomy.adapt().status == "waiting"
 
@@ -239,9 +234,9 @@ def test_length_batches_cover_every_item_once_with_less_padding():
 def test_rejected_candidate_is_followed_by_its_own_earlier_epochs_then_retraining(runtime, settings, retrain):
     from fedasls.timing import record
 
-    s = settings.model_copy(update={"adaptation": settings.adaptation.model_copy(update={
+    s = updated(settings, adaptation={
         "gate_margin": 10.0, "patience": 10, "shrink_scales": [1.0],  # no candidate can win by 10 nats
-        "retry_epochs": [1, 2, 9], "retry_learning_rates": retrain})})
+        "retry_epochs": [1, 2, 9], "retry_learning_rates": retrain})
     device = Device(5, runtime, s, options=NO_FEEDBACK)
     device.catch_up()
     with record() as timer:
