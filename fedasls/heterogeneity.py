@@ -170,9 +170,9 @@ class DeviceProfile:
     memory_mb: float = 0.0
     storage_mb: float = REFERENCE_STORAGE_MB
 
-    def buffer_bytes(self, reference_bytes: int = DEFAULT_BUFFER_BYTES) -> int:
+    def buffer_bytes(self, reference_bytes: int) -> int:
         """This device's selection-buffer budget when a mid-tier device has `reference_bytes`
-        (selection.buffer_bytes)."""
+        (selection.buffer_bytes; no default, so a caller cannot drop the setting by omission)."""
         return buffer_bytes_for_storage(self.storage_mb, reference_bytes)
 
     def to_dict(self) -> dict[str, Any]:

@@ -57,10 +57,10 @@ def test_memory_and_storage_map_to_rank_and_buffer():
     for i in range(300):
         p = model.profile(i)
         assert p.max_lora_rank == expected_rank[p.tier]
-        assert p.buffer_bytes() == buffer_bytes_for_storage(p.storage_mb)
+        assert p.buffer_bytes(16384) == buffer_bytes_for_storage(p.storage_mb)
         # selection.buffer_bytes is a mid-tier device's budget; the others scale with their storage
         assert p.buffer_bytes(65536) == buffer_bytes_for_storage(p.storage_mb, 65536)
-        assert abs(p.buffer_bytes(65536) - 4 * p.buffer_bytes()) < 4 * 256  # each rounded down to 256 bytes
+        assert abs(p.buffer_bytes(65536) - 4 * p.buffer_bytes(16384)) < 4 * 256  # each rounded down to 256 bytes
         tier = DEFAULT_TIERS[p.tier]
         assert 0.9 * tier.storage_mb <= p.storage_mb <= 1.1 * tier.storage_mb
         assert p.compute_speed > 0 and p.bandwidth_mbps > 0
