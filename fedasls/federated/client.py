@@ -156,7 +156,7 @@ def cold_start_choice(device, downlink: Downlink, template: Mapping[str, torch.T
     alone = global_model_adapter(template, downlink)
     with stage("adopt"):
         decision = compare_by_feedback(model, device.runtime.prompts, device.user,
-                                       recent_questions(items, downlink.cold_adoption) if items else [], alone,
+                                       recent_questions(items, downlink.cold_adoption), alone,
                                        device.settings.evaluation.max_new_tokens)
     device.compared = decision.n
     return decision, alone
