@@ -29,7 +29,7 @@ UPLOAD_BYTES = 512  # a reply of scalar metrics; a later global-adapter update a
 
 @dataclass(frozen=True)
 class RoundWork:
-    """What a device did in one round, in the cost model's units (see heterogeneity.WORK_KEYS)."""
+    """What a device did in one round, in the cost model's units (see cost_model.WORK_KEYS)."""
 
     embed_items: int
     train_examples: int

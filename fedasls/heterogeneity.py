@@ -1,4 +1,4 @@
-"""Device heterogeneity: tiers, per-device profiles, availability, and the cost model.
+"""Device heterogeneity: tiers and the per-device profiles drawn from them.
 
 Every simulated device gets a `DeviceProfile` (compute speed, bandwidth, the LoRA rank its
 memory allows, the buffer its storage allows, a dropout probability and a daily availability
@@ -6,8 +6,8 @@ pattern). Profiles are generated lazily and deterministically from `(seed, devic
 generating one costs the same for a population of ten or ten million.
 
 Optionally, compute speed, bandwidth and availability come from FedScale traces
-(`load_fedscale_traces`). The `CostModel` turns a device's work into simulated seconds for
-the coordinator's virtual clock.
+(`fedasls.fedscale_traces`). Availability windows live in `fedasls.availability`; the cost
+model that turns a device's work into simulated seconds in `fedasls.cost_model`.
 """
 
 from __future__ import annotations
@@ -15,9 +15,7 @@ from __future__ import annotations
 import bisect
 import functools
 import math
-import pickle
-from dataclasses import asdict, dataclass, field
-from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from statistics import NormalDist
 from typing import Any, Literal
@@ -25,8 +23,8 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-DAY_SECONDS = 86_400.0
-HOUR = 3_600.0
+from fedasls.availability import DailyAvailability, diurnal_availability
+from fedasls.fedscale_traces import load_fedscale_traces
 
 # Memory (MB) -> the largest LoRA rank a device trains: below 4 GB rank 4, below 8 GB rank 8, else 16.
 RANK_BY_MEMORY_MB: tuple[tuple[float, int], ...] = ((4096.0, 4), (8192.0, 8), (math.inf, 16))
@@ -78,84 +76,6 @@ def buffer_bytes_for_storage(storage_mb: float, reference_bytes: int = DEFAULT_B
     return max(BUFFER_BYTES_QUANTUM, raw // BUFFER_BYTES_QUANTUM * BUFFER_BYTES_QUANTUM)
 
 
-class DailyAvailability:
-    """On/off windows repeating with a period (a 24 h day by default).
-
-    `windows` are half-open `[start, end)` seconds; on construction they may wrap past the
-    period (e.g. charging 22:00 -> 06:00) and overlap: they are folded into `[0, period)`,
-    split at the period boundary and merged.
-    """
-
-    def __init__(self, windows: list[tuple[float, float]] | tuple[tuple[float, float], ...] = (), period_s: float = DAY_SECONDS):
-        if not period_s > 0:
-            raise HeterogeneityError(f"availability period_s must be > 0, got {period_s}")
-        pieces: list[tuple[float, float]] = []
-        for start, end in windows:
-            start, end = float(start), float(end)
-            if not end >= start:
-                raise HeterogeneityError(f"availability window ({start}, {end}) ends before it starts")
-            if end - start >= period_s:
-                pieces = [(0.0, period_s)]
-                break
-            s = start % period_s
-            e = s + (end - start)
-            if e <= period_s:
-                pieces.append((s, e))
-            else:
-                pieces.extend([(s, period_s), (0.0, e - period_s)])
-        merged: list[list[float]] = []
-        for s, e in sorted(p for p in pieces if p[1] > p[0]):
-            if merged and s <= merged[-1][1]:
-                merged[-1][1] = max(merged[-1][1], e)
-            else:
-                merged.append([s, e])
-        self.period_s = float(period_s)
-        self.windows: tuple[tuple[float, float], ...] = tuple((s, e) for s, e in merged)
-        self._starts = [s for s, _ in self.windows]
-        flips = {s for s, _ in self.windows} | {e % self.period_s for _, e in self.windows}
-        wraps = bool(self.windows) and self.windows[0][0] == 0.0 and self.windows[-1][1] == self.period_s
-        if wraps:  # on across the period boundary: 0 is not a change
-            flips.discard(0.0)
-        self._flips = sorted(flips)
-
-    @classmethod
-    def always(cls, period_s: float = DAY_SECONDS) -> "DailyAvailability":
-        return cls([(0.0, period_s)], period_s)
-
-    def is_available(self, t_seconds: float) -> bool:
-        """Whether the device is on at absolute time `t_seconds` (taken modulo the period)."""
-        tod = t_seconds % self.period_s
-        i = bisect.bisect_right(self._starts, tod) - 1
-        return i >= 0 and tod < self.windows[i][1]
-
-    def next_change(self, t_seconds: float) -> float:
-        """The first absolute time > `t_seconds` at which availability flips (inf if never)."""
-        if not self._flips:
-            return math.inf
-        tod = t_seconds % self.period_s
-        base = t_seconds - tod
-        i = bisect.bisect_right(self._flips, tod)
-        if i < len(self._flips):
-            return base + self._flips[i]
-        return base + self.period_s + self._flips[0]
-
-    def available_fraction(self) -> float:
-        return sum(e - s for s, e in self.windows) / self.period_s
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"period_s": self.period_s, "windows": [list(w) for w in self.windows]}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "DailyAvailability":
-        return cls([tuple(w) for w in data["windows"]], data.get("period_s", DAY_SECONDS))
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, DailyAvailability) and (self.period_s, self.windows) == (other.period_s, other.windows)
-
-    def __repr__(self) -> str:
-        return f"DailyAvailability(windows={self.windows!r}, period_s={self.period_s})"
-
-
 @dataclass(frozen=True)
 class DeviceProfile:
     """One device's capabilities, derived from its tier (or a FedScale trace) plus jitter."""
@@ -183,149 +103,6 @@ class DeviceProfile:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "DeviceProfile":
         return cls(**{**data, "availability": DailyAvailability.from_dict(data["availability"])})
-
-
-# ----------------------------------------------------------------------------------------------
-# FedScale traces
-# ----------------------------------------------------------------------------------------------
-
-
-class FedScaleTraceError(HeterogeneityError):
-    """A FedScale pickle is missing, unreadable or not in the expected shape."""
-
-
-class _TraceUnpickler(pickle.Unpickler):
-    """Unpickles plain containers and numbers only: a trace file must not run code."""
-
-    _ALLOWED = {
-        ("builtins", "dict"), ("builtins", "list"), ("builtins", "tuple"), ("builtins", "set"),
-        ("builtins", "float"), ("builtins", "int"), ("collections", "OrderedDict"),
-        ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
-    }
-
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in self._ALLOWED:
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"refusing to load {module}.{name}: trace pickles may hold only dicts, lists and numbers")
-
-
-def _load_pickle(path: Path) -> dict:
-    if not path.is_file():
-        raise FedScaleTraceError(f"FedScale trace file not found: {path} (pass the path of an existing pickle)")
-    try:
-        with path.open("rb") as f:
-            data = _TraceUnpickler(f).load()
-    except Exception as err:  # noqa: BLE001 - any unpickling failure means a bad file
-        raise FedScaleTraceError(f"{path}: not a readable FedScale pickle ({type(err).__name__}: {err})") from None
-    if not isinstance(data, dict) or not data:
-        raise FedScaleTraceError(f"{path}: expected a non-empty dict {{client_id: {{...}}}}, got {type(data).__name__}")
-    return data
-
-
-def _number(path: Path, client: Any, key: str, value: Any, positive: bool = False) -> float:
-    try:
-        x = float(value)
-    except (TypeError, ValueError):
-        raise FedScaleTraceError(f"{path}: client {client!r} key '{key}' must be a number, got {value!r}") from None
-    if not math.isfinite(x) or (positive and x <= 0) or x < 0:
-        need = "> 0" if positive else ">= 0"
-        raise FedScaleTraceError(f"{path}: client {client!r} key '{key}' must be finite and {need}, got {value!r}")
-    return x
-
-
-def _entry(path: Path, client: Any, entry: Any, keys: tuple[str, ...]) -> dict:
-    if not isinstance(entry, dict):
-        raise FedScaleTraceError(f"{path}: client {client!r} must map to a dict with keys {list(keys)}, got {type(entry).__name__}")
-    for key in keys:
-        if key not in entry:
-            raise FedScaleTraceError(f"{path}: client {client!r} is missing key '{key}' (expected keys {list(keys)})")
-    return entry
-
-
-def _behaviour_windows(path: Path, client: Any, entry: dict) -> DailyAvailability:
-    entry = _entry(path, client, entry, ("active", "inactive", "finish_time"))
-    period = _number(path, client, "finish_time", entry["finish_time"], positive=True)
-    active, inactive = entry["active"], entry["inactive"]
-    for key, seq in (("active", active), ("inactive", inactive)):
-        if not isinstance(seq, (list, tuple)):
-            raise FedScaleTraceError(f"{path}: client {client!r} key '{key}' must be a list of times, got {type(seq).__name__}")
-    if len(active) not in (len(inactive), len(inactive) + 1):
-        raise FedScaleTraceError(
-            f"{path}: client {client!r} has {len(active)} 'active' but {len(inactive)} 'inactive' times "
-            "(each active time needs a matching inactive time)"
-        )
-    ends = list(inactive) + ([period] if len(active) > len(inactive) else [])
-    windows = []
-    for a, b in zip(active, ends):
-        s = min(_number(path, client, "active", a), period)
-        e = min(_number(path, client, "inactive", b), period)
-        if e < s:
-            raise FedScaleTraceError(f"{path}: client {client!r} goes inactive at {b} before it becomes active at {a}")
-        windows.append((s, e))
-    return DailyAvailability(windows, period_s=period)
-
-
-@dataclass
-class FedScaleTraces:
-    """FedScale device capacity and/or behaviour traces; device i maps to client i mod n."""
-
-    capacity_clients: list[Any] = field(default_factory=list)
-    computation_ms: list[float] = field(default_factory=list)
-    communication_kbps: list[float] = field(default_factory=list)
-    behavior_clients: list[Any] = field(default_factory=list)
-    behavior: list[DailyAvailability] = field(default_factory=list)
-
-    @property
-    def median_computation_ms(self) -> float:
-        return float(np.median(self.computation_ms)) if self.computation_ms else math.nan
-
-    def capacity(self, device_id: int) -> tuple[Any, float, float] | None:
-        """(client_id, relative compute speed, bandwidth Mbps) for a device, or None without capacity traces.
-
-        Speed is relative to the file's median device (FedScale's "computation" is time per
-        sample, so speed = median / computation); bandwidth converts kbps to Mbps.
-        """
-        if not self.capacity_clients:
-            return None
-        i = device_id % len(self.capacity_clients)
-        return self.capacity_clients[i], self.median_computation_ms / self.computation_ms[i], self.communication_kbps[i] / 1000.0
-
-    def availability(self, device_id: int) -> DailyAvailability | None:
-        if not self.behavior:
-            return None
-        return self.behavior[device_id % len(self.behavior)]
-
-
-def _sort_key(client: Any) -> tuple[int, Any]:
-    return (0, client) if isinstance(client, (int, float)) else (1, str(client))
-
-
-def load_fedscale_traces(capacity_path: str | Path | None, behavior_path: str | Path | None = None) -> FedScaleTraces:
-    """Load FedScale pickles.
-
-    capacity: `{client_id: {"computation": ms_per_sample, "communication": kbps}}`
-    behavior: `{client_id: {"active": [t...], "inactive": [t...], "finish_time": t, ...}}`
-    (a client is on in `[active[i], inactive[i])`, repeating every `finish_time` seconds).
-    Clients are ordered by id; device i uses client i mod (number of clients).
-    """
-    if capacity_path is None and behavior_path is None:
-        raise FedScaleTraceError("load_fedscale_traces needs a capacity_path, a behavior_path, or both")
-    traces = FedScaleTraces()
-    if capacity_path is not None:
-        path = Path(capacity_path)
-        data = _load_pickle(path)
-        for client in sorted(data, key=_sort_key):
-            entry = _entry(path, client, data[client], ("computation", "communication"))
-            traces.capacity_clients.append(client)
-            traces.computation_ms.append(_number(path, client, "computation", entry["computation"], positive=True))
-            traces.communication_kbps.append(_number(path, client, "communication", entry["communication"], positive=True))
-    if behavior_path is not None:
-        path = Path(behavior_path)
-        data = _load_pickle(path)
-        for client in sorted(data, key=_sort_key):
-            traces.behavior_clients.append(client)
-            traces.behavior.append(_behaviour_windows(path, client, data[client]))
-    return traces
 
 
 # ----------------------------------------------------------------------------------------------
@@ -373,17 +150,6 @@ def device_uniforms(seed: int, device_id: int, n: int = 16) -> list[float]:
 
 
 _STD_NORMAL = NormalDist()
-
-
-def diurnal_availability(u: Sequence[float]) -> DailyAvailability:
-    """Charging overnight (start ~22:00 +- 1 h, 6-9 h long) plus 1-3 short daytime windows
-    (start 07:00-21:00, 15-90 min long), from 9 uniforms in (0, 1)."""
-    night_start = min(max(22.0 + _STD_NORMAL.inv_cdf(u[0]), 19.0), 25.0) * HOUR
-    windows = [(night_start, night_start + (6.0 + 3.0 * u[1]) * HOUR)]
-    for k in range(1 + int(3 * u[2])):
-        start = (7.0 + 14.0 * u[3 + 2 * k]) * HOUR
-        windows.append((start, start + (0.25 + 1.25 * u[4 + 2 * k]) * HOUR))
-    return DailyAvailability(windows)
 
 
 class HeterogeneityModel:
@@ -481,78 +247,4 @@ class HeterogeneityModel:
             availability=availability,
             memory_mb=memory,
             storage_mb=storage,
-        )
-
-
-# ----------------------------------------------------------------------------------------------
-# Cost model
-# ----------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class CostConstants:
-    """Every constant of the linear cost model, for a reference device (compute_speed 1.0).
-
-    train:    n_examples * epochs * train_s_per_example * (1 + rank_overhead * rank) / speed
-    embed:    n_items * embed_s_per_item / speed
-    eval:     n_items * eval_s_per_item / speed      (generating one answer per item)
-    download: latency_s + 8 * bytes / (bandwidth_mbps * 1e6)
-    upload:   latency_s + 8 * bytes / (bandwidth_mbps * 1e6 * upload_fraction)
-    (a transfer of 0 bytes costs nothing.)
-    """
-
-    train_s_per_example: float = 0.08
-    rank_overhead: float = 0.01
-    embed_s_per_item: float = 0.02
-    eval_s_per_item: float = 0.25
-    upload_fraction: float = 0.5
-    latency_s: float = 0.1
-
-
-WORK_KEYS = ("train_examples", "epochs", "rank", "embed_items", "eval_items", "upload_bytes", "download_bytes")
-
-
-def _non_negative(name: str, value: float) -> float:
-    if not (isinstance(value, (int, float, np.integer, np.floating)) and value >= 0):
-        raise ValueError(f"{name} must be a number >= 0, got {value!r}")
-    return float(value)
-
-
-class CostModel:
-    """Simulated seconds a device spends on its work (see `CostConstants`)."""
-
-    def __init__(self, constants: CostConstants | None = None):
-        self.c = constants or CostConstants()
-
-    def train_seconds(self, profile: DeviceProfile, n_examples: int, epochs: int = 1, rank: int | None = None) -> float:
-        r = profile.max_lora_rank if rank is None else _non_negative("rank", rank)
-        work = _non_negative("n_examples", n_examples) * _non_negative("epochs", epochs)
-        return work * self.c.train_s_per_example * (1.0 + self.c.rank_overhead * r) / profile.compute_speed
-
-    def embed_seconds(self, profile: DeviceProfile, n_items: int) -> float:
-        return _non_negative("n_items", n_items) * self.c.embed_s_per_item / profile.compute_speed
-
-    def eval_seconds(self, profile: DeviceProfile, n_items: int) -> float:
-        return _non_negative("n_items", n_items) * self.c.eval_s_per_item / profile.compute_speed
-
-    def download_seconds(self, profile: DeviceProfile, n_bytes: int) -> float:
-        n = _non_negative("n_bytes", n_bytes)
-        return 0.0 if n == 0 else self.c.latency_s + 8.0 * n / (profile.bandwidth_mbps * 1e6)
-
-    def upload_seconds(self, profile: DeviceProfile, n_bytes: int) -> float:
-        n = _non_negative("n_bytes", n_bytes)
-        return 0.0 if n == 0 else self.c.latency_s + 8.0 * n / (profile.bandwidth_mbps * 1e6 * self.c.upload_fraction)
-
-    def round_seconds(self, profile: DeviceProfile, work: dict[str, float]) -> float:
-        """Total seconds for one round's `work` (keys from WORK_KEYS; missing keys count 0,
-        `epochs` defaults to 1 and `rank` to the device's max_lora_rank)."""
-        unknown = sorted(set(work) - set(WORK_KEYS))
-        if unknown:
-            raise ValueError(f"unknown work key(s) {unknown}; allowed keys are {list(WORK_KEYS)}")
-        return (
-            self.download_seconds(profile, work.get("download_bytes", 0))
-            + self.embed_seconds(profile, work.get("embed_items", 0))
-            + self.train_seconds(profile, work.get("train_examples", 0), work.get("epochs", 1), work.get("rank"))
-            + self.eval_seconds(profile, work.get("eval_items", 0))
-            + self.upload_seconds(profile, work.get("upload_bytes", 0))
         )

@@ -14,7 +14,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from fedasls.device_round import RoundWork
-from fedasls.heterogeneity import CostModel, HeterogeneityModel
+from fedasls.cost_model import CostModel
+from fedasls.heterogeneity import HeterogeneityModel
 
 
 @dataclass
@@ -25,7 +26,7 @@ class SimulatedTiming:
     cost: CostModel = field(default_factory=CostModel)
 
     def seconds(self, device_id: int, work: Mapping[str, float]) -> float:
-        """Simulated seconds device `device_id` spends on `work` (keys of heterogeneity.WORK_KEYS)."""
+        """Simulated seconds device `device_id` spends on `work` (keys of cost_model.WORK_KEYS)."""
         return self.cost.round_seconds(self.heterogeneity.profile(device_id), dict(work))
 
     def finishes_online(self, device_id: int, now: float, seconds: float) -> bool:

@@ -10,7 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedasls.heterogeneity import DAY_SECONDS, CostModel, HeterogeneityModel
+from fedasls.availability import DAY_SECONDS
+from fedasls.cost_model import CostModel
+from fedasls.heterogeneity import HeterogeneityModel
 from server.coordinator import Coordinator, VirtualClock
 
 

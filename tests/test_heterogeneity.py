@@ -11,18 +11,16 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
+from fedasls.availability import DAY_SECONDS, AvailabilityError, DailyAvailability
+from fedasls.cost_model import CostModel
+from fedasls.fedscale_traces import FedScaleTraceError, load_fedscale_traces
 from fedasls.heterogeneity import (
-    DAY_SECONDS,
     DEFAULT_TIERS,
-    CostModel,
-    DailyAvailability,
     DeviceProfile,
-    FedScaleTraceError,
     HeterogeneityError,
     HeterogeneityModel,
     HeterogeneitySettings,
     buffer_bytes_for_storage,
-    load_fedscale_traces,
     lora_rank_for_memory,
 )
 
@@ -102,7 +100,7 @@ def test_availability_windows_hand_checked():
     av2 = DailyAvailability([(0, 2 * H), (1 * H, 3 * H)])
     assert av2.windows == ((0.0, 3 * H),)
     assert av2.next_change(23 * H) == DAY_SECONDS
-    with pytest.raises(HeterogeneityError, match="ends before"):
+    with pytest.raises(AvailabilityError, match="ends before"):
         DailyAvailability([(5.0, 1.0)])
 
 
