@@ -112,8 +112,9 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write bytes to a temp file in the same folder, fsync, then os.replace onto `path`."""
+def atomic_write(path: Path, data: bytes) -> None:
+    """Replace `path` in one step, so it is never half-written: a temp file in the same folder,
+    fsync, os.replace onto `path`, then fsync of the folder (the run records use it too)."""
     tmp = path.with_name(f".{path.name}{_TMP_MARK}{uuid.uuid4().hex}")
     try:
         with open(tmp, "wb") as f:
@@ -195,11 +196,11 @@ class DeviceStore:
         else:
             current = _read_manifest(folder / MANIFEST)
             if current is not None and _older(current, self.round):
-                _atomic_write(folder / PREVIOUS, (folder / MANIFEST).read_bytes())  # keep the state it replaces
+                atomic_write(folder / PREVIOUS, (folder / MANIFEST).read_bytes())  # keep the state it replaces
             previous = _read_manifest(folder / PREVIOUS)
             if previous is not None:
                 keep |= {PREVIOUS, *(f.get("name") for f in previous.get("files", {}).values() if isinstance(f, dict))}
-        _atomic_write(folder / MANIFEST, json.dumps(manifest).encode("utf-8"))
+        atomic_write(folder / MANIFEST, json.dumps(manifest).encode("utf-8"))
         for entry in os.scandir(folder):
             if entry.name not in keep and entry.is_file():
                 os.unlink(entry.path)
@@ -221,7 +222,7 @@ class DeviceStore:
             return False
         previous = _read_manifest(folder / PREVIOUS)
         if previous is not None and _older(previous, round):
-            _atomic_write(folder / MANIFEST, (folder / PREVIOUS).read_bytes())
+            atomic_write(folder / MANIFEST, (folder / PREVIOUS).read_bytes())
         else:
             self._remove(folder / MANIFEST)
         self._remove(folder / PREVIOUS)
@@ -230,7 +231,7 @@ class DeviceStore:
 
     @staticmethod
     def _write_data(folder: Path, manifest: dict, kind: str, name: str, data: bytes) -> None:
-        _atomic_write(folder / name, data)
+        atomic_write(folder / name, data)
         manifest["files"][kind] = {"name": name, "sha256": hashlib.sha256(data).hexdigest()}
 
     def load(self, device_id: int) -> dict[str, Any] | None:

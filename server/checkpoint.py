@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from fedasls.errors import FedaslsError
+from fedasls.store import atomic_write
 
 CHECKPOINT = "checkpoint.json"
 ROUNDS_FILE = "rounds.jsonl"
@@ -43,16 +44,6 @@ class RunFailed(FedaslsError):
 COMMIT_LOCK = threading.Lock()  # held while a round is recorded; Ctrl-C waits for it
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Replace `path` in one step (temp file + fsync + os.replace), so it is never half-written."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with tmp.open("w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def append_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
     """Append rows, one JSON object a line, and make them durable."""
     with path.open("a", encoding="utf-8") as f:
@@ -65,7 +56,7 @@ def append_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
 def start_records(run_dir: Path) -> None:
     """Empty record files for a fresh run."""
     for name in (ROUNDS_FILE, DEVICE_ROUNDS_FILE):
-        write_atomic(run_dir / name, "")
+        atomic_write(run_dir / name, b"")
 
 
 def commit_round(run_dir: Path, device_rows: list[dict[str, Any]], round_row: dict[str, Any],
@@ -74,7 +65,7 @@ def commit_round(run_dir: Path, device_rows: list[dict[str, Any]], round_row: di
     with lock:
         append_jsonl(run_dir / DEVICE_ROUNDS_FILE, device_rows)
         append_jsonl(run_dir / ROUNDS_FILE, [round_row])
-        write_atomic(run_dir / CHECKPOINT, json.dumps({"version": CHECKPOINT_VERSION, **checkpoint}))
+        atomic_write(run_dir / CHECKPOINT, json.dumps({"version": CHECKPOINT_VERSION, **checkpoint}).encode("utf-8"))
 
 
 def read_checkpoint(run_dir: Path) -> dict[str, Any]:
@@ -118,7 +109,7 @@ def truncate_records(run_dir: Path, rounds_done: int) -> None:
             if isinstance(row, dict) and isinstance(row.get("round"), int) and row["round"] <= rounds_done:
                 kept.append(line if line.endswith("\n") else line + "\n")
         if kept != lines:
-            write_atomic(path, "".join(kept))
+            atomic_write(path, "".join(kept).encode("utf-8"))
     recorded = [json.loads(line)["round"] for line in (run_dir / ROUNDS_FILE).read_text().splitlines()]
     if recorded != list(range(1, rounds_done + 1)):
         raise CheckpointError(f"{run_dir / ROUNDS_FILE} records rounds {recorded[:10]}, but the checkpoint says "

@@ -27,7 +27,7 @@ from flwr.app import ArrayRecord, Message
 from safetensors.torch import load_file, save_file
 
 from clients.reply import GLOBAL_ADAPTER_KEY, device_metrics, reply_updates
-from server.checkpoint import write_atomic
+from fedasls.store import atomic_write
 from fedasls.config import Settings
 from fedasls.federated.accountant import UserLevelAccountant
 from fedasls.federated.clipping import l2_norm
@@ -203,4 +203,4 @@ def make_strategy(settings: Settings, sample_rate: float, expected_cohort: float
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    write_atomic(path, json.dumps(data, indent=2, allow_nan=True))
+    atomic_write(path, json.dumps(data, indent=2, allow_nan=True).encode("utf-8"))

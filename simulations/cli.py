@@ -149,7 +149,7 @@ def cmd_population_export(args: argparse.Namespace, settings: Settings) -> int:
     import json
 
     from fedasls.population import population_from_settings
-    from server.checkpoint import write_atomic
+    from fedasls.store import atomic_write
 
     population = population_from_settings(settings.population)
     count = min(args.count, population.num_devices)
@@ -164,7 +164,7 @@ def cmd_population_export(args: argparse.Namespace, settings: Settings) -> int:
         # stream first, held-out last: a JSONL population holds out each user's last records
         for it in population.stream(i) + population.heldout(i) if it.kind in args.kinds
     ]
-    write_atomic(out, "".join(record + "\n" for record in records))
+    atomic_write(out, "".join(record + "\n" for record in records).encode("utf-8"))
     print(f"wrote {len(records)} records of {count} users to {out} (kinds: {', '.join(args.kinds)}); use it with "
           f"--set population.source=jsonl --set population.jsonl_path={out} --set population.partition=user")
     return 0
