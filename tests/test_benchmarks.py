@@ -7,7 +7,15 @@ import json
 
 import pytest
 
-from benchmarks import adaptation_fleet, breakdown, global_adapter, global_adapter_pooled, population_scale, throughput
+from benchmarks import (
+    adaptation_fleet,
+    breakdown,
+    global_adapter,
+    global_adapter_pooled,
+    population_scale,
+    throughput,
+    throughput_history,
+)
 
 TOY = ["population.stream_length=30", "population.heldout=2", "adaptation.epochs=1", "adaptation.lora_rank=4",
        "evaluation.max_new_tokens=6", 'synthesis.method="fallback"', "synthesis.rewrites=1"]
@@ -48,6 +56,30 @@ def test_throughput_runs_the_three_variants_and_reports_rates_ratios_and_rouge(t
     # the same device rounds, with and without Flower and Ray
     assert sorted(variants["fedasls"]["rouge1"]) == pytest.approx(sorted(variants["bare"]["rouge1"]))
     assert {"a/n", "a/b"} <= set(summary["ratios"])
+
+
+def test_throughput_history_puts_each_runs_variants_against_its_stream_length(tmp_path):
+    rows = throughput_history.main(["--out", str(tmp_path)])  # the committed embedded-model runs
+    assert (tmp_path / "throughput_history.png").stat().st_size > 0
+    with (tmp_path / "throughput_history.csv").open() as f:
+        assert len(list(csv.DictReader(f))) == len(rows) == 9
+    for name in throughput_history.DEFAULT_RUNS:
+        summary = json.loads((throughput_history.BASELINES / name).read_text())
+        mine = {r["variant"]: r for r in rows if r["run"] == name}
+        override = [o for o in summary["overrides"] if o.startswith("population.stream_length=")]
+        # the scenario's own length (quickstart: 120) unless the run overrode it
+        assert mine["naive"]["stream_length"] == (int(override[0].split("=")[1]) if override else 120)
+        v = summary["variants"]
+        assert mine["fedasls"]["naive_over_fedasls_cpu"] == pytest.approx(
+            v["naive"]["cpu_s_per_device_round"] / v["fedasls"]["cpu_s_per_device_round"])
+
+
+def test_throughput_history_refuses_a_file_that_is_not_a_summary(tmp_path):
+    bad = tmp_path / "notes.json"
+    bad.write_text('{"rounds": 3}')
+    with pytest.raises(SystemExit, match="notes.json: not a throughput.py summary"):
+        throughput_history.main([str(bad), "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()  # nothing half-written
 
 
 def test_population_scale_starts_a_million_device_population(tiny_model_dir, tmp_path):
