@@ -37,7 +37,7 @@ BUFFER_BYTES_QUANTUM = 256
 
 
 class HeterogeneityError(ValueError):
-    """Invalid heterogeneity input (tier mix, trace file); the message names it and the fix."""
+    """Invalid heterogeneity input (tier mix, dropout scale, device id); the message names it and the fix."""
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,6 @@ from flwr.app import ArrayRecord, Message
 from safetensors.torch import load_file, save_file
 
 from clients.reply import GLOBAL_ADAPTER_KEY, device_metrics, reply_updates
-from fedasls.store import atomic_write
 from fedasls.config import Settings
 from fedasls.federated.accountant import UserLevelAccountant
 from fedasls.federated.clipping import l2_norm
@@ -37,6 +36,7 @@ from fedasls.federated.init import initial_global
 from fedasls.federated.layout import adapter_layout
 from fedasls.federated.noise import dp_fedavg
 from fedasls.federated.split import shared_part
+from fedasls.store import atomic_write
 
 ADAPTER_DIR = "global-adapter"
 PRIVACY_FILE = "privacy.json"
