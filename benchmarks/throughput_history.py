@@ -95,14 +95,17 @@ def plot(path: Path, rows: list[dict[str, Any]]) -> None:
     import matplotlib.pyplot as plt
 
     fig, (cost, quality) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for variant in sorted({r["variant"] for r in rows}):
-        mine = sorted((r for r in rows if r["variant"] == variant), key=lambda r: r["stream_length"])
+    models = sorted({r["model"] for r in rows})
+    for (model, variant) in sorted({(r["model"], r["variant"]) for r in rows}):
+        mine = sorted((r for r in rows if (r["model"], r["variant"]) == (model, variant)), key=lambda r: r["stream_length"])
         color, marker = VARIANT_STYLE.get(variant, ("C7", "x"))
+        style = dict(marker=marker, color=color, linestyle=("-", "--", ":", "-.")[models.index(model) % 4],
+                     label=variant if len(models) == 1 else f"{model}: {variant}")
         x = [r["stream_length"] for r in mine]
-        cost.plot(x, [r["cpu_s_per_device_round"] for r in mine], marker=marker, color=color, label=variant)
+        cost.plot(x, [r["cpu_s_per_device_round"] for r in mine], **style)
         means = [r["rouge1_mean"] for r in mine]
         errors = [[m - r["rouge1_ci_low"] for m, r in zip(means, mine)], [r["rouge1_ci_high"] - m for m, r in zip(means, mine)]]
-        quality.errorbar(x, means, yerr=errors, marker=marker, color=color, capsize=3, label=variant)
+        quality.errorbar(x, means, yerr=errors, capsize=3, **style)
     for r in rows:
         if r["variant"] == "naive" and r["naive_over_fedasls_cpu"] == r["naive_over_fedasls_cpu"]:
             cost.annotate(f"x{r['naive_over_fedasls_cpu']:.1f}", (r["stream_length"], r["cpu_s_per_device_round"]),
