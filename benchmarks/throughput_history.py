@@ -64,8 +64,7 @@ def rows_of(path: Path) -> list[dict[str, Any]]:
                          "throughput.json of a `python benchmarks/throughput.py --out DIR` run") from None
     settings = _scenario(summary, path)
     model = settings.model.preset or settings.model.path or "embedded"
-    naive, ours = variants.get("naive"), variants.get("fedasls")
-    ratio = (naive["cpu_s_per_device_round"] / ours["cpu_s_per_device_round"]) if naive and ours else float("nan")
+    ratio = summary.get("ratios", {}).get("a/n_cpu", float("nan"))  # throughput.py's own naive/fedasls CPU ratio
     rows = []
     for name, v in variants.items():
         low, high = v.get("rouge1_ci", (float("nan"), float("nan")))
