@@ -69,7 +69,7 @@ def lora_rank_for_memory(memory_mb: float) -> int:
     return RANK_BY_MEMORY_MB[-1][1]
 
 
-def buffer_bytes_for_storage(storage_mb: float, reference_bytes: int = DEFAULT_BUFFER_BYTES) -> int:
+def buffer_bytes_for_storage(storage_mb: float, reference_bytes: int) -> int:
     """Selection-buffer budget for `storage_mb` of storage: `reference_bytes` (selection.buffer_bytes)
     scaled by storage_mb / REFERENCE_STORAGE_MB, rounded down to 256 bytes (min 256)."""
     raw = int(storage_mb * reference_bytes / REFERENCE_STORAGE_MB)

@@ -15,6 +15,7 @@ from fedasls.availability import DAY_SECONDS, AvailabilityError, DailyAvailabili
 from fedasls.cost_model import CostModel
 from fedasls.fedscale_traces import FedScaleTraceError, load_fedscale_traces
 from fedasls.heterogeneity import (
+    DEFAULT_BUFFER_BYTES,
     DEFAULT_TIERS,
     DeviceProfile,
     HeterogeneityError,
@@ -45,17 +46,17 @@ def test_tiers_follow_default_and_custom_mix():
 
 def test_memory_and_storage_map_to_rank_and_buffer():
     assert [lora_rank_for_memory(m) for m in (2000, 4095, 4096, 8191, 8192, 16000)] == [4, 4, 8, 8, 16, 16]
-    assert buffer_bytes_for_storage(16) == 8192
-    assert buffer_bytes_for_storage(32) == 16384
-    assert buffer_bytes_for_storage(64) == 32768
-    assert buffer_bytes_for_storage(16.7) == 8448  # 8550.4 bytes rounded down to 256
+    assert buffer_bytes_for_storage(16, DEFAULT_BUFFER_BYTES) == 8192
+    assert buffer_bytes_for_storage(32, DEFAULT_BUFFER_BYTES) == 16384
+    assert buffer_bytes_for_storage(64, DEFAULT_BUFFER_BYTES) == 32768
+    assert buffer_bytes_for_storage(16.7, DEFAULT_BUFFER_BYTES) == 8448  # 8550.4 bytes rounded down to 256
     assert buffer_bytes_for_storage(16, 65536) == 32768 and buffer_bytes_for_storage(64, 65536) == 131072
     model = HeterogeneityModel(seed=0)
     expected_rank = {"low": 4, "mid": 8, "high": 16}
     for i in range(300):
         p = model.profile(i)
         assert p.max_lora_rank == expected_rank[p.tier]
-        assert p.buffer_bytes(16384) == buffer_bytes_for_storage(p.storage_mb)
+        assert p.buffer_bytes(16384) == buffer_bytes_for_storage(p.storage_mb, 16384)
         # selection.buffer_bytes is a mid-tier device's budget; the others scale with their storage
         assert p.buffer_bytes(65536) == buffer_bytes_for_storage(p.storage_mb, 65536)
         assert abs(p.buffer_bytes(65536) - 4 * p.buffer_bytes(16384)) < 4 * 256  # each rounded down to 256 bytes
