@@ -5,6 +5,7 @@ quickstart scenario); the figure is the minimum CPU seconds of each side (load i
 too, the minimum least), with the load average next to it and whether the outputs are identical.
 
   train     full-logits loss vs vocabulary head on answer tokens only (fedasls.adaptation.ANSWER_ONLY_HEAD)
+  lora      peft's LoRA backward vs rank-r products in MKL's fast orientation (fedasls.fast_lora)
   generate  feedback answers in batches of 16 vs batches sized for the model (generation_batch_size)
   embed     full model with output_hidden_states vs decoder only (fedasls.model.EMBED_WITHOUT_HEAD)
   evaluate  the cost a round without adaptation no longer pays (its saved evaluation is reused)
@@ -20,7 +21,6 @@ Measured, reported for the record:
 from __future__ import annotations
 
 import argparse
-import hashlib
 import sys
 import time
 from pathlib import Path
@@ -100,20 +100,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     texts = [it for d in range(args.devices) for it in runtime.population.stream(d)]
     model = runtime.activate(a.lora_rank, a)
 
-    def train(answer_only: bool, batch_size: int | None = None) -> Callable[[], str]:
-        def run() -> str:
-            adaptation.ANSWER_ONLY_HEAD = answer_only
-            digest = hashlib.sha256()
+    def train(answer_only: bool, batch_size: int | None = None, fast_lora: bool = True) -> Callable[[], Any]:
+        def run() -> Any:
+            adaptation.ANSWER_ONLY_HEAD, adaptation.FAST_LORA_BACKWARD = answer_only, fast_lora
+            weights = []
             try:
                 for d, ex in enumerate(examples):
                     adaptation.reset_adapter(model, seed=d)
                     s = a if batch_size is None else a.model_copy(update={"batch_size": batch_size})
                     adaptation.train_adapter(model, runtime.prompts, ex, s, seed=d)
-                    for k, v in sorted(adaptation.adapter_state(model).items()):
-                        digest.update(v.numpy().tobytes())
+                    weights += [v.numpy().ravel() for _, v in sorted(adaptation.adapter_state(model).items())]
             finally:
-                adaptation.ANSWER_ONLY_HEAD = True
-            return digest.hexdigest()
+                adaptation.ANSWER_ONLY_HEAD = adaptation.FAST_LORA_BACKWARD = True
+            return np.concatenate(weights)
         return run
 
     def gen(batch_size: int | None) -> Callable[[], list[str]]:
@@ -135,6 +134,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"{len(examples)} devices, {sum(map(len, examples))} training examples, {len(prompts)} feedback prompts, "
           f"{len(texts)} texts to embed; min of {args.repeats} interleaved runs, CPU seconds", flush=True)
     results["train"] = paired(train(False), train(True), args.repeats)
+    results["lora"] = paired(train(True, fast_lora=False), train(True), args.repeats)
+    peft_path, fast_path = train(True, fast_lora=False)(), train(True)()
+    results["lora"]["max_abs_diff"] = float(np.abs(peft_path - fast_path).max())
     results["generate"] = paired(gen(16), gen(None), args.repeats)
     results["embed"] = paired(embed(False), embed(True), args.repeats)
     emb_before, emb_after = embed(False)(), embed(True)()
@@ -148,7 +150,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results["padding"] = padding_shares(examples, runtime.prompts, a.max_length, a.batch_size)
 
     print(f"{'speed-up':<10}{'before CPU s':>13}{'after CPU s':>13}{'x':>7}  identical  load")
-    for name in ("train", "generate", "embed", "evaluate"):
+    for name in ("train", "lora", "generate", "embed", "evaluate"):
         r = results[name]
         print(f"{name:<10}{r['before_cpu_s']:>13.3f}{r['after_cpu_s']:>13.3f}{r['speedup']:>7.2f}  "
               f"{str(r['identical']):<9}  {r['load']:.1f}" + (f"  (max |diff| {r['max_abs_diff']:.1e})" if "max_abs_diff" in r else ""))

@@ -27,7 +27,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -42,6 +42,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from transformers import PreTrainedModel
 
 from fedasls.config import AdaptationSettings
+from fedasls.fast_lora import fast_lora_training
 from fedasls.model import eval_mode
 from fedasls.prompts import PromptFormat, check_prompt_format
 from fedasls.privacy import PrivacyReport, opacus_report
@@ -318,6 +319,7 @@ def _tensorize(prompts: PromptFormat, examples: Sequence[TrainingExample], max_l
 # soft-capping), so the head may run on the answer positions only.
 _PLAIN_HEAD_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2"})
 ANSWER_ONLY_HEAD = True  # False: the full-logits path everywhere (benchmarks/speedups.py compares the two)
+FAST_LORA_BACKWARD = True  # False: peft's own LoRA computation in plain training (benchmarks/speedups.py)
 
 
 def _decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module] | None:
@@ -507,23 +509,24 @@ def _train_plain(
     stopper: _EarlyStopping | None = None,
 ) -> TrainResult:
     losses, steps = [], 0
-    for _ in range(settings.epochs):
-        total, count = 0.0, 0
-        for batch in loader:
-            ids, mask, labels, weights = _trim(batch, device)
-            per_example = _per_example_loss(peft_model, ids, mask, labels)
-            loss = (weights * per_example).mean()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if on_step is not None:
-                on_step(peft_model, steps)
-            optimizer.step()
-            steps += 1
-            total += float(per_example.detach().sum())
-            count += len(per_example)
-        losses.append(total / max(count, 1))
-        if stopper is not None and stopper.after_epoch():
-            break
+    with fast_lora_training(peft_model) if FAST_LORA_BACKWARD else nullcontext():
+        for _ in range(settings.epochs):
+            total, count = 0.0, 0
+            for batch in loader:
+                ids, mask, labels, weights = _trim(batch, device)
+                per_example = _per_example_loss(peft_model, ids, mask, labels)
+                loss = (weights * per_example).mean()
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if on_step is not None:
+                    on_step(peft_model, steps)
+                optimizer.step()
+                steps += 1
+                total += float(per_example.detach().sum())
+                count += len(per_example)
+            losses.append(total / max(count, 1))
+            if stopper is not None and stopper.after_epoch():
+                break
     n = len(loader.dataset)
     return TrainResult(losses, steps, None, None, None, min(settings.batch_size / n, 1.0))
 

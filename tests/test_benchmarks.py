@@ -13,6 +13,7 @@ from benchmarks import (
     global_adapter,
     global_adapter_pooled,
     population_scale,
+    speedups,
     throughput,
     throughput_history,
 )
@@ -56,6 +57,18 @@ def test_throughput_runs_the_three_variants_and_reports_rates_ratios_and_rouge(t
     # the same device rounds, with and without Flower and Ray
     assert sorted(variants["fedasls"]["rouge1"]) == pytest.approx(sorted(variants["bare"]["rouge1"]))
     assert {"a/n", "a/b"} <= set(summary["ratios"])
+
+
+def test_speedups_pairs_each_speed_up_and_says_whether_its_outputs_match(tiny_model_dir, tmp_path):
+    out = tmp_path / "speedups.json"
+    summary = speedups.main(["--devices", "2", "--day", "30", "--repeats", "1", "--out", str(out), *_sets(tiny_model_dir)])
+    results = summary["results"]
+    for name in ("train", "lora", "generate", "embed"):
+        assert results[name]["before_cpu_s"] > 0 and results[name]["after_cpu_s"] > 0, name
+    assert results["generate"]["identical"] and results["embed"]["max_abs_diff"] < 1e-5
+    assert 0 < results["lora"]["max_abs_diff"] < 1e-3  # the same training, summed in another order
+    assert set(results["batch_size_train_cpu_s"]) == {8, 16, 32}
+    assert json.loads(out.read_text())["results"]["lora"]["speedup"] == results["lora"]["speedup"]
 
 
 def test_throughput_history_puts_each_runs_variants_against_its_stream_length(tmp_path):

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from fedasls.adaptation import IGNORE_INDEX, TrainingExample, _per_example_loss, _tensorize, attach_lora
 from fedasls.config import Settings
+from fedasls.fast_lora import fast_lora_training
 from fedasls.device_round import load_device, run_device_round
 from fedasls.heterogeneity import HeterogeneityModel
 from fedasls.model import embed_last_token, generate, generation_batch_size, load_model
@@ -53,6 +54,44 @@ def test_answer_only_head_gives_the_full_logits_loss_and_gradients(peft_lm):
     for name, param in model.named_parameters():
         if param.requires_grad:
             torch.testing.assert_close(lean_grads[name], param.grad, rtol=1e-5, atol=1e-7)
+
+
+def _loss_and_grads(model, batch, seed: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    torch.manual_seed(seed)  # the same dropout masks on both paths
+    model.zero_grad()
+    loss = _per_example_loss(model, *batch)
+    loss.sum().backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_fast_lora_backward_gives_peft_losses_and_gradients(tiny_model_dir, dropout):
+    model, tokenizer = load_model(tiny_model_dir)
+    peft = attach_lora(model, 4, 8, dropout, "p")
+    with torch.no_grad():
+        for name, param in peft.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
+    ids, mask, labels, _ = _tensorize(PromptFormat(tokenizer), [TrainingExample(q, a) for q, a in PAIRS], 96).tensors
+    peft.train()
+    expected_loss, expected = _loss_and_grads(peft, (ids, mask, labels), seed=3)
+    wrapped = sum(1 for n, _ in peft.named_modules() if n.endswith(".lora_A"))
+    with fast_lora_training(peft) as fast:
+        assert fast == wrapped > 0
+        loss, grads = _loss_and_grads(peft, (ids, mask, labels), seed=3)
+    torch.testing.assert_close(loss, expected_loss, rtol=1e-6, atol=1e-6)
+    assert grads.keys() == expected.keys()
+    for name in expected:
+        torch.testing.assert_close(grads[name], expected[name], rtol=1e-5, atol=1e-7)
+    assert all(not m.lora_variant for m in peft.modules() if hasattr(m, "lora_variant"))
+
+
+def test_fast_lora_training_gives_peft_its_own_path_back_after_an_error(peft_lm):
+    model, _ = peft_lm
+    with pytest.raises(RuntimeError, match="inside"), fast_lora_training(model):
+        assert any(m.lora_variant for m in model.modules() if hasattr(m, "lora_variant"))
+        raise RuntimeError("inside")
+    assert all(not m.lora_variant for m in model.modules() if hasattr(m, "lora_variant"))
 
 
 def test_embeddings_skip_the_head_and_match_the_full_models_last_hidden_state(peft_lm):
