@@ -6,6 +6,8 @@ too, the minimum least), with the load average next to it and whether the output
 
   train     full-logits loss vs vocabulary head on answer tokens only (fedasls.adaptation.ANSWER_ONLY_HEAD)
   lora      peft's LoRA backward vs rank-r products in MKL's fast orientation (fedasls.fast_lora)
+  score     held-out evaluation of a trained adapter: peft's unmerged LoRA vs the adapter merged into the
+            base weights, restored exactly after (fedasls.merged_adapter)
   generate  feedback answers in batches of 16 vs batches sized for the model (generation_batch_size)
   embed     full model with output_hidden_states vs decoder only (fedasls.model.EMBED_WITHOUT_HEAD)
   evaluate  the cost a round without adaptation no longer pays (its saved evaluation is reused)
@@ -76,6 +78,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     import torch
 
     import fedasls.adaptation as adaptation
+    import fedasls.evaluation as evaluation
     import fedasls.model as model_lib
     from fedasls.config import load_settings
     from fedasls.device import Device
@@ -115,6 +118,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             return np.concatenate(weights)
         return run
 
+    heldout = [runtime.population.heldout(d) for d in range(args.devices)]
+
+    def score(merge: bool) -> Callable[[], list[tuple[float, float]]]:
+        def run() -> list[tuple[float, float]]:
+            evaluation.MERGE_ADAPTER = merge
+            try:
+                return [(r.rouge1, r.perplexity) for r in (evaluation.evaluate(model, runtime.prompts, h,
+                        settings.evaluation.max_new_tokens) for h in heldout)]
+            finally:
+                evaluation.MERGE_ADAPTER = True
+        return run
+
     def gen(batch_size: int | None) -> Callable[[], list[str]]:
         def run() -> list[str]:
             with runtime.base_model() as m:
@@ -137,6 +152,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results["lora"] = paired(train(True, fast_lora=False), train(True), args.repeats)
     peft_path, fast_path = train(True, fast_lora=False)(), train(True)()
     results["lora"]["max_abs_diff"] = float(np.abs(peft_path - fast_path).max())
+    train(True)()  # the last device's trained adapter is the one scored
+    results["score"] = paired(score(False), score(True), args.repeats)
+    unmerged, merged = score(False)(), score(True)()
+    results["score"]["rouge1_identical"] = [r for r, _ in unmerged] == [r for r, _ in merged]
+    results["score"]["max_abs_diff"] = max(abs(a - b) for (_, a), (_, b) in zip(unmerged, merged))  # perplexity
     results["generate"] = paired(gen(16), gen(None), args.repeats)
     results["embed"] = paired(embed(False), embed(True), args.repeats)
     emb_before, emb_after = embed(False)(), embed(True)()
@@ -150,10 +170,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results["padding"] = padding_shares(examples, runtime.prompts, a.max_length, a.batch_size)
 
     print(f"{'speed-up':<10}{'before CPU s':>13}{'after CPU s':>13}{'x':>7}  identical  load")
-    for name in ("train", "lora", "generate", "embed", "evaluate"):
+    for name in ("train", "lora", "score", "generate", "embed", "evaluate"):
         r = results[name]
         print(f"{name:<10}{r['before_cpu_s']:>13.3f}{r['after_cpu_s']:>13.3f}{r['speedup']:>7.2f}  "
-              f"{str(r['identical']):<9}  {r['load']:.1f}" + (f"  (max |diff| {r['max_abs_diff']:.1e})" if "max_abs_diff" in r else ""))
+              f"{str(r['identical']):<9}  {r['load']:.1f}" + (f"  (max |diff| {r['max_abs_diff']:.1e})" if "max_abs_diff" in r else "")
+              + (f"  (ROUGE-1 identical: {r['rouge1_identical']})" if "rouge1_identical" in r else ""))
     print("training CPU s by batch size (same epochs, answer-only head): "
           + ", ".join(f"{bs}: {s:.2f}" for bs, s in batch.items()))
     p = results["padding"]

@@ -491,7 +491,7 @@ class _EarlyStopping:
         self.losses.append(loss)
         self.states.append(adapter_state(self.model))
         if self.best_epoch is None or loss < self.losses[self.best_epoch - 1]:
-            self.best_epoch, self.best_state = len(self.losses), adapter_state(self.model)
+            self.best_epoch, self.best_state = len(self.losses), self.states[-1]
         return len(self.losses) - self.best_epoch >= self.patience
 
     def restore_best(self) -> None:

@@ -7,6 +7,7 @@ by calling `evaluate` on each. ROUGE comes from rouge-score (one shared scorer p
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -14,6 +15,7 @@ from rouge_score import rouge_scorer
 
 from fedasls.adaptation import TrainingExample, sequence_loss
 from fedasls.interaction import Interaction
+from fedasls.merged_adapter import merged_adapter
 from fedasls.model import eval_mode, generate
 from fedasls.prompts import PromptFormat
 
@@ -68,6 +70,7 @@ class EvalResult:
 
 
 _DEFAULT_CONTEXT = 1024  # for models whose config states no context length
+MERGE_ADAPTER = True  # False: score through peft's unmerged LoRA path (benchmarks/speedups.py compares the two)
 
 
 def _max_positions(model: Any) -> int | None:
@@ -96,11 +99,12 @@ def evaluate(
 
     rouge1/rougeL: mean F-measures; perplexity: of the preferred answers (answer tokens only);
     accept_rate: share of answers the simulated user accepts (None without a user).
-    The model's train/eval mode is restored afterwards.
+    The model's train/eval mode is restored afterwards. A peft model's active adapter is merged into
+    the base weights meanwhile (fedasls.merged_adapter; the base weights are restored exactly).
     """
     if not heldout:
         raise ValueError("evaluate: heldout is empty; pass the device's held-out interactions (population.heldout(i))")
-    with eval_mode(model):
+    with eval_mode(model), merged_adapter(model) if MERGE_ADAPTER else nullcontext():
         questions = [item.question for item in heldout]
         answers = generate(model, prompts, questions, max_new_tokens=max_new_tokens, batch_size=batch_size)
         r1, rl = score_answers(answers, [item.preferred for item in heldout])

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from fedasls.adaptation import IGNORE_INDEX, TrainingExample, _per_example_loss, _tensorize, attach_lora
 from fedasls.config import Settings
 from fedasls.fast_lora import fast_lora_training
+from fedasls.merged_adapter import merged_adapter
 from fedasls.device_round import load_device, run_device_round
 from fedasls.heterogeneity import HeterogeneityModel
 from fedasls.model import embed_last_token, generate, generation_batch_size, load_model
@@ -92,6 +93,40 @@ def test_fast_lora_training_gives_peft_its_own_path_back_after_an_error(peft_lm)
         assert any(m.lora_variant for m in model.modules() if hasattr(m, "lora_variant"))
         raise RuntimeError("inside")
     assert all(not m.lora_variant for m in model.modules() if hasattr(m, "lora_variant"))
+
+
+def _base_weights(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" not in n}
+
+
+def test_a_merged_adapter_gives_the_unmerged_logits_and_leaves_the_base_weights_bit_for_bit(peft_lm):
+    model, prompts = peft_lm
+    ids, mask, _, _ = _tensorize(prompts, [TrainingExample(q, a) for q, a in PAIRS], 96).tensors
+    model.eval()
+    before = _base_weights(model)
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask).logits
+    with merged_adapter(model) as merged:
+        assert merged
+        assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters() if n in before)
+        logits = model(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-5)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if n in before)
+    with pytest.raises(RuntimeError, match="inside"), merged_adapter(model):
+        raise RuntimeError("inside")
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if n in before)
+
+
+def test_nothing_is_merged_for_a_disabled_adapter_or_a_training_model(peft_lm):
+    model, _ = peft_lm
+    before = _base_weights(model)
+    model.eval()
+    with model.disable_adapter(), merged_adapter(model) as merged:
+        assert not merged
+        assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if n in before)
+    model.train()
+    with merged_adapter(model) as merged:
+        assert not merged
 
 
 def test_embeddings_skip_the_head_and_match_the_full_models_last_hidden_state(peft_lm):
