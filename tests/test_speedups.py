@@ -9,10 +9,10 @@ import torch.nn.functional as F
 
 from fedasls.adaptation import IGNORE_INDEX, TrainingExample, _per_example_loss, _tensorize, attach_lora
 from fedasls.config import Settings
-from fedasls.fast_lora import fast_lora_training
-from fedasls.merged_adapter import merged_adapter
 from fedasls.device_round import load_device, run_device_round
+from fedasls.fast_lora import fast_lora_training
 from fedasls.heterogeneity import HeterogeneityModel
+from fedasls.merged_adapter import merged_adapter
 from fedasls.model import embed_last_token, generate, generation_batch_size, load_model
 from fedasls.prompts import PromptFormat
 from fedasls.runtime import DeviceRuntime
