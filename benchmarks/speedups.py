@@ -52,8 +52,13 @@ def _cpu(fn: Callable[[], Any]) -> tuple[float, Any]:
     return time.process_time() - c, out
 
 
-def paired(before: Callable[[], Any], after: Callable[[], Any], repeats: int) -> dict[str, Any]:
-    """Interleaved runs; min CPU seconds of each side and whether their outputs are equal."""
+def paired(before: Callable[[], Any], after: Callable[[], Any], repeats: int,
+           compare: Callable[[Any, Any], dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Interleaved runs; min CPU seconds of each side and whether their outputs are equal.
+
+    `compare(before_output, after_output)` adds figures on how the outputs differ (e.g. `max_abs_diff`).
+    The last run is an "after" one: its effects (e.g. a trained adapter) are what the next step sees.
+    """
     times: dict[str, list[float]] = {"before": [], "after": []}
     outs: dict[str, Any] = {}
     for _ in range(repeats):
@@ -62,7 +67,21 @@ def paired(before: Callable[[], Any], after: Callable[[], Any], repeats: int) ->
             times[side].append(seconds)
     b, a = min(times["before"]), min(times["after"])
     return {"before_cpu_s": b, "after_cpu_s": a, "speedup": b / a if a else float("nan"),
-            "identical": _same(outs["before"], outs["after"]), "load": load_avg()}
+            "identical": _same(outs["before"], outs["after"]), "load": load_avg(),
+            **(compare(outs["before"], outs["after"]) if compare else {})}
+
+
+def max_abs_diff(x: Any, y: Any) -> dict[str, float]:
+    """Largest element-wise difference of two arrays of the same shape."""
+    import numpy as np
+
+    return {"max_abs_diff": float(np.abs(np.asarray(x) - np.asarray(y)).max())}
+
+
+def _scores_differ(unmerged: list[tuple[float, float]], merged: list[tuple[float, float]]) -> dict[str, Any]:
+    """Whether the ROUGE-1 scores are identical, and the largest perplexity difference."""
+    return {"rouge1_identical": [r for r, _ in unmerged] == [r for r, _ in merged],
+            "max_abs_diff": max(abs(a - b) for (_, a), (_, b) in zip(unmerged, merged))}
 
 
 def _same(x: Any, y: Any) -> bool:
@@ -149,18 +168,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"{len(examples)} devices, {sum(map(len, examples))} training examples, {len(prompts)} feedback prompts, "
           f"{len(texts)} texts to embed; min of {args.repeats} interleaved runs, CPU seconds", flush=True)
     results["train"] = paired(train(False), train(True), args.repeats)
-    results["lora"] = paired(train(True, fast_lora=False), train(True), args.repeats)
-    peft_path, fast_path = train(True, fast_lora=False)(), train(True)()
-    results["lora"]["max_abs_diff"] = float(np.abs(peft_path - fast_path).max())
-    train(True)()  # the last device's trained adapter is the one scored
-    results["score"] = paired(score(False), score(True), args.repeats)
-    unmerged, merged = score(False)(), score(True)()
-    results["score"]["rouge1_identical"] = [r for r, _ in unmerged] == [r for r, _ in merged]
-    results["score"]["max_abs_diff"] = max(abs(a - b) for (_, a), (_, b) in zip(unmerged, merged))  # perplexity
+    results["lora"] = paired(train(True, fast_lora=False), train(True), args.repeats, compare=max_abs_diff)
+    # scored: the last device's adapter, as the last (fast-path) training above left it
+    results["score"] = paired(score(False), score(True), args.repeats, compare=_scores_differ)
     results["generate"] = paired(gen(16), gen(None), args.repeats)
-    results["embed"] = paired(embed(False), embed(True), args.repeats)
-    emb_before, emb_after = embed(False)(), embed(True)()
-    results["embed"]["max_abs_diff"] = float(np.abs(emb_before - emb_after).max())
+    results["embed"] = paired(embed(False), embed(True), args.repeats, compare=max_abs_diff)
     heldout_eval = [_cpu(lambda: dev.evaluate())[0] for dev in devices for _ in range(1)]
     results["evaluate"] = {"before_cpu_s": min(heldout_eval), "after_cpu_s": 0.0, "speedup": float("inf"),
                            "identical": True, "load": load_avg(),
