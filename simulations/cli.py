@@ -394,8 +394,6 @@ def cmd_fleet_stop(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_fleet_up(args: argparse.Namespace, settings: Settings) -> int:
-    from simulations.fleet import stop_fleet
-
     cmd_fleet_start(args, settings)
     try:
         code = cmd_fleet_run(args, settings)
