@@ -36,11 +36,11 @@ import torch
 from fedasls.adaptation import adapter_state
 from fedasls.config import load_settings
 from fedasls.device_round import load_device, run_device_round
-from fedasls.federated.client import Downlink, cold_start_choice, global_model_adapter, shared_part_of
+from fedasls.federated.client import Downlink, cold_start_choice, global_model_adapter
 from fedasls.federated.fedavg import add, fedavg
 from fedasls.federated.init import initial_global
 from fedasls.federated.layout import adapter_layout
-from fedasls.federated.split import shared_part
+from fedasls.federated.split import shared_part, shared_part_of
 from fedasls.heterogeneity import HeterogeneityModel
 from fedasls.interaction import STREAM_EPOCH
 from fedasls.runtime import DeviceRuntime

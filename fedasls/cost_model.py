@@ -6,7 +6,8 @@ Used only by simulations (`fedasls.simulated_timing`): a device reports its work
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -81,4 +82,31 @@ class CostModel:
             + self.train_seconds(profile, work.get("train_examples", 0), work.get("epochs", 1), work.get("rank"))
             + self.eval_seconds(profile, work.get("eval_items", 0))
             + self.upload_seconds(profile, work.get("upload_bytes", 0))
+        )
+
+
+@dataclass(frozen=True)
+class RoundWork:
+    """What a device did in one round, in the cost model's units (see WORK_KEYS)."""
+
+    embed_items: int
+    train_examples: int
+    epochs: int
+    rank: int
+    eval_items: int
+    upload_bytes: int
+
+    def cost_work(self) -> dict[str, int]:
+        return asdict(self)
+
+    @classmethod
+    def from_metrics(cls, metrics: Mapping[str, float]) -> "RoundWork":
+        """The work a device round's reply metrics (`DeviceRoundResult.metrics()`) describe."""
+        return cls(
+            embed_items=int(metrics["new_interactions"]),
+            train_examples=int(metrics["examples"]),
+            epochs=int(metrics["epochs"]),
+            rank=int(metrics["lora_rank"]),
+            eval_items=int(metrics["eval_items"]),
+            upload_bytes=int(metrics["upload_bytes"]),
         )

@@ -12,9 +12,10 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 
 from fedasls.config import Settings
+from fedasls.cost_model import RoundWork
 from fedasls.device import AdaptReport, Device, DeviceOptions
 from fedasls.driver import advance
 from fedasls.federated.client import Contribution, Downlink, adapt_from_global
@@ -25,33 +26,6 @@ from fedasls.store import MANIFEST, CorruptStateError, DeviceStore
 from fedasls.timing import record, stage
 
 UPLOAD_BYTES = 512  # a reply of scalar metrics; a later global-adapter update adds its own bytes
-
-
-@dataclass(frozen=True)
-class RoundWork:
-    """What a device did in one round, in the cost model's units (see cost_model.WORK_KEYS)."""
-
-    embed_items: int
-    train_examples: int
-    epochs: int
-    rank: int
-    eval_items: int
-    upload_bytes: int
-
-    def cost_work(self) -> dict[str, int]:
-        return asdict(self)
-
-    @classmethod
-    def from_metrics(cls, metrics: Mapping[str, float]) -> "RoundWork":
-        """The work a device round's reply metrics (`DeviceRoundResult.metrics()`) describe."""
-        return cls(
-            embed_items=int(metrics["new_interactions"]),
-            train_examples=int(metrics["examples"]),
-            epochs=int(metrics["epochs"]),
-            rank=int(metrics["lora_rank"]),
-            eval_items=int(metrics["eval_items"]),
-            upload_bytes=int(metrics["upload_bytes"]),
-        )
 
 
 def keep_always(work: RoundWork) -> bool:

@@ -1,6 +1,6 @@
 """Simulation-only timing: how long a device's reported work takes, and whether it stays online.
 
-A real device only reports the work it did (`fedasls.device_round.RoundWork`). In a simulation
+A real device only reports the work it did (`fedasls.cost_model.RoundWork`). In a simulation
 the fleet turns that work into simulated seconds with the cost model and the device's
 heterogeneity profile, and decides from its availability window whether it finished online (a
 device that goes offline mid-round loses that round's work). Both halves of the simulated fleet
@@ -13,8 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from fedasls.device_round import RoundWork
-from fedasls.cost_model import CostModel
+from fedasls.cost_model import CostModel, RoundWork
 from fedasls.heterogeneity import HeterogeneityModel
 
 

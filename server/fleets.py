@@ -26,7 +26,7 @@ from flwr.app.error import Error
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
-from fedasls.device_round import RoundWork
+from fedasls.cost_model import RoundWork
 from fedasls.simulated_timing import SimulatedTiming
 from server.coordinator import Coordinator
 

@@ -30,12 +30,11 @@ from clients.reply import GLOBAL_ADAPTER_KEY, device_metrics, reply_updates
 from fedasls.config import Settings
 from fedasls.federated.accountant import UserLevelAccountant
 from fedasls.federated.clipping import l2_norm
-from fedasls.federated.client import shared_part_of
 from fedasls.federated.fedavg import TensorDict, add, fedavg
 from fedasls.federated.init import initial_global
 from fedasls.federated.layout import adapter_layout
 from fedasls.federated.noise import dp_fedavg
-from fedasls.federated.split import shared_part
+from fedasls.federated.split import shared_part, shared_part_of
 from fedasls.store import atomic_write
 
 ADAPTER_DIR = "global-adapter"

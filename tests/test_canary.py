@@ -17,9 +17,8 @@ import torch
 
 from clients.reply import GLOBAL_UPDATE_KEY, SECAGG_CONFIGS
 from fedasls.config import Settings
-from fedasls.federated.client import shared_part_of
 from fedasls.federated.layout import adapter_layout
-from fedasls.federated.split import is_shared
+from fedasls.federated.split import is_shared, shared_part_of
 from recording_grid import run_recorded
 from server.fleet import FleetRun
 

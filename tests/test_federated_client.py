@@ -8,12 +8,12 @@ import torch
 from fedasls.adaptation import adapter_state, load_adapter_state
 from fedasls.config import Settings
 from fedasls.device import Device
-from fedasls.federated.client import Downlink, adapt_from_global, global_model_adapter, shared_part_of
+from fedasls.federated.client import Downlink, adapt_from_global, global_model_adapter
 from fedasls.federated.clipping import l2_norm
 from fedasls.federated.init import initial_global
 from fedasls.federated.layout import adapter_layout
 from fedasls.federated.ranks import lora_kind, truncate
-from fedasls.federated.split import shared_part
+from fedasls.federated.split import shared_part, shared_part_of
 from fedasls.runtime import DeviceRuntime
 
 from settings_update import updated

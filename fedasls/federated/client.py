@@ -30,22 +30,7 @@ from fedasls.federated.clipping import clip
 from fedasls.federated.fedavg import TensorDict
 from fedasls.federated.init import global_shapes, initial_global
 from fedasls.federated.ranks import lora_kind, pad, rank_of, truncate
-from fedasls.federated.split import Shared
 from fedasls.timing import stage
-
-STRATEGIES = ("local", "global", "global+personal")
-
-
-def shared_part_of(strategy: str, ffa: bool) -> Shared:
-    """Which LoRA tensors a strategy shares: 'all' (global), 'B' (global + FFA), 'A' (global+personal)."""
-    if strategy == "global":
-        return "B" if ffa else "all"
-    if strategy == "global+personal":
-        if ffa:
-            raise ValueError("FFA-LoRA freezes A, but global+personal shares A: use ffa with strategy 'global'")
-        return "A"
-    raise ValueError(f"strategy {strategy!r} shares no adapter; expected one of {STRATEGIES[1:]}")
-
 
 @dataclass(frozen=True)
 class Downlink:

@@ -19,6 +19,18 @@ from fedasls.federated.ranks import lora_kind
 
 Shared = Literal["all", "A", "B"]
 SHARED_PARTS: tuple[str, ...] = ("all", "A", "B")
+STRATEGIES = ("local", "global", "global+personal")
+
+
+def shared_part_of(strategy: str, ffa: bool) -> Shared:
+    """Which LoRA tensors a strategy shares: 'all' (global), 'B' (global + FFA), 'A' (global+personal)."""
+    if strategy == "global":
+        return "B" if ffa else "all"
+    if strategy == "global+personal":
+        if ffa:
+            raise ValueError("FFA-LoRA freezes A, but global+personal shares A: use ffa with strategy 'global'")
+        return "A"
+    raise ValueError(f"strategy {strategy!r} shares no adapter; expected one of {STRATEGIES[1:]}")
 
 
 def is_shared(key: str, shared: Shared) -> bool:
