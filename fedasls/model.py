@@ -32,7 +32,6 @@ from transformers import (
     LlamaForCausalLM,
     PreTrainedModel,
     PreTrainedTokenizerFast,
-    get_cosine_schedule_with_warmup,
 )
 
 from fedasls.config import ModelSettings
@@ -140,6 +139,8 @@ def _pretrain(model: LlamaForCausalLM, train: torch.Tensor, settings: ModelSetti
     steps = settings.pretrain_steps
     if steps == 0:
         return []
+    from transformers import get_cosine_schedule_with_warmup  # here: it imports transformers' Trainer stack (and peft)
+
     generator = torch.Generator().manual_seed(settings.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.pretrain_lr, weight_decay=0.01, betas=(0.9, 0.98))
     schedule = get_cosine_schedule_with_warmup(optimizer, max(1, steps // 10), steps)

@@ -32,7 +32,6 @@ from fedasls.federated.accountant import UserLevelAccountant
 from fedasls.federated.clipping import l2_norm
 from fedasls.federated.fedavg import TensorDict, add, fedavg
 from fedasls.federated.init import initial_global
-from fedasls.federated.layout import adapter_layout
 from fedasls.federated.noise import dp_fedavg
 from fedasls.federated.split import shared_part, shared_part_of
 from fedasls.store import atomic_write
@@ -97,6 +96,10 @@ class GlobalAdapterStrategy:
     """
 
     def __init__(self, settings: Settings) -> None:
+        # Here, not at the top: the layout needs peft and the model's config, which a driver running
+        # only local personalization never imports (it starts faster without them).
+        from fedasls.federated.layout import adapter_layout
+
         f = settings.federated
         self.name = f"{f.strategy}{' (FFA-LoRA)' if f.ffa else ''}"
         self.shared = shared_part_of(f.strategy, f.ffa)

@@ -154,3 +154,15 @@ def test_flowers_run_simulation_deprecation_notice_is_hidden_and_its_errors_are_
         flwr_logger.removeHandler(handler)
     assert hidden == [] and errors  # the notice is gone, Flower's error about the bad call is not
     assert len(unfiltered) == 1  # without the filter Flower does print it: the filter is what hides it
+
+
+def test_the_driver_does_not_import_the_device_pipeline():
+    """The coordinator process (runner, ServerApp, fleet loop, local strategy) leaves peft and the
+    training code to the workers: importing them cost its start-up about half a second."""
+    import subprocess
+    import sys
+
+    code = ("import sys, simulations.runner, server.app, server.strategy; "
+            "print(sorted(m for m in ('peft', 'fedasls.adaptation', 'fedasls.device') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
