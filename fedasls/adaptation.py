@@ -478,8 +478,8 @@ class _EarlyStopping:
 
     def __init__(self, peft_model: PeftModel, prompts: PromptFormat,
                  heldback: Sequence[TrainingExample], patience: int, max_length: int) -> None:
-        self.model, self.prompts, self.heldback = peft_model, prompts, list(heldback)
-        self.patience, self.max_length = patience, max_length
+        self.model, self.patience = peft_model, patience
+        self.data = _tensorize(prompts, heldback, max_length)  # tokenized once, scored after every epoch
         self.losses: list[float] = []
         self.best_epoch: int | None = None
         self.best_state: dict[str, torch.Tensor] | None = None
@@ -487,7 +487,7 @@ class _EarlyStopping:
 
     def after_epoch(self) -> bool:
         """Measure the held-back loss; True when training should stop."""
-        loss = sequence_loss(self.model, self.prompts, self.heldback, self.max_length)
+        loss = _dataset_loss(self.model, self.data)
         self.losses.append(loss)
         self.states.append(adapter_state(self.model))
         if self.best_epoch is None or loss < self.losses[self.best_epoch - 1]:
@@ -594,7 +594,6 @@ def _train_dp(
     )
 
 
-@torch.no_grad()
 def sequence_loss(
     model: torch.nn.Module,
     prompts: PromptFormat,
@@ -603,7 +602,12 @@ def sequence_loss(
     batch_size: int = 16,
 ) -> float:
     """Mean next-token loss over all answer tokens of `examples` (exp of it = perplexity)."""
-    data = _tensorize(prompts, examples, max_length)
+    return _dataset_loss(model, _tensorize(prompts, examples, max_length), batch_size)
+
+
+@torch.no_grad()
+def _dataset_loss(model: torch.nn.Module, data: TensorDataset, batch_size: int = 16) -> float:
+    """`sequence_loss` of examples already tokenized by `_tensorize`."""
     device = next(model.parameters()).device
     total, tokens = 0.0, 0
     with eval_mode(model):
