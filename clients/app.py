@@ -104,9 +104,10 @@ def device_round_reply(settings_json: str, device_id: int, now: float, store_dir
     return result.metrics(), (result.contribution.update if result.contribution else None)
 
 
-def downlink_of(msg: Message, settings: Settings) -> Downlink | None:
+def downlink_of(msg: Message, settings_json: str) -> Downlink | None:
     """The global adapter this message carries (a global-adapter round, plain or as a SecAgg+ round's
-    FitIns with the tensor names in its config), or None (local)."""
+    FitIns with the tensor names in its config), or None (local). Loads no model: the worker's first
+    model load belongs inside the device round (its "worker_setup" stage, its fault handling)."""
     if FIT_CONFIG in msg.content:
         import torch
 
@@ -115,9 +116,10 @@ def downlink_of(msg: Message, settings: Settings) -> Downlink | None:
         shared = torch_tensors(msg.content[GLOBAL_ADAPTER_KEY])
     else:
         return None
+    from fedasls.config import Settings
     from fedasls.federated.client import Downlink
 
-    return Downlink.from_settings(settings, shared)
+    return Downlink.from_settings(Settings.model_validate_json(settings_json), shared)
 
 
 def _config(msg: Message):
@@ -176,9 +178,9 @@ def secagg_train(msg: Message, context: Context) -> Message:
     """A SecAgg+ round's device round (masked-vector stage): the same round as `train`, replying in the
     FitRes layout that secaggplus_mod masks (clipped to [federated] clip_norm on the device)."""
     settings_json, now, store, simulated, server_round = _round_request(msg, context)
-    settings = worker_resources(settings_json)[0]
     result = device_round(settings_json, device_id_of(msg, context), now, store, simulated,
-                          downlink_of(msg, settings), server_round)
+                          downlink_of(msg, settings_json), server_round)
+    settings = worker_resources(settings_json)[0]
     return build_fit_reply(msg, result.metrics(), result.contribution.update if result.contribution else None,
                            settings.federated.secagg_max_weight)
 
@@ -194,15 +196,14 @@ def train(msg: Message, context: Context) -> Message:
         from functools import partial
 
         from clients.device_pool import run_devices
-        from fedasls.config import Settings
 
-        downlink = downlink_of(msg, Settings.model_validate_json(settings_json))  # no model load on this slot
+        downlink = downlink_of(msg, settings_json)
         results, failures = run_devices(partial(device_round_reply, downlink=downlink), settings_json,
                                         [int(d) for d in config["device-ids"]], now, store, simulated,
                                         int(config.get("parallel", 1)), server_round)
         updates = {int(m["device_id"]): u for m, u in results if u is not None}
         return build_batch_reply(msg, [m for m, _ in results], failures, updates)
-    downlink = downlink_of(msg, worker_resources(settings_json)[0])
+    downlink = downlink_of(msg, settings_json)
     result = device_round(settings_json, device_id_of(msg, context), now, store, simulated, downlink, server_round)
     return build_reply(msg, result.metrics(), result.contribution.update if result.contribution else None)
 
@@ -225,7 +226,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     metrics = {"device_id": device_id, "rouge1": personal.rouge1, "rougeL": personal.rougeL,
                "perplexity": personal.perplexity, "base_rouge1": base.rouge1, "base_rougeL": base.rougeL,
                "base_perplexity": base.perplexity}
-    downlink = downlink_of(msg, settings)
+    downlink = downlink_of(msg, str(config["settings"]))
     if downlink is not None:  # the global adapter alone on this device (state not saved)
         device.adapter = global_model_adapter(adapter_state(runtime.activate(device.lora_rank, settings.adaptation)), downlink)
         shared, _ = device.evaluate()

@@ -47,3 +47,18 @@ def test_train_then_evaluate_one_device_with_its_partition_id(tiny_model_dir, tm
     assert evaluated["device_id"] == 3
     for key in ("rouge1", "rougeL", "perplexity", "base_rouge1", "base_rougeL", "base_perplexity"):
         assert evaluated[key] == pytest.approx(metrics[key])  # the saved device, evaluated again
+
+
+def test_a_model_that_fails_to_load_fails_inside_the_device_round(tmp_path):
+    """The worker's first model load runs inside the device round: a failure there is contained
+    like any other (error code in the reply, traceback in the device's own errors.log)."""
+    from clients.app import _WORKER
+
+    missing = tmp_path / "no-such-model"
+    settings = Settings.model_validate({"model": {"path": str(missing)}, "population": {"num_devices": 2}})
+    _WORKER.clear()  # this worker's first call for these settings
+    config = {"settings": settings.model_dump_json(), "store": str(tmp_path / "store"), "now": 86400.0, "device-id": 1}
+    reply = call("train", config, {})
+    assert reply.has_error() and reply.error.code == 100
+    log = (tmp_path / "store").rglob("errors.log")
+    assert any(str(missing) in path.read_text() for path in log)
