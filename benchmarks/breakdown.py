@@ -3,8 +3,9 @@
 Runs devices 0..N-1 of a scenario at one virtual day, on a fresh store, in ONE process, calling
 the Flower ClientApp exactly as a worker does (so messaging is real), with the per-stage timer
 of fedasls.timing. Every figure has wall and CPU seconds and the load average next to it; compare
-before/after by CPU seconds when the machine is shared. The first call also loads the base
-model ("worker_setup"), which is reported apart and excluded from the device-round totals.
+before/after by CPU seconds when the machine is shared. What a worker builds once and then shares
+with all its devices ("worker_setup": the base model, the lexicons, the paraphrase probe) is
+reported apart and excluded from the device-round totals.
 
 Training efficiency: device 0's buffered items are trained on once with the round's settings;
 FLOPs are counted by torch's FlopCounterMode in a second, identical run; achieved FLOP/s (by CPU
@@ -232,7 +233,7 @@ def print_table(results: list[dict[str, Any]]) -> None:
         n = r["devices"]
         print(f"\n{r['model']}: {n} device rounds, day {r['day']:g}, load {r['load_avg_1m']:.2f}  "
               f"total {r['device_rounds_wall_s']:.2f} s wall / {r['device_rounds_cpu_s']:.2f} s CPU  "
-              f"({r['device_rounds_cpu_s'] / n:.2f} CPU s per round; model load {r['worker_setup_wall_s']:.2f} s "
+              f"({r['device_rounds_cpu_s'] / n:.2f} CPU s per round; worker set-up {r['worker_setup_wall_s']:.2f} s "
               f"wall / {r['worker_setup_cpu_s']:.2f} s CPU, not counted)")
         print(f"  adapted {r['adapted']}/{n}, mean ROUGE-1 {r['rouge1_mean']:.3f} (base {r['base_rouge1_mean']:.3f})")
         print(f"  {'stage':<12}{'wall s':>9}{'CPU s':>9}{'CPU %':>8}{'calls':>7}")

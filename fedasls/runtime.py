@@ -29,6 +29,7 @@ from fedasls.model import ensure_model, load_model
 from fedasls.population import Population, population_from_settings
 from fedasls.prompts import PromptFormat
 from fedasls.synthesis import ParaphraseProbe, probe_paraphrase
+from fedasls.timing import stage
 
 
 def resource_key(settings: Settings) -> str:
@@ -77,7 +78,10 @@ class DeviceRuntime:
     def lexicons(self) -> DomainLexicons:
         """Domain lexicons of the population (its own, for labelled real data), else the default."""
         own = getattr(self.population, "lexicons", None)
-        return own if isinstance(own, DomainLexicons) else default_lexicons(self._population_seed)
+        if isinstance(own, DomainLexicons):
+            return own
+        with stage("worker_setup"):  # built on a worker's first device round, then shared by all its devices
+            return default_lexicons(self._population_seed)
 
     @cached_property
     def embedder(self) -> Embedder:
@@ -89,7 +93,8 @@ class DeviceRuntime:
         under these filter bounds: measured once per worker and filter, then reused."""
         key = (synthesis.rouge_min, synthesis.rouge_max)
         if key not in self._paraphrase_probes:
-            with self.base_model() as base:
+            # once per worker (and filter), like loading the model: worker set-up, not a device's work
+            with stage("worker_setup"), self.base_model() as base:
                 self._paraphrase_probes[key] = probe_paraphrase(base, self.prompts, synthesis)
         return self._paraphrase_probes[key]
 
