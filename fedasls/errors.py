@@ -9,3 +9,7 @@ class FedaslsError(Exception):
     """Bad input or a failed run, explained in the message (what, where, how to fix)."""
 
     exit_code = 2  # bad input; a run that failed exits 1
+
+
+class ModelNotFoundError(FedaslsError, FileNotFoundError):
+    """A model path is missing or is not a local Hugging Face causal-LM folder."""

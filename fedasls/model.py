@@ -10,7 +10,6 @@ template when its tokenizer has one).
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -18,7 +17,7 @@ import shutil
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -35,10 +34,10 @@ from transformers import (
 )
 
 from fedasls.config import ModelSettings
-from fedasls.errors import FedaslsError
+from fedasls.errors import ModelNotFoundError
+from fedasls.model_cache import BUILD_INFO, build_once, cache_root, replace_dir
 from fedasls.prompts import PromptFormat, check_prompt_format
 
-BUILD_INFO = "fedasls_build.json"
 BUILD_VERSION = 2  # bump when the build recipe changes, so cached models are rebuilt
 BOS, EOS, PAD, UNK = "<s>", "</s>", "<pad>", "<unk>"
 _BLOCK_TOKENS = 128  # pretraining sequence length (capped by max_positions)
@@ -50,10 +49,6 @@ _EXPECTED = (
     "or a preset name (e.g. --model smollm2-135m-instruct), "
     "or omit --model (model.path) to use the embedded default model"
 )
-
-
-class ModelNotFoundError(FedaslsError, FileNotFoundError):
-    """A model path is missing or is not a local Hugging Face causal-LM folder."""
 
 
 # --------------------------------------------------------------------------- building
@@ -162,18 +157,6 @@ def _pretrain(model: LlamaForCausalLM, train: torch.Tensor, settings: ModelSetti
     return losses
 
 
-def _replace_dir(tmp: Path, target: Path) -> None:
-    """Move the finished `tmp` folder to `target`, replacing an old one."""
-    if target.exists():
-        if target.is_dir() and not any(target.iterdir()):
-            target.rmdir()
-        else:
-            old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
-            target.rename(old)
-            shutil.rmtree(old, ignore_errors=True)
-    tmp.rename(target)
-
-
 def build_default_model(settings: ModelSettings, out_dir: Path | str) -> Path:
     """Build the embedded default model into `out_dir` (a Hugging Face folder) and return it.
 
@@ -218,7 +201,7 @@ def build_default_model(settings: ModelSettings, out_dir: Path | str) -> Path:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / BUILD_INFO).write_text(json.dumps(info, indent=2), encoding="utf-8")
-        _replace_dir(tmp, out_dir)
+        replace_dir(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
@@ -235,12 +218,6 @@ def _settings_hash(settings: ModelSettings) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def cache_root(cache_dir: str | Path | None) -> Path:
-    """The model cache: `cache_dir`, else $FEDASLS_CACHE, else ~/.cache/fedasls."""
-    root = cache_dir or os.environ.get("FEDASLS_CACHE") or Path.home() / ".cache" / "fedasls"
-    return Path(root).expanduser().resolve()
-
-
 def default_model_dir(settings: ModelSettings) -> Path:
     """Cache folder of the embedded default, in `cache_root(settings.cache_dir)`.
 
@@ -248,18 +225,6 @@ def default_model_dir(settings: ModelSettings) -> Path:
     changed setting never reuses a stale model.
     """
     return cache_root(settings.cache_dir) / f"default-{_settings_hash(settings)}"
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    """An exclusive inter-process lock held on `path` for the duration of the block."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def ensure_model(settings: ModelSettings) -> Path:
@@ -272,17 +237,6 @@ def ensure_model(settings: ModelSettings) -> Path:
 
         return ensure_preset(settings.preset, cache_root(settings.cache_dir))
     return build_once(default_model_dir(settings), lambda target: build_default_model(settings, target))
-
-
-def build_once(target: Path, build: Callable[[Path], object]) -> Path:
-    """`target`, built by `build(target)` unless a finished build (its BUILD_INFO) is already there;
-    file-locked, so concurrent processes build it once."""
-    if (target / BUILD_INFO).is_file():
-        return target
-    with _file_lock(target.with_name(target.name + ".lock")):
-        if not (target / BUILD_INFO).is_file():  # another process may have built it meanwhile
-            build(target)
-    return target
 
 
 # --------------------------------------------------------------------------- loading

@@ -25,7 +25,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
 from fedasls.config import Settings
-from fedasls.model import BUILD_INFO, ModelNotFoundError, _replace_dir, build_once, cache_root
+from fedasls.errors import ModelNotFoundError
+from fedasls.model_cache import BUILD_INFO, build_once, cache_root, replace_dir
 
 PRESET_BUILD_VERSION = 1  # bump when the conversion recipe changes, so cached copies are rebuilt
 
@@ -147,7 +148,7 @@ def build_preset(name: str, out_dir: Path | str) -> Path:
         tokenizer.save_pretrained(tmp)
         info["build_seconds"] = round(time.perf_counter() - start, 2)
         (tmp / BUILD_INFO).write_text(json.dumps(info, indent=2), encoding="utf-8")
-        _replace_dir(tmp, out_dir)
+        replace_dir(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
