@@ -21,9 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
-
 from fedasls.config import Settings
 from fedasls.errors import ModelNotFoundError
 from fedasls.model_cache import BUILD_INFO, build_once, cache_root, replace_dir
@@ -114,6 +111,9 @@ def _check_gguf_reader() -> None:
 
 def build_preset(name: str, out_dir: Path | str) -> Path:
     """Convert the preset's GGUF file into a Hugging Face folder at `out_dir` (atomic) and return it."""
+    import torch  # here: the registry itself (and the command line reading it) needs no model library
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
     preset = get_preset(name)
     source = gguf_path(preset)
     _check_gguf_reader()
