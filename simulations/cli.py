@@ -319,10 +319,24 @@ def cmd_report(args: argparse.Namespace, settings: Settings) -> int:
     run_dir = Path(args.run_dir)
     if not (run_dir / "rounds.jsonl").is_file():
         raise ConfigError(f"{run_dir}: no rounds.jsonl there (pass the folder of a simulate or flwr run)")
-    summary = write_report(run_dir, wall_seconds=args.wall_seconds)
+    summary = write_report(run_dir, wall_seconds=_wall_seconds(run_dir, args.wall_seconds))
     print(format_summary(summary))
     print(f"\nwritten: {run_dir} (rounds.csv, device_rounds.csv, summary.json, *.png)")
     return 0
+
+
+def _wall_seconds(run_dir: Path, given: float) -> float:
+    """`given` (--wall-seconds), else the wall time the run's own summary.json recorded: rewriting the
+    report must not lose it."""
+    import json
+    import math
+
+    if not math.isnan(given):
+        return given
+    try:
+        return float(json.loads((run_dir / "summary.json").read_text())["wall_seconds"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return given
 
 
 # --- fleet (loopback Deployment Engine) ------------------------------------------------------
@@ -521,7 +535,8 @@ def build_parser() -> argparse.ArgumentParser:
         "and print the summary.",
     )
     rep.add_argument("run_dir", metavar="RUN_DIR", help="folder holding rounds.jsonl and device_rounds.jsonl")
-    rep.add_argument("--wall-seconds", type=float, default=float("nan"), help="wall time to report (default: unknown)")
+    rep.add_argument("--wall-seconds", type=float, default=float("nan"),
+                     help="wall time to report (default: the one the run's summary.json recorded, else unknown)")
     rep.set_defaults(handler=cmd_report, config=None, overrides=[])
 
     fleet = sub.add_parser(

@@ -17,7 +17,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from fedasls.stats import mean_ci  # noqa: E402
-from server.fleet import DEVICE_ROUNDS_FILE, ROUNDS_FILE  # noqa: E402
+from server.checkpoint import DEVICE_ROUNDS_FILE, ROUNDS_FILE  # noqa: E402
 
 PLOTS = ("uplift_distribution.png", "metrics_over_rounds.png", "virtual_time_per_round.png", "participation_by_tier.png")
 

@@ -125,6 +125,21 @@ def test_report_command_rebuilds_tables_and_plots(finished_run, tmp_path, capsys
     assert json.loads((copy / "summary.json").read_text())["devices_participated"] == 20
 
 
+def test_report_command_keeps_the_runs_recorded_wall_time(finished_run, tmp_path, capsys):
+    import shutil
+
+    from simulations.cli import main
+
+    run, _ = finished_run
+    copy = tmp_path / "copy"
+    shutil.copytree(run.run_dir, copy, ignore=shutil.ignore_patterns("store"))
+    assert json.loads((copy / "summary.json").read_text())["wall_seconds"] == 1.0  # what the run wrote
+    assert main(["report", str(copy)]) == 0  # rewriting the report without --wall-seconds ...
+    assert json.loads((copy / "summary.json").read_text())["wall_seconds"] == 1.0  # ... keeps it
+    assert main(["report", str(copy), "--wall-seconds", "7.5"]) == 0
+    assert json.loads((copy / "summary.json").read_text())["wall_seconds"] == 7.5
+
+
 def test_flowers_run_simulation_deprecation_notice_is_hidden_and_its_errors_are_not(finished_run):
     """`simulate` installs the filter; Flower's own run_simulation still warns (so the test would
     fail if Flower changed the notice's text) and its error records still pass."""
