@@ -25,7 +25,7 @@ from pathlib import Path
 POLICIES = ("full", "eoe", "dss", "idd", "random", "fifo", "kcenter", "reservoir")
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--devices", type=int, default=30, help="devices 0..N-1 of the default population (default 30)")
     p.add_argument("--policies", nargs="+", default=list(POLICIES), choices=POLICIES)
@@ -34,7 +34,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     p.add_argument("--jobs", type=int, default=2, help="worker processes (default 2)")
     p.add_argument("--out", default="results/selection_ablation.csv", help="CSV path")
-    return p.parse_args()
+    return p.parse_args(argv)
 
 
 def variants(policies: list[str], rewrites: list[int], default_rewrites: int) -> list[tuple[str, str, int]]:
@@ -126,8 +126,9 @@ def selection_cost_ms(settings, n: int = 400) -> float:
     return float(np.median(times) * 1000)
 
 
-def main() -> None:
-    args = parse_args()
+def main(argv: list[str] | None = None) -> list[dict]:
+    """Run the ablation; returns one row per (device, variant), as written to the CSV."""
+    args = parse_args(argv)
     from fedasls.config import load_settings
     from fedasls.model import ensure_model
     from fedasls.stats import mean_ci
@@ -167,6 +168,7 @@ def main() -> None:
           f"(target <= 2 ms); in-run observe incl. tagging: "
           f"{sum(r['observe_ms'] for r in rows) / len(rows):.3f} ms mean")
     print(f"CSV: {out}")
+    return rows
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from benchmarks import (
     global_adapter,
     global_adapter_pooled,
     population_scale,
+    selection_ablation,
     speedups,
     throughput,
     throughput_history,
@@ -151,6 +152,17 @@ def test_global_adapter_compares_strategies_on_cold_start_and_trained_devices(ti
     assert pooled["global+personal - local"] == pytest.approx([gp["personal"][d] - loc["personal"][d] for d in (0, 1)] * 2)
     assert pooled["global+personal - global alone"] == pytest.approx(
         [gp["personal"][d] - g["global_alone"][d] for d in (0, 1)] * 2)
+
+
+def test_selection_ablation_runs_each_policy_and_the_rewrites_sweep(tiny_model_dir, tmp_path):
+    out = tmp_path / "ablation.csv"
+    rows = selection_ablation.main(["--devices", "1", "--policies", "eoe", "fifo", "--rewrites", "0", "1", "--jobs", "1",
+                                    "--out", str(out), *_sets(tiny_model_dir)])
+    assert [r["variant"] for r in rows] == ["policy=eoe", "policy=fifo", "rewrites=0", "rewrites=1"]
+    assert all(0 <= r["rouge1"] <= 1 and r["examples"] >= 1 for r in rows)
+    assert rows[2]["synthesized"] == 0 and rows[3]["synthesized"] >= 1  # the sweep's k is applied
+    with out.open() as f:
+        assert len(list(csv.DictReader(f))) == 4
 
 
 def test_tree_cpu_counts_each_process_once(tmp_path):
