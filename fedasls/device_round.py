@@ -136,9 +136,13 @@ def _run_device_round(device_id: int, now: float, runtime: DeviceRuntime, settin
         examples = sum(r.examples for r in reports)
     adapted = bool(reports)
     had_base = device.base_eval is not None
-    if adapted or device.last_eval is None:
+    # In a local round the device's model changes only when its gate accepts a new adapter; after a
+    # rejection (the kept adapter is put back) or a wait, the held-out evaluation would give the
+    # saved figures again (greedy answers, seeded user): they are reused, not recomputed.
+    changed = downlink is not None or any(r.status == "accepted" for r in reports)
+    if changed or device.last_eval is None:
         personal, base = device.evaluate()
-    else:  # adapter and held-out items unchanged since the saved evaluation: the same figures, not recomputed
+    else:  # adapter and held-out items unchanged since the saved evaluation: the same figures
         personal, base = device.last_eval, device.base_eval
     trained = [r for r in reports if r.epochs]
     epoch_examples = sum(r.examples * r.epochs * r.attempts for r in trained)

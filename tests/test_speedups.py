@@ -169,3 +169,27 @@ def test_a_round_without_adaptation_reports_the_saved_evaluation_unchanged(tiny_
     personal, base = load_device(1, runtime, settings, store, hetero).evaluate()  # ... and what a fresh evaluation gives
     assert (again.rouge1, again.perplexity, again.base_rouge1) == (personal.rouge1, personal.perplexity, base.rouge1)
     assert (again.rouge1, again.base_rouge1) == (first.rouge1, first.base_rouge1)
+
+
+def test_a_round_whose_gate_keeps_the_old_adapter_reuses_the_saved_evaluation(tiny_model_dir, tmp_path):
+    settings = Settings.model_validate({
+        "model": {"path": str(tiny_model_dir)},
+        "population": {"num_devices": 3, "stream_length": 40, "heldout": 2},
+        "synthesis": {"method": "fallback", "rewrites": 1},
+        "adaptation": {"epochs": 1, "lora_rank": 4, "min_new_items": 2, "gate": "off"},  # round 1 keeps its adapter
+        "evaluation": {"max_new_tokens": 6},
+        "heterogeneity": {"availability": "always"},
+    })
+    strict = settings.model_copy(update={"adaptation": settings.adaptation.model_copy(
+        update={"gate": "rouge1", "gate_margin": 1.0})})  # round 2: no candidate wins by a whole ROUGE-1 point
+    runtime, store = DeviceRuntime(settings), DeviceStore(tmp_path)
+    hetero = HeterogeneityModel.from_settings(settings.heterogeneity)
+    first = run_device_round(1, 6.6 * 86400.0, runtime, settings, store, hetero)  # the stream runs from day 5.9 to 7.4
+    again = run_device_round(1, 40 * 86400.0, runtime, strict, store, hetero)
+    state = load_device(1, runtime, strict, store, hetero)
+    assert first.adapted == 1 and again.adapted == 1 and again.new_interactions > 0  # two adaptations ...
+    assert state.counters.gate_accepted == 1 and state.counters.gate_rejected == 1  # ... the second one rejected
+    assert first.stage_seconds["stage_evaluate_s"] > 0 and again.stage_seconds["stage_evaluate_s"] == 0.0
+    personal, base = state.evaluate()  # a fresh evaluation of the kept adapter gives the reused figures
+    assert (again.rouge1, again.perplexity, again.accept_rate) == (personal.rouge1, personal.perplexity, personal.accept_rate)
+    assert (again.rouge1, again.perplexity, again.base_rouge1) == (first.rouge1, first.perplexity, base.rouge1)
