@@ -6,6 +6,7 @@ too, the minimum least), with the load average next to it and whether the output
 
   train     full-logits loss vs vocabulary head on answer tokens only (fedasls.adaptation.ANSWER_ONLY_HEAD)
   lora      peft's LoRA backward vs rank-r products in MKL's fast orientation (fedasls.fast_lora)
+  adamw     AdamW's loop over the LoRA tensors vs torch's fused AdamW kernel (fedasls.adaptation.FUSED_ADAMW)
   score     held-out evaluation of a trained adapter: peft's unmerged LoRA vs the adapter merged into the
             base weights, restored exactly after (fedasls.merged_adapter)
   generate  feedback answers in batches of 16 vs batches sized for the model (generation_batch_size)
@@ -122,9 +123,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     texts = [it for d in range(args.devices) for it in runtime.population.stream(d)]
     model = runtime.activate(a.lora_rank, a)
 
-    def train(answer_only: bool, batch_size: int | None = None, fast_lora: bool = True) -> Callable[[], Any]:
+    def train(answer_only: bool, batch_size: int | None = None, fast_lora: bool = True,
+              fused_adamw: bool = True) -> Callable[[], Any]:
         def run() -> Any:
             adaptation.ANSWER_ONLY_HEAD, adaptation.FAST_LORA_BACKWARD = answer_only, fast_lora
+            adaptation.FUSED_ADAMW = fused_adamw
             weights = []
             try:
                 for d, ex in enumerate(examples):
@@ -133,7 +136,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     adaptation.train_adapter(model, runtime.prompts, ex, s, seed=d)
                     weights += [v.numpy().ravel() for _, v in sorted(adaptation.adapter_state(model).items())]
             finally:
-                adaptation.ANSWER_ONLY_HEAD = adaptation.FAST_LORA_BACKWARD = True
+                adaptation.ANSWER_ONLY_HEAD = adaptation.FAST_LORA_BACKWARD = adaptation.FUSED_ADAMW = True
             return np.concatenate(weights)
         return run
 
@@ -169,6 +172,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           f"{len(texts)} texts to embed; min of {args.repeats} interleaved runs, CPU seconds", flush=True)
     results["train"] = paired(train(False), train(True), args.repeats)
     results["lora"] = paired(train(True, fast_lora=False), train(True), args.repeats, compare=max_abs_diff)
+    results["adamw"] = paired(train(True, fused_adamw=False), train(True), args.repeats, compare=max_abs_diff)
     # scored: the last device's adapter, as the last (fast-path) training above left it
     results["score"] = paired(score(False), score(True), args.repeats, compare=_scores_differ)
     results["generate"] = paired(gen(16), gen(None), args.repeats)
@@ -182,7 +186,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results["padding"] = padding_shares(examples, runtime.prompts, a.max_length, a.batch_size)
 
     print(f"{'speed-up':<10}{'before CPU s':>13}{'after CPU s':>13}{'x':>7}  identical  load")
-    for name in ("train", "lora", "score", "generate", "embed", "evaluate"):
+    for name in ("train", "lora", "adamw", "score", "generate", "embed", "evaluate"):
         r = results[name]
         print(f"{name:<10}{r['before_cpu_s']:>13.3f}{r['after_cpu_s']:>13.3f}{r['speedup']:>7.2f}  "
               f"{str(r['identical']):<9}  {r['load']:.1f}" + (f"  (max |diff| {r['max_abs_diff']:.1e})" if "max_abs_diff" in r else "")

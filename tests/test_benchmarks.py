@@ -64,10 +64,11 @@ def test_speedups_pairs_each_speed_up_and_says_whether_its_outputs_match(tiny_mo
     out = tmp_path / "speedups.json"
     summary = speedups.main(["--devices", "2", "--day", "30", "--repeats", "1", "--out", str(out), *_sets(tiny_model_dir)])
     results = summary["results"]
-    for name in ("train", "lora", "score", "generate", "embed"):
+    for name in ("train", "lora", "adamw", "score", "generate", "embed"):
         assert results[name]["before_cpu_s"] > 0 and results[name]["after_cpu_s"] > 0, name
     assert results["generate"]["identical"] and results["embed"]["max_abs_diff"] < 1e-5
     assert results["lora"]["max_abs_diff"] < 1e-3  # the same training, summed in another order
+    assert results["adamw"]["max_abs_diff"] < 1e-3  # the same update rule, in one fused kernel
     assert results["score"]["max_abs_diff"] < 1e-2  # perplexity of the merged vs the unmerged adapter
     assert set(results["batch_size_train_cpu_s"]) == {8, 16, 32}
     assert json.loads(out.read_text())["results"]["lora"]["speedup"] == results["lora"]["speedup"]
