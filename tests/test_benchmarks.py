@@ -14,6 +14,7 @@ from benchmarks import (
     global_adapter_pooled,
     population_scale,
     selection_ablation,
+    smollm2_personalization,
     speedups,
     throughput,
     throughput_history,
@@ -164,6 +165,19 @@ def test_selection_ablation_runs_each_policy_and_the_rewrites_sweep(tiny_model_d
     assert rows[2]["synthesized"] == 0 and rows[3]["synthesized"] >= 1  # the sweep's k is applied
     with out.open() as f:
         assert len(list(csv.DictReader(f))) == 4
+
+
+def test_smollm2_personalization_runs_on_any_model_folder(tiny_model_dir, tmp_path):
+    """Its real subject is the SmolLM2 preset; on the tiny model it checks the script itself."""
+    out = tmp_path / "personal.csv"
+    toy = [x for o in TOY + ["population.stream_length=40"] for x in ("--set", o)]
+    code = smollm2_personalization.main(["--model", str(tiny_model_dir), "--devices", "2", "--max-adaptations", "1",
+                                         "--out", str(out), *toy])
+    assert code == 0
+    with out.open() as f:
+        rows = list(csv.DictReader(f))
+    assert [r["device"] for r in rows] == ["0", "1"]
+    assert all(r["status"] in ("accepted", "rejected", "waiting") and 0 <= float(r["rouge1"]) <= 1 for r in rows)
 
 
 def test_tree_cpu_counts_each_process_once(tmp_path):
