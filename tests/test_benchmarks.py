@@ -14,6 +14,9 @@ from benchmarks import (
     global_adapter_pooled,
     population_scale,
     selection_ablation,
+    smollm2_base,
+    smollm2_lora_sweep,
+    smollm2_paraphrase,
     smollm2_personalization,
     speedups,
     throughput,
@@ -178,6 +181,26 @@ def test_smollm2_personalization_runs_on_any_model_folder(tiny_model_dir, tmp_pa
         rows = list(csv.DictReader(f))
     assert [r["device"] for r in rows] == ["0", "1"]
     assert all(r["status"] in ("accepted", "rejected", "waiting") and 0 <= float(r["rouge1"]) <= 1 for r in rows)
+
+
+def test_smollm2_base_measures_answers_speed_and_base_rouge(tiny_model_dir):
+    out = smollm2_base.main(["--model", str(tiny_model_dir), "--devices", "2", "--max-new-tokens", "6",
+                             "--set", "population.stream_length=30", "--set", "population.heldout=2"])
+    assert len(out["answers"]) == 2 and out["tokens_per_cpu_s"] > 0 and out["lora_step_cpu_s"] > 0
+    assert len(out["base_rouge1"]) == 2 and all(0 <= r <= 1 for r in out["base_rouge1"])
+
+
+def test_smollm2_lora_sweep_scores_each_setting(tiny_model_dir):
+    rows = smollm2_lora_sweep.main(["--model", str(tiny_model_dir), "--devices", "1", "--max-new-tokens", "6",
+                                    "--configs", "lr1e-3 ep3 r8 q/v", "--set", "population.heldout=2"])
+    (row,) = rows
+    assert row["config"] == "lr1e-3 ep3 r8 q/v" and 0 <= row["rouge1"] <= 1 and row["train_cpu_s"] > 0
+
+
+def test_smollm2_paraphrase_reports_the_probe_and_the_filters(tiny_model_dir):
+    out = smollm2_paraphrase.main(["--model", str(tiny_model_dir), "--devices", "1", "--per-device", "1"])
+    assert isinstance(out["can_paraphrase"], bool) and out["rewrites"] >= 1
+    assert 0 <= out["filter_llm_rewrites_share"] <= out["rouge_filter_share"] <= 1
 
 
 def test_tree_cpu_counts_each_process_once(tmp_path):
