@@ -46,13 +46,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from fedasls.device import Device
     from fedasls.evaluation import rouge1_f
     from fedasls.model import generate
-    from fedasls.presets import is_preset
+    from fedasls.presets import model_override
     from fedasls.runtime import DeviceRuntime
     from fedasls.stats import mean_ci
 
-    model = f'model.preset="{args.model}"' if is_preset(args.model) else f'model.path="{args.model}"'
-    settings = load_settings(None, [model, 'adaptation.target_modules=["q_proj", "v_proj"]', "adaptation.lora_rank=8",
-                                    "adaptation.batch_size=4", "adaptation.max_length=128", *args.overrides])
+    settings = load_settings(None, [model_override(args.model), 'adaptation.target_modules=["q_proj", "v_proj"]',
+                                    "adaptation.lora_rank=8", "adaptation.batch_size=4", "adaptation.max_length=128",
+                                    *args.overrides])
     runtime = DeviceRuntime(settings)
     items = [runtime.population.heldout(d)[0] for d in range(args.devices)]
 

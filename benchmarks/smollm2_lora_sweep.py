@@ -49,12 +49,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     from fedasls.adaptation import TrainingExample, lora_config, reset_adapter, train_adapter
     from fedasls.config import AdaptationSettings, load_settings
     from fedasls.evaluation import evaluate
-    from fedasls.presets import is_preset
+    from fedasls.presets import model_override
     from fedasls.runtime import DeviceRuntime
     from fedasls.synthesis import lexical_fallback
 
-    model = f'model.preset="{args.model}"' if is_preset(args.model) else f'model.path="{args.model}"'
-    runtime = DeviceRuntime(load_settings(None, [model, *args.overrides]))
+    runtime = DeviceRuntime(load_settings(None, [model_override(args.model), *args.overrides]))
     rows = []
     for d in args.devices:
         items = [it for it in runtime.population.stream(d) if it.kind == "valuable"][:12]

@@ -34,15 +34,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(1)
-    from fedasls.config import ModelSettings, PopulationSettings, SynthesisSettings
+    from fedasls.config import PopulationSettings, SynthesisSettings, load_settings
     from fedasls.model import ensure_model, load_model
     from fedasls.population import population_from_settings
-    from fedasls.presets import is_preset
+    from fedasls.presets import model_override
     from fedasls.prompts import PromptFormat
     from fedasls.synthesis import filter_llm_rewrites, llm_rewrites, probe_paraphrase, rouge_filter
 
-    where = ModelSettings(preset=args.model) if is_preset(args.model) else ModelSettings(path=args.model)
-    model, tokenizer = load_model(ensure_model(where))
+    model, tokenizer = load_model(ensure_model(load_settings(None, [model_override(args.model)]).model))
     prompts = PromptFormat(tokenizer)
     cpu0 = time.process_time()
     probe = probe_paraphrase(model, prompts, SynthesisSettings())

@@ -55,10 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     from fedasls.runtime import DeviceRuntime
     from fedasls.stats import mean_ci
     from simulations.report import write_csv
-    from fedasls.presets import is_preset
+    from fedasls.presets import model_override
 
-    model = f'model.preset="{args.model}"' if is_preset(args.model) else f'model.path="{args.model}"'
-    overrides = SMALL + [model] + list(args.overrides)
+    overrides = SMALL + [model_override(args.model)] + list(args.overrides)
     if args.jsonl:
         overrides += ["population.source=jsonl", f"population.jsonl_path={args.jsonl}", "population.partition=user"]
     settings: Settings = load_settings(None, overrides)

@@ -71,6 +71,12 @@ def is_preset(name: str | None) -> bool:
     return name in PRESETS
 
 
+def model_override(model: str) -> str:
+    """The setting override a `--model` argument stands for: `model.preset` for a preset name, else
+    `model.path` (a local folder), its value a quoted TOML string."""
+    return f"model.{'preset' if is_preset(model) else 'path'}={json.dumps(model)}"
+
+
 def gguf_path(preset: Preset) -> Path:
     """The preset's GGUF file inside its installed package (found without importing it)."""
     spec = importlib.util.find_spec(preset.module)

@@ -16,7 +16,7 @@ from typing import Callable
 from fedasls.config import ConfigError, Settings, load_settings
 from fedasls.errors import FedaslsError
 from fedasls.interaction import STREAM_EPOCH
-from fedasls.presets import PRESETS, is_preset, model_fit_warning
+from fedasls.presets import PRESETS, model_fit_warning, model_override
 from simulations.fleet import FleetError
 
 Handler = Callable[[argparse.Namespace, Settings], int]
@@ -55,8 +55,7 @@ def _config_path(args: argparse.Namespace) -> str | None:
 def _overrides(args: argparse.Namespace) -> list[str]:
     overrides = list(args.overrides)
     if getattr(args, "model", None):
-        key = "preset" if is_preset(args.model) else "path"
-        overrides.append(f"model.{key}={_toml_str(args.model)}")
+        overrides.append(model_override(args.model))
     if getattr(args, "cache_dir", None):
         overrides.append(f"model.cache_dir={_toml_str(args.cache_dir)}")
     return overrides

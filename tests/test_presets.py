@@ -115,6 +115,8 @@ def test_model_flag_takes_a_preset_name_or_a_path(tmp_path: Path) -> None:
     assert _load(args).model.preset == NAME and _load(args).model.path is None
     args = parser.parse_args(["device", "--model", str(tmp_path)])
     assert _load(args).model.path == str(tmp_path) and _load(args).model.preset is None
+    odd = str(tmp_path / 'my "models" \\ v2')  # quotes and a backslash survive the override (model_override)
+    assert _load(parser.parse_args(["device", "--model", odd])).model.path == odd
     with pytest.raises(ValueError, match="either model.path"):
         ModelSettings(path=str(tmp_path), preset=NAME)
 
