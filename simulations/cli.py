@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import signal
 import sys
@@ -313,29 +314,17 @@ def _rounds_done(checkpoint: Path) -> int:
 
 
 def cmd_report(args: argparse.Namespace, settings: Settings) -> int:
-    from simulations.report import format_summary, write_report
+    from simulations.report import format_summary, recorded_wall_seconds, write_report
 
     run_dir = Path(args.run_dir)
     if not (run_dir / "rounds.jsonl").is_file():
         raise ConfigError(f"{run_dir}: no rounds.jsonl there (pass the folder of a simulate or flwr run)")
-    summary = write_report(run_dir, wall_seconds=_wall_seconds(run_dir, args.wall_seconds))
+    # rewriting a run's report keeps the wall time it recorded unless --wall-seconds says otherwise
+    wall = args.wall_seconds if not math.isnan(args.wall_seconds) else recorded_wall_seconds(run_dir)
+    summary = write_report(run_dir, wall_seconds=wall)
     print(format_summary(summary))
     print(f"\nwritten: {run_dir} (rounds.csv, device_rounds.csv, summary.json, *.png)")
     return 0
-
-
-def _wall_seconds(run_dir: Path, given: float) -> float:
-    """`given` (--wall-seconds), else the wall time the run's own summary.json recorded: rewriting the
-    report must not lose it."""
-    import json
-    import math
-
-    if not math.isnan(given):
-        return given
-    try:
-        return float(json.loads((run_dir / "summary.json").read_text())["wall_seconds"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return given
 
 
 # --- fleet (loopback Deployment Engine) ------------------------------------------------------

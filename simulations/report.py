@@ -221,11 +221,22 @@ def _save(fig: plt.Figure, path: Path) -> None:
     plt.close(fig)
 
 
+SUMMARY_FILE = "summary.json"
+
+
 def write_report(run_dir: Path, wall_seconds: float) -> dict[str, Any]:
     """CSV copies of the JSONL records, summary.json and the plots; returns the summary."""
     write_csv(run_dir / "rounds.csv", read_jsonl(run_dir / ROUNDS_FILE))
     write_csv(run_dir / "device_rounds.csv", read_jsonl(run_dir / DEVICE_ROUNDS_FILE))
     summary = summarize(run_dir, wall_seconds)
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    (run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
     plot_run(run_dir)
     return summary
+
+
+def recorded_wall_seconds(run_dir: Path) -> float:
+    """The wall time an earlier `write_report` recorded in the run's summary.json, else NaN."""
+    try:
+        return float(json.loads((run_dir / SUMMARY_FILE).read_text())["wall_seconds"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return math.nan
