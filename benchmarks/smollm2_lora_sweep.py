@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     import torch
 
     torch.set_num_threads(1)
-    from fedasls.adaptation import TrainingExample, lora_config, reset_adapter, train_adapter
+    from fedasls.adaptation import TrainingExample, reset_adapter, train_adapter
     from fedasls.config import AdaptationSettings, load_settings
     from fedasls.evaluation import evaluate
     from fedasls.presets import model_override
@@ -65,15 +65,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         print(f"device {d}: {len(examples)} examples; base rouge1 {b.rouge1:.3f} ppl {b.perplexity:.2f}", flush=True)
         for name in args.configs:
             a = AdaptationSettings(batch_size=8, max_length=128, **CONFIGS[name])
-            slot = f"sweep-{name}"
-            if slot not in runtime.model.peft_config:
-                runtime.model.add_adapter(slot, lora_config(a.lora_rank, a.lora_alpha, a.lora_dropout, a.target_modules))
-            runtime.model.set_adapter(slot)
-            reset_adapter(runtime.model, seed=d)
+            model = runtime.activate(a.lora_rank, a)  # the adapter slot for this LoRA shape
+            reset_adapter(model, seed=d)
             cpu0 = time.process_time()
-            result = train_adapter(runtime.model, runtime.prompts, examples, a, seed=d)
+            result = train_adapter(model, runtime.prompts, examples, a, seed=d)
             cpu = time.process_time() - cpu0
-            e = evaluate(runtime.model, runtime.prompts, heldout, args.max_new_tokens)
+            e = evaluate(model, runtime.prompts, heldout, args.max_new_tokens)
             rows.append({"device": d, "config": name, "rouge1": e.rouge1, "base_rouge1": b.rouge1,
                          "perplexity": e.perplexity, "base_perplexity": b.perplexity, "train_cpu_s": cpu})
             print(f"  {name}: train loss {result.losses[0]:.2f}->{result.losses[-1]:.2f} ({result.steps} steps, "
