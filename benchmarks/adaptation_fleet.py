@@ -89,7 +89,7 @@ def paired_difference(rows: list[dict], baseline_rows: list[dict]) -> dict:
 
 def cohorts(settings) -> list[tuple[int, float, list[int]]]:
     """(round, now, devices that run) per round, as the fleet loop samples them."""
-    from fedasls.heterogeneity import HeterogeneityModel
+    from fedasls.sim.heterogeneity import HeterogeneityModel
     from server.coordinator import Coordinator
 
     s, sim = settings, settings.simulation
@@ -120,11 +120,11 @@ def run_device(job: tuple[str, int, list[tuple[int, float]], str]) -> list[dict]
 
     torch.set_num_threads(1)
     from fedasls.config import Settings
-    from fedasls.device_round import run_device_round
-    from fedasls.heterogeneity import HeterogeneityModel
-    from fedasls.runtime import DeviceRuntime
-    from fedasls.simulated_timing import SimulatedTiming
-    from fedasls.store import DeviceStore
+    from fedasls.device.round import run_device_round
+    from fedasls.sim.heterogeneity import HeterogeneityModel
+    from fedasls.device.worker import DeviceRuntime
+    from fedasls.sim.simulated_timing import SimulatedTiming
+    from fedasls.device.store import DeviceStore
 
     settings = Settings.model_validate_json(settings_json)
     if _WORKER is None:
@@ -160,10 +160,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     """Run the fleet, print the summary; returns each device's last completed round."""
     args = parse_args(argv)
     from fedasls.config import load_settings
-    from fedasls.model import ensure_model
+    from fedasls.lm.model import ensure_model
     from fedasls.stats import mean_ci
     from simulations.report import last_participation, write_csv
-    from simulations.scenarios import scenario_path
+    from fedasls.scenarios import scenario_path
 
     config = args.config if Path(args.config).is_file() else str(scenario_path(args.config))
     settings = load_settings(config, args.overrides)

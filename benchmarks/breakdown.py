@@ -2,7 +2,7 @@
 
 Runs devices 0..N-1 of a scenario at one virtual day, on a fresh store, in ONE process, calling
 the Flower ClientApp exactly as a worker does (so messaging is real), with the per-stage timer
-of fedasls.timing. Every figure has wall and CPU seconds and the load average next to it; compare
+of fedasls.device.timing. Every figure has wall and CPU seconds and the load average next to it; compare
 before/after by CPU seconds when the machine is shared. What a worker builds once and then shares
 with all its devices ("worker_setup": the base model, the lexicons, the paraphrase probe) is
 reported apart and excluded from the device-round totals.
@@ -38,7 +38,7 @@ EMBEDDED = "embedded"
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default=str(REPO / "simulations" / "quickstart.toml"), help="scenario TOML")
+    p.add_argument("--config", default=str(REPO / "fedasls" / "scenarios" / "quickstart.toml"), help="scenario TOML")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     p.add_argument("--devices", type=int, default=6, help="devices 0..N-1 (default 6)")
     p.add_argument("--day", type=float, default=6.0, help="virtual day of the round (default 6)")
@@ -87,12 +87,12 @@ def measure_model(label: str, path: str | None, args: argparse.Namespace) -> dic
     from clients.app import app
     # what a worker's first device round imports (torch, transformers, peft ...), here and not inside the
     # measured rounds: it is process setup, like the model load ("worker_setup")
-    import fedasls.device_round  # noqa: F401
-    import fedasls.faults  # noqa: F401
-    import fedasls.simulated_timing  # noqa: F401
+    import fedasls.device.round  # noqa: F401
+    import fedasls.device.faults  # noqa: F401
+    import fedasls.sim.simulated_timing  # noqa: F401
     from fedasls.config import load_settings
-    from fedasls.model import ensure_model
-    from fedasls.timing import record
+    from fedasls.lm.model import ensure_model
+    from fedasls.device.timing import record
 
     overrides = list(args.overrides)
     settings = load_settings(args.config, overrides)
@@ -148,10 +148,11 @@ def training_efficiency(settings: Any, day: float) -> dict[str, float]:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from fedasls.adaptation import TrainingExample, reset_adapter, train_adapter
-    from fedasls.device import Device
+    from fedasls.pipeline.training import TrainingExample, train_adapter
+    from fedasls.lm.lora import reset_adapter
+    from fedasls.device.device import Device
     from fedasls.interaction import STREAM_EPOCH
-    from fedasls.runtime import DeviceRuntime
+    from fedasls.device.worker import DeviceRuntime
 
     runtime = DeviceRuntime(settings)
     device = Device(0, runtime, settings)
@@ -198,7 +199,7 @@ def plot(path: Path, results: list[dict[str, Any]]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from fedasls.timing import STAGES
+    from fedasls.device.timing import STAGES
 
     names = [s for s in STAGES if s != "worker_setup"]
     colors = dict(zip(names, plt.get_cmap("tab20").colors))

@@ -7,7 +7,7 @@ server's FedAvg maths from fedasls.federated), without Flower, for speed. Measur
 - cold-start adoption (--adoption N): each cold device catches up its stream to the last round,
   shows its user the base model's and the global adapter's answers to its N most recent buffered
   questions side by side, and adopts the global adapter only if the user's implicit reactions
-  favour it (fedasls.federated.adoption); its model is then the global adapter, else the base;
+  favour it (fedasls.device.adoption); its model is then the global adapter, else the base;
 - personalization: on the devices that trained, each strategy's personal model vs local and vs
   the global adapter alone.
 Prints means with bootstrap 95% CIs over devices and writes JSON.
@@ -33,19 +33,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedasls.adaptation import adapter_state
+from fedasls.lm.lora import adapter_state
 from fedasls.config import load_settings
-from fedasls.device_round import load_device, run_device_round
-from fedasls.federated.client import Downlink, cold_start_choice, global_model_adapter
+from fedasls.device.round import load_device, run_device_round
+from fedasls.device.global_round import Downlink, cold_start_choice, global_model_adapter
 from fedasls.federated.fedavg import add, fedavg
 from fedasls.federated.init import initial_global
-from fedasls.federated.layout import adapter_layout
+from fedasls.lm.adapter_layout import adapter_layout
 from fedasls.federated.split import shared_part, shared_part_of
-from fedasls.heterogeneity import HeterogeneityModel
+from fedasls.sim.heterogeneity import HeterogeneityModel
 from fedasls.interaction import STREAM_EPOCH
-from fedasls.runtime import DeviceRuntime
+from fedasls.device.worker import DeviceRuntime
 from fedasls.stats import mean_ci
-from fedasls.store import DeviceStore
+from fedasls.device.store import DeviceStore
 
 STRATEGIES = ("local", "global", "global+personal")
 
@@ -56,7 +56,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cold", type=int, default=12, help="the next M devices never train (cold start)")
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--cohort", type=int, default=6)
-    p.add_argument("--config", default="simulations/quickstart.toml", help="settings TOML (default: the quickstart)")
+    p.add_argument("--config", default="fedasls/scenarios/quickstart.toml", help="settings TOML (default: the quickstart)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     p.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=STRATEGIES)
     p.add_argument("--adoption", type=int, default=0, metavar="N",

@@ -24,7 +24,7 @@ import re
 from pathlib import Path
 
 from fedasls.config import load_settings
-from fedasls.population import population_from_settings
+from fedasls.data.sources import population_from_settings
 from fedasls.stats import mean_ci
 
 STRATEGIES = ("local", "global", "global+personal")  # as benchmarks/global_adapter.py names them
@@ -51,7 +51,7 @@ def cold_start_rows(summary: dict) -> list[tuple[bool, float, float | None, bool
     """Per cold-start device of one run: (follows the trend?, global alone - base, the model chosen by
     the user's feedback - base, adopted?); the last two are None without --adoption."""
     config = re.search(r"--config (\S+)", summary["command"])
-    settings = load_settings(config.group(1) if config else "simulations/quickstart.toml", summary["overrides"])
+    settings = load_settings(config.group(1) if config else "fedasls/scenarios/quickstart.toml", summary["overrides"])
     population = population_from_settings(settings.population)
     g = summary["per_device"]["global"]
     adopted = g.get("adopted") or {}

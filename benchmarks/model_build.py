@@ -21,8 +21,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from fedasls.config import ModelSettings
-from fedasls.model import BUILD_INFO, build_default_model, default_model_dir, generate, load_model
-from fedasls.prompts import PromptFormat
+from fedasls.lm.model import BUILD_INFO, build_default_model, default_model_dir, generate, load_model
+from fedasls.lm.prompts import PromptFormat
 
 QUESTIONS = [
     "How do I keep my sourdough starter alive?",

@@ -24,13 +24,15 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
-from fedasls.adaptation import TrainingExample, attach_lora, train_adapter
+from fedasls.pipeline.training import TrainingExample, train_adapter
+from fedasls.lm.lora import attach_lora
 from fedasls.config import Settings
-from fedasls.evaluation import evaluate
+from fedasls.pipeline.evaluation import evaluate
 from fedasls.interaction import STREAM_EPOCH
-from fedasls.model import load_model
-from fedasls.population import Population, population_from_settings
-from fedasls.prompts import PromptFormat
+from fedasls.lm.model import load_model
+from fedasls.data.population import Population
+from fedasls.data.sources import population_from_settings
+from fedasls.lm.prompts import PromptFormat
 
 client_app = ClientApp()
 

@@ -4,7 +4,7 @@ Each population runs in its own `fedasls simulate` process; peak memory is the l
 RSS of that process and all its descendants (Ray workers included), sampled every 0.2 s; CPU
 seconds of that tree and the load average stand next to the wall times. Startup is the run's
 wall time outside its rounds (imports, Ray, SuperNodes, the first model loads, teardown).
-Where a round's time goes is read from the replies' per-stage seconds (fedasls.timing): the
+Where a round's time goes is read from the replies' per-stage seconds (fedasls.device.timing): the
 device-round stages summed over devices and divided by the workers, against the round's wall time
 (the rest is Flower/Ray dispatch and the server loop).
 Targets: 100k vs 1k within 1.25x per-round time and 1.5x peak memory.

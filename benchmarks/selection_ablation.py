@@ -55,8 +55,8 @@ def run_device(args: tuple[int, str | None, list[str], list[tuple[str, str, int]
 
     torch.set_num_threads(1)
     from fedasls.config import load_settings
-    from fedasls.device import Device, DeviceOptions
-    from fedasls.driver import advance
+    from fedasls.device.device import Device, DeviceOptions
+    from fedasls.device.stream import advance
 
     settings = load_settings(config, overrides)
     runtime = _runtime(settings)
@@ -92,7 +92,7 @@ def _runtime(settings):
     """The worker's one DeviceRuntime (model, tokenizer, population, lexicons), shared by all variants."""
     global _RUNTIME
     if _RUNTIME is None:
-        from fedasls.runtime import DeviceRuntime
+        from fedasls.device.worker import DeviceRuntime
 
         _RUNTIME = DeviceRuntime(settings)
     return _RUNTIME
@@ -107,10 +107,10 @@ def selection_cost_ms(settings, n: int = 400) -> float:
     """Median cost of scoring + offering one interaction (no LM forward), 16 KB buffer, 128-d embeddings."""
     import numpy as np
 
-    from fedasls.lexicon import default_lexicons
-    from fedasls.population import SyntheticPopulation
-    from fedasls.profile import UserProfile
-    from fedasls.selection import Selector
+    from fedasls.data.lexicon import default_lexicons
+    from fedasls.data.population import SyntheticPopulation
+    from fedasls.pipeline.profile import UserProfile
+    from fedasls.pipeline.selection import Selector
 
     lex = default_lexicons(settings.population.seed)
     profile = UserProfile(lex.domains)
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     """Run the ablation; returns one row per (device, variant), as written to the CSV."""
     args = parse_args(argv)
     from fedasls.config import load_settings
-    from fedasls.model import ensure_model
+    from fedasls.lm.model import ensure_model
     from fedasls.stats import mean_ci
     from simulations.report import write_csv
 

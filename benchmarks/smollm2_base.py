@@ -41,13 +41,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(1)
-    from fedasls.adaptation import TrainingExample, train_adapter
+    from fedasls.pipeline.training import TrainingExample, train_adapter
     from fedasls.config import load_settings
-    from fedasls.device import Device
-    from fedasls.evaluation import rouge1_f
-    from fedasls.model import generate
-    from fedasls.presets import model_override
-    from fedasls.runtime import DeviceRuntime
+    from fedasls.device.device import Device
+    from fedasls.pipeline.metrics import rouge1_f
+    from fedasls.lm.model import generate
+    from fedasls.lm.presets import model_override
+    from fedasls.device.worker import DeviceRuntime
     from fedasls.stats import mean_ci
 
     settings = load_settings(None, [model_override(args.model), 'adaptation.target_modules=["q_proj", "v_proj"]',

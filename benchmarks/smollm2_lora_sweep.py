@@ -46,12 +46,13 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     import torch
 
     torch.set_num_threads(1)
-    from fedasls.adaptation import TrainingExample, reset_adapter, train_adapter
+    from fedasls.pipeline.training import TrainingExample, train_adapter
+    from fedasls.lm.lora import reset_adapter
     from fedasls.config import AdaptationSettings, load_settings
-    from fedasls.evaluation import evaluate
-    from fedasls.presets import model_override
-    from fedasls.runtime import DeviceRuntime
-    from fedasls.synthesis import lexical_fallback
+    from fedasls.pipeline.evaluation import evaluate
+    from fedasls.lm.presets import model_override
+    from fedasls.device.worker import DeviceRuntime
+    from fedasls.pipeline.synthesis import lexical_fallback
 
     runtime = DeviceRuntime(load_settings(None, [model_override(args.model), *args.overrides]))
     rows = []

@@ -35,11 +35,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     torch.set_num_threads(1)
     from fedasls.config import PopulationSettings, SynthesisSettings, load_settings
-    from fedasls.model import ensure_model, load_model
-    from fedasls.population import population_from_settings
-    from fedasls.presets import model_override
-    from fedasls.prompts import PromptFormat
-    from fedasls.synthesis import filter_llm_rewrites, llm_rewrites, probe_paraphrase, rouge_filter
+    from fedasls.lm.model import ensure_model, load_model
+    from fedasls.data.sources import population_from_settings
+    from fedasls.lm.presets import model_override
+    from fedasls.lm.prompts import PromptFormat
+    from fedasls.pipeline.synthesis import filter_llm_rewrites, llm_rewrites, probe_paraphrase, rouge_filter
 
     model, tokenizer = load_model(ensure_model(load_settings(None, [model_override(args.model)]).model))
     prompts = PromptFormat(tokenizer)

@@ -50,12 +50,12 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(1)
     from fedasls.config import Settings, load_settings
-    from fedasls.device import Device
-    from fedasls.model import generate
-    from fedasls.runtime import DeviceRuntime
+    from fedasls.device.device import Device
+    from fedasls.lm.model import generate
+    from fedasls.device.worker import DeviceRuntime
     from fedasls.stats import mean_ci
     from simulations.report import write_csv
-    from fedasls.presets import model_override
+    from fedasls.lm.presets import model_override
 
     overrides = SMALL + [model_override(args.model)] + list(args.overrides)
     if args.jsonl:

@@ -4,19 +4,19 @@ Each pair runs interleaved `--repeats` times on the same inputs (devices 0..N-1 
 quickstart scenario); the figure is the minimum CPU seconds of each side (load inflates CPU time
 too, the minimum least), with the load average next to it and whether the outputs are identical.
 
-  train     full-logits loss vs vocabulary head on answer tokens only (fedasls.adaptation.ANSWER_ONLY_HEAD)
-  lora      peft's LoRA backward vs rank-r products in MKL's fast orientation (fedasls.fast_lora)
-  adamw     AdamW's loop over the LoRA tensors vs torch's fused AdamW kernel (fedasls.adaptation.FUSED_ADAMW)
+  train     full-logits loss vs vocabulary head on answer tokens only (fedasls.pipeline.training.ANSWER_ONLY_HEAD)
+  lora      peft's LoRA backward vs rank-r products in MKL's fast orientation (fedasls.lm.fast_lora)
+  adamw     AdamW's loop over the LoRA tensors vs torch's fused AdamW kernel (fedasls.pipeline.training.FUSED_ADAMW)
   score     held-out evaluation of a trained adapter: peft's unmerged LoRA vs the adapter merged into the
-            base weights, restored exactly after (fedasls.merged_adapter)
+            base weights, restored exactly after (fedasls.lm.merged_adapter)
   generate  feedback answers in batches of 16 vs batches sized for the model (generation_batch_size)
-  embed     full model with output_hidden_states vs decoder only (fedasls.model.EMBED_WITHOUT_HEAD)
+  embed     full model with output_hidden_states vs decoder only (fedasls.lm.model.EMBED_WITHOUT_HEAD)
   evaluate  the cost a round without adaptation no longer pays (its saved evaluation is reused)
 
 Measured, reported for the record:
   batch     training CPU at batch size 8 / 16 / 32 (same epochs; not applied)
   padding   share of training tokens that are padding, shuffled vs length-bucketed batches (applied:
-            fedasls.adaptation.LengthBatches)
+            fedasls.pipeline.training.LengthBatches)
 
     python benchmarks/speedups.py
 """
@@ -37,7 +37,7 @@ from benchmarks.measure import BASELINES, REPO, load_avg, machine, write_json
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default=str(REPO / "simulations" / "quickstart.toml"))
+    p.add_argument("--config", default=str(REPO / "fedasls" / "scenarios" / "quickstart.toml"))
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     p.add_argument("--devices", type=int, default=3, help="devices 0..N-1 (default 3)")
     p.add_argument("--day", type=float, default=6.0)
@@ -97,14 +97,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     import numpy as np
     import torch
 
-    import fedasls.adaptation as adaptation
-    import fedasls.evaluation as evaluation
-    import fedasls.model as model_lib
+    import fedasls.lm.lora as lora
+    import fedasls.pipeline.training as adaptation
+    import fedasls.pipeline.evaluation as evaluation
+    import fedasls.lm.model as model_lib
     from fedasls.config import load_settings
-    from fedasls.device import Device
+    from fedasls.device.device import Device
     from fedasls.interaction import STREAM_EPOCH
-    from fedasls.model import ensure_model, generate
-    from fedasls.runtime import DeviceRuntime
+    from fedasls.lm.model import ensure_model, generate
+    from fedasls.device.worker import DeviceRuntime
 
     args = parse_args(argv)
     torch.set_num_threads(1)
@@ -131,10 +132,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             weights = []
             try:
                 for d, ex in enumerate(examples):
-                    adaptation.reset_adapter(model, seed=d)
+                    lora.reset_adapter(model, seed=d)
                     s = a if batch_size is None else a.model_copy(update={"batch_size": batch_size})
                     adaptation.train_adapter(model, runtime.prompts, ex, s, seed=d)
-                    weights += [v.numpy().ravel() for _, v in sorted(adaptation.adapter_state(model).items())]
+                    weights += [v.numpy().ravel() for _, v in sorted(lora.adapter_state(model).items())]
             finally:
                 adaptation.ANSWER_ONLY_HEAD = adaptation.FAST_LORA_BACKWARD = adaptation.FUSED_ADAMW = True
             return np.concatenate(weights)
@@ -206,10 +207,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 def padding_shares(examples: list[list[Any]], prompts: Any, max_length: int, batch_size: int) -> dict[str, float]:
     """Share of processed training tokens that are padding: seeded shuffled batches vs the
-    length-bucketed batches training uses (fedasls.adaptation.LengthBatches)."""
+    length-bucketed batches training uses (fedasls.pipeline.training.LengthBatches)."""
     import torch
 
-    from fedasls.adaptation import LengthBatches, _tensorize
+    from fedasls.pipeline.training import LengthBatches, _tensorize
 
     real = shuffled = ordered = 0
     for seed, ex in enumerate(examples):

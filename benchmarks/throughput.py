@@ -9,7 +9,7 @@ model and settings, the same number of worker processes:
                  (benchmarks/naive_flower.py): loads the base model on every call and fine-tunes on
                  all of the device's data, same training loop and LoRA settings.
   (c) bare       the same worker count as plain processes (no Flower, no Ray) calling
-                 fedasls.device_round.run_device_round directly, one base model per process.
+                 fedasls.device.round.run_device_round directly, one base model per process.
 
 Each variant runs in its own process; its whole process tree's CPU seconds are sampled (Ray
 included). Rates are device rounds per wall second, end to end (startup included) and after the
@@ -43,7 +43,7 @@ VARIANTS = ("fedasls", "naive", "bare")
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default=str(REPO / "simulations" / "quickstart.toml"), help="scenario TOML")
+    p.add_argument("--config", default=str(REPO / "fedasls" / "scenarios" / "quickstart.toml"), help="scenario TOML")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     p.add_argument("--devices", type=int, default=12, help="devices 0..N-1, all in every round (default 12)")
     p.add_argument("--rounds", type=int, default=3, help="rounds, one virtual day apart (default 3)")
@@ -65,7 +65,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def bench_settings(args: argparse.Namespace) -> Any:
     """The scenario with every device in every round: cohort = population, no dropouts, always online."""
     from fedasls.config import load_settings
-    from fedasls.model import ensure_model
+    from fedasls.lm.model import ensure_model
 
     overrides = [
         f"population.num_devices={args.devices}",
@@ -103,7 +103,7 @@ def run_fedasls(settings: Any, work: Path) -> dict[str, Any]:
 
 
 def _work_cpu(metrics: dict[str, Any]) -> float:
-    """CPU seconds of a device round's own stages (fedasls.timing), model loading excluded."""
+    """CPU seconds of a device round's own stages (fedasls.device.timing), model loading excluded."""
     return sum(v for k, v in metrics.items() if k.startswith("stage_") and k.endswith("_cpu_s")
                and k != "stage_worker_setup_cpu_s")
 
@@ -137,9 +137,9 @@ def _bare_init(settings_json: str, store: str) -> None:
     import torch
 
     from fedasls.config import Settings
-    from fedasls.heterogeneity import HeterogeneityModel
-    from fedasls.runtime import DeviceRuntime
-    from fedasls.store import DeviceStore
+    from fedasls.sim.heterogeneity import HeterogeneityModel
+    from fedasls.device.worker import DeviceRuntime
+    from fedasls.device.store import DeviceStore
 
     torch.set_num_threads(1)
     settings = Settings.model_validate_json(settings_json)
@@ -148,7 +148,7 @@ def _bare_init(settings_json: str, store: str) -> None:
 
 
 def _bare_round(job: tuple[int, float]) -> dict[str, float]:
-    from fedasls.device_round import run_device_round
+    from fedasls.device.round import run_device_round
 
     device_id, now = job
     return run_device_round(device_id, now, _BARE["runtime"], _BARE["settings"], _BARE["store"], _BARE["hetero"]).metrics()

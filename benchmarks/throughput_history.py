@@ -42,14 +42,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _scenario(summary: dict[str, Any], source: Path) -> Any:
-    """The run's settings (its scenario file, found again in simulations/ if the run was made elsewhere)."""
+    """The run's settings (its scenario file, found again in fedasls/scenarios/ if the run was made elsewhere)."""
     from fedasls.config import load_settings
 
     config = Path(summary["config"])
     if not config.is_file():
-        config = REPO / "simulations" / config.name
+        config = REPO / "fedasls" / "scenarios" / config.name
     if not config.is_file():
-        raise SystemExit(f"{source}: its scenario {summary['config']} is not here and not in simulations/; "
+        raise SystemExit(f"{source}: its scenario {summary['config']} is not here and not in fedasls/scenarios/; "
                          "rerun throughput.py with a scenario that exists")
     return load_settings(config, list(summary.get("overrides", [])))
 

@@ -1,6 +1,6 @@
 """Flower ClientApp: each train call runs one device's round from the device store.
 
-Two kinds of fleet call it (see server/fleet.py):
+Two kinds of fleet call it (see server/rounds.py):
 - worker slots (simulation): the message names the device ("device-id", or "device-ids" for
   several devices run side by side on one slot) and asks for simulated timing;
 - device nodes (Deployment Engine): the SuperNode *is* the device; its node config names its
@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from clients.reply import (
+from wire.messages import (
     FIT_CONFIG,
     GLOBAL_ADAPTER_KEY,
     SECAGG_CONFIGS,
@@ -34,18 +34,18 @@ from clients.reply import (
     build_fit_reply,
     build_reply,
     fit_adapter,
-    privacy_guard,
     torch_tensors,
 )
+from clients.guard import privacy_guard
 
 if TYPE_CHECKING:
     import torch
 
     from fedasls.config import Settings
-    from fedasls.device_round import DeviceRoundResult
-    from fedasls.federated.client import Downlink
-    from fedasls.heterogeneity import HeterogeneityModel
-    from fedasls.runtime import DeviceRuntime
+    from fedasls.device.round import DeviceRoundResult
+    from fedasls.device.global_round import Downlink
+    from fedasls.sim.heterogeneity import HeterogeneityModel
+    from fedasls.device.worker import DeviceRuntime
 
 # The device library (torch, transformers) is imported on first use, not at import: on the
 # Deployment Engine every message starts a fresh ClientApp process, and a QUERY needs none of it.
@@ -58,8 +58,8 @@ def worker_resources(settings_json: str) -> tuple[Settings, DeviceRuntime, Heter
     import torch
 
     from fedasls.config import Settings
-    from fedasls.heterogeneity import HeterogeneityModel
-    from fedasls.runtime import DeviceRuntime, resource_key
+    from fedasls.sim.heterogeneity import HeterogeneityModel
+    from fedasls.device.worker import DeviceRuntime, resource_key
 
     key = hashlib.sha256(settings_json.encode()).hexdigest()
     if key not in _WORKER:
@@ -78,15 +78,15 @@ def device_round(settings_json: str, device_id: int, now: float, store_dir: str,
     inside their availability window; real devices always keep it. The store is opened for
     `server_round` (an unrecorded attempt of that round is rolled back); a failure raises
     DeviceFailure, its traceback kept in the device's errors.log."""
-    from fedasls.device_round import keep_always, run_device_round
-    from fedasls.faults import contained
-    from fedasls.simulated_timing import SimulatedTiming
-    from fedasls.store import DeviceStore
-    from fedasls.timing import record, stage
+    from fedasls.device.round import keep_always, run_device_round
+    from fedasls.device.faults import contained
+    from fedasls.sim.simulated_timing import SimulatedTiming
+    from fedasls.device.store import DeviceStore
+    from fedasls.device.timing import record, stage
 
     store = DeviceStore(store_dir, round=server_round)
     with contained(device_id, store):
-        with record() as timer:  # the reply carries per-stage seconds (numbers only), see fedasls.timing
+        with record() as timer:  # the reply carries per-stage seconds (numbers only), see fedasls.device.timing
             with stage("worker_setup"):  # the base model loads on a worker's first call only
                 settings, runtime, hetero = worker_resources(settings_json)
             keep = SimulatedTiming(hetero).keep_if_online(device_id, now) if simulated_timing else keep_always
@@ -117,7 +117,7 @@ def downlink_of(msg: Message, settings_json: str) -> Downlink | None:
     else:
         return None
     from fedasls.config import Settings
-    from fedasls.federated.client import Downlink
+    from fedasls.device.global_round import Downlink
 
     return Downlink.from_settings(Settings.model_validate_json(settings_json), shared)
 
@@ -211,11 +211,11 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Personalized vs base metrics on the device's held-out interactions; state is not changed."""
-    from fedasls.adaptation import adapter_state
-    from fedasls.device_round import load_device
-    from fedasls.faults import contained
-    from fedasls.federated.client import global_model_adapter
-    from fedasls.store import DeviceStore
+    from fedasls.lm.lora import adapter_state
+    from fedasls.device.round import load_device
+    from fedasls.device.faults import contained
+    from fedasls.device.global_round import global_model_adapter
+    from fedasls.device.store import DeviceStore
 
     config = msg.content["config"]
     device_id, store = device_id_of(msg, context), DeviceStore(_store_dir(msg, context))

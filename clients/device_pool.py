@@ -14,7 +14,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
 from typing import Any
 
-from fedasls.faults import DeviceFailure, FailureCode
+from fedasls.device.faults import DeviceFailure, FailureCode
 
 logger = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from fedasls.errors import FedaslsError
 from fedasls.federated.secagg_cost import shares_and_threshold
 from fedasls.federated.settings import FederatedSettings
-from fedasls.heterogeneity import DEFAULT_BUFFER_BYTES, HeterogeneitySettings
+from fedasls.sim.heterogeneity import DEFAULT_BUFFER_BYTES, HeterogeneitySettings
 
 
 class ConfigError(FedaslsError, ValueError):
@@ -38,7 +38,7 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-ModelPresetName = Literal["smollm2-135m-instruct"]  # the keys of fedasls.presets.PRESETS
+ModelPresetName = Literal["smollm2-135m-instruct"]  # the keys of fedasls.lm.presets.PRESETS
 
 
 class ModelSettings(_Section):
@@ -46,7 +46,7 @@ class ModelSettings(_Section):
 
     path: str | None = Field(None, description="Local Hugging Face causal-LM folder; None = embedded default.")
     preset: ModelPresetName | None = Field(
-        None, description="A packaged model converted on first use (fedasls.presets), instead of path."
+        None, description="A packaged model converted on first use (fedasls.lm.presets), instead of path."
     )
     cache_dir: str | None = Field(None, description="Where the embedded default is cached (env FEDASLS_CACHE).")
     seed: int = 0
@@ -62,7 +62,7 @@ class ModelSettings(_Section):
     corpus_size: int = Field(6000, ge=100, description="Public (non-user) texts used for tokenizer + pretraining.")
 
     def at_path(self, path: str | Path) -> "ModelSettings":
-        """These settings resolved to a built or converted model folder (`fedasls.model.ensure_model`):
+        """These settings resolved to a built or converted model folder (`fedasls.lm.model.ensure_model`):
         path set, preset cleared, so that they validate again wherever they are written and read."""
         return self.model_copy(update={"path": str(path), "preset": None})
 

@@ -14,8 +14,8 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedasls.config import ConfigError, Settings, load_settings
 from server.checkpoint import RunFailed
-from server.fleet import FleetRun, run_fleet
-from simulations.scenarios import scenario_path  # the scenario files ship in simulations/
+from server.rounds import FleetRun, run_fleet
+from fedasls.scenarios import scenario_path  # the scenario files ship as fedasls package data
 
 
 def make_server_app(run: FleetRun) -> ServerApp:

@@ -4,7 +4,7 @@ A round is recorded in one step under a lock: its device rows and round row are 
 (flushed and fsynced), then checkpoint.json is replaced atomically. The checkpoint is the commit:
 on resume, records of rounds after its `rounds_done` (a kill between the two writes, or a line
 cut short) are dropped, so no round is appended twice and none is lost. Device state written by
-an unrecorded round is rolled back by the device store (fedasls/store.py), so the rerun of an
+an unrecorded round is rolled back by the device store (fedasls/device/store.py), so the rerun of an
 interrupted round starts from the state the first attempt started from.
 """
 
@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from fedasls.errors import FedaslsError
-from fedasls.store import atomic_write
+from fedasls.device.store import atomic_write
 
 CHECKPOINT = "checkpoint.json"
 ROUNDS_FILE = "rounds.jsonl"

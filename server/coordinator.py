@@ -5,7 +5,7 @@ One round:
    at `now`, by rejection sampling random ids (the population is never enumerated when it
    is large) - fewer if not enough available devices are found within the try budget.
 2. The caller runs them and reports each finisher's simulated duration (e.g. from
-   `fedasls.cost_model.CostModel`), plus devices that failed or went offline
+   `fedasls.sim.cost_model.CostModel`), plus devices that failed or went offline
    (`draw_dropouts` gives the random per-round dropouts from each profile's dropout_prob).
 3. `close_round(now, durations, went_offline)` applies the rules:
    - dropped: reported offline/failed, no duration reported, or the device's availability
@@ -43,7 +43,7 @@ from typing import Literal
 import numpy as np
 
 from fedasls.config import devices_per_round
-from fedasls.heterogeneity import HeterogeneityModel
+from fedasls.sim.heterogeneity import HeterogeneityModel
 
 
 @dataclass

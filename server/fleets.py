@@ -4,7 +4,7 @@
   device id travels in the message (pfl-research style), so Flower's per-node cost (it polls every
   registered node and keeps a Context per node) stays bounded by the cohort while the population
   can be millions of devices. Timing is simulated: a device reports the work it did and the
-  cost model turns it into simulated seconds (`fedasls.simulated_timing`); availability windows
+  cost model turns it into simulated seconds (`fedasls.sim.simulated_timing`); availability windows
   and random dropouts come from the heterogeneity model. One message may carry several devices
   (`devices_per_message`), which the slot runs side by side (clients/device_pool.py).
 - `DeviceNodes` (Flower's Deployment Engine): each SuperNode is one device. The server never sees
@@ -26,8 +26,8 @@ from flwr.app.error import Error
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
-from fedasls.cost_model import RoundWork
-from fedasls.simulated_timing import SimulatedTiming
+from fedasls.sim.cost_model import RoundWork
+from fedasls.sim.simulated_timing import SimulatedTiming
 from server.coordinator import Coordinator
 
 REPLY_POLL_S = 0.05
@@ -46,7 +46,7 @@ class Dispatched:
 
 
 class Fleet(Protocol):
-    """Where sampled devices run. The fleet loop (server/fleet.py) only talks to this."""
+    """Where sampled devices run. The fleet loop (server/rounds.py) only talks to this."""
 
     kind: str
     simulated: bool  # simulated timing (cost model, availability windows, random dropouts)?

@@ -1,7 +1,7 @@
 """SecAgg+ secure aggregation of the global-adapter rounds, with Flower 1.41's own SecAggPlusWorkflow.
 
 `secure_aggregation(settings, fleet, strategy)` wraps the run's fleet and round strategy when
-[federated] secure_aggregation = "secagg+"; the fleet loop (server/fleet.py) is unchanged:
+[federated] secure_aggregation = "secagg+"; the fleet loop (server/rounds.py) is unchanged:
 
 - `SecAggFleet.dispatch` runs the protocol's stages 0-2 (setup, share keys, masked vectors) for
   the devices the coordinator sampled. Flower's workflow asks a legacy Strategy for its FitIns:
@@ -71,7 +71,7 @@ from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
 from flwr.serverapp import Grid
 
-from clients.reply import (
+from wire.messages import (
     ADAPTER_NAMES,
     FIT_CONFIG,
     FITRES_EXAMPLES,

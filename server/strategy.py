@@ -26,15 +26,15 @@ import torch
 from flwr.app import ArrayRecord, Message
 from safetensors.torch import load_file, save_file
 
-from clients.reply import GLOBAL_ADAPTER_KEY, device_metrics, reply_updates
+from wire.messages import GLOBAL_ADAPTER_KEY, device_metrics, reply_updates
 from fedasls.config import Settings
-from fedasls.federated.accountant import UserLevelAccountant
-from fedasls.federated.clipping import l2_norm
+from fedasls.privacy.user_level import UserLevelAccountant
+from fedasls.privacy.clipping import l2_norm
 from fedasls.federated.fedavg import TensorDict, add, fedavg
 from fedasls.federated.init import initial_global
-from fedasls.federated.noise import dp_fedavg
+from fedasls.privacy.noise import dp_fedavg
 from fedasls.federated.split import shared_part, shared_part_of
-from fedasls.store import atomic_write
+from fedasls.device.store import atomic_write
 
 ADAPTER_DIR = "global-adapter"
 PRIVACY_FILE = "privacy.json"
@@ -98,7 +98,7 @@ class GlobalAdapterStrategy:
     def __init__(self, settings: Settings) -> None:
         # Here, not at the top: the layout needs peft and the model's config, which a driver running
         # only local personalization never imports (it starts faster without them).
-        from fedasls.federated.layout import adapter_layout
+        from fedasls.lm.adapter_layout import adapter_layout
 
         f = settings.federated
         self.name = f"{f.strategy}{' (FFA-LoRA)' if f.ffa else ''}"

@@ -17,8 +17,8 @@ from typing import Callable
 from fedasls.config import ConfigError, Settings, load_settings
 from fedasls.errors import FedaslsError
 from fedasls.interaction import STREAM_EPOCH
-from fedasls.presets import PRESETS, model_fit_warning, model_override
-from simulations.fleet import FleetError
+from fedasls.lm.presets import PRESETS, model_fit_warning, model_override
+from simulations.loopback import FleetError
 
 Handler = Callable[[argparse.Namespace, Settings], int]
 
@@ -44,7 +44,7 @@ def _settings_args(p: argparse.ArgumentParser) -> None:
 
 def _config_path(args: argparse.Namespace) -> str | None:
     """The settings file the user named (a path or a shipped scenario), else the command's default."""
-    from simulations.scenarios import scenario_path
+    from fedasls.scenarios import scenario_path
 
     if args.config is not None:
         return args.config if Path(args.config).is_file() else str(scenario_path(args.config))
@@ -85,9 +85,9 @@ def _toml_str(value: str) -> str:
 
 
 def cmd_model_build(args: argparse.Namespace, settings: Settings) -> int:
-    from fedasls.model import BUILD_INFO, build_default_model, cache_root, default_model_dir, generate, load_model
-    from fedasls.presets import build_preset, gguf_path, preset_dir
-    from fedasls.prompts import PromptFormat
+    from fedasls.lm.model import BUILD_INFO, build_default_model, cache_root, default_model_dir, generate, load_model
+    from fedasls.lm.presets import build_preset, gguf_path, preset_dir
+    from fedasls.lm.prompts import PromptFormat
 
     name = args.preset or settings.model.preset
     if name:
@@ -119,7 +119,7 @@ def cmd_model_build(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_population_show(args: argparse.Namespace, settings: Settings) -> int:
-    from fedasls.population import population_from_settings
+    from fedasls.data.sources import population_from_settings
 
     population = population_from_settings(settings.population)
     ids = args.ids or list(range(min(args.count, population.num_devices)))
@@ -148,8 +148,8 @@ def cmd_population_export(args: argparse.Namespace, settings: Settings) -> int:
     """Write devices' questions and preferred answers as a Dolly-shaped JSONL file (one user per device)."""
     import json
 
-    from fedasls.population import population_from_settings
-    from fedasls.store import atomic_write
+    from fedasls.data.sources import population_from_settings
+    from fedasls.device.store import atomic_write
 
     population = population_from_settings(settings.population)
     count = min(args.count, population.num_devices)
@@ -186,9 +186,9 @@ def _short(text: str, width: int = 100) -> str:
 def cmd_device(args: argparse.Namespace, settings: Settings) -> int:
     from tqdm import tqdm
 
-    from fedasls.device import AdaptReport, Device
-    from fedasls.driver import advance
-    from fedasls.runtime import DeviceRuntime
+    from fedasls.device.device import AdaptReport, Device
+    from fedasls.device.stream import advance
+    from fedasls.device.worker import DeviceRuntime
 
     t0 = time.perf_counter()
     runtime = DeviceRuntime(settings)
@@ -331,7 +331,7 @@ def cmd_report(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_fleet_start(args: argparse.Namespace, settings: Settings) -> int:
-    from simulations.fleet import format_status, fleet_status, start_fleet
+    from simulations.loopback import format_status, fleet_status, start_fleet
 
     fleet = start_fleet(Path(args.dir), args.nodes, args.first_device)
     print(f"started a SuperLink on {fleet.address} and {len(fleet.nodes)} SuperNodes (devices "
@@ -342,8 +342,8 @@ def cmd_fleet_start(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_fleet_run(args: argparse.Namespace, settings: Settings) -> int:
-    from fedasls.model import ensure_model
-    from simulations.fleet import LoopbackFleet, run_app
+    from fedasls.lm.model import ensure_model
+    from simulations.loopback import LoopbackFleet, run_app
     from simulations.runner import settings_toml
 
     root = Path(args.dir).resolve()
@@ -377,14 +377,14 @@ def cmd_fleet_run(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_fleet_status(args: argparse.Namespace, settings: Settings) -> int:
-    from simulations.fleet import fleet_status, format_status
+    from simulations.loopback import fleet_status, format_status
 
     print(format_status(fleet_status(Path(args.dir))))
     return 0
 
 
 def cmd_fleet_stop(args: argparse.Namespace, settings: Settings) -> int:
-    from simulations.fleet import local_superlink_port, stop_fleet, stop_local_superlink
+    from simulations.loopback import local_superlink_port, stop_fleet, stop_local_superlink
 
     if getattr(args, "local", False):
         stopped = stop_local_superlink()
@@ -488,7 +488,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="the main job: a fleet of devices on Flower's Simulation Engine (Ray)",
         description="Run a population of devices, each a Flower client personalizing itself, under a "
         "coordinator with availability-aware sampling, over-commitment, deadlines and a virtual clock. "
-        "Default scenario: simulations/quickstart.toml.",
+        "Default scenario: fedasls/scenarios/quickstart.toml.",
     )
     _settings_args(sim)
     sim.add_argument("--name", help="run folder name under simulation.output_dir (default: a timestamp)")

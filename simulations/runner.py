@@ -28,10 +28,10 @@ from flwr.simulation import run_simulation
 
 from clients.app import app as client_app
 from fedasls.config import Settings, devices_per_round, load_settings
-from fedasls.model import ensure_model
+from fedasls.lm.model import ensure_model
 from server.app import make_server_app
 from server.checkpoint import RunFailed
-from server.fleet import FleetRun
+from server.rounds import FleetRun
 from simulations.validation import check_resume_matches, check_run_inputs, new_run_dir  # noqa: F401
 
 

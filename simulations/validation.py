@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from fedasls.config import ConfigError, Settings, load_settings
-from fedasls.loaders import DatasetError
+from fedasls.data.loaders import DatasetError
 
 MIN_RECORDS_PER_DEVICE = 2  # one to learn from, one held out for evaluation
 RESUMABLE = {"simulation.rounds"}  # may differ on --resume: more rounds continue a finished run
@@ -25,7 +25,7 @@ def check_dataset(settings: Settings) -> None:
     pop = settings.population
     if pop.source != "jsonl":
         return
-    from fedasls.population import population_from_settings
+    from fedasls.data.sources import population_from_settings
 
     population = population_from_settings(pop)
     if pop.partition == "user" and population.num_devices < pop.num_devices:
@@ -52,7 +52,7 @@ def check_model(settings: Settings) -> Path:
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
     from transformers.pytorch_utils import Conv1D
 
-    from fedasls.model import ModelNotFoundError, ensure_model
+    from fedasls.lm.model import ModelNotFoundError, ensure_model
 
     path = ensure_model(settings.model)
     where = f"model folder {path} (--model / model.path)"

@@ -28,7 +28,7 @@ TINY_MODEL = ModelSettings(
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A real Hugging Face folder of the embedded default architecture, built small and fast."""
-    from fedasls.model import build_default_model
+    from fedasls.lm.model import build_default_model
 
     return build_default_model(TINY_MODEL, tmp_path_factory.mktemp("tiny-model"))
 
@@ -36,6 +36,6 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_lm(tiny_model_dir: Path):
     """(model, tokenizer) loaded from the tiny folder. Tests must not mutate its weights."""
-    from fedasls.model import load_model
+    from fedasls.lm.model import load_model
 
     return load_model(tiny_model_dir)

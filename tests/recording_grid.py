@@ -9,7 +9,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.simulation import run_simulation
 
 from clients.app import app as client_app
-from server.fleet import FleetRun, run_fleet
+from server.rounds import FleetRun, run_fleet
 from simulations.runner import backend_config, plan_workers
 
 

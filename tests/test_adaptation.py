@@ -9,8 +9,8 @@ import pytest
 import torch
 from peft import PeftModel
 
-from fedasls.adaptation import (
-    TrainingExample,
+from fedasls.pipeline.training import TrainingExample, sequence_loss, train_adapter
+from fedasls.lm.lora import (
     adapter_state,
     attach_lora,
     lora_config,
@@ -18,13 +18,11 @@ from fedasls.adaptation import (
     load_adapter_state,
     reset_adapter,
     save_adapter,
-    sequence_loss,
-    train_adapter,
 )
 from fedasls.config import AdaptationSettings
-from fedasls.model import generate
-from fedasls.prompts import PromptFormat
-from fedasls.privacy import example_level_epsilon
+from fedasls.lm.model import generate
+from fedasls.lm.prompts import PromptFormat
+from fedasls.privacy.accounting import example_level_epsilon
 
 DEVICE_A = [
     TrainingExample("what is my favourite colour?", "my favourite colour is deep blue"),
@@ -218,7 +216,7 @@ def test_adapter_swap_on_one_base_model(tiny_lm):
 
 
 def test_dp_training_of_one_slot_leaves_other_adapter_slots_alone(tiny_lm):
-    # A worker keeps one adapter slot per LoRA rank in one PeftModel (fedasls.runtime).
+    # A worker keeps one adapter slot per LoRA rank in one PeftModel (fedasls.device.worker).
     tok = PromptFormat(tiny_lm[1])
     pm = _fresh(tiny_lm, rank=8)
     pm.add_adapter("slot-r4", lora_config(4, 16, 0.0))

@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedasls.adaptation import adapter_state, load_adapter_state
+from fedasls.lm.lora import adapter_state, load_adapter_state
 from fedasls.config import FeedbackSettings, Settings
-from fedasls.federated.adoption import compare_by_feedback, recent_questions
-from fedasls.feedback import SimulatedUser
+from fedasls.device.adoption import compare_by_feedback, recent_questions
+from fedasls.pipeline.feedback import SimulatedUser
 from fedasls.interaction import Interaction
-from fedasls.model import generate
-from fedasls.runtime import DeviceRuntime
+from fedasls.lm.model import generate
+from fedasls.device.worker import DeviceRuntime
 
 QUESTIONS = ["How do I water tomato plants?", "What should I pack for a hike?", "How do I start running?",
              "Any tips for a budget dinner?"]
@@ -94,7 +94,7 @@ def _cold_device(cold_settings, runtime, preferred_by):
     """A new device whose buffer holds stream questions whose user prefers `preferred_by(questions)`."""
     from dataclasses import replace
 
-    from fedasls.device import Device
+    from fedasls.device.device import Device
 
     device = Device(0, runtime, cold_settings, lora_rank=2)
     stream = [it for it in runtime.population.stream(0) if it.kind == "valuable"][:6]
@@ -105,8 +105,8 @@ def _cold_device(cold_settings, runtime, preferred_by):
 
 
 def _downlink_with_update(cold_settings, runtime):
-    from fedasls.federated.client import Downlink
-    from fedasls.federated.layout import adapter_layout
+    from fedasls.device.global_round import Downlink
+    from fedasls.lm.adapter_layout import adapter_layout
 
     gen = torch.Generator().manual_seed(4)
     shared = {k: torch.randn(shape, generator=gen) * (0.5 if "lora_B" in k else 1.0)
@@ -115,8 +115,8 @@ def _downlink_with_update(cold_settings, runtime):
 
 
 def test_a_cold_device_uses_the_global_adapter_only_where_its_user_prefers_it(cold_settings):
-    from fedasls.device import Device
-    from fedasls.federated.client import adapt_from_global, global_model_adapter
+    from fedasls.device.device import Device
+    from fedasls.device.global_round import adapt_from_global, global_model_adapter
 
     runtime = DeviceRuntime(cold_settings)
     downlink = _downlink_with_update(cold_settings, runtime)

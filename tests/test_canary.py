@@ -15,12 +15,12 @@ import math
 import pytest
 import torch
 
-from clients.reply import GLOBAL_UPDATE_KEY, SECAGG_CONFIGS
+from wire.messages import GLOBAL_UPDATE_KEY, SECAGG_CONFIGS
 from fedasls.config import Settings
-from fedasls.federated.layout import adapter_layout
+from fedasls.lm.adapter_layout import adapter_layout
 from fedasls.federated.split import is_shared, shared_part_of
 from recording_grid import run_recorded
-from server.fleet import FleetRun
+from server.rounds import FleetRun
 
 DEVICES = 6
 MODES = [  # (strategy, ffa, user-level DP, example-level DP-SGD, SecAgg+, devices per worker slot)

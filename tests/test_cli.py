@@ -81,8 +81,8 @@ def test_sweep_privacy_refuses_a_bad_grid(capsys):
 
 
 def test_population_export_writes_a_jsonl_population_with_the_same_users(tmp_path, capsys):
-    from fedasls.loaders import JsonlPopulation
-    from fedasls.population import SyntheticPopulation
+    from fedasls.data.loaders import JsonlPopulation
+    from fedasls.data.population import SyntheticPopulation
 
     out = tmp_path / "users.jsonl"
     argv = ["population", "export", "--out", str(out), "--count", "3", "--set", "population.stream_length=40",

@@ -8,7 +8,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from clients.app import app
 from fedasls.config import Settings
-from fedasls.store import DeviceStore
+from fedasls.device.store import DeviceStore
 
 
 @pytest.fixture(autouse=True)

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from fedasls.config import ConfigError, apply_overrides, load_settings
-from simulations.scenarios import scenario_path
+from fedasls.scenarios import scenario_path
 
 
 def write(tmp_path: Path, text: str) -> Path:

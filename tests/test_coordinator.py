@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedasls.availability import DAY_SECONDS
-from fedasls.cost_model import CostModel
-from fedasls.heterogeneity import HeterogeneityModel
+from fedasls.sim.availability import DAY_SECONDS
+from fedasls.sim.cost_model import CostModel
+from fedasls.sim.heterogeneity import HeterogeneityModel
 from server.coordinator import Coordinator, VirtualClock
 
 

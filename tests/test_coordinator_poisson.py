@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fedasls.heterogeneity import HeterogeneityModel
+from fedasls.sim.heterogeneity import HeterogeneityModel
 from server.coordinator import Coordinator
 
 

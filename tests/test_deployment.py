@@ -15,8 +15,8 @@ import psutil
 import pytest
 
 from fedasls.config import Settings
-from fedasls.store import DeviceStore
-from simulations.fleet import PROJECT_DIR, LoopbackFleet, app_command, start_fleet, stop_fleet, stop_process_tree
+from fedasls.device.store import DeviceStore
+from simulations.loopback import PROJECT_DIR, LoopbackFleet, app_command, start_fleet, stop_fleet, stop_process_tree
 from simulations.runner import settings_toml
 
 NODES = 3
@@ -140,7 +140,7 @@ def test_flwr_leaves_its_managed_superlink_running_and_fleet_stop_local_stops_it
     """`flwr` starts a managed local SuperLink for the `local` connection (as `flwr run .` does) and
     leaves it (and its SuperExec) running; `stop_local_superlink` stops that tree. Own ports and
     FLWR_HOME, so no other Flower on this machine is touched."""
-    from simulations.fleet import flower_env, free_port, stop_local_superlink
+    from simulations.loopback import flower_env, free_port, stop_local_superlink
 
     port = free_port()
     env = flower_env(tmp_path / "flwr-home") | {"FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(port),

@@ -8,13 +8,13 @@ import pytest
 import torch
 
 from fedasls.config import Settings
-from fedasls.device import Device, DeviceOptions
-from fedasls.device_round import load_device, run_device_round
-from fedasls.simulated_timing import SimulatedTiming
-from fedasls.heterogeneity import HeterogeneityModel
+from fedasls.device.device import Device, DeviceOptions
+from fedasls.device.round import load_device, run_device_round
+from fedasls.sim.simulated_timing import SimulatedTiming
+from fedasls.sim.heterogeneity import HeterogeneityModel
 from fedasls.interaction import STREAM_EPOCH
-from fedasls.runtime import DeviceRuntime
-from fedasls.store import DeviceStore
+from fedasls.device.worker import DeviceRuntime
+from fedasls.device.store import DeviceStore
 
 from settings_update import updated
 
@@ -181,7 +181,7 @@ def test_device_going_offline_loses_the_rounds_work(runtime, settings, tmp_path)
 
 
 def test_dp_device_reports_its_cumulative_epsilon(runtime, settings):
-    from fedasls.privacy import composed_epsilon
+    from fedasls.privacy.accounting import composed_epsilon
 
     dp = settings.adaptation.model_copy(update={"dp": True, "noise_multiplier": 1.0, "epochs": 1})
     dp_settings = settings.model_copy(update={"adaptation": dp})
@@ -228,7 +228,7 @@ def test_devices_with_different_settings_share_one_runtime(runtime, settings):
 
 
 def test_advance_checks_the_trigger_every_chunk(runtime, settings):
-    from fedasls.driver import advance
+    from fedasls.device.stream import advance
 
     chunked, at_once = Device(14, runtime, settings), Device(14, runtime, settings)
     seen: list[int] = []

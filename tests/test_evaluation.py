@@ -9,11 +9,12 @@ import pytest
 import torch
 
 from fedasls.config import FeedbackSettings
-from fedasls.evaluation import EvalResult, answer_perplexity, evaluate, rouge, score_answers
-from fedasls.feedback import SimulatedUser
+from fedasls.pipeline.evaluation import EvalResult, answer_perplexity, evaluate
+from fedasls.pipeline.metrics import rouge, score_answers
+from fedasls.pipeline.feedback import SimulatedUser
 from fedasls.interaction import Interaction
-from fedasls.model import load_model
-from fedasls.prompts import PromptFormat
+from fedasls.lm.model import load_model
+from fedasls.lm.prompts import PromptFormat
 from fedasls.stats import mean_ci
 
 HELDOUT = [

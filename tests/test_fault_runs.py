@@ -24,7 +24,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fedasls.store import DeviceStore
+from fedasls.device.store import DeviceStore
 
 CANARY = "My bank PIN is 4321-QZX"  # not digits alone: timings like 0.0432137 hold "4321"
 WALL_KEYS = {"wall_s", "wall_seconds"}  # real seconds differ between runs; everything else must match

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from fedasls.config import ConfigError, Settings, load_settings
-from fedasls.faults import DeviceFailure, FailureCode, contained
-from fedasls.store import CorruptStateError, DeviceStore
+from fedasls.device.faults import DeviceFailure, FailureCode, contained
+from fedasls.device.store import CorruptStateError, DeviceStore
 from server.checkpoint import CheckpointError, commit_round, failure_budget_exceeded, read_checkpoint, truncate_records
 from simulations.runner import settings_toml
 from simulations.validation import prepare_run_dir, resume_settings

@@ -5,16 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedasls.adaptation import adapter_state, load_adapter_state
+from fedasls.lm.lora import adapter_state, load_adapter_state
 from fedasls.config import Settings
-from fedasls.device import Device
-from fedasls.federated.client import Downlink, adapt_from_global, global_model_adapter
-from fedasls.federated.clipping import l2_norm
+from fedasls.device.device import Device
+from fedasls.device.global_round import Downlink, adapt_from_global, global_model_adapter
+from fedasls.privacy.clipping import l2_norm
 from fedasls.federated.init import initial_global
-from fedasls.federated.layout import adapter_layout
+from fedasls.lm.adapter_layout import adapter_layout
 from fedasls.federated.ranks import lora_kind, truncate
 from fedasls.federated.split import shared_part, shared_part_of
-from fedasls.runtime import DeviceRuntime
+from fedasls.device.worker import DeviceRuntime
 
 from settings_update import updated
 
@@ -95,7 +95,7 @@ def test_global_plus_personal_sends_a_and_keeps_its_own_b(runtime, settings):
     # next round: A comes from the new global, B from the device itself
     start = global_model_adapter(device.adapter, downlink)
     assert all(torch.count_nonzero(v) == 0 for k, v in start.items() if lora_kind(k) == "B")
-    from fedasls.federated.client import start_adapter
+    from fedasls.device.global_round import start_adapter
 
     again = start_adapter(device.adapter, downlink, device.adapter)
     assert all(torch.equal(again[k], personal_b[k]) for k in personal_b)

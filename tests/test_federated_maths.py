@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
-from fedasls.federated.clipping import clip, l2_norm
+from fedasls.privacy.clipping import clip, l2_norm
 from fedasls.federated.fedavg import add, fedavg, subtract, weighted_sum
 from fedasls.federated.init import global_shapes, initial_global
-from fedasls.federated.noise import dp_fedavg, signal_to_noise
+from fedasls.privacy.noise import dp_fedavg, signal_to_noise
 from fedasls.federated.ranks import pad, rank_of, truncate
 from fedasls.federated.split import personal_part, shared_part
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from fedasls.config import FeedbackSettings
-from fedasls.feedback import Feedback, SimulatedUser, feedback_examples
+from fedasls.pipeline.feedback import Feedback, SimulatedUser, feedback_examples
 from fedasls.interaction import Interaction
 
 PREFERRED = "the cat sat on the mat"  # 6 unigrams, "the" twice

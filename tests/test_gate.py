@@ -8,14 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from fedasls.adaptation import LengthBatches, TrainingExample, attach_lora, sequence_loss, shrink_adapter, train_adapter
+from fedasls.pipeline.training import LengthBatches, TrainingExample, sequence_loss, train_adapter
+from fedasls.lm.lora import attach_lora, shrink_adapter
 from fedasls.config import AdaptationSettings, Settings
-from fedasls.device import Device, DeviceOptions
-from fedasls.gate import GateScore, gate_accepts
-from fedasls.heldback import assign_heldback, near_duplicate_groups, one_per_group
-from fedasls.population import SyntheticPopulation, near_duplicate
-from fedasls.prompts import PromptFormat
-from fedasls.runtime import DeviceRuntime
+from fedasls.device.device import Device, DeviceOptions
+from fedasls.pipeline.gate import GateScore, gate_accepts
+from fedasls.pipeline.heldback import assign_heldback, near_duplicate_groups, one_per_group
+from fedasls.data.population import SyntheticPopulation, near_duplicate
+from fedasls.lm.prompts import PromptFormat
+from fedasls.device.worker import DeviceRuntime
 
 from settings_update import updated
 
@@ -232,7 +233,7 @@ def test_length_batches_cover_every_item_once_with_less_padding():
 
 @pytest.mark.parametrize("retrain", [[], [3e-3]])
 def test_rejected_candidate_is_followed_by_its_own_earlier_epochs_then_retraining(runtime, settings, retrain):
-    from fedasls.timing import record
+    from fedasls.device.timing import record
 
     s = updated(settings, adaptation={
         "gate_margin": 10.0, "patience": 10, "shrink_scales": [1.0],  # no candidate can win by 10 nats

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from fedasls.availability import DAY_SECONDS, AvailabilityError, DailyAvailability
-from fedasls.cost_model import CostModel
-from fedasls.fedscale_traces import FedScaleTraceError, load_fedscale_traces
-from fedasls.heterogeneity import (
+from fedasls.sim.availability import DAY_SECONDS, AvailabilityError, DailyAvailability
+from fedasls.sim.cost_model import CostModel
+from fedasls.sim.fedscale_traces import FedScaleTraceError, load_fedscale_traces
+from fedasls.sim.heterogeneity import (
     DEFAULT_BUFFER_BYTES,
     DEFAULT_TIERS,
     DeviceProfile,

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from fedasls.lexicon import GENERAL, DomainLexicons, LexiconError, default_lexicons, tokenize
-from fedasls.population import DOMAINS, SyntheticPopulation, public_corpus
+from fedasls.data.lexicon import GENERAL, DomainLexicons, LexiconError, default_lexicons, tokenize
+from fedasls.data.population import DOMAINS, SyntheticPopulation, public_corpus
 
 
 @pytest.fixture()

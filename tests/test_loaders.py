@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from fedasls.config import PopulationSettings
-from fedasls.loaders import (
+from fedasls.data.loaders import (
     DatasetError,
     JsonlPopulation,
     load_jsonl,
@@ -19,7 +19,8 @@ from fedasls.loaders import (
     partition_iid,
     records_lexicons,
 )
-from fedasls.population import Population, population_from_settings
+from fedasls.data.population import Population
+from fedasls.data.sources import population_from_settings
 
 CATEGORIES = ("open_qa", "brainstorming", "summarization", "classification")
 

@@ -1,4 +1,4 @@
-"""Tests for fedasls.model: building, caching, loading, generation and embeddings."""
+"""Tests for fedasls.lm.model: building, caching, loading, generation and embeddings."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from safetensors.torch import load_file
 from transformers import ViTConfig, ViTModel
 
 from fedasls.config import ModelSettings
-from fedasls.prompts import PromptFormat
-from fedasls.model import (
+from fedasls.lm.prompts import PromptFormat
+from fedasls.lm.model import (
     BUILD_INFO,
     ModelNotFoundError,
     build_default_model,

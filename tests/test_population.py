@@ -7,19 +7,19 @@ import time
 import pytest
 
 from fedasls.config import PopulationSettings
-from fedasls.lexicon import tokenize
-from fedasls.population import (
+from fedasls.data.lexicon import tokenize
+from fedasls.data.population import (
     DOMAINS,
     Population,
     SyntheticPopulation,
     domain_vocabulary,
     fact_domains,
     final_interests,
-    population_from_settings,
     public_corpus,
     relevant_fact,
     TREND_TIP,
 )
+from fedasls.data.sources import population_from_settings
 
 N_MEASURE = 50
 

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedasls.adaptation import adapter_state
+from fedasls.lm.lora import adapter_state
 from fedasls.config import ModelSettings, Settings
-from fedasls.device import Device
-from fedasls.model import BUILD_INFO, ensure_model, generate, load_model
-from fedasls.presets import (
+from fedasls.device.device import Device
+from fedasls.lm.model import BUILD_INFO, ensure_model, generate, load_model
+from fedasls.lm.presets import (
     PRESETS,
     Preset,
     PresetUnavailableError,
@@ -22,8 +22,8 @@ from fedasls.presets import (
     model_fit_warning,
     preset_dir,
 )
-from fedasls.prompts import PromptFormat
-from fedasls.runtime import DeviceRuntime
+from fedasls.lm.prompts import PromptFormat
+from fedasls.device.worker import DeviceRuntime
 from simulations.cli import _load, build_parser
 
 NAME = "smollm2-135m-instruct"

@@ -9,7 +9,7 @@ import pytest
 from dp_accounting.rdp.rdp_privacy_accountant import DEFAULT_RDP_ORDERS
 from opacus.accountants import RDPAccountant
 
-from fedasls.privacy import PrivacyReport, example_level_epsilon, opacus_report, user_level_epsilon
+from fedasls.privacy.accounting import PrivacyReport, example_level_epsilon, opacus_report, user_level_epsilon
 
 DELTA = 1e-5
 # (q, sigma, T, RDP epsilon, PRV upper epsilon) from PAPERS.md (opacus 1.6 maths).
@@ -133,7 +133,7 @@ def test_bad_inputs_are_named():
 
 
 def test_composed_epsilon_matches_one_run_and_grows_with_more_runs():
-    from fedasls.privacy import composed_epsilon, example_level_epsilon
+    from fedasls.privacy.accounting import composed_epsilon, example_level_epsilon
 
     one = composed_epsilon([(1.0, 0.1, 100)], 1e-5)
     assert one == pytest.approx(example_level_epsilon(1.0, 0.1, 100, 1e-5, "rdp").epsilon, rel=1e-9)

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from fedasls.interaction import Interaction
-from fedasls.lexicon import default_lexicons, tokenize
-from fedasls.population import SyntheticPopulation
-from fedasls.profile import UserProfile
-from fedasls.selection import item_text
+from fedasls.data.lexicon import default_lexicons, tokenize
+from fedasls.data.population import SyntheticPopulation
+from fedasls.pipeline.profile import UserProfile
+from fedasls.pipeline.selection import item_text
 
 DOMAINS = ("cooking", "fitness", "travel")
 

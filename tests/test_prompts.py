@@ -7,10 +7,10 @@ import copy
 import pytest
 import torch
 
-from fedasls.adaptation import IGNORE_INDEX, TrainingExample, _tensorize
-from fedasls.model import generate
-from fedasls.prompts import PromptFormat
-from fedasls.selection import item_text
+from fedasls.pipeline.training import IGNORE_INDEX, TrainingExample, _tensorize
+from fedasls.lm.model import generate
+from fedasls.lm.prompts import PromptFormat
+from fedasls.pipeline.selection import item_text
 from fedasls.interaction import Interaction
 
 # A ChatML-like template in plain text that ends each turn with the tokenizer's eos token.

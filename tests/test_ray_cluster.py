@@ -15,8 +15,8 @@ import psutil
 import pytest
 
 from fedasls.config import Settings
-from fedasls.store import DeviceStore
-from simulations.fleet import free_port, stop_process_tree
+from fedasls.device.store import DeviceStore
+from simulations.loopback import free_port, stop_process_tree
 from simulations.runner import backend_config, num_slots, plan_workers, simulate
 
 

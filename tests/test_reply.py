@@ -5,8 +5,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricR
 
 from flwr.supercore.task_identity import TaskIdentity
 
-from clients.reply import PrivacyViolation, build_reply, check_reply, privacy_guard
-from fedasls.faults import DeviceFailure, FailureCode
+from wire.messages import PrivacyViolation, build_reply
+from clients.guard import check_reply, privacy_guard
+from fedasls.device.faults import DeviceFailure, FailureCode
 
 CANARY = "CANARY-7f3a-user-secret"
 
@@ -114,7 +115,7 @@ def test_global_update_slot_accepts_only_arrays():
 
 def test_a_batch_reply_lists_failed_devices_by_code_only():
     from clients.device_pool import run_devices
-    from clients.reply import build_batch_reply, device_failures, device_metrics
+    from wire.messages import build_batch_reply, device_failures, device_metrics
 
     def device_round(settings_json, device_id, now, store_dir, simulated, server_round):
         if device_id == 2:
@@ -132,7 +133,7 @@ def test_a_batch_reply_lists_failed_devices_by_code_only():
 
 
 def test_batch_reply_carries_one_number_per_device_and_splits_back():
-    from clients.reply import build_batch_reply, device_metrics
+    from wire.messages import build_batch_reply, device_metrics
 
     rows = [{"device_id": 4, "rouge1": 0.5}, {"device_id": 9, "rouge1": 0.25}]
     reply = build_batch_reply(incoming(), rows)
@@ -149,7 +150,7 @@ def test_batch_reply_of_devices_reporting_different_metrics_fills_nan():
     """Devices on one slot may report different stage timings (one annotated, one did not)."""
     import math
 
-    from clients.reply import build_batch_reply, device_metrics
+    from wire.messages import build_batch_reply, device_metrics
 
     rows = [{"device_id": 4, "stage_annotate_s": 0.5}, {"device_id": 9}]
     first, second = device_metrics(build_batch_reply(incoming(), rows))

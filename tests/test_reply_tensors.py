@@ -5,8 +5,9 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from clients.reply import GLOBAL_UPDATE_KEY, PrivacyViolation, allowed_layout, build_reply, check_reply, privacy_guard
-from fedasls.faults import FailureCode
+from wire.messages import GLOBAL_UPDATE_KEY, PrivacyViolation, allowed_layout, build_reply
+from clients.guard import check_reply, privacy_guard
+from fedasls.device.faults import FailureCode
 
 A, B = "m.q_proj.lora_A.weight", "m.q_proj.lora_B.weight"
 GLOBAL = {A: torch.zeros(4, 8), B: torch.zeros(6, 4)}
@@ -87,7 +88,7 @@ def test_guard_refuses_hand_built_updates_that_bypass_build_reply():
 
 
 def test_a_batch_reply_carries_one_checked_update_per_device_that_trained():
-    from clients.reply import batch_update_key, build_batch_reply, reply_updates
+    from wire.messages import batch_update_key, build_batch_reply, reply_updates
 
     rows = [{"device_id": 4, "examples": 3}, {"device_id": 9, "examples": 5}]
     update = {A: torch.full((4, 8), 2.0), B: torch.ones(6, 4)}
@@ -104,7 +105,7 @@ def test_a_batch_reply_carries_one_checked_update_per_device_that_trained():
 
 
 def test_guard_refuses_a_batch_reply_with_an_update_of_a_device_it_did_not_run():
-    from clients.reply import batch_update_key
+    from wire.messages import batch_update_key
 
     def stranger(msg, ctx):
         return Message(RecordDict({"metrics": MetricRecord({"device_id": [4, 9]}),

@@ -16,10 +16,10 @@ import pytest
 from flwr.common import bytes_to_ndarray
 from safetensors.torch import load_file
 
-from clients.reply import FITRES_EXAMPLES, GLOBAL_UPDATE_KEY, SECAGG_CONFIGS
+from wire.messages import FITRES_EXAMPLES, GLOBAL_UPDATE_KEY, SECAGG_CONFIGS
 from fedasls.config import Settings
 from recording_grid import run_recorded
-from server.fleet import FleetRun
+from server.rounds import FleetRun
 from server.secagg import quantization_bound
 
 SLOTS = 5

@@ -8,13 +8,13 @@ import math
 import numpy as np
 import pytest
 
-from fedasls.embedding import LMEmbedder, MiniLMEmbedder, make_embedder
-from fedasls.prompts import PromptFormat
+from fedasls.lm.embedding import LMEmbedder, MiniLMEmbedder, make_embedder
+from fedasls.lm.prompts import PromptFormat
 from fedasls.interaction import Interaction
-from fedasls.lexicon import DomainLexicons, default_lexicons, tokenize
-from fedasls.population import SyntheticPopulation
-from fedasls.profile import UserProfile
-from fedasls.selection import (
+from fedasls.data.lexicon import DomainLexicons, default_lexicons, tokenize
+from fedasls.data.population import SyntheticPopulation
+from fedasls.pipeline.profile import UserProfile
+from fedasls.pipeline.selection import (
     POLICY_NAMES,
     Buffer,
     BufferItem,

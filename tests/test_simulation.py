@@ -8,7 +8,7 @@ import json
 import pytest
 
 from fedasls.config import Settings
-from fedasls.store import DeviceStore
+from fedasls.device.store import DeviceStore
 from simulations.report import PLOTS, write_report
 from simulations.runner import HideRunSimulationDeprecation, num_slots, simulate
 
@@ -178,6 +178,6 @@ def test_the_driver_does_not_import_the_device_pipeline():
     import sys
 
     code = ("import sys, simulations.runner, server.app, server.strategy; "
-            "print(sorted(m for m in ('peft', 'fedasls.adaptation', 'fedasls.device') if m in sys.modules))")
+            "print(sorted(m for m in ('peft', 'fedasls.pipeline.training', 'fedasls.device.device') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout

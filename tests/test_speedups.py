@@ -7,16 +7,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fedasls.adaptation import IGNORE_INDEX, TrainingExample, _per_example_loss, _tensorize, attach_lora
+from fedasls.pipeline.training import IGNORE_INDEX, TrainingExample, _per_example_loss, _tensorize
+from fedasls.lm.lora import attach_lora
 from fedasls.config import Settings
-from fedasls.device_round import load_device, run_device_round
-from fedasls.fast_lora import fast_lora_training
-from fedasls.heterogeneity import HeterogeneityModel
-from fedasls.merged_adapter import merged_adapter
-from fedasls.model import embed_last_token, generate, generation_batch_size, load_model
-from fedasls.prompts import PromptFormat
-from fedasls.runtime import DeviceRuntime
-from fedasls.store import DeviceStore
+from fedasls.device.round import load_device, run_device_round
+from fedasls.lm.fast_lora import fast_lora_training
+from fedasls.sim.heterogeneity import HeterogeneityModel
+from fedasls.lm.merged_adapter import merged_adapter
+from fedasls.lm.model import embed_last_token, generate, generation_batch_size, load_model
+from fedasls.lm.prompts import PromptFormat
+from fedasls.device.worker import DeviceRuntime
+from fedasls.device.store import DeviceStore
 
 PAIRS = [
     ("what do i cook on sundays?", "you cook pasta with basil and a lot of garlic on sundays"),

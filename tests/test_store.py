@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedasls.store import CorruptStateError, DeviceStore
+from fedasls.device.store import CorruptStateError, DeviceStore
 
 
 def _state(seed: int) -> dict:

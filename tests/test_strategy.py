@@ -7,9 +7,9 @@ import torch
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from clients.reply import GLOBAL_ADAPTER_KEY, build_reply
+from wire.messages import GLOBAL_ADAPTER_KEY, build_reply
 from fedasls.config import Settings
-from fedasls.federated.accountant import UserLevelAccountant
+from fedasls.privacy.user_level import UserLevelAccountant
 from fedasls.federated.fedavg import fedavg
 from server.strategy import DPFedAvg, GlobalAdapterStrategy, LocalStrategy, make_strategy
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedasls.evaluation import rouge1_f
-from fedasls.prompts import PromptFormat
+from fedasls.pipeline.metrics import rouge1_f
+from fedasls.lm.prompts import PromptFormat
 from fedasls.config import SynthesisSettings
-from fedasls.synthesis import (
+from fedasls.pipeline.synthesis import (
     PROBE_QUESTIONS,
     PROBE_SEED,
     ParaphraseProbe,

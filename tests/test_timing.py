@@ -7,11 +7,11 @@ import time
 import pytest
 
 from fedasls.config import Settings
-from fedasls.device_round import run_device_round
-from fedasls.heterogeneity import HeterogeneityModel
-from fedasls.runtime import DeviceRuntime
-from fedasls.store import DeviceStore
-from fedasls.timing import STAGES, StageTimer, current, record, stage
+from fedasls.device.round import run_device_round
+from fedasls.sim.heterogeneity import HeterogeneityModel
+from fedasls.device.worker import DeviceRuntime
+from fedasls.device.store import DeviceStore
+from fedasls.device.timing import STAGES, StageTimer, current, record, stage
 
 
 def _busy(seconds: float) -> None:

@@ -8,8 +8,8 @@ import pytest
 from flwr.serverapp import RdpAccountant
 from flwr.supercore.privacy_accounting import GaussianPrivacyEvent, NeighboringRelation, PrivacyConfig, SamplingMethod
 
-from fedasls.federated.accountant import UserLevelAccountant
-from fedasls.privacy import user_level_epsilon
+from fedasls.privacy.user_level import UserLevelAccountant
+from fedasls.privacy.accounting import user_level_epsilon
 
 REFERENCE = [  # PAPERS.md: Poisson-subsampled Gaussian, add/remove, opacus RDP (orders <= 63)
     (0.1, 1.0, 100, 7.90),

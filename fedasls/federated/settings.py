@@ -30,7 +30,7 @@ class FederatedSettings(BaseModel):
     cold_adoption: int = Field(
         0, ge=0, description="Strategy global: a device with no adapter of its own shows its user the base model's and "
         "the global adapter's answers to this many of its recent buffered questions and uses the global adapter until "
-        "it trains if the user's reactions favour it (fedasls/federated/adoption.py). 0 = the base model until it trains.",
+        "it trains if the user's reactions favour it (fedasls/device/adoption.py). 0 = the base model until it trains.",
     )
     clip_norm: float = Field(1.0, gt=0, description="L2 bound of each device's whole update (clipped on the device).")
     server_lr: float = Field(1.0, gt=0, description="global += server_lr * aggregated update.")

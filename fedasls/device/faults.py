@@ -1,0 +1,76 @@
+"""Why a device round failed, as a code, with the details kept on the device.
+
+A failing device must not leak: an exception's text can quote user data (a loader error once put
+"... My bank PIN is 4321 ..." on the server console). So a failure leaves the device as a
+`FailureCode` only; `contained` writes the full traceback to the device's own `errors.log` in its
+store folder, moves a corrupt state aside (the device starts afresh next time, the bad files are
+kept), and raises `DeviceFailure`, whose text is fixed. The ClientApp's privacy guard turns that
+into an error reply holding the code and its fixed message (wire/messages.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import traceback
+from collections.abc import Iterator
+from enum import IntEnum
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the store (torch) is imported on use: the privacy guard imports this module
+    from fedasls.device.store import DeviceStore
+
+
+class FailureCode(IntEnum):
+    """Error codes a device may send (Flower's own codes are 0-8; ours start at 100)."""
+
+    ERROR = 100  # the device round raised
+    CORRUPT_STATE = 101  # its stored state was unreadable: moved aside, the device was reset
+    REFUSED = 102  # the privacy guard refused the reply the device built
+
+    @property
+    def reason(self) -> str:
+        """The short name written to the per-device results ("error", "corrupt_state", "refused")."""
+        return self.name.lower()
+
+    @property
+    def message(self) -> str:
+        """The fixed text sent with the code (never an exception's text)."""
+        return FIXED_MESSAGES[self]
+
+
+FIXED_MESSAGES = {
+    FailureCode.ERROR: "fedasls: the device round raised an error; its traceback is in the device's errors.log "
+                       "(or in the worker's log, for an error outside the device round)",
+    FailureCode.CORRUPT_STATE: "fedasls: the device's stored state was corrupt; it was moved aside and the device reset",
+    FailureCode.REFUSED: "fedasls: the privacy guard refused the device's reply; details are in the device's log",
+}
+
+
+class DeviceFailure(RuntimeError):
+    """A device round failed; the text is fixed, the details are in the device's errors.log."""
+
+    def __init__(self, code: FailureCode, device_id: int | None = None):
+        self.code, self.device_id = code, device_id
+        super().__init__(code.message)
+
+    def __reduce__(self):  # crosses process pools as its code only
+        return DeviceFailure, (self.code, self.device_id)
+
+
+@contextlib.contextmanager
+def contained(device_id: int, store: DeviceStore) -> Iterator[None]:
+    """Run a device round so that any failure leaves only a code: the traceback goes to the
+    device's errors.log, a corrupt state is moved aside, and `DeviceFailure` is raised."""
+    from fedasls.device.store import CorruptStateError
+
+    try:
+        yield
+    except DeviceFailure:
+        raise
+    except CorruptStateError as err:
+        moved = store.set_aside(device_id)
+        store.log_failure(device_id, f"{traceback.format_exc()}\nstate moved aside to {moved}; the device was reset")
+        raise DeviceFailure(FailureCode.CORRUPT_STATE, device_id) from None
+    except Exception:  # noqa: BLE001 - every failure is reported by code only
+        store.log_failure(device_id, traceback.format_exc())
+        raise DeviceFailure(FailureCode.ERROR, device_id) from None

@@ -1,0 +1,123 @@
+"""Per-stage wall and CPU time of a device round (numbers only, cheap enough to stay always on).
+
+Code marks its stages with one line, and pays nothing when no timer is recording:
+
+    from fedasls.device.timing import stage
+    with stage("train"):
+        ...
+
+A caller records them with `record()`:
+
+    with record() as timer:
+        run_device_round(...)
+    timer.seconds()  # {"train": StageTime(wall=..., cpu=..., calls=...), ...}
+
+Stage times are *exclusive*: time spent in a stage nested inside another (e.g. "embed" inside
+"catch_up") counts for the inner stage only, so the stages of one timer add up to the time
+they cover and can be stacked in a bar. CPU time is this process's (`time.process_time`: all
+its threads), which is what a busy, shared machine does not inflate. A `record()` inside
+another adds its figures to the outer one when it ends, so a benchmark sees every round.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import time
+from dataclasses import dataclass
+from typing import Iterator
+
+# The stages of a device round, in pipeline order (others may be added; these are reported first).
+STAGES: tuple[str, ...] = (
+    "load_state", "catch_up", "embed", "select", "feedback", "annotate", "split", "synthesize",
+    "train", "gate", "evaluate", "save", "messaging", "worker_setup",
+)
+
+
+@dataclass
+class StageTime:
+    """Accumulated exclusive time of one stage."""
+
+    wall: float = 0.0
+    cpu: float = 0.0
+    calls: int = 0
+
+    def add(self, other: "StageTime") -> None:
+        self.wall += other.wall
+        self.cpu += other.cpu
+        self.calls += other.calls
+
+
+class StageTimer:
+    """Accumulates exclusive wall and CPU seconds per stage name."""
+
+    def __init__(self) -> None:
+        self._times: dict[str, StageTime] = {}
+        self._open: list[list[float]] = []  # per open stage: [wall, cpu] spent in its nested stages
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        """Time the block as stage `name` (minus the stages nested in it)."""
+        self._open.append([0.0, 0.0])
+        wall0, cpu0 = time.perf_counter(), time.process_time()
+        try:
+            yield
+        finally:
+            wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+            nested_wall, nested_cpu = self._open.pop()
+            entry = self._times.setdefault(name, StageTime())
+            entry.add(StageTime(wall - nested_wall, cpu - nested_cpu, 1))
+            if self._open:  # the enclosing stage excludes this block's whole time
+                self._open[-1][0] += wall
+                self._open[-1][1] += cpu
+
+    def merge(self, other: "StageTimer") -> None:
+        """Add another timer's figures to this one."""
+        for name, value in other._times.items():
+            self._times.setdefault(name, StageTime()).add(value)
+        if self._open:  # a recording nested in one of our stages is excluded from that stage
+            self._open[-1][0] += sum(v.wall for v in other._times.values())
+            self._open[-1][1] += sum(v.cpu for v in other._times.values())
+
+    def seconds(self) -> dict[str, StageTime]:
+        """Stage -> accumulated time, known stages first in pipeline order, then the others."""
+        order = [n for n in STAGES if n in self._times] + sorted(n for n in self._times if n not in STAGES)
+        return {n: StageTime(self._times[n].wall, self._times[n].cpu, self._times[n].calls) for n in order}
+
+    def metrics(self, prefix: str = "stage_") -> dict[str, float]:
+        """Flat numbers for a reply: `<prefix><stage>_s` (wall) and `<prefix><stage>_cpu_s`, for every
+        stage in STAGES (0.0 when it did not run, so every device reports the same keys) and any other."""
+        out: dict[str, float] = {}
+        times = {name: StageTime() for name in STAGES} | self.seconds()
+        for name, t in times.items():
+            out[f"{prefix}{name}_s"] = t.wall
+            out[f"{prefix}{name}_cpu_s"] = t.cpu
+        return out
+
+
+_ACTIVE: contextvars.ContextVar[StageTimer | None] = contextvars.ContextVar("fedasls_stage_timer", default=None)
+
+
+@contextlib.contextmanager
+def record() -> Iterator[StageTimer]:
+    """Record the stages run inside the block into a new timer (merged into an enclosing one)."""
+    timer = StageTimer()
+    outer = _ACTIVE.get()
+    token = _ACTIVE.set(timer)
+    try:
+        yield timer
+    finally:
+        _ACTIVE.reset(token)
+        if outer is not None:
+            outer.merge(timer)
+
+
+def stage(name: str) -> contextlib.AbstractContextManager[None]:
+    """Time the block as stage `name` in the recording timer; a no-op when none records."""
+    timer = _ACTIVE.get()
+    return contextlib.nullcontext() if timer is None else timer.stage(name)
+
+
+def current() -> StageTimer | None:
+    """The timer recording now, if any."""
+    return _ACTIVE.get()

@@ -1,0 +1,237 @@
+"""The messages between the server and a device: record keys, and the one place that builds
+what leaves a device (`build_reply`, `build_fit_reply`, `build_batch_reply`, `error_reply`) and
+decodes it on the server (`reply_updates`, `device_metrics`, `device_failures`).
+
+A reply may carry one MetricRecord of scalar numbers under "metrics" and, in a global-adapter
+round, the device's clipped update of the shared LoRA tensors under "global-update": an
+ArrayRecord with exactly the names, order and shapes of the "global-adapter" record the device
+received (float32). A worker slot that ran several devices sends one such record per device that
+trained, under "global-update.<device id>". Raw text, buffers, profiles and personal adapters
+never leave: there is no code path that puts them in a reply, and the ClientApp's guard
+(clients/guard.py) refuses any reply that does not fit.
+
+Under SecAgg+ ([federated] secure_aggregation = "secagg+", server/secagg.py) a round is Flower's
+four-stage protocol and the update never leaves in the clear: `build_fit_reply` builds the
+handler's reply (FitRes layout: the same checked metrics and update, via `build_reply`), and
+Flower's `secaggplus_mod` masks it.
+
+Both sides import this module; it imports Flower and fedasls only (never clients/ or server/).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+import numpy as np
+from flwr.app import ArrayRecord, Error, Message, MetricRecord, RecordDict
+from flwr.common import Code, FitRes, Parameters, Status, bytes_to_ndarray, ndarray_to_bytes
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+from flwr.compat.common import recorddict_compat as compat
+
+from fedasls.device.faults import FailureCode
+
+if TYPE_CHECKING:  # torch is imported only where tensors leave: a QUERY process needs none of it
+    import torch
+
+METRICS_KEY = "metrics"
+GLOBAL_UPDATE_KEY = "global-update"  # a device's contribution to the global adapter
+GLOBAL_ADAPTER_KEY = "global-adapter"  # downlink: the global adapter's shared tensors (defines what may return)
+ALLOWED_KEYS = frozenset({METRICS_KEY, GLOBAL_UPDATE_KEY})
+FAILED_IDS_KEY, FAILED_CODES_KEY = "failed_device_id", "failure_code"  # a batch reply's failed devices
+
+# SecAgg+ rounds speak Flower's legacy FitIns/FitRes layout (flwr.compat recorddict_compat).
+SECAGG_CONFIGS = RECORD_KEY_CONFIGS  # the protocol's record, in every SecAgg+ message and reply
+FIT_CONFIG, FIT_PARAMS = "fitins.config", "fitins.parameters"  # downlink: round config, global adapter
+ADAPTER_NAMES = "adapter-names"  # fitins.config: the global adapter's tensor names, in order (legacy arrays are nameless)
+FITRES_METRICS, FITRES_EXAMPLES = "fitres.metrics", "fitres.num_examples"
+FITRES_PARAMS, FITRES_STATUS = "fitres.parameters", "fitres.status"
+LEGACY_TENSOR_TYPE = "numpy.ndarray"
+
+
+class PrivacyViolation(RuntimeError):
+    """A reply tried to carry something other than scalar metrics (or a global update)."""
+
+
+Layout = dict[str, tuple[int, ...]]
+
+
+def build_reply(msg: Message, metrics: Mapping[str, float | int],
+                update: Mapping[str, torch.Tensor] | None = None) -> Message:
+    """The reply to `msg`: scalar metrics (NaN is sent as-is; strings are refused) and, when given,
+    the global-adapter update (it must fit the layout of the global adapter `msg` carried)."""
+    clean: dict[str, float | int] = {}
+    for key, value in metrics.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise PrivacyViolation(f"metric '{key}' is {type(value).__name__}, only numbers may leave a device")
+        clean[key] = value if isinstance(value, int) else float(value)
+    records: dict = {METRICS_KEY: MetricRecord(clean)}
+    if update is not None:
+        records[GLOBAL_UPDATE_KEY] = _update_record(msg, update)
+    return Message(RecordDict(records), reply_to=msg)
+
+
+def _update_record(msg: Message, update: Mapping[str, torch.Tensor]) -> ArrayRecord:
+    """A device's update as float32 on the CPU, refused unless it fits the global adapter `msg` carried."""
+    import torch
+
+    tensors = {k: v.detach().to("cpu", torch.float32) for k, v in update.items()}
+    check_update_layout(list(tensors), {k: tuple(v.shape) for k, v in tensors.items()},
+                         {k: str(v.dtype) for k, v in tensors.items()}, allowed_layout(msg))
+    return ArrayRecord(tensors)
+
+
+def batch_update_key(device_id: int) -> str:
+    """The record under which a worker slot's batch reply carries one device's update."""
+    return f"{GLOBAL_UPDATE_KEY}.{int(device_id)}"
+
+
+def batch_update_device(key: str) -> int | None:
+    """The device id of a batch reply's update record key, else None."""
+    head, _, tail = key.partition(".")
+    return int(tail) if head == GLOBAL_UPDATE_KEY and tail.isdigit() else None
+
+
+def torch_tensors(record: ArrayRecord) -> dict[str, torch.Tensor]:
+    """An ArrayRecord's arrays as torch tensors, in its order (flwr's `to_torch_state_dict` works only
+    once torch is imported, which a fresh ClientApp process may not have done yet)."""
+    import torch  # noqa: F401
+
+    return record.to_torch_state_dict()
+
+
+def reply_updates(reply: Message) -> dict[int, dict[str, torch.Tensor]]:
+    """The global-adapter updates a reply carries, by device id (one device's reply or a batch's)."""
+    if reply.has_error():
+        return {}
+    out: dict[int, dict[str, torch.Tensor]] = {}
+    for key in reply.content.keys():
+        if key == GLOBAL_UPDATE_KEY:
+            out[int(reply.content[METRICS_KEY]["device_id"])] = torch_tensors(reply.content[key])
+        elif (device_id := batch_update_device(key)) is not None:
+            out[device_id] = torch_tensors(reply.content[key])
+    return out
+
+
+def fit_adapter(msg: Message) -> dict[str, np.ndarray]:
+    """The global adapter a SecAgg+ round's FitIns carries, by name (the names travel in its config)."""
+    names = [str(n) for n in msg.content[FIT_CONFIG][ADAPTER_NAMES]]
+    arrays = [bytes_to_ndarray(a.data) for a in msg.content[FIT_PARAMS].values()]
+    if len(names) != len(arrays):
+        raise ValueError(f"the FitIns holds {len(arrays)} arrays for {len(names)} adapter names")
+    return dict(zip(names, arrays))
+
+
+def allowed_layout(msg: Message) -> Layout | None:
+    """Names and shapes a reply's update may have: those of the received global adapter (None: no update allowed)."""
+    if msg.has_error():
+        return None
+    if FIT_CONFIG in msg.content and FIT_PARAMS in msg.content:  # a SecAgg+ round (legacy FitIns)
+        return {k: tuple(int(d) for d in a.shape) for k, a in fit_adapter(msg).items()}
+    if GLOBAL_ADAPTER_KEY not in msg.content:
+        return None
+    record = msg.content[GLOBAL_ADAPTER_KEY]
+    if not isinstance(record, ArrayRecord):
+        return None
+    return {k: tuple(int(d) for d in a.shape) for k, a in record.items()}
+
+
+def check_update_layout(names: list[str], shapes: Mapping[str, tuple[int, ...]], dtypes: Mapping[str, str],
+                         allowed: Layout | None) -> None:
+    if allowed is None:
+        raise PrivacyViolation("the reply holds a global-adapter update, but this round sent no global adapter")
+    if names != list(allowed):
+        extra = sorted(set(names) - set(allowed))[:3]
+        missing = sorted(set(allowed) - set(names))[:3]
+        raise PrivacyViolation(
+            f"the update's tensors are not the global adapter's, in its order (extra {extra}, missing {missing})"
+        )
+    for name in names:
+        if tuple(shapes[name]) != allowed[name]:
+            raise PrivacyViolation(f"update tensor '{name}' has shape {tuple(shapes[name])}, expected {allowed[name]}")
+        if dtypes[name] not in ("torch.float32", "float32"):
+            raise PrivacyViolation(f"update tensor '{name}' is {dtypes[name]}; only float32 updates may leave")
+
+
+def build_fit_reply(msg: Message, metrics: Mapping[str, float | int], update: Mapping[str, torch.Tensor] | None,
+                    max_weight: float) -> Message:
+    """The reply to a SecAgg+ round's FitIns, in Flower's FitRes layout, for `secaggplus_mod` to mask:
+    the metrics and update are checked by `build_reply` (the same rules), the update's arrays go in
+    the global adapter's order, and the weight is the example count capped at `max_weight` (SecAgg+
+    scales by weight / max_weight and clips to the range, so a larger weight would be clipped). A
+    device with no update sends zeros with weight 0 (every participant must send a vector)."""
+    checked = build_reply(msg, metrics, update)  # raises PrivacyViolation unless numbers + the global layout
+    layout = allowed_layout(msg)
+    if layout is None:
+        raise PrivacyViolation("a SecAgg+ reply needs the global adapter of its FitIns")
+    clean = dict(checked.content[METRICS_KEY])
+    if update is None:
+        arrays, weight = [np.zeros(shape, dtype=np.float32) for shape in layout.values()], 0
+    else:
+        record = checked.content[GLOBAL_UPDATE_KEY]
+        arrays = [record[name].numpy() for name in layout]
+        weight = int(min(float(clean.get("examples", 0)), max_weight))
+    fitres = FitRes(Status(Code.OK, ""), Parameters([ndarray_to_bytes(a) for a in arrays], LEGACY_TENSOR_TYPE),
+                    weight, clean)
+    return Message(compat.fitres_to_recorddict(fitres, False), reply_to=msg)
+
+
+def secagg_stage(msg: Message) -> str | None:
+    """The SecAgg+ stage a message asks for (None: not a SecAgg+ message). Read it before the mod runs:
+    `secaggplus_mod` pops it from the message."""
+    if msg.has_error() or SECAGG_CONFIGS not in msg.content:
+        return None
+    stage = msg.content[SECAGG_CONFIGS].get(Key.STAGE)
+    return str(stage) if stage is not None else None
+
+
+def error_reply(msg: Message, code: FailureCode) -> Message:
+    """The reply of a failed device round: the code and its fixed message, nothing else."""
+    return Message(Error(code=int(code), reason=code.message), reply_to=msg)
+
+
+def build_batch_reply(msg: Message, rows: list[Mapping[str, float | int]],
+                      failures: Mapping[int, FailureCode] | None = None,
+                      updates: Mapping[int, Mapping[str, torch.Tensor]] | None = None) -> Message:
+    """The reply of a worker slot that ran several devices: one MetricRecord whose every key holds a
+    list with one number per device (in the order of the rows); numbers only, as in `build_reply`.
+    A metric that some devices do not report (e.g. a stage one of them never ran) is NaN for the
+    others. Devices that failed are listed apart, by id and FailureCode only (`device_failures`).
+    In a global-adapter round each device's update goes in its own record (`batch_update_key`),
+    checked against the global adapter `msg` carried, for devices of the rows only."""
+    keys = sorted({key for row in rows for key in row})
+    clean: dict[str, list[int] | list[float]] = {}
+    for key in keys:
+        values = [row.get(key, math.nan) for row in rows]
+        if any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in values):
+            raise PrivacyViolation(f"metric '{key}' holds a non-number, only numbers may leave a device")
+        clean[key] = values if all(isinstance(v, int) for v in values) else [float(v) for v in values]
+    if failures:
+        clean[FAILED_IDS_KEY] = [int(d) for d in failures]
+        clean[FAILED_CODES_KEY] = [int(c) for c in failures.values()]
+    records: dict = {METRICS_KEY: MetricRecord(clean)}
+    ran = {int(row["device_id"]) for row in rows}
+    for device_id, update in (updates or {}).items():
+        if int(device_id) not in ran:
+            raise PrivacyViolation(f"an update for device {device_id}, which is not among this batch's results")
+        records[batch_update_key(device_id)] = _update_record(msg, update)
+    return Message(RecordDict(records), reply_to=msg)
+
+
+def device_failures(reply: Message) -> dict[int, int]:
+    """Failure code per device id of a batch reply's failed devices (empty for other replies)."""
+    metrics = reply.content[METRICS_KEY]
+    if FAILED_IDS_KEY not in metrics:
+        return {}
+    return {int(d): int(c) for d, c in zip(metrics[FAILED_IDS_KEY], metrics[FAILED_CODES_KEY])}
+
+
+def device_metrics(reply: Message) -> list[dict[str, float | int]]:
+    """Per-device metric dicts of a reply from `build_reply` (one device) or `build_batch_reply`."""
+    metrics = {k: v for k, v in reply.content[METRICS_KEY].items() if k not in (FAILED_IDS_KEY, FAILED_CODES_KEY)}
+    if "device_id" not in metrics:  # a batch whose every device failed
+        return []
+    if not isinstance(metrics["device_id"], list):
+        return [metrics]
+    return [{key: values[i] for key, values in metrics.items()} for i in range(len(metrics["device_id"]))]
