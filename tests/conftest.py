@@ -1,4 +1,8 @@
-"""Shared fixtures: a tiny real model built once per test session (no downloads)."""
+"""Shared fixtures: a tiny real model built once per test session (no downloads), the one settings
+factory on it, and a worker runtime per test module.
+
+Tiers (markers registered in pyproject.toml): `python -m pytest -m "not slow and not integration"`
+is the quick loop; CI runs everything."""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedasls.config import ModelSettings
+from fedasls.config import ModelSettings, Settings
 
 torch.set_num_threads(1)
 
@@ -39,3 +43,21 @@ def tiny_lm(tiny_model_dir: Path):
     from fedasls.lm.model import load_model
 
     return load_model(tiny_model_dir)
+
+
+@pytest.fixture(scope="session")
+def make_settings(tiny_model_dir: Path):
+    """The one settings factory: `make_settings(section={key: value}, ...)` on the tiny model."""
+
+    def make(**sections) -> Settings:
+        return Settings.model_validate({"model": {"path": str(tiny_model_dir)}, **sections})
+
+    return make
+
+
+@pytest.fixture(scope="module")
+def runtime(settings: Settings):
+    """A worker runtime (base model loaded once, adapters swapped per device) for the module's `settings`."""
+    from fedasls.device.worker import DeviceRuntime
+
+    return DeviceRuntime(settings)

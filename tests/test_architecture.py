@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[1]  # the repository root (this file is tests/test_architecture.py)
 PACKAGES = ("fedasls", "wire", "clients", "server", "simulations")
 
 # Lowest first. A module may import its own group and any group on a lower level, nothing else.

@@ -12,6 +12,8 @@ from fedasls.device.store import DeviceStore
 from simulations.report import PLOTS, write_report
 from simulations.runner import HideRunSimulationDeprecation, num_slots, simulate
 
+pytestmark = pytest.mark.integration  # a real run on Flower + Ray (module fixture)
+
 
 @pytest.fixture(scope="module")
 def finished_run(tiny_model_dir, tmp_path_factory):

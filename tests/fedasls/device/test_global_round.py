@@ -16,28 +16,20 @@ from fedasls.federated.ranks import lora_kind, truncate
 from fedasls.federated.split import shared_part, shared_part_of
 from fedasls.device.worker import DeviceRuntime
 
-from settings_update import updated
+from tests.settings_update import updated
 
 MAX_RANK = 4
 
 
 @pytest.fixture(scope="module")
-def settings(tiny_model_dir) -> Settings:
-    return Settings.model_validate(
-        {
-            "model": {"path": str(tiny_model_dir)},
-            "population": {"num_devices": 10, "stream_length": 40, "heldout": 3},
-            "feedback": {"annotation_budget": 4},
-            "synthesis": {"rewrites": 1, "method": "fallback"},
-            "adaptation": {"epochs": 1, "lora_rank": MAX_RANK, "min_new_items": 2, "min_items": 2, "gate": "off"},
-            "evaluation": {"max_new_tokens": 6},
-        }
+def settings(make_settings) -> Settings:
+    return make_settings(
+        population={"num_devices": 10, "stream_length": 40, "heldout": 3},
+        feedback={"annotation_budget": 4},
+        synthesis={"rewrites": 1, "method": "fallback"},
+        adaptation={"epochs": 1, "lora_rank": MAX_RANK, "min_new_items": 2, "min_items": 2, "gate": "off"},
+        evaluation={"max_new_tokens": 6},
     )
-
-
-@pytest.fixture(scope="module")
-def runtime(settings) -> DeviceRuntime:
-    return DeviceRuntime(settings)
 
 
 def _downlink(settings, strategy="global", ffa=False, clip_norm=0.05) -> Downlink:

@@ -19,6 +19,8 @@ from fedasls.device.store import DeviceStore
 from simulations.loopback import free_port, stop_process_tree
 from simulations.runner import backend_config, num_slots, plan_workers, simulate
 
+pytestmark = pytest.mark.integration  # a real Ray cluster on loopback
+
 
 def test_plan_fills_a_large_cluster_despite_flowers_thread_cap():
     settings = Settings.model_validate({"simulation": {"workers": 2, "cpus_per_worker": 1.0}})

@@ -102,6 +102,7 @@ def test_throughput_history_refuses_a_file_that_is_not_a_summary(tmp_path):
     assert not (tmp_path / "out").exists()  # nothing half-written
 
 
+@pytest.mark.slow
 def test_population_scale_starts_a_million_device_population(tiny_model_dir, tmp_path):
     rows = population_scale.main(["--populations", "1000000", "--cohort", "2", "--rounds", "1", "--out", str(tmp_path),
                                   *_sets(tiny_model_dir, ["simulation.workers=1"])])

@@ -19,6 +19,8 @@ from fedasls.device.store import DeviceStore
 from simulations.loopback import PROJECT_DIR, LoopbackFleet, app_command, start_fleet, stop_fleet, stop_process_tree
 from simulations.runner import settings_toml
 
+pytestmark = pytest.mark.integration  # real SuperLink and SuperNode processes
+
 NODES = 3
 
 

@@ -18,6 +18,8 @@ import pytest
 from fedasls.config import Settings
 from simulations.runner import settings_toml
 
+pytestmark = pytest.mark.integration  # the CLI in subprocesses, up to Ray start
+
 
 def fedasls_command() -> list[str]:
     exe = shutil.which("fedasls")

@@ -16,32 +16,23 @@ from fedasls.pipeline.gate import GateScore, gate_accepts
 from fedasls.pipeline.heldback import assign_heldback, near_duplicate_groups, one_per_group
 from fedasls.data.population import SyntheticPopulation, near_duplicate
 from fedasls.lm.prompts import PromptFormat
-from fedasls.device.worker import DeviceRuntime
 
-from settings_update import updated
+from tests.settings_update import updated
 
 NO_FEEDBACK = DeviceOptions(use_feedback=False)  # training data = the user's annotations only
 
 
 @pytest.fixture(scope="module")
-def settings(tiny_model_dir) -> Settings:
-    return Settings.model_validate(
-        {
-            "model": {"path": str(tiny_model_dir)},
-            "population": {"num_devices": 20, "stream_length": 60, "heldout": 4},
-            "selection": {"buffer_bytes": 8192},
-            "feedback": {"annotation_budget": 12},
-            "synthesis": {"rewrites": 1, "method": "fallback"},
-            "adaptation": {"epochs": 4, "lora_rank": 4, "learning_rate": 1e-2, "min_items": 4, "gate": "loss",
-                           "heldback_min": 3},
-            "evaluation": {"max_new_tokens": 8},
-        }
+def settings(make_settings) -> Settings:
+    return make_settings(
+        population={"num_devices": 20, "stream_length": 60, "heldout": 4},
+        selection={"buffer_bytes": 8192},
+        feedback={"annotation_budget": 12},
+        synthesis={"rewrites": 1, "method": "fallback"},
+        adaptation={"epochs": 4, "lora_rank": 4, "learning_rate": 1e-2, "min_items": 4, "gate": "loss",
+                    "heldback_min": 3},
+        evaluation={"max_new_tokens": 8},
     )
-
-
-@pytest.fixture(scope="module")
-def runtime(settings) -> DeviceRuntime:
-    return DeviceRuntime(settings)
 
 
 def test_near_duplicates_never_sit_on_both_sides_of_the_split():

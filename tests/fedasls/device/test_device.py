@@ -16,27 +16,19 @@ from fedasls.interaction import STREAM_EPOCH
 from fedasls.device.worker import DeviceRuntime
 from fedasls.device.store import DeviceStore
 
-from settings_update import updated
+from tests.settings_update import updated
 
 
 @pytest.fixture(scope="module")
-def settings(tiny_model_dir) -> Settings:
-    return Settings.model_validate(
-        {
-            "model": {"path": str(tiny_model_dir)},
-            "population": {"num_devices": 20, "stream_length": 60, "heldout": 4},
-            "selection": {"buffer_bytes": 8192},
-            "feedback": {"annotation_budget": 6},
-            "synthesis": {"rewrites": 2, "method": "fallback"},
-            "adaptation": {"epochs": 2, "lora_rank": 4, "min_new_items": 3, "min_items": 4, "gate": "off"},
-            "evaluation": {"max_new_tokens": 12},
-        }
+def settings(make_settings) -> Settings:
+    return make_settings(
+        population={"num_devices": 20, "stream_length": 60, "heldout": 4},
+        selection={"buffer_bytes": 8192},
+        feedback={"annotation_budget": 6},
+        synthesis={"rewrites": 2, "method": "fallback"},
+        adaptation={"epochs": 2, "lora_rank": 4, "min_new_items": 3, "min_items": 4, "gate": "off"},
+        evaluation={"max_new_tokens": 12},
     )
-
-
-@pytest.fixture(scope="module")
-def runtime(settings) -> DeviceRuntime:
-    return DeviceRuntime(settings)
 
 
 def test_observe_keeps_buffer_within_budget_and_updates_profile(runtime, settings):

@@ -19,8 +19,10 @@ from wire.messages import GLOBAL_UPDATE_KEY, SECAGG_CONFIGS
 from fedasls.config import Settings
 from fedasls.lm.adapter_layout import adapter_layout
 from fedasls.federated.split import is_shared, shared_part_of
-from recording_grid import run_recorded
+from tests.recording_grid import run_recorded
 from server.rounds import FleetRun
+
+pytestmark = pytest.mark.integration  # real runs on Flower + Ray (module fixture)
 
 DEVICES = 6
 MODES = [  # (strategy, ffa, user-level DP, example-level DP-SGD, SecAgg+, devices per worker slot)

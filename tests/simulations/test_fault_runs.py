@@ -26,6 +26,8 @@ from safetensors.torch import load_file
 
 from fedasls.device.store import DeviceStore
 
+pytestmark = pytest.mark.integration  # real runs on Ray, killed and resumed
+
 CANARY = "My bank PIN is 4321-QZX"  # not digits alone: timings like 0.0432137 hold "4321"
 WALL_KEYS = {"wall_s", "wall_seconds"}  # real seconds differ between runs; everything else must match
 

@@ -18,9 +18,11 @@ from safetensors.torch import load_file
 
 from wire.messages import FITRES_EXAMPLES, GLOBAL_UPDATE_KEY, SECAGG_CONFIGS
 from fedasls.config import Settings
-from recording_grid import run_recorded
+from tests.recording_grid import run_recorded
 from server.rounds import FleetRun
 from server.secagg import quantization_bound
+
+pytestmark = pytest.mark.integration  # a real SecAgg+ run on Flower (module fixture)
 
 SLOTS = 5
 

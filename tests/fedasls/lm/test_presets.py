@@ -42,6 +42,7 @@ def smollm2_dir(smollm2_cache: Path) -> Path:
     return preset_dir(NAME, smollm2_cache)
 
 
+@pytest.mark.slow
 def test_conversion_gives_a_plain_float_llama_folder_with_its_chat_template(smollm2_cache, smollm2_dir) -> None:
     config = json.loads((smollm2_dir / "config.json").read_text())
     assert config["architectures"] == ["LlamaForCausalLM"] and "quantization_config" not in config
@@ -65,6 +66,7 @@ def test_conversion_gives_a_plain_float_llama_folder_with_its_chat_template(smol
     assert tokenizer.decode(prompt_ids) == prompt
 
 
+@pytest.mark.slow
 def test_real_smollm2_answers_on_topic_and_one_adaptation_moves_its_lora(smollm2_dir) -> None:
     settings = Settings.model_validate(
         {
