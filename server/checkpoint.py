@@ -19,6 +19,7 @@ from typing import Any
 from fedasls.errors import FedaslsError
 from fedasls.device.store import atomic_write
 
+RUN_MARKER = "fedasls-run.json"  # in every run folder: `--overwrite` removes only folders that hold one
 CHECKPOINT = "checkpoint.json"
 ROUNDS_FILE = "rounds.jsonl"
 DEVICE_ROUNDS_FILE = "device_rounds.jsonl"
@@ -42,6 +43,21 @@ class RunFailed(FedaslsError):
 
 
 COMMIT_LOCK = threading.Lock()  # held while a round is recorded; Ctrl-C waits for it
+
+
+def mark_run_dir(run_dir: Path) -> None:
+    """Create the run folder with its marker (once), so `--overwrite` can tell a run from any other folder."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not (run_dir / RUN_MARKER).is_file():
+        atomic_write(run_dir / RUN_MARKER, json.dumps({"fedasls_run": 1}).encode("utf-8"))
+
+
+def is_run_dir(run_dir: Path) -> bool:
+    """True if `run_dir` holds a fedasls run: its marker, or (a run made before the marker existed) both
+    its config.toml and its records."""
+    if (run_dir / RUN_MARKER).is_file():
+        return True
+    return (run_dir / "config.toml").is_file() and ((run_dir / CHECKPOINT).is_file() or (run_dir / ROUNDS_FILE).is_file())
 
 
 def append_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:

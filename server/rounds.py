@@ -36,6 +36,7 @@ from server.checkpoint import (
     append_jsonl,
     commit_round,
     failure_budget_exceeded,
+    mark_run_dir,
     read_checkpoint,
     start_records,
     truncate_records,
@@ -72,7 +73,7 @@ class FleetRun:
     failure: str | None = None  # why the run stopped early (too many failed device rounds)
 
     def __post_init__(self) -> None:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        mark_run_dir(self.run_dir)
         self.store_dir.mkdir(parents=True, exist_ok=True)
 
 

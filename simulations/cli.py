@@ -235,31 +235,32 @@ def cmd_simulate(args: argparse.Namespace, settings: Settings) -> int:
     """Validate everything (settings, run folder, dataset, model) on the driver, then run on Ray."""
     t0 = time.perf_counter()
     from server.checkpoint import read_checkpoint
-    from simulations.validation import check_dataset, check_store_dir, new_run_dir, prepare_run_dir
+    from simulations.validation import check_dataset, folders_to_replace, new_run_dir
 
+    replaced: list[Path] = []
     if args.resume:
         run_dir = Path(args.resume)
         read_checkpoint(run_dir)  # a missing or corrupt checkpoint is reported before anything starts
     else:
         run_dir = new_run_dir(settings, args.name)
-        prepare_run_dir(run_dir, args.overwrite)
-        check_store_dir(settings, run_dir, args.overwrite)
+        replaced = folders_to_replace(run_dir, settings, args.overwrite)  # checks only: nothing deleted yet
     check_dataset(settings)  # before the heavy imports: a bad file is reported at once
     previous = signal.getsignal(signal.SIGINT)
     _stop_cleanly_on_ctrl_c(run_dir)
     try:
-        return _simulate(args, settings, run_dir, t0)
+        return _simulate(args, settings, run_dir, t0, replaced)
     finally:
         signal.signal(signal.SIGINT, previous)
 
 
-def _simulate(args: argparse.Namespace, settings: Settings, run_dir: Path, t0: float) -> int:
+def _simulate(args: argparse.Namespace, settings: Settings, run_dir: Path, t0: float, replaced: list[Path]) -> int:
     from server.checkpoint import RunFailed
     from simulations.report import format_summary, write_report
     from simulations.runner import simulate
-    from simulations.validation import check_model
+    from simulations.validation import check_model, replace_folders
 
     check_model(settings)  # the model folder, before Ray starts
+    replace_folders(replaced)  # --overwrite: every input is valid, so the old run may go now
     sim = settings.simulation
     print(f"fedasls simulate: {settings.population.num_devices:,} devices, {sim.rounds} rounds, cohort "
           f"{sim.cohort_size} (x{sim.overcommit} over-commit), {sim.workers} Ray workers -> {run_dir}")

@@ -2,8 +2,9 @@
 
 `check_run_inputs` loads what every device would load (the dataset, the model folder's config
 and tokenizer) once, here, so a problem is one paragraph naming what, where and how to fix, not
-the same traceback in every worker. `prepare_run_dir` never lets a new run overwrite an existing
-results folder unless asked, and `resume_settings` makes `--resume` use the run's own settings.
+the same traceback in every worker. `folders_to_replace` never lets a new run overwrite an existing
+results folder unless asked, and `--overwrite` only ever removes a fedasls run or device store,
+after every input was validated; and `resume_settings` makes `--resume` use the run's own settings.
 """
 
 from __future__ import annotations
@@ -100,7 +101,7 @@ def check_run_inputs(settings: Settings) -> Path:
 
 
 def new_run_dir(settings: Settings, name: str | None = None) -> Path:
-    """<output_dir>/<name> (never renamed: an existing one is refused by `prepare_run_dir`), or a
+    """<output_dir>/<name> (never renamed: an existing one is refused by `folders_to_replace`), or a
     fresh timestamped folder when no name is given."""
     root = Path(settings.simulation.output_dir)
     if name:
@@ -113,29 +114,42 @@ def new_run_dir(settings: Settings, name: str | None = None) -> Path:
     return run_dir
 
 
-def prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
-    """A new run never writes into an existing results folder unless `overwrite` (then it is removed)."""
-    if not run_dir.exists():
-        return
-    if run_dir.is_dir() and not any(run_dir.iterdir()):
-        return
-    if not overwrite:
-        hint = f" or continue it with --resume {run_dir}" if (run_dir / "checkpoint.json").is_file() else ""
-        raise ConfigError(f"results folder {run_dir} already exists and is not empty; a new run would overwrite it. "
-                          f"Fix: choose another --name{hint}, or pass --overwrite to replace it.")
-    shutil.rmtree(run_dir)
+def folders_to_replace(run_dir: Path, settings: Settings, overwrite: bool) -> list[Path]:
+    """The folders a new run must clear first; raises ConfigError (deleting nothing) unless each is
+    empty, or `overwrite` is given and it holds a fedasls run (the run folder) or a device store
+    (`simulation.store_dir`). Nothing is deleted here: `replace_folders` does it once every input
+    has been validated."""
+    from fedasls.device.store import is_device_store
+    from server.checkpoint import CHECKPOINT, is_run_dir
 
-
-def check_store_dir(settings: Settings, run_dir: Path, overwrite: bool) -> None:
-    """A new run with an explicit simulation.store_dir must not start from another run's device state."""
+    found = []
+    if run_dir.exists() and not (run_dir.is_dir() and not any(run_dir.iterdir())):
+        if not overwrite:
+            hint = f" or continue it with --resume {run_dir}" if (run_dir / CHECKPOINT).is_file() else ""
+            raise ConfigError(f"results folder {run_dir} already exists and is not empty; a new run would overwrite "
+                              f"it. Fix: choose another --name{hint}, or pass --overwrite to replace it.")
+        if not run_dir.is_dir() or not is_run_dir(run_dir):
+            raise ConfigError(f"results folder {run_dir} exists but holds no fedasls run, so --overwrite will not "
+                              "delete it. Fix: choose another --name (or simulation.output_dir), or move that folder "
+                              "away yourself.")
+        found.append(run_dir)
     store = settings.simulation.store_dir
-    if not store or not Path(store).is_dir() or not any(Path(store).iterdir()):
-        return
-    if not overwrite:
-        raise ConfigError(f"simulation.store_dir = {store} already holds device state, so a new run would start from "
-                          f"it. Fix: point store_dir at an empty folder, resume the run that wrote it (--resume), or "
-                          "pass --overwrite to delete that state.")
-    shutil.rmtree(store)
+    if store and Path(store).exists() and not (Path(store).is_dir() and not any(Path(store).iterdir())):
+        if not overwrite:
+            raise ConfigError(f"simulation.store_dir = {store} already holds device state, so a new run would start "
+                              "from it. Fix: point store_dir at an empty folder, resume the run that wrote it "
+                              "(--resume), or pass --overwrite to delete that state.")
+        if not Path(store).is_dir() or not is_device_store(Path(store)):
+            raise ConfigError(f"simulation.store_dir = {store} is not empty and holds no fedasls device store, so "
+                              "--overwrite will not delete it. Fix: point store_dir at an empty or new folder.")
+        found.append(Path(store))
+    return found
+
+
+def replace_folders(folders: list[Path]) -> None:
+    """Remove the folders `folders_to_replace` approved (call only after every input was validated)."""
+    for folder in folders:
+        shutil.rmtree(folder)
 
 
 def _flatten(data: dict[str, Any]) -> dict[str, Any]:

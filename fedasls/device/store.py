@@ -50,6 +50,7 @@ from safetensors.torch import save as save_tensors
 from fedasls.errors import FedaslsError
 
 FORMAT_VERSION = 1
+STORE_MARKER = "fedasls-store.json"  # in a store's root: `--overwrite` removes only folders that hold one
 MANIFEST = "state.json"
 PREVIOUS = "state.prev.json"  # the generation a round-tagged save replaced
 ERRORS_LOG = "errors.log"  # device-local tracebacks of failed rounds
@@ -137,6 +138,8 @@ class DeviceStore:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.round = round
+        if not (self.root / STORE_MARKER).is_file():
+            atomic_write(self.root / STORE_MARKER, json.dumps({"format": FORMAT_VERSION}).encode("utf-8"))
 
     def folder(self, device_id: int) -> Path:
         """The device's folder, e.g. root/00/07/device-7 for device 7."""
@@ -329,6 +332,14 @@ class DeviceStore:
                     name = dev.name
                     if name.startswith("device-") and name[7:].isdigit() and (dev / MANIFEST).is_file():
                         yield int(name[7:])
+
+
+def is_device_store(path: Path) -> bool:
+    """True if `path` is a device store's root: it holds the store marker, or (a store written before
+    the marker existed) at least one device manifest at root/<shard>/<shard>/device-<id>/state.json."""
+    if (path / STORE_MARKER).is_file():
+        return True
+    return any(path.glob(f"[0-9][0-9]/[0-9][0-9]/device-*/{MANIFEST}"))
 
 
 def _read_manifest(path: Path) -> dict[str, Any] | None:

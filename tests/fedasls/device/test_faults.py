@@ -14,7 +14,7 @@ from fedasls.device.faults import DeviceFailure, FailureCode, contained
 from fedasls.device.store import CorruptStateError, DeviceStore
 from server.checkpoint import CheckpointError, commit_round, failure_budget_exceeded, read_checkpoint, truncate_records
 from simulations.runner import settings_toml
-from simulations.validation import prepare_run_dir, resume_settings
+from simulations.validation import resume_settings
 
 
 def test_a_rerun_round_starts_from_the_state_before_it(tmp_path: Path):
@@ -101,17 +101,6 @@ def test_resume_takes_the_runs_settings_and_refuses_others(tmp_path: Path):
         resume_settings(tmp_path, None, ["population.stream_length=120"])
     with pytest.raises(ConfigError, match="below the run's 2"):
         resume_settings(tmp_path, None, ["simulation.rounds=1"])
-
-
-def test_an_existing_results_folder_is_kept_unless_overwrite(tmp_path: Path):
-    run = tmp_path / "run"
-    run.mkdir()
-    (run / "rounds.jsonl").write_text("{}\n")
-    with pytest.raises(ConfigError, match="already exists.*--overwrite"):
-        prepare_run_dir(run, overwrite=False)
-    assert (run / "rounds.jsonl").is_file()
-    prepare_run_dir(run, overwrite=True)
-    assert not run.exists()
 
 
 def test_corrupt_state_error_names_the_device_and_fix(tmp_path: Path):

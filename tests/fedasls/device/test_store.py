@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedasls.device.store import CorruptStateError, DeviceStore
+from fedasls.device.store import STORE_MARKER, CorruptStateError, DeviceStore
 
 
 def _state(seed: int) -> dict:
@@ -70,8 +70,9 @@ def test_sharded_layout(tmp_path: Path):
         store.save(d, {"cursor": d})
     for d in (7, 1_234_567):
         assert (store.folder(d) / "state.json").is_file()
-    top = {p.name for p in tmp_path.iterdir()}
+    top = {p.name for p in tmp_path.iterdir()} - {STORE_MARKER}
     assert all(len(name) == 2 and name.isdigit() for name in top)
+    assert (tmp_path / STORE_MARKER).is_file()  # what lets --overwrite tell a store from any other folder
     assert sorted(store.device_ids()) == sorted(ids)
     assert all(store.load(d) == {"cursor": d} for d in ids)
     with pytest.raises(ValueError, match="device_id must be an integer >= 0"):
