@@ -32,6 +32,8 @@ from fedasls.lm.model import ensure_model
 from server.app import make_server_app
 from server.checkpoint import RunFailed
 from server.rounds import FleetRun
+from simulations.local_ray import local_init_args, private_ray_dir
+from simulations.local_ray import remove as remove_private_ray_dir
 from simulations.validation import check_resume_matches, check_run_inputs, new_run_dir  # noqa: F401
 
 
@@ -90,12 +92,17 @@ def attach_ray(address: str) -> float:
     return float(ray.cluster_resources().get("CPU", 0.0))
 
 
-def backend_config(settings: Settings, plan: WorkerPlan, attached: bool = False) -> dict[str, Any]:
-    """Ray backend: one actor per worker, holding the CPUs of the devices it runs side by side."""
+def backend_config(settings: Settings, plan: WorkerPlan, attached: bool = False,
+                   private_dir: Path | None = None) -> dict[str, Any]:
+    """Ray backend: one actor per worker, holding the CPUs of the devices it runs side by side. An
+    attached cluster brings its own CPUs (never pass num_cpus to it); with `private_dir` a local Ray
+    is a new instance in that folder (simulations/local_ray.py)."""
     init_args: dict[str, Any] = {"logging_level": logging.ERROR, "log_to_driver": False}
-    if not attached:  # an attached cluster brings its own CPUs: never pass num_cpus to it
+    if not attached:
         init_args |= {"num_cpus": max(1, math.ceil(plan.workers * plan.devices_per_worker * plan.cpus_per_device)),
                       "include_dashboard": False}
+        if private_dir is not None:
+            init_args |= local_init_args(private_dir)
     return {
         "client_resources": {"num_cpus": plan.cpus_per_device * plan.devices_per_worker, "num_gpus": 0.0},
         "init_args": init_args,
@@ -155,13 +162,18 @@ def simulate(settings: Settings, run_dir: Path, config_source: Path | None = Non
     slots = num_slots(settings, plan.devices_per_worker)
     run = FleetRun(settings, run_dir, store_dir, resume=resume, quiet=quiet, expected_slots=slots,
                    on_reply=on_reply, started=started if started is not None else time.perf_counter())
-    run_simulation(
-        server_app=make_server_app(run),
-        client_app=client_app,
-        num_supernodes=slots,
-        backend_name="ray",
-        backend_config=backend_config(settings, plan, attached=address is not None),
-    )
+    private_dir = None if address else private_ray_dir()
+    try:
+        run_simulation(
+            server_app=make_server_app(run),
+            client_app=client_app,
+            num_supernodes=slots,
+            backend_name="ray",
+            backend_config=backend_config(settings, plan, attached=address is not None, private_dir=private_dir),
+        )
+    finally:
+        if private_dir is not None:
+            remove_private_ray_dir(private_dir)
     run.summary |= {"ray": address or "local", "workers": plan.workers, "devices_per_worker": plan.devices_per_worker,
                     "concurrent_devices": plan.concurrent_devices}
     if run.failure:
