@@ -9,6 +9,7 @@ class FedaslsError(Exception):
     """Bad input or a failed run, explained in the message (what, where, how to fix)."""
 
     exit_code = 2  # bad input; a run that failed exits 1
+    quotes_data = False  # its text names files, lines, keys and types, never a value from user data
 
 
 class ModelNotFoundError(FedaslsError, FileNotFoundError):

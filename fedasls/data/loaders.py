@@ -52,13 +52,22 @@ class Record:
         return f"{self.instruction}\n{self.input}" if self.input else self.instruction
 
 
+def shape_of(value: object) -> str:
+    """What a value is, never what it holds (error messages must not quote data)."""
+    if isinstance(value, (list, tuple, dict)):
+        return f"a JSON {'object' if isinstance(value, dict) else 'array'} of {len(value)} item(s)"
+    if isinstance(value, bool):
+        return "a boolean"
+    return {int: "a number", float: "a number"}.get(type(value), f"a {type(value).__name__}")
+
+
 def _field(obj: dict, names: tuple[str, ...], where: str, required: bool) -> str | None:
     for name in names:
         if name in obj and obj[name] is not None:
             value = obj[name]
             if not isinstance(value, str):
-                raise DatasetError(f"{where}: field '{name}' must be a string, got {type(value).__name__} "
-                                   f"({value!r}); quote it in the file")
+                raise DatasetError(f"{where}: field '{name}' must be a string, got {shape_of(value)}; "
+                                   "quote it in the file")
             return value
     if required:
         raise DatasetError(f"{where}: missing field '{'|'.join(names)}' (expected keys: {EXPECTED_KEYS})")
@@ -95,8 +104,7 @@ def load_jsonl(path: str | Path) -> list[Record]:
                 raise DatasetError(f"{where}: field 'instruction' is empty; give every record an instruction")
             user = obj.get("user_id")
             if user is not None and (isinstance(user, bool) or not isinstance(user, (str, int))):
-                raise DatasetError(f"{where}: field 'user_id' must be a string or integer, "
-                                   f"got {type(user).__name__} ({user!r})")
+                raise DatasetError(f"{where}: field 'user_id' must be a string or integer, got {shape_of(user)}")
             records.append(Record(
                 instruction=instruction.strip(),
                 input=(_field(obj, ("input", "context"), where, required=False) or "").strip(),

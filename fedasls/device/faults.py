@@ -2,7 +2,8 @@
 
 A failing device must not leak: an exception's text can quote user data (a loader error once put
 "... My bank PIN is 4321 ..." on the server console). So a failure leaves the device as a
-`FailureCode` only; `contained` writes the full traceback to the device's own `errors.log` in its
+`FailureCode` only; `contained` writes where it failed (the exception's type and the stack's files,
+lines and functions, never its message or any value) to the device's own `errors.log` in its
 store folder, moves a corrupt state aside (the device starts afresh next time, the bad files are
 kept), and raises `DeviceFailure`, whose text is fixed. The ClientApp's privacy guard turns that
 into an error reply holding the code and its fixed message (wire/messages.py).
@@ -15,6 +16,8 @@ import traceback
 from collections.abc import Iterator
 from enum import IntEnum
 from typing import TYPE_CHECKING
+
+from fedasls.errors import FedaslsError
 
 if TYPE_CHECKING:  # the store (torch) is imported on use: the privacy guard imports this module
     from fedasls.device.store import DeviceStore
@@ -69,8 +72,27 @@ def contained(device_id: int, store: DeviceStore) -> Iterator[None]:
         raise
     except CorruptStateError as err:
         moved = store.set_aside(device_id)
-        store.log_failure(device_id, f"{traceback.format_exc()}\nstate moved aside to {moved}; the device was reset")
+        store.log_failure(device_id, f"{where_it_failed(err)}\nstate moved aside to {moved}; the device was reset")
         raise DeviceFailure(FailureCode.CORRUPT_STATE, device_id) from None
-    except Exception:  # noqa: BLE001 - every failure is reported by code only
-        store.log_failure(device_id, traceback.format_exc())
+    except Exception as err:  # noqa: BLE001 - every failure is reported by code only
+        store.log_failure(device_id, where_it_failed(err))
         raise DeviceFailure(FailureCode.ERROR, device_id) from None
+
+
+def where_it_failed(err: BaseException) -> str:
+    """A traceback without data: each exception's type (with its causes) and the stack's file, line and
+    function, never a source line, nor an exception's message (it can quote user text) unless it is
+    one of ours that promises not to (`FedaslsError.quotes_data` False: files, lines, keys and types)."""
+    parts: list[str] = []
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        frames = traceback.extract_tb(current.__traceback__)
+        stack = "\n".join(f'  File "{f.filename}", line {f.lineno}, in {f.name}' for f in frames)
+        said = (f": {current}" if isinstance(current, FedaslsError) and not current.quotes_data
+                else " (message withheld: it may quote data)")
+        parts.append(f"Traceback (most recent call last):\n{stack}\n"
+                     f"{type(current).__module__}.{type(current).__qualname__}{said}")
+        current = current.__cause__ or current.__context__
+    return "\n\nwhile handling, or caused by:\n".join(reversed(parts)) if len(parts) > 1 else parts[0]

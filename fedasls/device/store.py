@@ -60,6 +60,8 @@ _TMP_MARK = ".tmp-"
 class CorruptStateError(FedaslsError, RuntimeError):
     """A device's stored state cannot be read. Other devices are unaffected."""
 
+    quotes_data = True  # its reason can quote what it found in the state (e.g. an unknown counter name)
+
     def __init__(self, device_id: int, path: Path, reason: str, folder: Path):
         self.device_id, self.path, self.reason, self.folder = device_id, path, reason, folder
         super().__init__(

@@ -107,8 +107,8 @@ def test_partition_errors(dolly, tmp_path):
         ({"input": "x", "output": "y"}, r"bad\.jsonl:3: missing field 'instruction' \(expected keys: instruction"),
         ({"instruction": "x"}, r"bad\.jsonl:3: missing field 'output\|response'"),
         ('{"instruction": "x", "output": ', r"bad\.jsonl:3: invalid JSON"),
-        ({"instruction": 5, "output": "y"}, r"bad\.jsonl:3: field 'instruction' must be a string, got int"),
-        ({"instruction": "x", "response": ["y"]}, r"bad\.jsonl:3: field 'response' must be a string, got list"),
+        ({"instruction": 5, "output": "y"}, r"bad\.jsonl:3: field 'instruction' must be a string, got a number"),
+        ({"instruction": "x", "response": ["y"]}, r"bad\.jsonl:3: field 'response' must be a string, got a JSON array of 1"),
         ({"instruction": "x", "output": "y", "category": 1}, r"bad\.jsonl:3: field 'category' must be a string"),
         ({"instruction": "x", "output": "y", "user_id": [1]}, r"bad\.jsonl:3: field 'user_id' must be a string or integer"),
         ({"instruction": "  ", "output": "y"}, r"bad\.jsonl:3: field 'instruction' is empty"),
@@ -120,6 +120,18 @@ def test_bad_lines_name_file_line_and_field(tmp_path, line, message):
     path = _write(tmp_path / "bad.jsonl", [good, good, line, good])
     with pytest.raises(DatasetError, match=message):
         load_jsonl(path)
+
+
+@pytest.mark.parametrize("field", ["instruction", "user_id", "category", "output"])
+@pytest.mark.parametrize("value", [["My bank PIN is 4321"], {"note": "My bank PIN is 4321"}, ["x" * 5_000_000]])
+def test_errors_name_the_field_and_its_type_never_its_value(tmp_path, field, value):
+    record = {"instruction": "fine", "output": "ok", field: value}
+    path = _write(tmp_path / "bad.jsonl", [record])
+    with pytest.raises(DatasetError) as err:
+        load_jsonl(path)
+    text = str(err.value)
+    assert f"field '{field}'" in text and "bad.jsonl:1" in text
+    assert "4321" not in text and "xxxx" not in text and len(text) < 300
 
 
 def test_missing_and_empty_files(tmp_path):

@@ -31,14 +31,16 @@ def test_a_rerun_round_starts_from_the_state_before_it(tmp_path: Path):
     assert DeviceStore(tmp_path).load(4) == {"cursor": 26}  # a store without a round reads the newest
 
 
-def test_contained_keeps_the_traceback_on_the_device_and_sets_corrupt_state_aside(tmp_path: Path):
+def test_contained_keeps_where_it_failed_on_the_device_and_sets_corrupt_state_aside(tmp_path: Path):
     store = DeviceStore(tmp_path, round=3)
     with pytest.raises(DeviceFailure) as failed:
         with contained(5, store):
             raise ValueError("field 'note': My bank PIN is 4321")
     assert failed.value.code == FailureCode.ERROR and "4321" not in str(failed.value)
     assert failed.value.__cause__ is None and failed.value.__suppress_context__
-    assert "My bank PIN is 4321" in (store.folder(5) / "errors.log").read_text()
+    log = (store.folder(5) / "errors.log").read_text()
+    assert "builtins.ValueError (message withheld" in log and "test_faults.py" in log  # type and place ...
+    assert "4321" not in log and "bank PIN" not in log  # ... never the data its message quoted
 
     store.save(6, {"cursor": 1})
     (store.folder(6) / "state.json").write_text("{ truncated")
