@@ -49,16 +49,16 @@ class ModelSettings(_Section):
         None, description="A packaged model converted on first use (fedasls.lm.presets), instead of path."
     )
     cache_dir: str | None = Field(None, description="Where the embedded default is cached (env FEDASLS_CACHE).")
-    seed: int = 0
-    vocab_size: int = Field(2048, ge=256, le=65536)
-    hidden_size: int = Field(128, ge=16)
-    num_layers: int = Field(2, ge=1)
-    num_heads: int = Field(4, ge=1)
-    intermediate_size: int = Field(384, ge=16)
-    max_positions: int = Field(256, ge=32)
-    pretrain_steps: int = Field(300, ge=0)
-    pretrain_batch_size: int = Field(32, ge=1)
-    pretrain_lr: float = Field(3e-3, gt=0)
+    seed: int = Field(0, description="Seed of the embedded default's public corpus, tokenizer and pretraining.")
+    vocab_size: int = Field(2048, ge=256, le=65536, description="Embedded default: BPE vocabulary size.")
+    hidden_size: int = Field(128, ge=16, description="Embedded default: hidden width (a multiple of num_heads).")
+    num_layers: int = Field(2, ge=1, description="Embedded default: decoder layers.")
+    num_heads: int = Field(4, ge=1, description="Embedded default: attention heads.")
+    intermediate_size: int = Field(384, ge=16, description="Embedded default: MLP width.")
+    max_positions: int = Field(256, ge=32, description="Embedded default: longest sequence in tokens.")
+    pretrain_steps: int = Field(300, ge=0, description="Embedded default: pretraining steps on the public corpus.")
+    pretrain_batch_size: int = Field(32, ge=1, description="Embedded default: pretraining batch size.")
+    pretrain_lr: float = Field(3e-3, gt=0, description="Embedded default: pretraining learning rate.")
     corpus_size: int = Field(6000, ge=100, description="Public (non-user) texts used for tokenizer + pretraining.")
 
     def at_path(self, path: str | Path) -> "ModelSettings":
@@ -84,9 +84,10 @@ class ModelSettings(_Section):
 class PopulationSettings(_Section):
     """Where device interaction streams come from."""
 
-    source: Literal["synthetic", "jsonl"] = "synthetic"
-    num_devices: int = Field(200, ge=1, le=10_000_000)
-    seed: int = 0
+    source: Literal["synthetic", "jsonl"] = Field(
+        "synthetic", description="synthetic: the generated population; jsonl: a local file (jsonl_path).")
+    num_devices: int = Field(200, ge=1, le=10_000_000, description="Devices in the population (generated lazily).")
+    seed: int = Field(0, description="Seed of the population (personas, streams, held-out items).")
     stream_length: int = Field(160, ge=10, description="Interactions per device stream (synthetic).")
     heldout: int = Field(8, ge=1, description="Held-out future interactions per device.")
     drift_fraction: float = Field(0.25, ge=0, le=1, description="Share of users whose interests drift mid-stream.")
@@ -95,9 +96,10 @@ class PopulationSettings(_Section):
         "public (pretraining) text contains, closes their domain answers (synthetic; the signal a global adapter can "
         "carry to new devices; 0 = none).",
     )
-    jsonl_path: str | None = None
-    partition: Literal["user", "dirichlet", "iid"] = "iid"
-    dirichlet_alpha: float = Field(0.5, gt=0)
+    jsonl_path: str | None = Field(None, description="JSONL file in Alpaca or Dolly shape (source = jsonl).")
+    partition: Literal["user", "dirichlet", "iid"] = Field(
+        "iid", description="How JSONL records split into devices: by user_id, Dirichlet by category, or IID.")
+    dirichlet_alpha: float = Field(0.5, gt=0, description="Concentration of the Dirichlet partition (smaller = more skewed).")
 
     @model_validator(mode="after")
     def _jsonl_needs_path(self) -> "PopulationSettings":
@@ -112,12 +114,15 @@ SelectionPolicyName = Literal["full", "eoe", "dss", "idd", "random", "fifo", "kc
 class SelectionSettings(_Section):
     """Bounded on-device buffer and its replacement policy (Qin et al.)."""
 
-    policy: SelectionPolicyName = "full"
+    policy: SelectionPolicyName = Field(
+        "full", description="Buffer replacement: full = EOE x DSS x IDD x interest weight; one metric alone; or a "
+        "baseline (random, fifo, kcenter, reservoir).")
     buffer_bytes: int = Field(
         DEFAULT_BUFFER_BYTES, ge=256, description="Buffer budget in bytes (text + embeddings). In a fleet this is a mid-tier "
         "device's (32 MB of storage); other devices scale it with their storage (low 0.5x, high 2x).")
-    embedding: Literal["lm", "minilm"] = "lm"
-    embed_batch_size: int = Field(16, ge=1)
+    embedding: Literal["lm", "minilm"] = Field(
+        "lm", description="Selection embeddings: the base LM's last-token hidden state, or all-MiniLM-L6-v2.")
+    embed_batch_size: int = Field(16, ge=1, description="Texts per embedding forward pass.")
 
 
 class FeedbackSettings(_Section):
@@ -140,10 +145,12 @@ class FeedbackSettings(_Section):
 class SynthesisSettings(_Section):
     """Rewriting annotated questions into similar ones, filtered by ROUGE-1."""
 
-    rewrites: int = Field(3, ge=0, le=16)
-    method: Literal["auto", "llm", "fallback"] = "auto"
-    rouge_min: float = Field(0.3, ge=0, le=1)
-    rouge_max: float = Field(0.95, ge=0, le=1)
+    rewrites: int = Field(3, ge=0, le=16, description="Rewrites per annotated question (0 = no synthesis).")
+    method: Literal["auto", "llm", "fallback"] = Field(
+        "auto", description="llm: the model paraphrases; fallback: a lexical rewriter; auto: llm if the model passes "
+        "a paraphrase probe once per worker.")
+    rouge_min: float = Field(0.3, ge=0, le=1, description="A rewrite is kept if its ROUGE-1 to the original is at least this.")
+    rouge_max: float = Field(0.95, ge=0, le=1, description="... and at most this (drops near-copies).")
 
     @model_validator(mode="after")
     def _min_below_max(self) -> "SynthesisSettings":
@@ -163,23 +170,23 @@ class AdaptationSettings(_Section):
     defaults go into ADAPTATION_DEFAULTS_BY_MODEL below.
     """
 
-    lora_rank: int = Field(8, ge=1)
-    lora_alpha: int = Field(16, ge=1)
+    lora_rank: int = Field(8, ge=1, description="LoRA rank (a device's memory tier may cap it lower); the global adapter's rank.")
+    lora_alpha: int = Field(16, ge=1, description="LoRA alpha (scale = alpha / rank, see lora_scaling).")
     lora_scaling: Literal["per-rank", "uniform"] = Field(
         "per-rank", description="LoRA scale of a device of rank r: 'per-rank' = lora_alpha / r (peft's), 'uniform' = "
         "lora_alpha / lora_rank at every rank, so the first r components of a global adapter mean the same update on a "
         "rank-r device as on the server. Default under a global-adapter [federated] strategy: uniform.",
     )
-    lora_dropout: float = Field(0.0, ge=0, lt=1)
+    lora_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input.")
     target_modules: list[str] = Field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
         min_length=1,
         description="Module-name suffixes that get LoRA (Llama-style names).",
     )
-    learning_rate: float = Field(5e-3, gt=0)
-    epochs: int = Field(6, ge=1)
-    batch_size: int = Field(8, ge=1)
-    max_length: int = Field(96, ge=16)
+    learning_rate: float = Field(5e-3, gt=0, description="Learning rate of the first candidate (AdamW).")
+    epochs: int = Field(6, ge=1, description="Training epochs at most (early stopping may end sooner).")
+    batch_size: int = Field(8, ge=1, description="Training examples per step (length-bucketed batches).")
+    max_length: int = Field(96, ge=16, description="Tokens per training example (prompt + answer), truncated.")
     min_new_items: int = Field(4, ge=0, description="Adapt only when this many new buffered items (profile trigger).")
     min_new_fraction: float = Field(
         0.5, ge=0, le=1, description="... and at least this share of the buffer is new since the last adaptation."
@@ -212,10 +219,10 @@ class AdaptationSettings(_Section):
     gate_margin: float = Field(
         0.05, ge=0, description="How much the new adapter must win by (ROUGE-1 points; nats for gate = loss)."
     )
-    dp: bool = False
-    noise_multiplier: float = Field(1.0, ge=0)
-    max_grad_norm: float = Field(1.0, gt=0)
-    delta: float = Field(1e-5, gt=0, lt=1)
+    dp: bool = Field(False, description="Example-level DP-SGD on the device (opacus, Poisson sampling).")
+    noise_multiplier: float = Field(1.0, ge=0, description="DP-SGD noise std / max_grad_norm.")
+    max_grad_norm: float = Field(1.0, gt=0, description="DP-SGD per-example gradient clipping norm.")
+    delta: float = Field(1e-5, gt=0, lt=1, description="delta of the device's example-level epsilon.")
 
     def alpha_for(self, rank: int) -> float:
         """The lora_alpha a rank-`rank` adapter gets under `lora_scaling` (its scale is alpha / rank)."""
@@ -237,15 +244,15 @@ def devices_per_round(population_size: int, cohort_size: int, overcommit: float)
 class SimulationSettings(_Section):
     """The fleet run: rounds, cohort, over-commitment, deadline, virtual clock, Ray workers."""
 
-    rounds: int = Field(3, ge=1)
+    rounds: int = Field(3, ge=1, description="Federated rounds (raise it on --resume to continue a run).")
     cohort_size: int = Field(20, ge=1, description="K: devices whose results a round waits for.")
     overcommit: float = Field(1.3, ge=1.0, description="Sample ceil(K * overcommit) devices per round.")
     deadline_s: float = Field(0.0, ge=0, description="Simulated seconds before a round closes; 0 = no deadline.")
     round_interval_s: float = Field(21_600.0, ge=0, description="Simulated time between round starts (streams advance).")
     start_time_s: float = Field(43_200.0, ge=0, description="Virtual clock at the first round (noon of day 0).")
     workers: int = Field(2, ge=1, description="Ray actors running devices in parallel (one base model each).")
-    cpus_per_worker: float = Field(1.0, gt=0)
-    output_dir: str = "results"
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs Ray reserves per device a worker runs.")
+    output_dir: str = Field("results", description="Folder that holds one results folder per run.")
     store_dir: str | None = Field(None, description="Device store; default <output_dir>/<run>/store.")
     audit_log: bool = Field(False, description="Write every reply the server receives to <run>/received.jsonl "
                             "(code, fixed message, metric names and values), for privacy audits.")

@@ -426,6 +426,24 @@ def cmd_sweep_privacy(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_docs_config(args: argparse.Namespace, settings: Settings) -> int:
+    from simulations.settings_docs import DEFAULT_PATH, check, configuration_markdown, write
+
+    if args.out == "-":
+        sys.stdout.write(configuration_markdown())
+        return 0
+    path = Path(args.out) if args.out else DEFAULT_PATH
+    if args.check:
+        problem = check(path)
+        if problem:
+            print(f"fedasls: error: {problem}", file=sys.stderr)
+            return 1
+        print(f"{path} is up to date")
+        return 0
+    print(f"written: {write(path)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fedasls",
@@ -527,6 +545,21 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--wall-seconds", type=float, default=float("nan"),
                      help="wall time to report (default: the one the run's summary.json recorded, else unknown)")
     rep.set_defaults(handler=cmd_report, config=None, overrides=[])
+
+    docs = sub.add_parser("docs", help="generated documentation", description="Write generated documentation pages.")
+    docs_sub = docs.add_subparsers(dest="docs_command", required=True, metavar="PAGE")
+    docs_config = docs_sub.add_parser(
+        "config",
+        help="write docs/configuration.md from the settings' field descriptions",
+        description="Write the settings reference (every [table] and key: type, default, allowed values, "
+        "description), generated from fedasls/config.py, fedasls/federated/settings.py and "
+        "fedasls/sim/heterogeneity.py. With --check, write nothing and exit 1 if the file differs.",
+    )
+    docs_config.add_argument("--out", metavar="PATH",
+                             help="where to write (default: docs/configuration.md of this repository; - = stdout)")
+    docs_config.add_argument("--check", action="store_true",
+                             help="exit 1 with a message if the file is not what would be written")
+    docs_config.set_defaults(handler=cmd_docs_config, config=None, overrides=[])
 
     fleet = sub.add_parser(
         "fleet",

@@ -115,7 +115,7 @@ class HeterogeneitySettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
-    seed: int = 0
+    seed: int = Field(0, description="Seed of the device profiles (tier, jitter, availability).")
     tier_mix: dict[str, float] | None = Field(None, description="Share per tier name (low/mid/high); None = default mix.")
     fedscale_capacity: str | None = Field(None, description="FedScale device-capacity pickle (compute ms/sample, kbps).")
     fedscale_behavior: str | None = Field(None, description="FedScale behaviour-trace pickle (active/inactive times).")

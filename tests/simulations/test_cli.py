@@ -10,7 +10,7 @@ from simulations.cli import main
 @pytest.mark.parametrize("argv", [[], ["model"], ["model", "build"], ["population", "show"], ["population", "export"],
                                   ["device"], ["simulate"],
                                   ["fleet"], ["fleet", "start"], ["fleet", "run"], ["fleet", "status"],
-                                  ["fleet", "stop"], ["fleet", "up"]])
+                                  ["fleet", "stop"], ["fleet", "up"], ["docs"], ["docs", "config"]])
 def test_every_command_has_help(argv, capsys):
     with pytest.raises(SystemExit) as done:
         main([*argv, "--help"])
