@@ -35,7 +35,7 @@ class CrossFieldError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)  # inf / nan: refused
 
 
 ModelPresetName = Literal["smollm2-135m-instruct"]  # the keys of fedasls.lm.presets.PRESETS
@@ -490,6 +490,17 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
                 raise ConfigError(f"override '{item}': '{part}' is not a table")
         node[leaf] = value
     return out
+
+
+def settings_warnings(settings: Settings) -> list[str]:
+    """Settings that are valid but probably not what was meant (printed as warnings, never silent)."""
+    found = []
+    sim, pop = settings.simulation, settings.population
+    if sim.cohort_size > pop.num_devices:
+        found.append(f"simulation.cohort_size = {sim.cohort_size} is larger than population.num_devices = "
+                     f"{pop.num_devices}: each round samples at most {pop.num_devices} devices and waits for them all. "
+                     f"Fix: --set simulation.cohort_size={pop.num_devices} or more devices")
+    return found
 
 
 def load_settings(path: str | Path | None = None, overrides: list[str] | None = None) -> Settings:

@@ -13,7 +13,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedasls.config import ConfigError, Settings, load_settings
-from server.checkpoint import RunFailed
+from server.checkpoint import FAILURE_FILE, RunFailed
 from server.rounds import FleetRun, run_fleet
 from fedasls.scenarios import scenario_path  # the scenario files ship as fedasls package data
 
@@ -49,6 +49,7 @@ def main(grid: Grid, context: Context) -> None:
     run = fleet_run_from_config(dict(context.run_config))
     summary = run_fleet(grid, run)
     if run.failure:  # too many device rounds failed: the run ends as failed, saying why
+        (run.run_dir / FAILURE_FILE).write_text(run.failure + "\n")  # flwr run exits 0 whatever the ServerApp raised
         raise RunFailed(run.failure, run)
     print(f"fedasls: {summary['rounds']} rounds on {summary['fleet']} fleet ({summary}); results in {run.run_dir}; "
           f"tables and plots: fedasls report {run.run_dir}")

@@ -21,6 +21,7 @@ from fedasls.device.store import atomic_write
 
 RUN_MARKER = "fedasls-run.json"  # in every run folder: `--overwrite` removes only folders that hold one
 CHECKPOINT = "checkpoint.json"
+FAILURE_FILE = "failure.txt"  # why the ServerApp stopped a run early (read by `fedasls fleet run`)
 ROUNDS_FILE = "rounds.jsonl"
 DEVICE_ROUNDS_FILE = "device_rounds.jsonl"
 CHECKPOINT_VERSION = 1
@@ -81,7 +82,13 @@ def commit_round(run_dir: Path, device_rows: list[dict[str, Any]], round_row: di
     with lock:
         append_jsonl(run_dir / DEVICE_ROUNDS_FILE, device_rows)
         append_jsonl(run_dir / ROUNDS_FILE, [round_row])
-        atomic_write(run_dir / CHECKPOINT, json.dumps({"version": CHECKPOINT_VERSION, **checkpoint}).encode("utf-8"))
+        write_checkpoint(run_dir, checkpoint)
+
+
+def write_checkpoint(run_dir: Path, checkpoint: dict[str, Any]) -> None:
+    """Atomically replace the run's checkpoint (a fresh run writes one for round 0, before any device runs,
+    so a run killed in round 1 can be resumed too)."""
+    atomic_write(run_dir / CHECKPOINT, json.dumps({"version": CHECKPOINT_VERSION, **checkpoint}).encode("utf-8"))
 
 
 def read_checkpoint(run_dir: Path) -> dict[str, Any]:
@@ -101,6 +108,11 @@ def read_checkpoint(run_dir: Path) -> dict[str, Any]:
     for key, kind in _REQUIRED.items():
         if not isinstance(data.get(key), kind) or isinstance(data.get(key), bool):
             raise CheckpointError(f"{path} is corrupt or from another version (key '{key}' missing or invalid). {fix}")
+    for key in ("rounds_done", "device_rounds", "failed"):
+        if data[key] < 0:
+            raise CheckpointError(f"{path} is corrupt: '{key}' is negative. {fix}")
+    if data["failed"] > data["device_rounds"]:
+        raise CheckpointError(f"{path} is corrupt: more failed device rounds than device rounds. {fix}")
     return data
 
 

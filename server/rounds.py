@@ -40,6 +40,7 @@ from server.checkpoint import (
     read_checkpoint,
     start_records,
     truncate_records,
+    write_checkpoint,
 )
 from server.coordinator import Coordinator
 from server.fleets import DeviceNodes, Dispatched, Fleet, WorkerSlots
@@ -246,7 +247,10 @@ def _start_or_restore(run: FleetRun, hetero: HeterogeneityModel, simulated: bool
         return Coordinator.from_state(saved["coordinator"], hetero), tally, saved
     start_records(run.run_dir)
     fresh = {"device_rounds": 0, "failed": 0, "first_failure": None}
-    return new_coordinator(run.settings, hetero, simulated), fresh, None
+    coordinator = new_coordinator(run.settings, hetero, simulated)
+    write_checkpoint(run.run_dir, {"rounds_done": 0, "coordinator": coordinator.state(), "wall_seconds": _wall(run),
+                                   **fresh})
+    return coordinator, fresh, None
 
 
 def _tally(tally: dict[str, Any], server_round: int, ran: list[int], failures: dict[int, tuple[int, str]],

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from fedasls.config import ConfigError, Settings, load_settings
+from fedasls.config import ConfigError, Settings, load_settings, settings_warnings
 from fedasls.errors import FedaslsError
 from fedasls.interaction import STREAM_EPOCH
 from fedasls.lm.presets import PRESETS, model_fit_warning, model_override
@@ -71,9 +71,9 @@ def _load(args: argparse.Namespace) -> Settings:
     else:
         args.config_path = _config_path(args)
         settings = load_settings(args.config_path, _overrides(args))
-    warning = model_fit_warning(settings)
-    if warning:
-        print(f"fedasls: warning: {warning}", file=sys.stderr)
+    for warning in [model_fit_warning(settings), *settings_warnings(settings)]:
+        if warning:
+            print(f"fedasls: warning: {warning}", file=sys.stderr)
     return settings
 
 
@@ -189,8 +189,11 @@ def cmd_device(args: argparse.Namespace, settings: Settings) -> int:
     from fedasls.device.device import AdaptReport, Device
     from fedasls.device.stream import advance
     from fedasls.device.worker import DeviceRuntime
+    from simulations.validation import check_dataset, check_model
 
     t0 = time.perf_counter()
+    check_dataset(settings)
+    settings = settings.model_copy(update={"model": settings.model.at_path(check_model(settings))})
     runtime = DeviceRuntime(settings)
     n = runtime.population.num_devices
     if not 0 <= args.id < n:
@@ -234,13 +237,18 @@ def cmd_device(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_simulate(args: argparse.Namespace, settings: Settings) -> int:
     """Validate everything (settings, run folder, dataset, model) on the driver, then run on Ray."""
     t0 = time.perf_counter()
-    from server.checkpoint import read_checkpoint
-    from simulations.validation import check_dataset, folders_to_replace, new_run_dir
+    from simulations.validation import check_dataset, check_resumable, folders_to_replace, new_run_dir
 
     replaced: list[Path] = []
     if args.resume:
         run_dir = Path(args.resume)
-        read_checkpoint(run_dir)  # a missing or corrupt checkpoint is reported before anything starts
+        check_dataset(settings)
+        done = check_resumable(run_dir, settings)  # a damaged checkpoint, a lost store, a changed dataset: refused
+        if done >= settings.simulation.rounds:
+            print(f"fedasls: {run_dir} already finished its {done} rounds; nothing to run (its results are as "
+                  f"recorded). To add rounds: fedasls simulate --resume {run_dir} --set simulation.rounds="
+                  f"{done + 1}")
+            return 0
     else:
         run_dir = new_run_dir(settings, args.name)
         replaced = folders_to_replace(run_dir, settings, args.overwrite)  # checks only: nothing deleted yet
@@ -288,9 +296,14 @@ def _stop_cleanly_on_ctrl_c(run_dir: Path) -> None:
         from server.checkpoint import COMMIT_LOCK, CHECKPOINT
 
         COMMIT_LOCK.acquire(timeout=5.0)  # held for good: nothing is recorded after this point
-        done = _rounds_done(run_dir / CHECKPOINT)
-        print(f"\nfedasls: interrupted; the run stopped at its checkpoint after round {done} (a round in progress "
-              f"is rerun on resume). Continue with: fedasls simulate --resume {run_dir}", file=sys.stderr, flush=True)
+        if (run_dir / CHECKPOINT).is_file():
+            done = _rounds_done(run_dir / CHECKPOINT)
+            print(f"\nfedasls: interrupted; the run stopped at its checkpoint after round {done} (a round in "
+                  f"progress is rerun on resume). Continue with: fedasls simulate --resume {run_dir}",
+                  file=sys.stderr, flush=True)
+        else:
+            print("\nfedasls: interrupted before the run's first checkpoint; nothing to resume. Start it again "
+                  "(the same command, with --overwrite if you gave --name).", file=sys.stderr, flush=True)
         try:
             import ray
 
@@ -345,6 +358,7 @@ def cmd_fleet_start(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_fleet_run(args: argparse.Namespace, settings: Settings) -> int:
     from fedasls.lm.model import ensure_model
     from simulations.loopback import LoopbackFleet, run_app
+    from server.checkpoint import FAILURE_FILE
     from simulations.runner import settings_toml
 
     root = Path(args.dir).resolve()
@@ -366,6 +380,10 @@ def cmd_fleet_run(args: argparse.Namespace, settings: Settings) -> int:
                   key=lambda p: p.stat().st_mtime)
     rounds_file = runs[-1] / "rounds.jsonl" if runs else None
     recorded = len(rounds_file.read_text().splitlines()) if rounds_file and rounds_file.is_file() else 0
+    failure = runs[-1] / FAILURE_FILE if runs else None
+    if failure is not None and failure.is_file():  # the ServerApp stopped the run (flwr run exits 0 even then)
+        print(f"fedasls: error: {failure.read_text().strip()}", file=sys.stderr)
+        return 1
     if code != 0 or recorded < settings.simulation.rounds:  # flwr run may exit 0 when the ServerApp failed
         print(f"fedasls: error: the run did not complete ({recorded} of {settings.simulation.rounds} rounds recorded, "
               f"flwr run exited {code}); see the output above and the logs in {root / 'logs'}", file=sys.stderr)
@@ -397,13 +415,29 @@ def cmd_fleet_stop(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_fleet_up(args: argparse.Namespace, settings: Settings) -> int:
-    cmd_fleet_start(args, settings)
+    """start + run + status + stop; Ctrl-C (exit 130) or SIGTERM (143) stops every process it started."""
+    signals: list[int] = []
+
+    def terminate(signum: int, frame: object) -> None:
+        signals.append(signum)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    cmd_fleet_start(args, settings)  # stops what it started itself if it fails
     try:
         code = cmd_fleet_run(args, settings)
         cmd_fleet_status(args, settings)
         return code
+    except KeyboardInterrupt:
+        print("\nfedasls: fleet up interrupted; stopping every process it started", file=sys.stderr)
+        return 128 + (signals[0] if signals else signal.SIGINT)
     finally:
-        cmd_fleet_stop(args, settings)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # stopping is not interrupted again
+        try:
+            cmd_fleet_stop(args, settings)
+        finally:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            signal.signal(signal.SIGTERM, previous)
 
 
 # --- parser ----------------------------------------------------------------------------------
@@ -607,6 +641,12 @@ def main(argv: list[str] | None = None) -> int:
     except (FedaslsError, FleetError) as err:  # says what, where and how to fix: no traceback
         print(f"fedasls: error: {err}", file=sys.stderr)
         return getattr(err, "exit_code", 2)
+    except OSError as err:  # a read-only folder, a full disk, a permission: one paragraph, not a traceback
+        where = f" {err.filename}" if err.filename else ""
+        print(f"fedasls: error: cannot read or write{where}: {err.strerror or type(err).__name__}. Fix: check that "
+              "the folder exists and is writable and that the disk has space (df -h), then run again; a run that "
+              "recorded a checkpoint continues with --resume.", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -16,14 +16,35 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from fedasls.errors import FedaslsError  # noqa: E402
 from fedasls.stats import mean_ci  # noqa: E402
 from server.checkpoint import DEVICE_ROUNDS_FILE, ROUNDS_FILE  # noqa: E402
 
 PLOTS = ("uplift_distribution.png", "metrics_over_rounds.png", "virtual_time_per_round.png", "participation_by_tier.png")
 
 
+class ReportError(FedaslsError):
+    """A run folder's records cannot be read; the message names the file and line."""
+
+
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """A records file's rows; a missing file or a line that is not a JSON object is a ReportError."""
+    if not path.is_file():
+        raise ReportError(f"{path} is missing, so {path.parent} is not a finished fedasls run folder. Fix: pass the "
+                          "folder of a `fedasls simulate` or `flwr run .` run.")
+    rows = []
+    for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            row = None
+        if not isinstance(row, dict):
+            raise ReportError(f"{path}:{number} is not a JSON object (the file is damaged). Fix: restore the run "
+                              "folder, or resume the run (fedasls simulate --resume) to rewrite its records.")
+        rows.append(row)
+    return rows
 
 
 def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:

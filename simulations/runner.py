@@ -34,7 +34,7 @@ from server.checkpoint import RunFailed
 from server.rounds import FleetRun
 from simulations.local_ray import local_init_args, private_ray_dir
 from simulations.local_ray import remove as remove_private_ray_dir
-from simulations.validation import check_resume_matches, check_run_inputs, new_run_dir  # noqa: F401
+from simulations.validation import check_resume_matches, check_run_inputs, new_run_dir, record_inputs  # noqa: F401
 
 
 FLOWER_CONCURRENT_CALLS = min(32, (os.cpu_count() or 1) + 4)  # Flower's driver-side ThreadPoolExecutor()
@@ -144,6 +144,7 @@ def simulate(settings: Settings, run_dir: Path, config_source: Path | None = Non
         recorded.write_text(settings_toml(settings))
     if config_source is not None and not resume:
         shutil.copyfile(config_source, run_dir / "scenario.toml")
+    record_inputs(settings, run_dir)
     settings = settings.model_copy(update={"model": settings.model.at_path(model_path)})
     store_dir = Path(settings.simulation.store_dir) if settings.simulation.store_dir else run_dir / "store"
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")

@@ -9,6 +9,8 @@ after every input was validated; and `resume_settings` makes `--resume` use the 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import shutil
 import time
 from pathlib import Path
@@ -66,9 +68,14 @@ def check_model(settings: Settings) -> Path:
         raise ModelNotFoundError(f"{where} holds a '{config.model_type}' model, which is not a causal language model "
                                  "(transformers has no AutoModelForCausalLM for it). Fix: use a decoder-only causal "
                                  "LM folder (e.g. Llama, SmolLM2, Qwen2), or omit --model for the embedded model.")
+    architectures = [a for a in (getattr(config, "architectures", None) or []) if isinstance(a, str)]
+    if architectures and not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
+        raise ModelNotFoundError(f"{where} was saved as {', '.join(architectures)}, not as a causal language model "
+                                 "(config.json architectures), however its modules are named. Fix: use a decoder-only "
+                                 "causal-LM folder (e.g. Llama, SmolLM2, Qwen2), or omit --model for the embedded model.")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError, TypeError) as err:
+    except Exception as err:  # noqa: BLE001 - a damaged tokenizer file raises anything (KeyError, ...)
         raise ModelNotFoundError(f"{where}: its tokenizer cannot be loaded ({type(err).__name__}: {err}). Fix: save "
                                  "the model's tokenizer into the folder (tokenizer.save_pretrained).") from None
     if tokenizer.eos_token is None:
@@ -79,6 +86,7 @@ def check_model(settings: Settings) -> Path:
         raise ModelNotFoundError(f"{where}: the tokenizer has {len(tokenizer)} tokens but the model's embedding only "
                                  f"{vocab} (config.json vocab_size): they do not belong together. Fix: save the "
                                  "tokenizer the model was trained with into the folder.")
+    check_weight_files(path, where)
     with torch.device("meta"):  # module names only: no weights are read or allocated
         model = AutoModelForCausalLM.from_config(config)
     layers = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
@@ -92,6 +100,31 @@ def check_model(settings: Settings) -> Path:
             f"Fix: set adaptation.target_modules to some of those (e.g. --set \"adaptation.target_modules=[{example}]\"), "
             "or use a Llama-style model.")
     return path
+
+
+def check_weight_files(path: Path, where: str) -> None:
+    """Every weight file must open (a safetensors header, a torch archive); raises ModelNotFoundError naming it.
+    Headers and archive indexes only: no tensor is read into memory."""
+    import torch
+    from safetensors import safe_open
+
+    from fedasls.lm.model import ModelNotFoundError
+
+    files = sorted(path.glob("*.safetensors")) + sorted(path.glob("pytorch_model*.bin"))
+    if not files:
+        raise ModelNotFoundError(f"{where} holds no weight files (*.safetensors or pytorch_model*.bin). Fix: save the "
+                                 "model into the folder with save_pretrained.")
+    for file in files:
+        try:
+            if file.suffix == ".safetensors":
+                with safe_open(str(file), framework="pt") as weights:
+                    weights.keys()
+            else:
+                torch.load(file, map_location="meta", weights_only=True, mmap=True)
+        except Exception as err:  # noqa: BLE001 - a damaged file raises SafetensorError, RuntimeError, ...
+            raise ModelNotFoundError(f"{where}: {file.name} cannot be read ({type(err).__name__}); the weights are "
+                                     "damaged or not weights. Fix: save the model again (save_pretrained), or restore "
+                                     "the file.") from None
 
 
 def check_run_inputs(settings: Settings) -> Path:
@@ -185,3 +218,56 @@ def check_resume_matches(run_dir: Path, recorded: Settings, given: Settings) -> 
     if given.simulation.rounds < recorded.simulation.rounds:
         raise ConfigError(f"--resume {run_dir}: simulation.rounds = {given.simulation.rounds} is below the run's "
                           f"{recorded.simulation.rounds}. Fix: give at least {recorded.simulation.rounds}, or omit it.")
+
+
+INPUTS_FILE = "inputs.json"  # what a run read besides its settings: the dataset's SHA-256
+
+
+def dataset_digest(settings: Settings) -> str | None:
+    """SHA-256 of the run's dataset file (None for the synthetic population)."""
+    if settings.population.source != "jsonl":
+        return None
+    digest = hashlib.sha256()
+    with Path(settings.population.jsonl_path).open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def record_inputs(settings: Settings, run_dir: Path) -> None:
+    """Write the run's inputs.json (once, at its start), so a resume can tell a changed dataset."""
+    path = run_dir / INPUTS_FILE
+    if not path.is_file():
+        path.write_text(json.dumps({"dataset_sha256": dataset_digest(settings)}) + "\n")
+
+
+def check_resumable(run_dir: Path, settings: Settings) -> int:
+    """Everything a resume needs, checked on the driver before Ray starts; returns the rounds done.
+    Raises CheckpointError (a damaged checkpoint or coordinator state, a missing device store) or
+    ConfigError (a dataset that changed since the run began)."""
+    from fedasls.device.store import is_device_store
+    from fedasls.sim.heterogeneity import HeterogeneityModel
+    from server.checkpoint import CHECKPOINT, CheckpointError, read_checkpoint
+    from server.coordinator import Coordinator
+
+    saved = read_checkpoint(run_dir)
+    fix = f"Fix: start the run again (fedasls simulate ... --overwrite --name {run_dir.name})."
+    try:
+        Coordinator.from_state(saved["coordinator"], HeterogeneityModel.from_settings(settings.heterogeneity))
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise CheckpointError(f"{run_dir / CHECKPOINT}: its coordinator state is damaged (fields missing or of the "
+                              f"wrong type). {fix}") from None
+    store = Path(settings.simulation.store_dir) if settings.simulation.store_dir else run_dir / "store"
+    if saved["device_rounds"] > 0 and not (store.is_dir() and is_device_store(store)):
+        raise CheckpointError(f"{store}: the device store of this run is missing, though {saved['device_rounds']} "
+                              "device rounds were recorded; resuming would restart every device from scratch. Fix: "
+                              f"restore that folder, or start the run again. {fix}")
+    recorded = run_dir / INPUTS_FILE
+    if recorded.is_file():
+        before = json.loads(recorded.read_text()).get("dataset_sha256")
+        now = dataset_digest(settings)
+        if before != now:
+            raise ConfigError(f"population.jsonl_path = {settings.population.jsonl_path} changed since the run began "
+                              f"(SHA-256 {str(before)[:12]}... then, {str(now)[:12]}... now); devices would resume on "
+                              f"other data. Fix: restore the original file, or start a new run. {fix}")
+    return int(saved["rounds_done"])

@@ -14,7 +14,7 @@ SecureAggregation = Literal["none", "secagg+"]
 class FederatedSettings(BaseModel):
     """Round strategy and DP-FedAvg. `local`: only metrics leave a device (the default)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)  # inf / nan: refused
 
     strategy: StrategyName = Field(
         "local",

@@ -113,7 +113,7 @@ class DeviceProfile:
 class HeterogeneitySettings(BaseModel):
     """Device heterogeneity: tier mix, optional FedScale traces, dropout and availability."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)  # inf / nan: refused
 
     seed: int = Field(0, description="Seed of the device profiles (tier, jitter, availability).")
     tier_mix: dict[str, float] | None = Field(None, description="Share per tier name (low/mid/high); None = default mix.")

@@ -128,8 +128,9 @@ def wait_until(predicate, proc: subprocess.Popen, timeout_s: float, log: Path) -
         time.sleep(0.05)
 
 
-@pytest.mark.parametrize("federated", ["", DP_GLOBAL], ids=["local", "dp-global"])
-def test_kill_9_mid_round_then_resume_equals_an_uninterrupted_run(tiny_model_dir, tmp_path, federated):
+@pytest.mark.parametrize(("federated", "kill_round"), [("", 2), (DP_GLOBAL, 2), ("", 1)],
+                         ids=["local", "dp-global", "local-in-round-1"])
+def test_kill_9_mid_round_then_resume_equals_an_uninterrupted_run(tiny_model_dir, tmp_path, federated, kill_round):
     config = scenario(tmp_path, tiny_model_dir, rounds=2, federated=federated)
     results = tmp_path / "results"
     reference = start(["simulate", "--config", str(config), "--name", "reference"], tmp_path / "reference.log")
@@ -137,16 +138,16 @@ def test_kill_9_mid_round_then_resume_equals_an_uninterrupted_run(tiny_model_dir
     victim = start(["simulate", "--config", str(config), "--name", "victim"], victim_log)
     run = results / "victim"
     try:
-        def mid_round_2() -> bool:  # round 1 recorded, and a device has already saved its round-2 state
-            checkpoint = run / "checkpoint.json"
-            return checkpoint.is_file() and json.loads(checkpoint.read_text())["rounds_done"] == 1 \
-                and 2 in saved_rounds(run / "store")
+        def mid_round() -> bool:  # the round before recorded (round 0: the fresh run's checkpoint), and a
+            checkpoint = run / "checkpoint.json"  # device has already saved its state of the round killed
+            return checkpoint.is_file() and json.loads(checkpoint.read_text())["rounds_done"] == kill_round - 1 \
+                and kill_round in saved_rounds(run / "store")
 
-        wait_until(mid_round_2, victim, 600, victim_log)
+        wait_until(mid_round, victim, 600, victim_log)
     finally:
         kill_session(victim)
     assert victim.returncode == -signal.SIGKILL
-    assert [r["round"] for r in rows(run / "rounds.jsonl")] == [1]  # round 2 was never recorded
+    assert [r["round"] for r in rows(run / "rounds.jsonl")] == list(range(1, kill_round))  # never recorded
     config_before = (run / "config.toml").read_bytes()
     wall_before = json.loads((run / "checkpoint.json").read_text())["wall_seconds"]
 
