@@ -17,6 +17,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from fedasls.errors import FedaslsError
+from fedasls.model_folder import model_folder_facts
 from fedasls.federated.secagg_cost import shares_and_threshold
 from fedasls.federated.settings import FederatedSettings
 from fedasls.sim.heterogeneity import DEFAULT_BUFFER_BYTES, HeterogeneitySettings
@@ -288,22 +289,43 @@ class DeploymentSettings(_Section):
 # model's (measured with benchmarks/adaptation_fleet.py, see README "Adaptation defaults"). Another
 # model kind (e.g. a preset name that `model.path` selects) adds an entry of [adaptation] keys here;
 # keys a user sets in TOML or --set always win.
+# The real-LLM profile: q/v LoRA (SmolLM2-135M-Instruct, one step, r=8, 4 x 128 tokens: 5.7 CPU s);
+# max_length 128 (at 96, 18% of the pairs lose their end-of-turn token); a lower learning rate and fewer
+# epochs than the 0.7M-parameter embedded model. Figures: docs/results/smollm2.md.
+REAL_LLM_ADAPTATION: dict[str, Any] = {"target_modules": ["q_proj", "v_proj"], "learning_rate": 1e-3, "retry_epochs": [],
+                                       "retry_learning_rates": [3e-4], "epochs": 3, "batch_size": 4, "max_length": 128}
 ADAPTATION_DEFAULTS_BY_MODEL: dict[str, dict[str, Any]] = {
-    "embedded": {},
-    # SmolLM2-135M-Instruct: q/v LoRA (one step, r=8, 4 x 128 tokens: 5.7 CPU s); max_length 128 (at 96,
-    # 18% of the pairs lose their end-of-turn token); a lower learning rate and fewer epochs than the
-    # 0.7M-parameter embedded model. Figures: benchmarks/smollm2_personalization.py, README.
-    "smollm2-135m-instruct": {"target_modules": ["q_proj", "v_proj"], "learning_rate": 1e-3,
-                              "retry_epochs": [], "retry_learning_rates": [3e-4], "epochs": 3, "batch_size": 4, "max_length": 128},
+    "embedded": {},  # the embedded model, or a small folder with no chat template
+    "real-llm": REAL_LLM_ADAPTATION,  # a folder given by path holding a chat model or one of 20M+ parameters
+    "smollm2-135m-instruct": REAL_LLM_ADAPTATION,
 }
 
 
 def model_kind(model: dict[str, Any] | None) -> str:
-    """The key of ADAPTATION_DEFAULTS_BY_MODEL for a [model] table: "embedded", its preset or its `path`."""
+    """The key of ADAPTATION_DEFAULTS_BY_MODEL for a [model] table: its preset, "embedded", or for a
+    folder given by path "real-llm" when it holds a chat template or 20M+ parameters (its JSON files
+    tell; fedasls/model_folder.py), else "embedded"."""
     model = model or {}
     if model.get("preset"):
         return str(model["preset"])
-    return "embedded" if not model.get("path") else str(model["path"])
+    if not model.get("path"):
+        return "embedded"
+    facts = model_folder_facts(model["path"])
+    return "real-llm" if facts is not None and facts.real_llm else "embedded"
+
+
+def defaults_line(settings: "Settings") -> str | None:
+    """One line saying which model and which adaptation defaults a run uses (None for the embedded model)."""
+    m = settings.model
+    if not m.path and not m.preset:
+        return None
+    kind = model_kind(m.model_dump())
+    facts = model_folder_facts(m.path) if m.path else None
+    size = f", {facts.parameters / 1e6:.1f}M parameters, chat template {'yes' if facts.chat_template else 'no'}" \
+        if facts else ""
+    profile = "embedded-model profile" if kind == "embedded" else "real-LLM profile"
+    return (f"model {m.preset or m.path}{size}; adaptation defaults: {profile} (keys you set win; "
+            "docs/configuration.md)")
 
 
 class Settings(_Section):

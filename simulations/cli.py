@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from fedasls.config import ConfigError, Settings, load_settings, settings_warnings
+from fedasls.config import ConfigError, Settings, defaults_line, load_settings, settings_warnings
 from fedasls.errors import FedaslsError
 from fedasls.interaction import STREAM_EPOCH
 from fedasls.lm.presets import PRESETS, model_fit_warning, model_override
@@ -74,6 +74,8 @@ def _load(args: argparse.Namespace) -> Settings:
     for warning in [model_fit_warning(settings), *settings_warnings(settings)]:
         if warning:
             print(f"fedasls: warning: {warning}", file=sys.stderr)
+    if getattr(args, "handler", None) in _MODEL_COMMANDS and (line := defaults_line(settings)):
+        print(f"fedasls: {line}", file=sys.stderr)
     return settings
 
 
@@ -476,6 +478,9 @@ def cmd_docs_config(args: argparse.Namespace, settings: Settings) -> int:
         return 0
     print(f"written: {write(path)}")
     return 0
+
+
+_MODEL_COMMANDS = {cmd_device, cmd_simulate, cmd_fleet_run, cmd_fleet_up, cmd_sweep_privacy}  # say the model's defaults
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -174,7 +174,9 @@ def _adaptation_notes() -> list[str]:
     for kind, overrides in ADAPTATION_DEFAULTS_BY_MODEL.items():
         if overrides:
             keys = ", ".join(f"`{k}` = `{_value(v)}`" for k, v in overrides.items())
-            lines.append(f"- with `[model] preset = \"{kind}\"`: {keys} (fedasls/config.py, ADAPTATION_DEFAULTS_BY_MODEL).")
+            which = ("with `[model] path` to a chat model (its tokenizer has a chat template) or one of 20M+ parameters"
+                     if kind == "real-llm" else f"with `[model] preset = \"{kind}\"`")
+            lines.append(f"- {which}: {keys} (fedasls/config.py, ADAPTATION_DEFAULTS_BY_MODEL).")
     return [*lines, ""]
 
 
