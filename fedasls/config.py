@@ -50,6 +50,11 @@ class ModelSettings(_Section):
         None, description="A packaged model converted on first use (fedasls.lm.presets), instead of path."
     )
     cache_dir: str | None = Field(None, description="Where the embedded default is cached (env FEDASLS_CACHE).")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "cpu", description="Where each worker runs the model and its adapters: cpu, cuda (refused when torch sees no "
+        "GPU), or auto (the GPU when there is one). With a GPU set simulation.gpus_per_worker too.")
+    dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="Weights' dtype in memory (bfloat16 halves it; on a GPU also faster).")
     seed: int = Field(0, description="Seed of the embedded default's public corpus, tokenizer and pretraining.")
     vocab_size: int = Field(2048, ge=256, le=65536, description="Embedded default: BPE vocabulary size.")
     hidden_size: int = Field(128, ge=16, description="Embedded default: hidden width (a multiple of num_heads).")
@@ -253,6 +258,9 @@ class SimulationSettings(_Section):
     start_time_s: float = Field(43_200.0, ge=0, description="Virtual clock at the first round (noon of day 0).")
     workers: int = Field(2, ge=1, description="Ray actors running devices in parallel (one base model each).")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs Ray reserves per device a worker runs.")
+    gpus_per_worker: float = Field(
+        0.0, ge=0, description="GPUs (a share of one: 0.25 = four workers per card) Ray reserves per device a worker "
+        "runs; set it with model.device = 'cuda' or 'auto'. 0 = CPU only.")
     output_dir: str = Field("results", description="Folder that holds one results folder per run.")
     store_dir: str | None = Field(None, description="Device store; default <output_dir>/<run>/store.")
     audit_log: bool = Field(False, description="Write every reply the server receives to <run>/received.jsonl "
@@ -522,6 +530,10 @@ def settings_warnings(settings: Settings) -> list[str]:
         found.append(f"simulation.cohort_size = {sim.cohort_size} is larger than population.num_devices = "
                      f"{pop.num_devices}: each round samples at most {pop.num_devices} devices and waits for them all. "
                      f"Fix: --set simulation.cohort_size={pop.num_devices} or more devices")
+    if settings.model.device != "cpu" and sim.gpus_per_worker == 0:
+        found.append(f"model.device = '{settings.model.device}' with simulation.gpus_per_worker = 0: Ray reserves no GPU, "
+                     "so every worker uses the card unmanaged. Fix: --set simulation.gpus_per_worker=0.25 (four "
+                     "workers share one GPU) or another share")
     return found
 
 

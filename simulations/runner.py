@@ -104,7 +104,8 @@ def backend_config(settings: Settings, plan: WorkerPlan, attached: bool = False,
         if private_dir is not None:
             init_args |= local_init_args(private_dir)
     return {
-        "client_resources": {"num_cpus": plan.cpus_per_device * plan.devices_per_worker, "num_gpus": 0.0},
+        "client_resources": {"num_cpus": plan.cpus_per_device * plan.devices_per_worker,
+                             "num_gpus": settings.simulation.gpus_per_worker * plan.devices_per_worker},
         "init_args": init_args,
     }
 

@@ -57,6 +57,10 @@ def check_model(settings: Settings) -> Path:
 
     from fedasls.lm.model import ModelNotFoundError, ensure_model
 
+    from fedasls.lm.model import resolve_device
+
+    if not settings.simulation.ray_address:  # an attached cluster's workers may have the GPU the driver lacks
+        resolve_device(settings.model.device)
     path = ensure_model(settings.model)
     where = f"model folder {path} (--model / model.path)"
     try:

@@ -58,7 +58,7 @@ class DeviceRuntime:
         self._population_seed = settings.population.seed
         self._selection = settings.selection
         self.population = population if population is not None else population_from_settings(settings.population)
-        base, self.tokenizer = load_model(ensure_model(settings.model))
+        base, self.tokenizer = load_model(ensure_model(settings.model), settings.model.device, settings.model.dtype)
         self.prompts = PromptFormat(self.tokenizer)  # every prompt of this model is made here
         self._paraphrase_probes: dict[tuple[float, float], ParaphraseProbe] = {}
         a = settings.adaptation

@@ -210,7 +210,7 @@ def build_default_model(settings: ModelSettings, out_dir: Path | str) -> Path:
 # --------------------------------------------------------------------------- cache
 
 
-_NOT_BUILD_SETTINGS = {"path", "preset", "cache_dir"}  # where a model comes from, not how the default is built
+_NOT_BUILD_SETTINGS = {"path", "preset", "cache_dir", "device", "dtype"}  # where a model comes from and runs, not how the default is built
 
 
 def _settings_hash(settings: ModelSettings) -> str:
@@ -258,12 +258,29 @@ def _check_model_dir(path: Path | str) -> Path:
     return p.resolve()
 
 
-def load_model(path: Path | str) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
-    """Load (model, tokenizer) from a local Hugging Face causal-LM folder, never touching the network.
+def resolve_device(device: str) -> torch.device:
+    """"auto" = the first CUDA device when there is one, else the CPU; "cuda" without one is a clear error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
+        raise ModelNotFoundError(f"model.device = '{device}' but torch {torch.__version__} ({build}) sees no CUDA "
+                                 "device here. Fix: --set model.device='auto' (the GPU when there is one) or 'cpu'.")
+    return torch.device(device)
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def load_model(path: Path | str, device: str = "cpu", dtype: str = "float32"
+               ) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+    """Load (model, tokenizer) from a local Hugging Face causal-LM folder, never touching the network,
+    on `device` ("cpu", "cuda", "cuda:N" or "auto") in `dtype` ("float32" or "bfloat16").
 
     The model is in eval mode; the tokenizer has a pad token (eos if it had none) and
     pads on the left, for batched generation.
     """
+    target = resolve_device(device)
     p = _check_model_dir(path)
     try:
         config = AutoConfig.from_pretrained(p, local_files_only=True)
@@ -271,7 +288,7 @@ def load_model(path: Path | str) -> tuple[PreTrainedModel, PreTrainedTokenizerFa
         raise ModelNotFoundError(f"model folder {p}: config.json is unreadable ({err}): {_EXPECTED}") from None
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            p, config=config, local_files_only=True, dtype=torch.float32, use_kernels=False
+            p, config=config, local_files_only=True, dtype=DTYPES[dtype], use_kernels=False
         )
     except ValueError as err:
         raise ModelNotFoundError(
@@ -287,6 +304,8 @@ def load_model(path: Path | str) -> tuple[PreTrainedModel, PreTrainedTokenizerFa
     tokenizer.padding_side = "left"
     if getattr(model.generation_config, "pad_token_id", None) is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
+    if target.type != "cpu":
+        model.to(target)
     model.eval()
     return model, tokenizer
 
