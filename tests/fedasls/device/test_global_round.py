@@ -8,7 +8,8 @@ import torch
 from fedasls.lm.lora import adapter_state, load_adapter_state
 from fedasls.config import Settings
 from fedasls.device.device import Device
-from fedasls.device.global_round import Downlink, adapt_from_global, global_model_adapter
+from fedasls.device.global_round import adapt_from_global, global_model_adapter
+from fedasls.federated.strategy import Downlink
 from fedasls.privacy.clipping import l2_norm
 from fedasls.federated.init import initial_global
 from fedasls.lm.adapter_layout import adapter_layout
