@@ -88,7 +88,7 @@ def make_fleet(run: FleetRun, hetero: HeterogeneityModel) -> Fleet:
 
 def round_config(settings_json: str, store_dir: Path, device_id: int, now: float, server_round: int,
                  simulated_timing: bool = True) -> RecordDict:
-    """The downlink of one device round: which device, when, and the run's settings."""
+    """The config record of one device round: which device, when, and the run's settings."""
     return RecordDict(
         {
             "config": ConfigRecord(

@@ -1,6 +1,8 @@
 """The messages between the server and a device: record keys, and the one place that builds
 what leaves a device (`build_reply`, `build_fit_reply`, `build_batch_reply`, `error_reply`) and
-decodes it on the server (`reply_updates`, `device_metrics`, `device_failures`).
+decodes it on the server (`reply_updates`, `device_metrics`, `device_failures`), and the round's
+Downlink (fedasls.federated.strategy) as records: `downlink_records` on the server, `read_downlink`
+on the device ("global-adapter": the shared tensors; "downlink": every knob of the round).
 
 A reply may carry one MetricRecord of scalar numbers under "metrics" and, in a global-adapter
 round, the device's clipped update of the shared LoRA tensors under "global-update": an
