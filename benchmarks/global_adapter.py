@@ -1,7 +1,8 @@
 """Does a global adapter help? local vs global (FedAvg) vs global+personal (FedSA-LoRA), plain loop.
 
 Devices are run as in the fleet (run_device_round, heterogeneous LoRA ranks from the tiers, the
-server's FedAvg maths from fedasls.federated), without Flower, for speed. Measured:
+fleet's own round strategy: configure_train / aggregate_train of fedasls.federated.strategies),
+without Flower, for speed. Measured:
 - cold start: devices that never trained, base model vs the final global adapter alone
   (global_model_adapter at each device's rank), held-out ROUGE-1, paired difference per device;
 - cold-start adoption (--adoption N): each cold device catches up its stream to the last round,
@@ -36,11 +37,10 @@ import torch
 from fedasls.lm.lora import adapter_state
 from fedasls.config import load_settings
 from fedasls.device.round import load_device, run_device_round
-from fedasls.device.global_round import Downlink, cold_start_choice, global_model_adapter
-from fedasls.federated.fedavg import add, fedavg
-from fedasls.federated.init import initial_global
+from fedasls.device.global_round import cold_start_choice, global_model_adapter
+from fedasls.federated.strategies import make_global_strategy
+from fedasls.federated.strategy import Contribution
 from fedasls.lm.adapter_layout import adapter_layout
-from fedasls.federated.split import shared_part, shared_part_of
 from fedasls.sim.heterogeneity import HeterogeneityModel
 from fedasls.interaction import STREAM_EPOCH
 from fedasls.device.worker import DeviceRuntime
@@ -72,29 +72,29 @@ def run(strategy: str, args: argparse.Namespace, root: Path) -> dict:
     runtime = DeviceRuntime(settings)
     hetero = HeterogeneityModel.from_settings(settings.heterogeneity)
     store = DeviceStore(root / strategy.replace("+", "_"))
-    f, sim = settings.federated, settings.simulation
-    shared = None if strategy == "local" else shared_part_of(strategy, f.ffa)
-    adapter = None if shared is None else shared_part(initial_global(adapter_layout(settings), f.seed), shared)
+    sim = settings.simulation
+    rounds = None if strategy == "local" else make_global_strategy(settings.federated, adapter_layout(settings),
+                                                                   settings.adaptation.lora_rank)
     rng = np.random.default_rng(0)
     trained: set[int] = set()
     norms: list[float] = []
     t0 = time.process_time()
     for r in range(args.rounds):
         now = sim.start_time_s + r * sim.round_interval_s
-        downlink = None if adapter is None else Downlink.from_settings(settings, adapter)
-        updates, weights = [], []
-        for d in sorted(rng.choice(args.train, size=min(args.cohort, args.train), replace=False).tolist()):
+        cohort = sorted(rng.choice(args.train, size=min(args.cohort, args.train), replace=False).tolist())
+        downlink = None if rounds is None else rounds.configure_train(r + 1, cohort)
+        contributions = []
+        for d in cohort:
             result = run_device_round(d, now, runtime, settings, store, hetero, downlink=downlink)
             trained.add(d)
             if result.contribution is not None:
-                updates.append(result.contribution.update)
-                weights.append(result.examples)
+                contributions.append(Contribution(d, result.contribution.update, result.examples, result.metrics()))
                 norms.append(result.contribution.norm)
-        if adapter is not None and updates:
-            adapter = add(adapter, fedavg(updates, weights), f.server_lr)
-        print(f"  {strategy}: round {r + 1}/{args.rounds}, {len(updates)} updates", flush=True)
+        if rounds is not None:
+            rounds.aggregate_train(r + 1, contributions)
+        print(f"  {strategy}: round {r + 1}/{args.rounds}, {len(contributions)} updates", flush=True)
     out: dict = {"personal": {}, "global_alone": {}, "base": {}, "adopted": {}, "cpu_s": 0.0}
-    final = None if adapter is None else Downlink.from_settings(settings, adapter)
+    final = None if rounds is None else rounds.configure_train(args.rounds + 1, [])
     for d in sorted(trained) + list(range(args.train, args.train + args.cold)):
         device = load_device(d, runtime, settings, store, hetero)
         personal, base = device.evaluate()

@@ -28,13 +28,11 @@ from flwr.clientapp import ClientApp
 
 from wire.messages import (
     FIT_CONFIG,
-    GLOBAL_ADAPTER_KEY,
     SECAGG_CONFIGS,
     build_batch_reply,
     build_fit_reply,
     build_reply,
-    fit_adapter,
-    torch_tensors,
+    read_downlink,
 )
 from clients.guard import privacy_guard
 
@@ -43,7 +41,7 @@ if TYPE_CHECKING:
 
     from fedasls.config import Settings
     from fedasls.device.round import DeviceRoundResult
-    from fedasls.device.global_round import Downlink
+    from fedasls.federated.strategy import Downlink
     from fedasls.sim.heterogeneity import HeterogeneityModel
     from fedasls.device.worker import DeviceRuntime
 
@@ -104,24 +102,6 @@ def device_round_reply(settings_json: str, device_id: int, now: float, store_dir
     return result.metrics(), (result.contribution.update if result.contribution else None)
 
 
-def downlink_of(msg: Message, settings_json: str) -> Downlink | None:
-    """The global adapter this message carries (a global-adapter round, plain or as a SecAgg+ round's
-    FitIns with the tensor names in its config), or None (local). Loads no model: the worker's first
-    model load belongs inside the device round (its "worker_setup" stage, its fault handling)."""
-    if FIT_CONFIG in msg.content:
-        import torch
-
-        shared = {k: torch.from_numpy(a.copy()) for k, a in fit_adapter(msg).items()}
-    elif GLOBAL_ADAPTER_KEY in msg.content:
-        shared = torch_tensors(msg.content[GLOBAL_ADAPTER_KEY])
-    else:
-        return None
-    from fedasls.config import Settings
-    from fedasls.device.global_round import Downlink
-
-    return Downlink.from_settings(Settings.model_validate_json(settings_json), shared)
-
-
 def _config(msg: Message):
     """The round config: plain rounds' "config" record, or a SecAgg+ round's FitIns config."""
     return msg.content[FIT_CONFIG] if FIT_CONFIG in msg.content else msg.content["config"]
@@ -179,7 +159,7 @@ def secagg_train(msg: Message, context: Context) -> Message:
     FitRes layout that secaggplus_mod masks (clipped to [federated] clip_norm on the device)."""
     settings_json, now, store, simulated, server_round = _round_request(msg, context)
     result = device_round(settings_json, device_id_of(msg, context), now, store, simulated,
-                          downlink_of(msg, settings_json), server_round)
+                          read_downlink(msg), server_round)
     settings = worker_resources(settings_json)[0]
     return build_fit_reply(msg, result.metrics(), result.contribution.update if result.contribution else None,
                            settings.federated.secagg_max_weight)
@@ -197,13 +177,13 @@ def train(msg: Message, context: Context) -> Message:
 
         from clients.device_pool import run_devices
 
-        downlink = downlink_of(msg, settings_json)
+        downlink = read_downlink(msg)
         results, failures = run_devices(partial(device_round_reply, downlink=downlink), settings_json,
                                         [int(d) for d in config["device-ids"]], now, store, simulated,
                                         int(config.get("parallel", 1)), server_round)
         updates = {int(m["device_id"]): u for m, u in results if u is not None}
         return build_batch_reply(msg, [m for m, _ in results], failures, updates)
-    downlink = downlink_of(msg, settings_json)
+    downlink = read_downlink(msg)
     result = device_round(settings_json, device_id_of(msg, context), now, store, simulated, downlink, server_round)
     return build_reply(msg, result.metrics(), result.contribution.update if result.contribution else None)
 
@@ -226,7 +206,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     metrics = {"device_id": device_id, "rouge1": personal.rouge1, "rougeL": personal.rougeL,
                "perplexity": personal.perplexity, "base_rouge1": base.rouge1, "base_rougeL": base.rougeL,
                "base_perplexity": base.perplexity}
-    downlink = downlink_of(msg, str(config["settings"]))
+    downlink = read_downlink(msg)
     if downlink is not None:  # the global adapter alone on this device (state not saved)
         device.adapter = global_model_adapter(adapter_state(runtime.activate(device.lora_rank, settings.adaptation)), downlink)
         shared, _ = device.evaluate()

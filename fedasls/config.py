@@ -382,6 +382,11 @@ class Settings(_Section):
                 "[federated] dp = true needs [simulation] sampling = 'poisson': only Poisson sampling has a provable "
                 "amplification (the K-fastest rule makes one device's inclusion depend on the others' data)"
             )
+        if self.federated.proximal_mu and self.adaptation.dp:
+            raise ValueError(
+                f"[federated] proximal_mu = {self.federated.proximal_mu} cannot be combined with [adaptation] dp = true: "
+                "opacus replaces each gradient with the clipped, noised per-example sum, so the proximal term would be "
+                "silently dropped; set proximal_mu = 0 or adaptation.dp = false")
         if self.federated.secure_aggregation != "none":
             self._check_secagg()
         return self

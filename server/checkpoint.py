@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from fedasls.errors import FedaslsError
-from fedasls.device.store import atomic_write
+from fedasls.files import atomic_write
 
 RUN_MARKER = "fedasls-run.json"  # in every run folder: `--overwrite` removes only folders that hold one
 CHECKPOINT = "checkpoint.json"

@@ -26,14 +26,22 @@ from flwr.app.error import Error
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
+from fedasls.federated.strategy import Contribution
 from fedasls.sim.cost_model import RoundWork
 from fedasls.sim.simulated_timing import SimulatedTiming
 from server.coordinator import Coordinator
 
 REPLY_POLL_S = 0.05
 
-Downlink = Callable[[int], RecordDict]  # what one sampled device receives (a strategy's configure step)
+MessageFor = Callable[[int], RecordDict]  # the content of one sampled device's train message
 OnReplies = Callable[[list[Message]], None]  # progress callback as replies arrive
+
+
+class SecureRound(Protocol):
+    """A round whose updates the server sees only as an aggregate (SecAgg+, server/secagg.py)."""
+
+    def contributions(self, completed: list[int]) -> tuple[list[Contribution], dict[str, float]]:
+        """The aggregate of the completed devices' updates (as contributions) and the round's figures."""
 
 
 @dataclass
@@ -43,6 +51,7 @@ class Dispatched:
     replies: list[Message]
     unreachable: set[int] = field(default_factory=set)  # devices whose node did not answer: offline, not failed
     devices: dict[str, list[int]] = field(default_factory=dict)  # sent message id -> the devices it carried
+    secure: SecureRound | None = None  # set by a secure-aggregation fleet: the replies hold metrics only
 
 
 class Fleet(Protocol):
@@ -60,7 +69,7 @@ class Fleet(Protocol):
     def dropouts(self, coordinator: Coordinator, sampled: list[int]) -> set[int]:
         """Sampled devices that drop out before they start (simulated only)."""
 
-    def dispatch(self, grid: Grid, devices: list[int], downlink: Downlink, server_round: int,
+    def dispatch(self, grid: Grid, devices: list[int], message_for: MessageFor, server_round: int,
                  on_replies: OnReplies | None = None) -> Dispatched:
         """Send each device its round and collect the replies."""
 
@@ -134,7 +143,7 @@ class WorkerSlots:
     def dropouts(self, coordinator: Coordinator, sampled: list[int]) -> set[int]:
         return coordinator.draw_dropouts(sampled)
 
-    def dispatch(self, grid: Grid, devices: list[int], downlink: Downlink, server_round: int,
+    def dispatch(self, grid: Grid, devices: list[int], message_for: MessageFor, server_round: int,
                  on_replies: OnReplies | None = None) -> Dispatched:
         k = self.devices_per_message
         replies: list[Message] = []
@@ -142,7 +151,7 @@ class WorkerSlots:
         for wave in _batches(devices, len(self.slots) * k):
             messages, groups = [], []
             for slot, group in zip(self.slots, _batches(wave, k)):
-                content = downlink(group[0]) if k == 1 else _batched(downlink, group, k)
+                content = message_for(group[0]) if k == 1 else _batched(message_for, group, k)
                 messages.append(Message(content, dst_node_id=slot, message_type="train", group_id=str(server_round)))
                 groups.append(group)
             got, _ = exchange(grid, messages, on_replies=on_replies)
@@ -158,9 +167,9 @@ class WorkerSlots:
         return {"fleet": self.kind, "slots": len(self.slots), "devices_per_message": self.devices_per_message}
 
 
-def _batched(downlink: Downlink, group: list[int], parallel: int) -> RecordDict:
+def _batched(message_for: MessageFor, group: list[int], parallel: int) -> RecordDict:
     """One slot's message for several devices: the first device's downlink with the whole group."""
-    content = downlink(group[0])
+    content = message_for(group[0])
     config = content["config"]
     del config["device-id"]
     config["device-ids"] = list(group)
@@ -217,11 +226,11 @@ class DeviceNodes:
     def dropouts(self, coordinator: Coordinator, sampled: list[int]) -> set[int]:
         return set()  # real devices drop out by not answering
 
-    def dispatch(self, grid: Grid, devices: list[int], downlink: Downlink, server_round: int,
+    def dispatch(self, grid: Grid, devices: list[int], message_for: MessageFor, server_round: int,
                  on_replies: OnReplies | None = None) -> Dispatched:
         messages = []
         for device_id in devices:
-            content = downlink(device_id)
+            content = message_for(device_id)
             del content["config"]["device-id"]  # the node knows who it is
             messages.append(Message(content, dst_node_id=self.node_of[device_id], message_type="train",
                                     group_id=str(server_round)))

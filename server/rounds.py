@@ -22,7 +22,7 @@ from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from tqdm import tqdm
 
-from wire.messages import device_failures, device_metrics
+from wire.messages import device_failures, device_metrics, downlink_records
 from fedasls.config import Settings
 from fedasls.device.faults import FailureCode
 from fedasls.sim.heterogeneity import HeterogeneityModel
@@ -45,7 +45,7 @@ from server.checkpoint import (
 from server.coordinator import Coordinator
 from server.fleets import DeviceNodes, Dispatched, Fleet, WorkerSlots
 from server.secagg import secure_aggregation
-from server.strategy import make_strategy
+from server.strategy import make_strategy, round_contributions
 
 __all__ = ["CHECKPOINT", "DEVICE_ROUNDS_FILE", "ROUNDS_FILE", "FleetRun", "run_fleet"]
 RECEIVED_FILE = "received.jsonl"  # simulation.audit_log: every reply the server received
@@ -90,7 +90,7 @@ def make_fleet(run: FleetRun, hetero: HeterogeneityModel) -> Fleet:
 
 def round_config(settings_json: str, store_dir: Path, device_id: int, now: float, server_round: int,
                  simulated_timing: bool = True) -> RecordDict:
-    """The downlink of one device round: which device, when, and the run's settings."""
+    """The config record of one device round: which device, when, and the run's settings."""
     return RecordDict(
         {
             "config": ConfigRecord(
@@ -155,7 +155,7 @@ def run_fleet(grid: Grid, run: FleetRun) -> dict[str, Any]:
     fleet.connect(grid)
     coordinator, tally, saved = _start_or_restore(run, hetero, fleet.simulated)
     strategy = make_strategy(s, coordinator.sample_rate, coordinator.sample_rate * coordinator.population_size)
-    fleet, strategy = secure_aggregation(s, fleet, strategy)  # [federated] secure_aggregation: SecAgg+ wraps both
+    fleet = secure_aggregation(s, fleet)  # [federated] secure_aggregation: SecAgg+ rounds
     if saved is not None and "strategy" in saved:
         strategy.load_state(saved["strategy"], run.run_dir)
     if sim.audit_log and run.on_reply is None:
@@ -165,20 +165,21 @@ def run_fleet(grid: Grid, run: FleetRun) -> dict[str, Any]:
     for server_round in range(run.rounds_done + 1, sim.rounds + 1):
         if stop_reason := strategy.stop_reason():
             break
-        shared = strategy.configure(server_round)
         t0 = time.perf_counter()
         now = coordinator.clock.now
         sampled = fleet.sample(grid, coordinator, now)
         dropouts = fleet.dropouts(coordinator, sampled)
         to_run = [d for d in sampled if d not in dropouts]
+        downlink = strategy.configure_train(server_round, to_run)  # tensors and knobs (None: a local round)
+        shared = {} if downlink is None else downlink_records(downlink)
         bar = None if run.quiet else tqdm(total=len(to_run), desc=f"round {server_round}/{sim.rounds}", unit="dev")
 
-        # What each device receives; a round strategy (server/strategy.py) plugs in here.
-        def downlink(device_id: int) -> RecordDict:
+        # What each device receives: its round config and the strategy's downlink.
+        def message_for(device_id: int) -> RecordDict:
             content = round_config(settings_json, run.store_dir, device_id, now, server_round, fleet.simulated)
             return RecordDict({**content, **shared})
 
-        sent = fleet.dispatch(grid, to_run, downlink, server_round, _progress(bar))
+        sent = fleet.dispatch(grid, to_run, message_for, server_round, _progress(bar))
         results, failures = _collect(sent, to_run, run.on_reply)
         durations = fleet.durations(results)
         for device_id, seconds in durations.items():
@@ -189,7 +190,8 @@ def run_fleet(grid: Grid, run: FleetRun) -> dict[str, Any]:
         # ... and a round strategy aggregates the completed replies here (after the round closes).
         rows = _device_rows(server_round, now, results, outcome, hetero, failures)
         round_row = _round_row(server_round, now, outcome, rows, failures, time.perf_counter() - t0)
-        round_row.update(strategy.aggregate(server_round, sent.replies, outcome.completed))
+        contributions, transport = round_contributions(sent, outcome.completed)
+        round_row.update(strategy.aggregate_train(server_round, contributions) | transport)
         coordinator.clock.now = max(coordinator.clock.now, now + sim.round_interval_s)
         ran = [d for d in to_run if d not in sent.unreachable]
         _tally(tally, server_round, ran, failures, run.store_dir)

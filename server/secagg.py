@@ -1,19 +1,22 @@
 """SecAgg+ secure aggregation of the global-adapter rounds, with Flower 1.41's own SecAggPlusWorkflow.
 
-`secure_aggregation(settings, fleet, strategy)` wraps the run's fleet and round strategy when
-[federated] secure_aggregation = "secagg+"; the fleet loop (server/rounds.py) is unchanged:
+`secure_aggregation(settings, fleet)` wraps the run's fleet when [federated] secure_aggregation =
+"secagg+". One object, `SecAggRound`, owns a round of the protocol from its first stage to its last;
+the fleet loop (server/rounds.py) is unchanged and the round strategy is any strategy of the
+protocol (fedasls.federated.strategy):
 
-- `SecAggFleet.dispatch` runs the protocol's stages 0-2 (setup, share keys, masked vectors) for
-  the devices the coordinator sampled. Flower's workflow asks a legacy Strategy for its FitIns:
-  `_PlanStrategy.configure_fit` hands it exactly our devices, each with our round config and the
-  global adapter as the FitIns. The replies the loop gets are the devices' scalar metrics only.
+- `SecAggFleet.dispatch` starts a `SecAggRound` and runs the protocol's stages 0-2 (setup, share
+  keys, masked vectors) for the devices the coordinator sampled. Flower's workflow asks a legacy
+  Strategy for its FitIns: `_PlanStrategy.configure_fit` hands it exactly our devices, each with
+  our round config, the downlink's knobs and the global adapter as the FitIns. The replies the loop
+  gets are the devices' scalar metrics only; the round travels back in `Dispatched.secure`.
 - The loop closes the round (K fastest, deadline, availability) as for plain rounds.
-- `SecAggStrategy.aggregate` runs stage 3 (unmask) for the devices in `outcome.completed`: a
-  sampled device that did not complete (a straggler, or one that went offline in simulated time)
-  is a SecAgg+ dropout: its masked vector is taken back out of the masked sum and the server
-  rebuilds only its pairwise masks (never its private mask), so its update stays hidden and does
-  not count, exactly as the plain path leaves it out. Flower's `aggregate_fit` call hands
-  `_PlanStrategy` the aggregate, which our strategy applies (global += server_lr * mean).
+- `SecAggRound.contributions(completed)` runs stage 3 (unmask) for the devices in
+  `outcome.completed`: a sampled device that did not complete (a straggler, or one that went
+  offline in simulated time) is a SecAgg+ dropout: its masked vector is taken back out of the
+  masked sum and the server rebuilds only its pairwise masks (never its private mask), so its
+  update stays hidden and does not count, exactly as the plain path leaves it out. The round
+  strategy receives the weighted mean as ONE contribution (device_id AGGREGATE, weight 1).
 
 Node mapping: one protocol instance per round, one participant per SuperNode (the workflow keys
 FitIns by node id, and `secaggplus_mod` keeps its state in the node's Context). On the Simulation
@@ -39,9 +42,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -80,11 +81,12 @@ from wire.messages import (
     LEGACY_TENSOR_TYPE,
     METRICS_KEY,
     SECAGG_CONFIGS,
+    fit_downlink_config,
 )
 from fedasls.config import Settings
 from fedasls.federated.secagg_cost import round_cost
-from server.fleets import Dispatched, Downlink, Fleet, OnReplies, exchange
-from server.strategy import GlobalAdapterStrategy, RoundStrategy
+from fedasls.federated.strategy import AGGREGATE, Contribution
+from server.fleets import Dispatched, Fleet, MessageFor, OnReplies, exchange
 
 MODULUS = 2**32  # Flower's default mask modulus (the largest it allows)
 
@@ -171,17 +173,58 @@ class _ProtocolGrid:
 
 
 @dataclass
-class _Round:
-    """One round's protocol between stage 2 (dispatch) and stage 3 (aggregate)."""
+class SecAggRound:
+    """One round of the protocol, from stage 0 (dispatch) to stage 3 (`contributions`)."""
 
-    context: LegacyContext
-    state: WorkflowState
-    grid: _ProtocolGrid
-    plan: _PlanStrategy
-    node_of: dict[int, int]  # device id -> node id
+    workflow: SecAggPlusWorkflow
+    settings: Settings
+    context: LegacyContext | None = None  # None: the round never reached stage 2 (no device trained)
+    state: WorkflowState | None = None
+    grid: _ProtocolGrid | None = None
+    plan: _PlanStrategy | None = None
+    node_of: dict[int, int] = field(default_factory=dict)  # device id -> node id
     masked: dict[int, list[np.ndarray]] = field(default_factory=dict)  # node id -> its masked vector
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # the global adapter's names and shapes
     sampled: int = 0
-    vector_length: int = 0
+
+    def unmask(self, completed: list[int]) -> bool:
+        """Run stage 3 for the completed devices; the others become protocol dropouts. True if the
+        aggregate was recovered."""
+        state = self.state
+        keep = {self.node_of[d] for d in completed if d in self.node_of} & state.active_node_ids
+        if not keep:
+            return False
+        for node in sorted(state.active_node_ids - keep):  # late: take its masked vector back out of the sum
+            state.aggregate_ndarrays = parameters_mod(
+                parameters_subtraction(state.aggregate_ndarrays, self.masked[node]), state.mod_range)
+        state.active_node_ids = set(keep)
+        state.legacy_results = [(p, r) for p, r in state.legacy_results if p.node_id in keep]
+        with np.errstate(divide="ignore", invalid="ignore"):  # all weights 0: the mean is undefined (skipped)
+            ok = self.workflow.unmask_stage(self.grid, self.context, state)
+        return ok and self.plan.mean is not None
+
+    def contributions(self, completed: list[int]) -> tuple[list[Contribution], dict[str, float]]:
+        """The round's securely aggregated mean as one contribution (none if it was not recovered),
+        and the protocol's figures for the round's row."""
+        if self.state is None:
+            return [], {"secagg_ok": 0}
+        ok = self.unmask(completed)
+        f = self.settings.federated
+        dropped = self.sampled - len(self.state.active_node_ids) if ok else self.sampled
+        d = sum(int(np.prod(shape)) for shape in self.shapes.values())
+        cost = round_cost(self.sampled, d, f.secagg_num_shares, f.secagg_reconstruction_threshold,
+                          dropped=min(max(dropped, 0), self.sampled - 1))
+        out: dict[str, float] = {
+            "secagg_ok": int(ok), "secagg_devices": self.sampled, "secagg_dropouts": dropped,
+            "secagg_neighbours": cost.neighbours, "secagg_threshold": cost.threshold,
+            "secagg_bytes_up_per_device": cost.bytes_up_per_device,
+            "secagg_bytes_down_per_device": cost.bytes_down_per_device, "secagg_server_bytes_in": cost.server_bytes_in,
+            "contributors": sum(1 for w in self.plan.weights if w > 0) if ok else 0}
+        if not ok:
+            return [], out
+        mean = {k: torch.from_numpy(np.asarray(a, dtype=np.float32)).reshape(shape)
+                for (k, shape), a in zip(self.shapes.items(), self.plan.mean)}
+        return [Contribution(AGGREGATE, mean, 1.0)], out
 
 
 def fit_ins(content: RecordDict, keep_device_id: bool = True) -> FitIns:
@@ -193,12 +236,13 @@ def fit_ins(content: RecordDict, keep_device_id: bool = True) -> FitIns:
     if not keep_device_id:
         config.pop("device-id", None)  # a Deployment Engine node knows which device it is
     config[ADAPTER_NAMES] = names
+    config.update(fit_downlink_config(content))
     params = Parameters([ndarray_to_bytes(record[k].numpy()) for k in names], LEGACY_TENSOR_TYPE)
     return FitIns(params, config)
 
 
 class SecAggFleet:
-    """A fleet whose dispatch runs SecAgg+ stages 0-2; everything else is the wrapped fleet's."""
+    """A fleet whose dispatch starts a SecAggRound and runs its stages 0-2; the rest is the wrapped fleet's."""
 
     def __init__(self, inner: Fleet, settings: Settings) -> None:
         f = settings.federated
@@ -210,7 +254,6 @@ class SecAggFleet:
             f.secagg_num_shares, f.secagg_reconstruction_threshold, max_weight=f.secagg_max_weight,
             clipping_range=f.clip_norm, quantization_range=f.secagg_quantization_range, modulus_range=MODULUS,
             timeout=timeout)
-        self.pending: _Round | None = None
         self._seconds: dict[int, float] = {}
 
     def connect(self, grid: Grid) -> None:
@@ -233,15 +276,16 @@ class SecAggFleet:
             return dict(zip(devices, slots))
         return {d: self.inner.node_of[d] for d in devices}
 
-    def dispatch(self, grid: Grid, devices: list[int], downlink: Downlink, server_round: int,
+    def dispatch(self, grid: Grid, devices: list[int], message_for: MessageFor, server_round: int,
                  on_replies: OnReplies | None = None) -> Dispatched:
-        self.pending, self._seconds = None, {}
+        self._seconds = {}
+        rnd = SecAggRound(self.workflow, self.settings)
         if len(devices) < 2:  # SecAgg+ cannot hide one update: such a round does not run
-            return Dispatched([], unreachable=set(devices))
+            return Dispatched([], unreachable=set(devices), secure=rnd)
         node_of = self.nodes(devices)
         keep_id = self.inner.kind == "slots"
-        first = downlink(devices[0])
-        plan = [(GridClientProxy(node_of[d], grid, 0), fit_ins(first if i == 0 else downlink(d), keep_id))
+        first = message_for(devices[0])
+        plan = [(GridClientProxy(node_of[d], grid, 0), fit_ins(first if i == 0 else message_for(d), keep_id))
                 for i, d in enumerate(devices)]
         strategy = _PlanStrategy(plan)
         context = LegacyContext(Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={}),
@@ -249,12 +293,13 @@ class SecAggFleet:
         context.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({WorkflowKey.CURRENT_ROUND: server_round})
         context.state.array_records[MAIN_PARAMS_RECORD] = ArrayRecord()  # our FitIns carry the adapter
         state, pgrid = WorkflowState(), _ProtocolGrid(grid)
-        d = sum(int(np.prod(a.shape)) for a in first[GLOBAL_ADAPTER_KEY].values())
-        rnd = _Round(context, state, pgrid, strategy, node_of, sampled=len(devices), vector_length=d)
+        shapes = {k: tuple(int(n) for n in a.shape) for k, a in first[GLOBAL_ADAPTER_KEY].items()}
         wf = self.workflow
         if not (wf.setup_stage(pgrid, context, state) and wf.share_keys_stage(pgrid, context, state)):
-            return Dispatched([], unreachable=set(devices))  # the key exchange failed: no device trained
+            return Dispatched([], unreachable=set(devices), secure=rnd)  # the key exchange failed: no device trained
         wf.collect_masked_vectors_stage(pgrid, context, state)
+        rnd.context, rnd.state, rnd.grid, rnd.plan = context, state, pgrid, strategy
+        rnd.node_of, rnd.shapes, rnd.sampled = node_of, shapes, len(devices)
         device_of = {n: dev for dev, n in node_of.items()}
         replies: list[Message] = []
         carried: dict[str, list[int]] = {}
@@ -275,8 +320,7 @@ class SecAggFleet:
         asked = {device_of[m.metadata.dst_node_id] for m in pgrid.sent}
         answered = {device_of[r.metadata.src_node_id] for r in pgrid.replies}
         unreachable = (set(devices) - asked) | (asked - answered if self.inner.kind == "nodes" else set())
-        self.pending = rnd
-        return Dispatched(replies, unreachable=unreachable, devices=carried)
+        return Dispatched(replies, unreachable=unreachable, devices=carried, secure=rnd)
 
     def durations(self, results: dict[int, dict[str, Any]]) -> dict[int, float]:
         if self.inner.simulated:
@@ -286,73 +330,9 @@ class SecAggFleet:
     def describe(self) -> dict[str, Any]:
         return {**self.inner.describe(), "secure_aggregation": "secagg+"}
 
-    def finish(self, completed: list[int]) -> tuple[_Round | None, bool]:
-        """Run stage 3 for the completed devices; the others become protocol dropouts. Returns the
-        round (None if it never reached stage 2) and whether the aggregate was recovered."""
-        rnd, self.pending = self.pending, None
-        if rnd is None:
-            return None, False
-        state = rnd.state
-        keep = {rnd.node_of[d] for d in completed if d in rnd.node_of} & state.active_node_ids
-        if not keep:
-            return rnd, False
-        for node in sorted(state.active_node_ids - keep):  # late: take its masked vector back out of the sum
-            state.aggregate_ndarrays = parameters_mod(
-                parameters_subtraction(state.aggregate_ndarrays, rnd.masked[node]), state.mod_range)
-        state.active_node_ids = set(keep)
-        state.legacy_results = [(p, r) for p, r in state.legacy_results if p.node_id in keep]
-        with np.errstate(divide="ignore", invalid="ignore"):  # all weights 0: the mean is undefined (skipped)
-            ok = self.workflow.unmask_stage(rnd.grid, rnd.context, state)
-        return rnd, ok and rnd.plan.mean is not None
 
-
-class SecAggStrategy:
-    """The global-adapter strategy, aggregating through SecAgg+ (stage 3 runs here, after the round closed)."""
-
-    def __init__(self, inner: GlobalAdapterStrategy, fleet: SecAggFleet, settings: Settings) -> None:
-        self.inner, self.fleet, self.settings = inner, fleet, settings
-        self.name = f"SecAgg+({inner.name})"
-
-    def stop_reason(self) -> str | None:
-        return self.inner.stop_reason()
-
-    def configure(self, server_round: int) -> dict[str, Any]:
-        return self.inner.configure(server_round)
-
-    def aggregate(self, server_round: int, replies: list[Message], completed: list[int]) -> dict[str, float]:
-        rnd, ok = self.fleet.finish(completed)
-        out: dict[str, float] = {"contributors": 0, "global_step_norm": 0.0, "secagg_ok": int(ok)}
-        if rnd is None:
-            return out
-        f = self.settings.federated
-        dropped = rnd.sampled - len(rnd.state.active_node_ids) if ok else rnd.sampled
-        cost = round_cost(rnd.sampled, rnd.vector_length, f.secagg_num_shares, f.secagg_reconstruction_threshold,
-                          dropped=min(max(dropped, 0), rnd.sampled - 1))
-        out |= {"secagg_devices": rnd.sampled, "secagg_dropouts": dropped, "secagg_neighbours": cost.neighbours,
-                "secagg_threshold": cost.threshold, "secagg_bytes_up_per_device": cost.bytes_up_per_device,
-                "secagg_bytes_down_per_device": cost.bytes_down_per_device,
-                "secagg_server_bytes_in": cost.server_bytes_in}
-        if not ok:
-            return out
-        names = list(self.inner.adapter)
-        mean = {k: torch.from_numpy(np.asarray(a, dtype=np.float32)).reshape(self.inner.adapter[k].shape)
-                for k, a in zip(names, rnd.plan.mean)}
-        out["contributors"] = sum(1 for w in rnd.plan.weights if w > 0)
-        out["global_step_norm"] = self.inner.apply(mean)
-        return out
-
-    def state(self, server_round: int, run_dir: Path) -> dict[str, Any]:
-        return self.inner.state(server_round, run_dir)
-
-    def load_state(self, state: Mapping[str, Any], run_dir: Path) -> None:
-        self.inner.load_state(state, run_dir)
-
-
-def secure_aggregation(settings: Settings, fleet: Fleet, strategy: RoundStrategy) -> tuple[Fleet, RoundStrategy]:
-    """The fleet and strategy a run uses: unchanged, or wrapped for SecAgg+ ([federated] secure_aggregation)."""
+def secure_aggregation(settings: Settings, fleet: Fleet) -> Fleet:
+    """The fleet a run uses: unchanged, or wrapped for SecAgg+ ([federated] secure_aggregation)."""
     if settings.federated.secure_aggregation == "none":
-        return fleet, strategy
-    if not isinstance(strategy, GlobalAdapterStrategy):
-        raise ValueError(f"secure_aggregation = 'secagg+' needs the plain global-adapter strategy, got {strategy.name}")
-    secure = SecAggFleet(fleet, settings)
-    return secure, SecAggStrategy(strategy, secure, settings)
+        return fleet
+    return SecAggFleet(fleet, settings)

@@ -151,7 +151,7 @@ def cmd_population_export(args: argparse.Namespace, settings: Settings) -> int:
     import json
 
     from fedasls.data.sources import population_from_settings
-    from fedasls.device.store import atomic_write
+    from fedasls.files import atomic_write
 
     population = population_from_settings(settings.population)
     count = min(args.count, population.num_devices)

@@ -1,6 +1,8 @@
 """The messages between the server and a device: record keys, and the one place that builds
 what leaves a device (`build_reply`, `build_fit_reply`, `build_batch_reply`, `error_reply`) and
-decodes it on the server (`reply_updates`, `device_metrics`, `device_failures`).
+decodes it on the server (`reply_updates`, `device_metrics`, `device_failures`), and the round's
+Downlink (fedasls.federated.strategy) as records: `downlink_records` on the server, `read_downlink`
+on the device ("global-adapter": the shared tensors; "downlink": every knob of the round).
 
 A reply may carry one MetricRecord of scalar numbers under "metrics" and, in a global-adapter
 round, the device's clipped update of the shared LoRA tensors under "global-update": an
@@ -22,10 +24,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from dataclasses import fields
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from flwr.app import ArrayRecord, Error, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.common import Code, FitRes, Parameters, Status, bytes_to_ndarray, ndarray_to_bytes
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 from flwr.compat.common import recorddict_compat as compat
@@ -35,9 +38,12 @@ from fedasls.device.faults import FailureCode
 if TYPE_CHECKING:  # torch is imported only where tensors leave: a QUERY process needs none of it
     import torch
 
+    from fedasls.federated.strategy import Downlink
+
 METRICS_KEY = "metrics"
 GLOBAL_UPDATE_KEY = "global-update"  # a device's contribution to the global adapter
 GLOBAL_ADAPTER_KEY = "global-adapter"  # downlink: the global adapter's shared tensors (defines what may return)
+DOWNLINK_KEY = "downlink"  # downlink: the round's knobs (fedasls.federated.strategy.Downlink), a ConfigRecord
 ALLOWED_KEYS = frozenset({METRICS_KEY, GLOBAL_UPDATE_KEY})
 FAILED_IDS_KEY, FAILED_CODES_KEY = "failed_device_id", "failure_code"  # a batch reply's failed devices
 
@@ -112,6 +118,36 @@ def reply_updates(reply: Message) -> dict[int, dict[str, torch.Tensor]]:
         elif (device_id := batch_update_device(key)) is not None:
             out[device_id] = torch_tensors(reply.content[key])
     return out
+
+
+def downlink_records(downlink: Downlink) -> dict[str, ArrayRecord | ConfigRecord]:
+    """A round's Downlink as records: its shared tensors (ArrayRecord) and its knobs (ConfigRecord)."""
+    knobs = {f.name: getattr(downlink, f.name) for f in fields(downlink) if f.name != "shared"}
+    return {GLOBAL_ADAPTER_KEY: ArrayRecord(dict(downlink.shared)), DOWNLINK_KEY: ConfigRecord(knobs)}
+
+
+def fit_downlink_config(content: RecordDict) -> dict[str, Any]:
+    """A plain round's downlink knobs for a SecAgg+ round's FitIns config (keys "downlink.<knob>")."""
+    return {f"{DOWNLINK_KEY}.{k}": v for k, v in content[DOWNLINK_KEY].items()}
+
+
+def read_downlink(msg: Message) -> Downlink | None:
+    """The Downlink a train or evaluate message carries (plain records, or a SecAgg+ round's FitIns),
+    or None (a local round). Imports torch only when there is one."""
+    if FIT_CONFIG in msg.content:
+        import torch
+
+        shared = {k: torch.from_numpy(a.copy()) for k, a in fit_adapter(msg).items()}
+        prefix = f"{DOWNLINK_KEY}."
+        knobs = {k[len(prefix):]: v for k, v in msg.content[FIT_CONFIG].items() if k.startswith(prefix)}
+    elif GLOBAL_ADAPTER_KEY in msg.content:
+        shared = torch_tensors(msg.content[GLOBAL_ADAPTER_KEY])
+        knobs = dict(msg.content[DOWNLINK_KEY])
+    else:
+        return None
+    from fedasls.federated.strategy import Downlink
+
+    return Downlink(shared=shared, **knobs)
 
 
 def fit_adapter(msg: Message) -> dict[str, np.ndarray]:

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedasls.pipeline.training import TrainingExample, train_adapter
+from fedasls.pipeline.training import LossTerm, TrainingExample, train_adapter
 from fedasls.lm.lora import adapter_state, load_adapter_state, reset_adapter, shrink_adapter
 from fedasls.pipeline.evaluation import EvalResult, evaluate
 from fedasls.pipeline.feedback import SimulatedUser, feedback_examples
@@ -190,7 +190,8 @@ class Device:
             load_adapter_state(model, model_state)
         return model
 
-    def adapt(self, start: dict[str, torch.Tensor] | None = None) -> AdaptReport:
+    def adapt(self, start: dict[str, torch.Tensor] | None = None,
+              extra_loss: LossTerm | None = None) -> AdaptReport:
         """One safe adaptation step: implicit feedback, sparse annotation, held-back split,
         synthesis, LoRA training with early stopping, shrinking, then the gate.
 
@@ -199,7 +200,8 @@ class Device:
         keeps its old adapter and counts a rejection. Before the first adaptation the device waits
         until the user has labelled `adaptation.min_items` buffered items (annotations + edits).
         Each candidate starts from a fresh adapter, or from `start` (e.g. the global adapter
-        truncated to this device's rank, see fedasls.device.global_round).
+        truncated to this device's rank, see fedasls.device.global_round); `extra_loss` is added to
+        every candidate's training loss (e.g. FedProx's proximal term).
         """
         s = self.settings
         a = s.adaptation
@@ -297,7 +299,7 @@ class Device:
                         load_adapter_state(model, start)
                     with stage("train"):
                         result = train_adapter(model, prompts, examples, a.model_copy(update={"learning_rate": value}),
-                                               seed=seed, heldback=held_examples)
+                                               seed=seed, heldback=held_examples, extra_loss=extra_loss)
                     trainings += 1
                     first_run = first_run or result
                     if result.epsilon is not None:

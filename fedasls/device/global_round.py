@@ -1,10 +1,13 @@
 """The device side of a global-adapter round: start from the global adapter, train, contribute.
 
-A device receives the global adapter's SHARED tensors at the largest rank (the downlink),
-truncates them to its own rank, fills the parts it does not receive (its personal B under
+A device receives a fedasls.federated.strategy.Downlink: the global adapter's SHARED tensors at the
+largest rank and every knob of the round (it reads nothing else about the strategy). It truncates
+the tensors to its own rank, fills the parts it does not receive (its personal B under
 global+personal, the seeded frozen A under FFA-LoRA), trains with its usual pipeline, and
 contributes only (trained - start) of the shared tensors, zero-padded to the largest rank and
-clipped to L2 norm C. Everything else (its data, buffer, profile, personal tensors) stays.
+clipped to L2 norm C. Under FedProx (downlink.proximal_mu > 0) its training loss gains
+(mu/2) ||w - w_global||^2 on the shared tensors (`proximal_term`). Everything else (its data,
+buffer, profile, personal tensors) stays.
 
 Strategies and what is shared:
 - global:               all of A and B ("all"); the device keeps its fine-tuned copy as its model.
@@ -18,7 +21,7 @@ Strategies and what is shared:
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -29,32 +32,13 @@ from fedasls.device.adoption import Adoption, compare_by_feedback, recent_questi
 from fedasls.privacy.clipping import clip
 from fedasls.federated.fedavg import TensorDict
 from fedasls.federated.init import global_shapes, initial_global
+from fedasls.federated.strategy import Downlink
 from fedasls.federated.ranks import lora_kind, pad, rank_of, truncate
 from fedasls.device.timing import stage
 
-@dataclass(frozen=True)
-class Downlink:
-    """What a device receives for a global-adapter round."""
-
-    strategy: str
-    ffa: bool
-    max_rank: int
-    seed: int
-    clip_norm: float
-    shared: Mapping[str, torch.Tensor]  # the global adapter's shared tensors at max_rank, in the global order
-    contribute: str = "trained"  # [federated] contribute: "trained" (every trained candidate) or "accepted"
-    cold_adoption: int = 0  # [federated] cold_adoption: questions a device without an adapter compares both models on
-
-    @classmethod
-    def from_settings(cls, settings, shared: Mapping[str, torch.Tensor]) -> "Downlink":
-        """The downlink a run's settings ([federated], [adaptation] lora_rank) describe, with these tensors."""
-        f = settings.federated
-        return cls(f.strategy, f.ffa, settings.adaptation.lora_rank, f.seed, f.clip_norm, shared, f.contribute,
-                   f.cold_adoption)
-
 
 @dataclass(frozen=True)
-class Contribution:
+class ClippedUpdate:
     """What leaves the device: the clipped, padded update of the shared tensors (downlink order)."""
 
     update: TensorDict
@@ -82,11 +66,31 @@ def start_adapter(template: Mapping[str, torch.Tensor], downlink: Downlink,
 
 
 def contribution(start: Mapping[str, torch.Tensor], trained: Mapping[str, torch.Tensor], downlink: Downlink,
-                 examples: int) -> Contribution:
+                 examples: int) -> ClippedUpdate:
     """(trained - start) of the shared tensors, zero-padded to max_rank, clipped to clip_norm."""
     delta = {k: trained[k].to(torch.float32) - start[k].to(torch.float32) for k in downlink.shared}
     clipped = clip(pad(delta, downlink.max_rank), downlink.clip_norm)
-    return Contribution(clipped.update, clipped.norm, clipped.factor, examples)
+    return ClippedUpdate(clipped.update, clipped.norm, clipped.factor, examples)
+
+
+def proximal_term(model: PeftModel, start: Mapping[str, torch.Tensor], downlink: Downlink
+                  ) -> Callable[[PeftModel], torch.Tensor]:
+    """FedProx's training-loss term (mu/2) ||w - w_global||^2 over the trainable shared LoRA tensors
+    of the active adapter, w_global being the received global adapter at this device's rank (`start`)."""
+    active = model.active_adapter
+    pairs = []
+    for name, param in model.named_parameters():
+        key = name.replace(f".{active}.", ".")  # peft's state-dict key (adapter name stripped)
+        if param.requires_grad and key in downlink.shared:
+            pairs.append((param, start[key].to(param.device, param.dtype)))
+    if not pairs:
+        raise ValueError("FedProx: no trainable parameter of the active adapter matches the global adapter's tensors")
+    mu = float(downlink.proximal_mu)
+
+    def term(_: PeftModel) -> torch.Tensor:
+        return 0.5 * mu * sum((p - center).pow(2).sum() for p, center in pairs)
+
+    return term
 
 
 @contextlib.contextmanager
@@ -104,7 +108,7 @@ def frozen_lora_a(model: PeftModel) -> Iterator[None]:
             p.requires_grad_(True)
 
 
-def adapt_from_global(device, downlink: Downlink) -> Contribution | None:
+def adapt_from_global(device, downlink: Downlink) -> ClippedUpdate | None:
     """Run the device's adaptation starting from the global adapter; None if it had nothing to train on.
 
     `device` is a fedasls.device.device.Device (its adapter becomes the trained one: its personal model).
@@ -112,8 +116,9 @@ def adapt_from_global(device, downlink: Downlink) -> Contribution | None:
     model = device.runtime.activate(device.lora_rank, device.settings.adaptation)
     template = adapter_state(model)  # names and shapes at this device's rank
     start = start_adapter(template, downlink, device.adapter)
+    extra_loss = proximal_term(model, start, downlink) if downlink.proximal_mu > 0 else None
     with frozen_lora_a(model) if downlink.ffa else contextlib.nullcontext():
-        report = device.adapt(start=start)
+        report = device.adapt(start=start, extra_loss=extra_loss)
     if device.adapter is not None:
         device.shared_model = None  # it has a model of its own now
     elif downlink.cold_adoption:

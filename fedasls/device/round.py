@@ -18,7 +18,8 @@ from fedasls.config import Settings
 from fedasls.sim.cost_model import RoundWork
 from fedasls.device.device import AdaptReport, Device, DeviceOptions
 from fedasls.device.stream import advance
-from fedasls.device.global_round import Contribution, Downlink, adapt_from_global
+from fedasls.device.global_round import ClippedUpdate, adapt_from_global
+from fedasls.federated.strategy import Downlink
 from fedasls.sim.heterogeneity import HeterogeneityModel
 from fedasls.interaction import STREAM_EPOCH
 from fedasls.device.worker import DeviceRuntime
@@ -62,7 +63,7 @@ class DeviceRoundResult:
     gate_rejected: int = 0  # ... refused (the device kept its previous adapter or the base model)
     gate_waiting: int = 0  # ... adaptation steps that trained nothing (too few labelled items)
     uses_global: int = 0  # 1: no adapter of its own, the device uses the global adapter it adopted (cold_adoption)
-    contribution: Contribution | None = None  # global-adapter update (clipped, padded); never a metric
+    contribution: ClippedUpdate | None = None  # global-adapter update (clipped, padded); never a metric
     stage_seconds: dict[str, float] = field(default_factory=dict)  # fedasls.device.timing: stage_<name>_s / _cpu_s
 
     @property

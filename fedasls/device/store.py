@@ -48,13 +48,15 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
 from fedasls.errors import FedaslsError
+from fedasls.files import TMP_MARK as _TMP_MARK
+from fedasls.files import atomic_write
+from fedasls.files import fsync_dir as _fsync_dir
 
 FORMAT_VERSION = 1
 STORE_MARKER = "fedasls-store.json"  # in a store's root: `--overwrite` removes only folders that hold one
 MANIFEST = "state.json"
 PREVIOUS = "state.prev.json"  # the generation a round-tagged save replaced
 ERRORS_LOG = "errors.log"  # device-local tracebacks of failed rounds
-_TMP_MARK = ".tmp-"
 
 
 class CorruptStateError(FedaslsError, RuntimeError):
@@ -100,35 +102,6 @@ def _to_json(value: Any, where: str) -> Any:
 
 def _is_tensor_dict(value: Any) -> bool:
     return isinstance(value, dict) and bool(value) and all(isinstance(v, torch.Tensor) for v in value.values())
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Replace `path` in one step, so it is never half-written: a temp file in the same folder,
-    fsync, os.replace onto `path`, then fsync of the folder (the run records use it too)."""
-    tmp = path.with_name(f".{path.name}{_TMP_MARK}{uuid.uuid4().hex}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    _fsync_dir(path.parent)
 
 
 class DeviceStore:

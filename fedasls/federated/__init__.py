@@ -1,6 +1,8 @@
 """The federated half, Flower-free: aggregation maths on LoRA tensor dicts and user-level DP.
 
 One concept per module:
+    strategy    the round-strategy protocol (configure_train -> Downlink, aggregate_train over Contributions)
+    strategies  local, FedAvg and FedProx of one shared LoRA adapter
     fedavg      weighted averaging and summing of tensor dicts (same keys, same shapes)
     ranks       HetLoRA: truncate a max-rank adapter to a device's rank, zero-pad replies back
     split       which LoRA tensors are shared (all, A only = FedSA-LoRA, B only = FFA-LoRA)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -69,3 +70,8 @@ def subtract(after: Mapping[str, torch.Tensor], before: Mapping[str, torch.Tenso
     """after - before, key by key (keys and shapes must match)."""
     check_same_layout([after, before])
     return {k: after[k].to(torch.float32) - before[k].to(torch.float32) for k in after}
+
+
+def l2_norm(update: Mapping[str, torch.Tensor]) -> float:
+    """The L2 norm of a tensor dict as one flat vector (in float64)."""
+    return math.sqrt(sum(float(v.to(torch.float64).pow(2).sum()) for v in update.values()))

@@ -32,6 +32,10 @@ class FederatedSettings(BaseModel):
         "the global adapter's answers to this many of its recent buffered questions and uses the global adapter until "
         "it trains if the user's reactions favour it (fedasls/device/adoption.py). 0 = the base model until it trains.",
     )
+    proximal_mu: float = Field(
+        0.0, ge=0, description="FedProx: each device adds (mu/2) ||w - w_global||^2 over the shared LoRA tensors to its "
+        "training loss, which keeps its update near the global adapter on skewed data. 0 = FedAvg (the default).",
+    )
     clip_norm: float = Field(1.0, gt=0, description="L2 bound of each device's whole update (clipped on the device).")
     server_lr: float = Field(1.0, gt=0, description="global += server_lr * aggregated update.")
     dp: bool = Field(False, description="User-level DP (DP-FedAvg): Gaussian noise on the sum of clipped updates.")
@@ -69,6 +73,9 @@ class FederatedSettings(BaseModel):
         if self.cold_adoption and self.strategy != "global":
             raise ValueError(f"cold_adoption = {self.cold_adoption} needs strategy = 'global' (a device adopts the whole "
                              f"global adapter; under '{self.strategy}' there is none to adopt); set it to 0")
+        if self.proximal_mu and self.strategy == "local":
+            raise ValueError(f"proximal_mu = {self.proximal_mu} needs strategy = 'global' or 'global+personal' (FedProx "
+                             "pulls a device toward the global adapter; under 'local' there is none); set it to 0")
         if self.dp and self.strategy == "local":
             raise ValueError("dp = true needs strategy = 'global' or 'global+personal' (local sends no update to noise)")
         if self.secure_aggregation != "none":

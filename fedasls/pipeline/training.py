@@ -49,6 +49,7 @@ GRAD_SAMPLE_MODE = "hooks"  # opacus mode that works with peft LoRA (nn.Linear) 
 IGNORE_INDEX = -100
 
 StepCallback = Callable[[PeftModel, int], None]
+LossTerm = Callable[[PeftModel], torch.Tensor]  # a scalar added to each step's loss before backward
 
 
 @dataclass(frozen=True)
@@ -229,6 +230,7 @@ def train_adapter(
     seed: int,
     on_step: StepCallback | None = None,
     heldback: Sequence[TrainingExample] = (),
+    extra_loss: LossTerm | None = None,
 ) -> TrainResult:
     """Train the active LoRA adapter on `examples` (AdamW, answer-token loss); DP-SGD if settings.dp.
 
@@ -240,10 +242,17 @@ def train_adapter(
     choice of epoch depends on the held-back items, which the DP guarantee does not cover (they
     stay on the device, like the personal adapter).
 
+    `extra_loss(peft_model)`, when given, is added to each step's loss before backward (a
+    regularizer on the weights, e.g. FedProx's proximal term; the reported losses exclude it).
+    Plain training only: under DP-SGD opacus replaces the gradients with the clipped per-example
+    ones, which would drop the term, so it is refused there.
+
     Deterministic for a given seed. `on_step(peft_model, step)` is called after each backward pass
     and before the optimizer step (under DP, each LoRA parameter then holds `.grad_sample`).
     Returns with the (unwrapped) model in eval mode.
     """
+    if extra_loss is not None and settings.dp:
+        raise ValueError("extra_loss cannot be used with DP-SGD (adaptation.dp): opacus would drop its gradient")
     start = time.perf_counter()
     params = _trainable(peft_model)
     limit = getattr(getattr(peft_model, "config", None), "max_position_embeddings", None)
@@ -268,7 +277,7 @@ def train_adapter(
             if settings.dp:
                 result = _train_dp(peft_model, loader, optimizer, params, settings, seed, device, on_step, stopper)
             else:
-                result = _train_plain(peft_model, loader, optimizer, settings, device, on_step, stopper)
+                result = _train_plain(peft_model, loader, optimizer, settings, device, on_step, stopper, extra_loss)
         finally:
             peft_model.eval()
             for _, p in params:
@@ -316,6 +325,7 @@ def _train_plain(
     device: torch.device,
     on_step: StepCallback | None,
     stopper: _EarlyStopping | None = None,
+    extra_loss: LossTerm | None = None,
 ) -> TrainResult:
     losses, steps = [], 0
     with fast_lora_training(peft_model) if FAST_LORA_BACKWARD else nullcontext():
@@ -325,6 +335,8 @@ def _train_plain(
                 ids, mask, labels, weights = _trim(batch, device)
                 per_example = _per_example_loss(peft_model, ids, mask, labels)
                 loss = (weights * per_example).mean()
+                if extra_loss is not None:
+                    loss = loss + extra_loss(peft_model)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if on_step is not None:

@@ -8,12 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fedasls.federated.fedavg import TensorDict
-
-
-def l2_norm(update: Mapping[str, torch.Tensor]) -> float:
-    """The L2 norm of the update as one flat vector."""
-    return math.sqrt(sum(float(v.to(torch.float64).pow(2).sum()) for v in update.values()))
+from fedasls.federated.fedavg import TensorDict, l2_norm
 
 
 @dataclass(frozen=True)

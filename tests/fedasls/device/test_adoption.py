@@ -105,13 +105,16 @@ def _cold_device(cold_settings, runtime, preferred_by):
 
 
 def _downlink_with_update(cold_settings, runtime):
-    from fedasls.device.global_round import Downlink
+    from dataclasses import replace
+
+    from fedasls.federated.strategies import make_global_strategy
     from fedasls.lm.adapter_layout import adapter_layout
 
     gen = torch.Generator().manual_seed(4)
-    shared = {k: torch.randn(shape, generator=gen) * (0.5 if "lora_B" in k else 1.0)
-              for k, shape in adapter_layout(cold_settings).items()}
-    return Downlink.from_settings(cold_settings, shared)
+    layout = adapter_layout(cold_settings)
+    shared = {k: torch.randn(shape, generator=gen) * (0.5 if "lora_B" in k else 1.0) for k, shape in layout.items()}
+    strategy = make_global_strategy(cold_settings.federated, layout, cold_settings.adaptation.lora_rank)
+    return replace(strategy.configure_train(1, [0]), shared=shared)
 
 
 def test_a_cold_device_uses_the_global_adapter_only_where_its_user_prefers_it(cold_settings):

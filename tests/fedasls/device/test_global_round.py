@@ -8,7 +8,8 @@ import torch
 from fedasls.lm.lora import adapter_state, load_adapter_state
 from fedasls.config import Settings
 from fedasls.device.device import Device
-from fedasls.device.global_round import Downlink, adapt_from_global, global_model_adapter
+from fedasls.device.global_round import adapt_from_global, global_model_adapter
+from fedasls.federated.strategy import Downlink
 from fedasls.privacy.clipping import l2_norm
 from fedasls.federated.init import initial_global
 from fedasls.lm.adapter_layout import adapter_layout
@@ -164,3 +165,55 @@ def test_a_privacy_sweep_of_a_local_scenario_runs_global_with_uniform_scaling():
     assert point.federated.strategy == "global" and point.adaptation.lora_scaling == "uniform"
     kept = Settings.model_validate({"adaptation": {"lora_scaling": "per-rank"}, "federated": {"strategy": "global"}})
     assert point_settings(kept, noise=None).adaptation.lora_scaling == "per-rank"
+
+
+def _fed_round(runtime, settings, strategy, devices=(5, 6)) -> dict[str, torch.Tensor]:
+    """One plain-loop round: the strategy's downlink to fresh devices, their updates aggregated."""
+    from fedasls.federated.strategy import Contribution
+
+    downlink = strategy.configure_train(1, list(devices))
+    contributions = []
+    for d in devices:
+        device = Device(d, runtime, settings, lora_rank=MAX_RANK)
+        device.catch_up()
+        c = adapt_from_global(device, downlink)
+        assert c is not None
+        contributions.append(Contribution(d, c.update, c.examples))
+    strategy.aggregate_train(1, contributions)
+    return strategy.adapter
+
+
+def test_fedprox_with_mu_zero_gives_the_fedavg_global_adapter_bit_for_bit(runtime, settings):
+    from fedasls.federated.strategies import FedAvg, FedProx
+
+    shared = updated(settings, federated={"strategy": "global", "proximal_mu": 0.0})
+    layout = adapter_layout(shared)
+    fedavg = _fed_round(runtime, shared, FedAvg(shared.federated, layout, MAX_RANK))
+    fedprox = FedProx(shared.federated, layout, MAX_RANK)
+    assert fedprox.configure_train(1, [5]).proximal_mu == 0.0
+    initial = {k: v.clone() for k, v in fedprox.adapter.items()}
+    prox = _fed_round(runtime, shared, fedprox)
+    assert any(not torch.equal(prox[k], initial[k]) for k in initial)  # the round did move the global adapter
+    assert list(prox) == list(fedavg) and all(torch.equal(prox[k], fedavg[k]) for k in fedavg)
+
+
+def test_fedprox_pulls_the_update_toward_the_global_adapter(runtime, settings):
+    from dataclasses import replace
+
+    free = replace(_downlink(settings, clip_norm=100.0), proximal_mu=0.0)  # no clipping: compare raw updates
+    steps = updated(settings, adaptation={"epochs": 4, "batch_size": 1, "patience": 4})  # the term acts from step 2
+    norms = {}
+    for mu in (0.0, 1000.0):
+        device = Device(7, runtime, steps, lora_rank=MAX_RANK)
+        device.catch_up()
+        c = adapt_from_global(device, replace(free, proximal_mu=mu))
+        assert c is not None and c.clip_factor == 1.0
+        norms[mu] = c.norm
+    assert 0 < norms[1000.0] < 0.5 * norms[0.0]
+
+
+def test_fedprox_refuses_device_dp_sgd_which_would_drop_its_term():
+    with pytest.raises(ValueError, match="proximal_mu = 0.1 cannot be combined with \\[adaptation\\] dp"):
+        Settings.model_validate({"federated": {"strategy": "global", "proximal_mu": 0.1}, "adaptation": {"dp": True}})
+    with pytest.raises(ValueError, match="needs strategy = 'global'"):
+        Settings.model_validate({"federated": {"proximal_mu": 0.1}})
