@@ -123,6 +123,7 @@ def run_device(job: tuple[str, int, list[tuple[int, float]], str]) -> list[dict]
     from fedasls.device.round import run_device_round
     from fedasls.sim.heterogeneity import HeterogeneityModel
     from fedasls.device.worker import DeviceRuntime
+    from fedasls.sim.cost_model import CostModel
     from fedasls.sim.simulated_timing import SimulatedTiming
     from fedasls.device.store import DeviceStore
 
@@ -135,7 +136,7 @@ def run_device(job: tuple[str, int, list[tuple[int, float]], str]) -> list[dict]
     seen_history = 0
     for server_round, now in rounds:
         t0 = time.process_time()
-        keep = SimulatedTiming(hetero).keep_if_online(device_id, now)  # as the fleet's worker slots do
+        keep = SimulatedTiming(hetero, CostModel(settings.cost)).keep_if_online(device_id, now)  # as the fleet's slots do
         result = run_device_round(device_id, now, runtime, settings, store, hetero, keep=keep)
         row = {"round": server_round, "now": now, "tier": hetero.profile(device_id).tier,
                "cpu_s": time.process_time() - t0, **result.metrics()}

@@ -22,6 +22,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+ONCE_AT_THE_END = ["adaptation.use_profile_trigger=false"]  # one adaptation on the whole stream's buffer
 POLICIES = ("full", "eoe", "dss", "idd", "random", "fifo", "kcenter", "reservoir")
 
 
@@ -55,21 +56,20 @@ def run_device(args: tuple[int, str | None, list[str], list[tuple[str, str, int]
 
     torch.set_num_threads(1)
     from fedasls.config import load_settings
-    from fedasls.device.device import Device, DeviceOptions
+    from fedasls.device.device import Device
     from fedasls.device.stream import advance
 
-    settings = load_settings(config, overrides)
+    settings = load_settings(config, [*ONCE_AT_THE_END, *overrides])
     runtime = _runtime(settings)
     stream = runtime.population.stream(device_id)
     embeddings = runtime.embed_interactions(stream)
     rows, base = [], None
-    once_at_the_end = DeviceOptions(use_profile_trigger=False)  # one adaptation on the whole stream's buffer
     for name, policy, k in plan:
         variant = settings.model_copy(update={
             "selection": settings.selection.model_copy(update={"policy": policy}),
             "synthesis": settings.synthesis.model_copy(update={"rewrites": k}),
         })
-        device = Device(device_id, runtime, variant, options=once_at_the_end)
+        device = Device(device_id, runtime, variant)
         device.base_eval = base
         progress = advance(device, stream_embeddings=embeddings)  # the whole stream, then one adaptation
         observe_ms = progress.observe_seconds * 1000 / len(stream)
