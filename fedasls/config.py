@@ -307,7 +307,7 @@ ADAPTATION_DEFAULTS_BY_MODEL: dict[str, dict[str, Any]] = {
     "embedded": {},
     # SmolLM2-135M-Instruct: q/v LoRA (one step, r=8, 4 x 128 tokens: 5.7 CPU s); max_length 128 (at 96,
     # 18% of the pairs lose their end-of-turn token); a lower learning rate and fewer epochs than the
-    # 0.7M-parameter embedded model. Figures: benchmarks/smollm2_personalization.py, README.
+    # 0.7M-parameter embedded model. Figures: benchmarks/personalization.py, README.
     "smollm2-135m-instruct": {"target_modules": ["q_proj", "v_proj"], "learning_rate": 1e-3,
                               "retry_epochs": [], "retry_learning_rates": [3e-4], "epochs": 3, "batch_size": 4, "max_length": 128},
 }
