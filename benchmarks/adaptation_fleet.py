@@ -7,9 +7,9 @@ cohorts do not depend on device durations), runs each sampled device's rounds in
 ROUGE-1 uplift and accept rates with 95% bootstrap CIs over devices, plus the adaptation gate's
 accept/reject counts and per-tier figures.
 
-    python benchmarks/adaptation_fleet.py                           # quickstart defaults
-    python benchmarks/adaptation_fleet.py --set adaptation.learning_rate=3e-3 --out results/lr3e-3.csv
-    python benchmarks/adaptation_fleet.py --set ... --baseline results/adaptation_fleet.csv   # paired vs a run
+    python -m benchmarks.adaptation_fleet                           # quickstart defaults
+    python -m benchmarks.adaptation_fleet --set adaptation.learning_rate=3e-3 --out results/lr3e-3.csv
+    python -m benchmarks.adaptation_fleet --set ... --baseline results/adaptation_fleet.csv   # paired vs a run
 
 With `--baseline CSV` (a per-device CSV of an earlier run on the same scenario), it also prints the
 paired difference of ROUGE-1 uplift over the devices both runs completed (95% CI) and the training
@@ -17,12 +17,6 @@ and device CPU seconds of both runs.
 """
 
 from __future__ import annotations
-
-import sys as _sys
-from pathlib import Path as _Path
-
-if __package__ in (None, ""):  # run as a script: make the repository importable
-    _sys.path.insert(0, str(_Path(__file__).resolve().parents[1]))
 
 import argparse
 import math
@@ -32,13 +26,13 @@ from collections import defaultdict
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+from benchmarks.measure import add_run_arguments, load_run_settings, parser, write_rows
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default="quickstart", help="scenario name or TOML (default quickstart)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    p = parser(__doc__)
+    add_run_arguments(p, out="results/adaptation_fleet.csv")
     p.add_argument("--jobs", type=int, default=2, help="worker processes (default 2)")
-    p.add_argument("--out", default="results/adaptation_fleet.csv", help="per-device CSV")
     p.add_argument("--baseline", metavar="CSV", help="an earlier run's per-device CSV: print the paired difference")
     args = p.parse_args(argv)
     if args.baseline and not Path(args.baseline).is_file():
@@ -123,6 +117,7 @@ def run_device(job: tuple[str, int, list[tuple[int, float]], str]) -> list[dict]
     from fedasls.device.round import run_device_round
     from fedasls.sim.heterogeneity import HeterogeneityModel
     from fedasls.device.worker import DeviceRuntime
+    from fedasls.sim.cost_model import CostModel
     from fedasls.sim.simulated_timing import SimulatedTiming
     from fedasls.device.store import DeviceStore
 
@@ -135,7 +130,7 @@ def run_device(job: tuple[str, int, list[tuple[int, float]], str]) -> list[dict]
     seen_history = 0
     for server_round, now in rounds:
         t0 = time.process_time()
-        keep = SimulatedTiming(hetero).keep_if_online(device_id, now)  # as the fleet's worker slots do
+        keep = SimulatedTiming(hetero, CostModel(settings.cost)).keep_if_online(device_id, now)  # as the fleet's slots do
         result = run_device_round(device_id, now, runtime, settings, store, hetero, keep=keep)
         row = {"round": server_round, "now": now, "tier": hetero.profile(device_id).tier,
                "cpu_s": time.process_time() - t0, **result.metrics()}
@@ -159,16 +154,10 @@ def run_device(job: tuple[str, int, list[tuple[int, float]], str]) -> list[dict]
 def main(argv: list[str] | None = None) -> list[dict]:
     """Run the fleet, print the summary; returns each device's last completed round."""
     args = parse_args(argv)
-    from fedasls.config import load_settings
-    from fedasls.lm.model import ensure_model
     from fedasls.stats import mean_ci
-    from simulations.report import last_participation, write_csv
-    from fedasls.scenarios import scenario_path
+    from simulations.report import last_participation
 
-    config = args.config if Path(args.config).is_file() else str(scenario_path(args.config))
-    settings = load_settings(config, args.overrides)
-    model_path = ensure_model(settings.model)
-    settings = settings.model_copy(update={"model": settings.model.at_path(model_path)})
+    settings = load_run_settings(args)
     plan: dict[int, list[tuple[int, float]]] = defaultdict(list)
     for server_round, now, devices in cohorts(settings):
         for d in devices:
@@ -183,9 +172,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             rows += device_rows
     wall = time.perf_counter() - t0
     devices = last_participation(rows)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_csv(out, rows)
+    out = write_rows(args.out, rows)
 
     def ci(values: list[float]) -> str:
         kept = [v for v in values if not math.isnan(v)]

@@ -12,9 +12,10 @@ FLOPs are counted by torch's FlopCounterMode in a second, identical run; achieve
 time) is set against torch's float32 matmul FLOP/s on the same threads (a large square matmul and
 one of the model's own shapes).
 
-    python benchmarks/breakdown.py                                   # quickstart, 6 devices, day 6
-    python benchmarks/breakdown.py --model /path/to/SmolLM2-135M-Instruct-hf
-    python benchmarks/breakdown.py --save-baseline before            # commit benchmarks/baselines/
+    python -m benchmarks.breakdown                                   # quickstart, 6 devices, day 6
+    python -m benchmarks.breakdown --model /path/to/SmolLM2-135M-Instruct-hf
+    python -m benchmarks.breakdown --set adaptation.fused_adamw=false   # a speed-up off (each one is a setting)
+    python -m benchmarks.breakdown --save-baseline before            # commit benchmarks/baselines/
 
 Outputs under --out: breakdown.csv, breakdown.json, breakdown.png.
 """
@@ -28,18 +29,15 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):  # run as a script: make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.measure import BASELINES, REPO, Meter, load_avg, machine, matmul_flops, write_json
+from benchmarks.measure import (BASELINES, RESULTS, Meter, add_run_arguments, command_line, config_path, load_avg,
+                                machine, matmul_flops, parser, run_overrides, write_json)
 
 EMBEDDED = "embedded"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default=str(REPO / "fedasls" / "scenarios" / "quickstart.toml"), help="scenario TOML")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    p = parser(__doc__)
+    add_run_arguments(p, out=str(RESULTS / "breakdown"), with_model=False)
     p.add_argument("--devices", type=int, default=6, help="devices 0..N-1 (default 6)")
     p.add_argument("--day", type=float, default=6.0, help="virtual day of the round (default 6)")
     p.add_argument("--model", dest="models", action="append", default=[],
@@ -48,7 +46,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-embedded", action="store_true", help="measure only the --model folders")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1, as a Ray worker)")
     p.add_argument("--no-flops", action="store_true", help="skip the training FLOP/s measurement")
-    p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "breakdown"), help="output folder")
     p.add_argument("--save-baseline", metavar="NAME",
                    help="also write the summary to benchmarks/baselines/breakdown-NAME.json (committed)")
     return p.parse_args(argv)
@@ -94,8 +91,7 @@ def measure_model(label: str, path: str | None, args: argparse.Namespace) -> dic
     from fedasls.lm.model import ensure_model
     from fedasls.device.timing import record
 
-    overrides = list(args.overrides)
-    settings = load_settings(args.config, overrides)
+    settings = load_settings(config_path(args.config), run_overrides(args))
     model_path = path or str(ensure_model(settings.model))
     settings = settings.model_copy(update={
         "model": settings.model.at_path(model_path),
@@ -256,7 +252,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise SystemExit("breakdown: nothing to measure (every --model was missing and --no-embedded was given)")
     results = [measure_model(label, path, args) for label, path in models]
     out = Path(args.out)
-    summary = {"command": " ".join(["python", "benchmarks/breakdown.py", *(argv if argv is not None else sys.argv[1:])]),
+    summary = {"command": command_line("benchmarks.breakdown", argv),
                "machine": machine(), "settings": {"config": args.config, "overrides": args.overrides,
                                                   "threads": args.threads}, "results": results}
     write_csv(out / "breakdown.csv", results)

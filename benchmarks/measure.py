@@ -1,5 +1,11 @@
-"""Honest figures for benchmarks on a shared machine: wall AND CPU time, with the load next to them.
+"""What every benchmark shares: its command line, its settings, its output files, honest figures.
 
+- `parser()` / `add_run_arguments()`: `--config` (a shipped scenario name or a TOML file), `--set
+  SECTION.KEY=VALUE` (repeatable), `--model` (a preset name or a local Hugging Face folder), `--out`.
+- `load_run_settings()`: the scenario, the benchmark's own overrides, `--model`, then `--set` (the
+  user's overrides win), with the model built or converted once and resolved to its folder.
+- `Study` / `study_settings()`: a study is a base scenario plus named lists of `--set` overrides.
+- `write_json()`, `write_rows()` (CSV), `command_line()`: what a run writes and the command that made it.
 - `Meter`: wall seconds, this process's CPU seconds, its waited-for children's CPU seconds, the
   1-minute load average before and after.
 - `TreeCPU`: CPU seconds of a process and all its descendants (Ray workers included), sampled
@@ -10,6 +16,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -18,13 +25,80 @@ import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psutil
 
+if TYPE_CHECKING:
+    from fedasls.config import Settings
+
 REPO = Path(__file__).resolve().parents[1]
 BASELINES = REPO / "benchmarks" / "baselines"  # committed figures (benchmarks/results/ is git-ignored)
+RESULTS = REPO / "benchmarks" / "results"  # where a benchmark writes unless --out says otherwise (git-ignored)
+
+Study = dict[str, list[str]]  # variant name -> its --set overrides of the base scenario
+
+
+def parser(doc: str | None) -> argparse.ArgumentParser:
+    """An argument parser whose --help prints the benchmark's module docstring as written."""
+    return argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def add_run_arguments(p: argparse.ArgumentParser, *, out: str, config: str | None = "quickstart",
+                      model: str | None = None, with_model: bool = True) -> None:
+    """--config, --set, --model and --out, the same in every benchmark."""
+    p.add_argument("--config", default=config, help=f"a shipped scenario name or a TOML file (default: "
+                   f"{config or 'the built-in defaults'})")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one setting, e.g. --set adaptation.fused_adamw=false (repeatable; wins over the "
+                   "benchmark's own overrides)")
+    if with_model:
+        p.add_argument("--model", default=model, help="a model preset (smollm2-135m-instruct) or a local Hugging "
+                       f"Face causal-LM folder (default: {model or 'the scenario model'})")
+    p.add_argument("--out", default=out, help=f"where results go (default {out})")
+
+
+def config_path(config: str | None) -> Path | None:
+    """The TOML file of a --config value (a file, or a shipped scenario's name); None = built-in defaults."""
+    from fedasls.scenarios import scenario_path
+
+    return scenario_path(config) if config else None
+
+
+def run_overrides(args: argparse.Namespace, extra: Sequence[str] = ()) -> list[str]:
+    """The benchmark's own overrides, then --model, then the user's --set (later ones win)."""
+    from fedasls.lm.presets import model_override
+
+    model = getattr(args, "model", None)
+    return [*extra, *([model_override(model)] if model else []), *args.overrides]
+
+
+def load_run_settings(args: argparse.Namespace, extra: Sequence[str] = ()) -> "Settings":
+    """The run's settings (`run_overrides` on --config), the model built or converted and resolved to its folder."""
+    from fedasls.config import load_settings
+    from fedasls.lm.model import ensure_model
+
+    settings = load_settings(config_path(args.config), run_overrides(args, extra))
+    return settings.model_copy(update={"model": settings.model.at_path(ensure_model(settings.model))})
+
+
+def study_settings(args: argparse.Namespace, study: Study, extra: Sequence[str] = ()) -> dict[str, "Settings"]:
+    """Each variant's settings: the run's overrides (`run_overrides`), then the variant's own."""
+    from fedasls.config import load_settings
+    from fedasls.lm.model import ensure_model
+
+    out = {}
+    for name, overrides in study.items():
+        settings = load_settings(config_path(args.config), [*run_overrides(args, extra), *overrides])
+        out[name] = settings.model_copy(update={"model": settings.model.at_path(ensure_model(settings.model))})
+    return out
+
+
+def command_line(module: str, argv: Sequence[str] | None) -> str:
+    """The command that ran benchmark `module` (e.g. "benchmarks.throughput"), for its summary file."""
+    return " ".join(["python", "-m", module, *(argv if argv is not None else sys.argv[1:])])
 
 
 def load_avg() -> float:
@@ -83,7 +157,8 @@ class TreeCPU:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def _sample(self) -> None:
+    def sample(self) -> None:
+        """Record every process of the tree now (the thread calls this every `period` seconds)."""
         try:
             procs = [self.root, *self.root.children(recursive=True)]
         except psutil.Error:
@@ -108,16 +183,16 @@ class TreeCPU:
 
     def _run(self) -> None:
         while not self._stop.wait(self.period):
-            self._sample()
+            self.sample()
 
     def __enter__(self) -> "TreeCPU":
-        self._sample()
+        self.sample()
         self._base_own, self._base_reaped = dict(self._own), dict(self._reaped)
         self._thread.start()
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self._sample()
+        self.sample()
         self._stop.set()
         self._thread.join()
 
@@ -179,8 +254,19 @@ def matmul_flops(n: int = 512, m: int | None = None, k: int | None = None, secon
 
 
 def write_json(path: Path, data: Any) -> Path:
+    """`data` as indented JSON (dataclasses and paths included), folders made as needed."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2, default=_plain) + "\n")
+    return path
+
+
+def write_rows(path: str | Path, rows: list[dict[str, Any]]) -> Path:
+    """Rows as a CSV with a header (the union of their keys), folders made as needed."""
+    from simulations.report import write_csv
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_csv(path, rows)
     return path
 
 

@@ -10,12 +10,6 @@ The ServerApp sends every device of a round to the worker slots (device id in th
 
 from __future__ import annotations
 
-import sys as _sys
-from pathlib import Path as _Path
-
-if __package__ in (None, ""):  # run as a script: make the repository importable
-    _sys.path.insert(0, str(_Path(__file__).resolve().parents[1]))
-
 import time
 from functools import lru_cache
 

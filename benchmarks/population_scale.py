@@ -9,8 +9,8 @@ device-round stages summed over devices and divided by the workers, against the 
 (the rest is Flower/Ray dispatch and the server loop).
 Targets: 100k vs 1k within 1.25x per-round time and 1.5x peak memory.
 
-    python benchmarks/population_scale.py                     # 1k, 100k, 1M devices
-    python benchmarks/population_scale.py --quick             # 1k and 1M, toy work per device
+    python -m benchmarks.population_scale                     # 1k, 100k, 1M devices
+    python -m benchmarks.population_scale --quick             # 1k and 1M, toy work per device
 """
 
 from __future__ import annotations
@@ -25,24 +25,21 @@ from pathlib import Path
 
 import psutil
 
-if __package__ in (None, ""):  # run as a script: make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.measure import BASELINES, REPO, TreeCPU, load_avg, machine, write_json
+from benchmarks.measure import (BASELINES, REPO, RESULTS, TreeCPU, add_run_arguments, command_line, config_path,
+                                load_avg, machine, parser, run_overrides, write_json)
 
 QUICK = ["population.stream_length=40", "adaptation.epochs=1", "evaluation.max_new_tokens=8",
          "synthesis.method=\"fallback\"", "synthesis.rewrites=1"]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser(__doc__)
+    add_run_arguments(p, out=str(RESULTS / "population_scale"))
     p.add_argument("--populations", type=int, nargs="+", default=[1000, 100_000, 1_000_000])
     p.add_argument("--cohort", type=int, default=20, help="cohort size K (default 20)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--quick", action="store_true",
                    help="populations 1k and 1M, cohort 4, 2 rounds, toy work per device (a few minutes on a busy machine)")
-    p.add_argument("--out", default="benchmarks/results/population_scale", help="folder for the runs and the JSON")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     p.add_argument("--save-baseline", metavar="NAME", help="also write benchmarks/baselines/population_scale-NAME.json")
     args = p.parse_args(argv)
     if args.quick:
@@ -66,12 +63,12 @@ def run_one(n: int, args: argparse.Namespace) -> dict:
     out = Path(args.out).resolve()
     name = f"pop-{n}"
     cmd = [
-        sys.executable, "-m", "simulations.cli", "simulate", "--name", name,
+        sys.executable, "-m", "simulations.cli", "simulate", "--name", name, "--config", str(config_path(args.config)),
         "--set", f"population.num_devices={n}",
         "--set", f"simulation.cohort_size={args.cohort}",
         "--set", f"simulation.rounds={args.rounds}",
         "--set", f'simulation.output_dir="{out}"',
-        *[x for o in args.overrides for x in ("--set", o)],
+        *[x for o in run_overrides(args) for x in ("--set", o)],
     ]
     run_dir = out / name
     if run_dir.exists():
@@ -114,7 +111,7 @@ def run_one(n: int, args: argparse.Namespace) -> dict:
 def workers(args: argparse.Namespace) -> int:
     from fedasls.config import load_settings
 
-    return load_settings(None, args.overrides).simulation.workers
+    return load_settings(config_path(args.config), run_overrides(args)).simulation.workers
 
 
 def where_time_goes(rounds: list[dict], devices: list[dict], n_workers: int) -> dict[str, float]:
@@ -154,7 +151,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     focus = next((r for r in rows if r["population"] == 100_000), last)
     shares = ", ".join(f"{k} {100 * v:.0f}%" for k, v in focus["where_time_goes"].items() if v >= 0.005)
     print(f"where a round's time goes at {focus['population']:,} devices: {shares}")
-    summary = {"command": " ".join(["python", "benchmarks/population_scale.py", *(argv if argv is not None else sys.argv[1:])]),
+    summary = {"command": command_line("benchmarks.population_scale", argv),
                "machine": machine(), "rows": rows}
     print(f"written: {write_json(Path(args.out) / 'population_scale.json', summary)}")
     if args.save_baseline:

@@ -1,82 +1,77 @@
 """Selection ablation and synthesis sweep on the default population (Qin et al., Table/Fig. style).
 
-For each device: observe its whole stream under each selection policy (same LM embeddings for
-all), adapt once (sparse annotation of the buffer + synthesis + LoRA), and evaluate on its
-held-out future interactions. Prints mean ROUGE-1 and perplexity per variant with bootstrap 95%
-CIs over devices, the per-interaction selection cost, and writes a CSV.
+A study: the base scenario (the built-in defaults, or --config) with one adaptation at the end of
+each device's stream (`adaptation.use_profile_trigger=false`), and one variant per selection policy
+(`selection.policy=...`) and per synthesis rewrite count (`synthesis.rewrites=...` on policy full).
+For each device: observe its whole stream under each variant (same LM embeddings for all), adapt
+once (sparse annotation of the buffer + synthesis + LoRA), and evaluate on its held-out future
+interactions. Prints mean ROUGE-1 and perplexity per variant with bootstrap 95% CIs over devices,
+the per-interaction selection cost, and writes a CSV.
 
-    python benchmarks/selection_ablation.py --devices 30
+    python -m benchmarks.selection_ablation --devices 30
+    python -m benchmarks.selection_ablation --devices 30 --set feedback.use_implicit=false   # the same study, annotations only
 """
 
 from __future__ import annotations
-
-import sys as _sys
-from pathlib import Path as _Path
-
-if __package__ in (None, ""):  # run as a script: make the repository importable
-    _sys.path.insert(0, str(_Path(__file__).resolve().parents[1]))
 
 import argparse
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor
-from pathlib import Path
 
+from benchmarks.measure import Study, add_run_arguments, parser, study_settings, write_rows
+
+ONCE_AT_THE_END = ["adaptation.use_profile_trigger=false"]  # one adaptation on the whole stream's buffer
 POLICIES = ("full", "eoe", "dss", "idd", "random", "fifo", "kcenter", "reservoir")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--devices", type=int, default=30, help="devices 0..N-1 of the default population (default 30)")
+    p = parser(__doc__)
+    add_run_arguments(p, out="results/selection_ablation.csv", config=None)
+    p.add_argument("--devices", type=int, default=30, help="devices 0..N-1 of the population (default 30)")
     p.add_argument("--policies", nargs="+", default=list(POLICIES), choices=POLICIES)
     p.add_argument("--rewrites", type=int, nargs="+", default=[0, 1, 3, 6], help="synthesis sweep (policy full)")
-    p.add_argument("--config", help="settings TOML (default: built-in defaults)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     p.add_argument("--jobs", type=int, default=2, help="worker processes (default 2)")
-    p.add_argument("--out", default="results/selection_ablation.csv", help="CSV path")
     return p.parse_args(argv)
 
 
-def variants(policies: list[str], rewrites: list[int], default_rewrites: int) -> list[tuple[str, str, int]]:
-    """(variant name, policy, rewrites): the policy ablation at the default k, then the k sweep on full."""
-    out = [(f"policy={p}", p, default_rewrites) for p in policies]
-    out += [(f"rewrites={k}", "full", k) for k in rewrites if not (k == default_rewrites and "full" in policies)]
+def variants(policies: list[str], rewrites: list[int], default_rewrites: int) -> Study:
+    """The policy ablation at the scenario's rewrites, then the rewrites sweep on policy full."""
+    out = {f"policy={p}": [f'selection.policy="{p}"'] for p in policies}
+    out |= {f"rewrites={k}": ['selection.policy="full"', f"synthesis.rewrites={k}"]
+            for k in rewrites if not (k == default_rewrites and "full" in policies)}
     return out
 
 
-def run_device(args: tuple[int, str | None, list[str], list[tuple[str, str, int]]]) -> list[dict]:
+def run_device(job: tuple[int, list[tuple[str, str]]]) -> list[dict]:
     """Every variant on one device (in a worker process with its own model copy).
 
     Each variant is a Device with its own Settings on the worker's one shared DeviceRuntime; the
     stream's embeddings are computed once and reused by every variant.
     """
-    device_id, config, overrides, plan = args
+    device_id, plan = job
     import torch
 
     torch.set_num_threads(1)
-    from fedasls.config import load_settings
-    from fedasls.device.device import Device, DeviceOptions
+    from fedasls.config import Settings
+    from fedasls.device.device import Device
     from fedasls.device.stream import advance
 
-    settings = load_settings(config, overrides)
-    runtime = _runtime(settings)
+    plan_settings = [(name, Settings.model_validate_json(text)) for name, text in plan]
+    runtime = _runtime(plan_settings[0][1])
     stream = runtime.population.stream(device_id)
     embeddings = runtime.embed_interactions(stream)
     rows, base = [], None
-    once_at_the_end = DeviceOptions(use_profile_trigger=False)  # one adaptation on the whole stream's buffer
-    for name, policy, k in plan:
-        variant = settings.model_copy(update={
-            "selection": settings.selection.model_copy(update={"policy": policy}),
-            "synthesis": settings.synthesis.model_copy(update={"rewrites": k}),
-        })
-        device = Device(device_id, runtime, variant, options=once_at_the_end)
+    for name, variant in plan_settings:
+        device = Device(device_id, runtime, variant)
         device.base_eval = base
         progress = advance(device, stream_embeddings=embeddings)  # the whole stream, then one adaptation
         observe_ms = progress.observe_seconds * 1000 / len(stream)
         report = progress.adaptations[0]
         personal, base = device.evaluate()
         rows.append({
-            "device_id": device_id, "variant": name, "policy": policy, "rewrites": k,
+            "device_id": device_id, "variant": name, "policy": variant.selection.policy,
+            "rewrites": variant.synthesis.rewrites,
             "rouge1": personal.rouge1, "rougeL": personal.rougeL, "perplexity": personal.perplexity,
             "accept_rate": personal.accept_rate, "base_rouge1": base.rouge1, "base_perplexity": base.perplexity,
             "annotated": report.annotated, "synthesized": report.synthesized, "examples": report.examples,
@@ -127,35 +122,30 @@ def selection_cost_ms(settings, n: int = 400) -> float:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    """Run the ablation; returns one row per (device, variant), as written to the CSV."""
+    """Run the study; returns one row per (device, variant), as written to the CSV."""
     args = parse_args(argv)
-    from fedasls.config import load_settings
-    from fedasls.lm.model import ensure_model
     from fedasls.stats import mean_ci
-    from simulations.report import write_csv
 
-    settings = load_settings(args.config, args.overrides)
-    model_path = ensure_model(settings.model)  # build once, before the workers start
-    overrides = args.overrides + [f'model.path="{model_path}"']
-    plan = variants(args.policies, args.rewrites, settings.synthesis.rewrites)
+    base = study_settings(args, {"base": []}, ONCE_AT_THE_END)["base"]
+    study = variants(args.policies, args.rewrites, base.synthesis.rewrites)
+    settings = study_settings(args, study, ONCE_AT_THE_END)
+    plan = [(name, variant.model_dump_json()) for name, variant in settings.items()]
     t0 = time.perf_counter()
-    jobs = [(d, args.config, overrides, plan) for d in range(args.devices)]
+    jobs = [(d, plan) for d in range(args.devices)]
     rows: list[dict] = []
     from tqdm import tqdm
 
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
         for device_rows in tqdm(pool.map(run_device, jobs), total=len(jobs), desc="devices", unit="dev"):
             rows += device_rows
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_csv(out, rows)
+    out = write_rows(args.out, rows)
 
     print(f"\n{args.devices} devices, {len(plan)} variants, {time.perf_counter() - t0:.0f} s wall, "
           f"{os.cpu_count()} cores")
-    base = [r for r in rows if r["variant"] == plan[0][0]]
+    base_rows = [r for r in rows if r["variant"] == plan[0][0]]
     print(f"{'variant':<18}{'ROUGE-1 mean [95% CI]':<30}{'perplexity mean [95% CI]':<32}{'valuable':>9}{'examples':>9}")
-    summary = [("base model", [r["base_rouge1"] for r in base], [r["base_perplexity"] for r in base], None, None)]
-    for name, _, _ in plan:
+    summary = [("base model", [r["base_rouge1"] for r in base_rows], [r["base_perplexity"] for r in base_rows], None, None)]
+    for name, _ in plan:
         vr = [r for r in rows if r["variant"] == name]
         summary.append((name, [r["rouge1"] for r in vr], [r["perplexity"] for r in vr],
                         sum(r["valuable_share"] for r in vr) / len(vr), sum(r["examples"] for r in vr) / len(vr)))
@@ -164,7 +154,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         pm, plo, phi = mean_ci(ppl)
         extra = f"{valuable:>9.2f}{examples:>9.1f}" if valuable is not None else ""
         print(f"{name:<18}{m:.4f} [{lo:.4f}, {hi:.4f}]    {pm:8.2f} [{plo:.2f}, {phi:.2f}]      {extra}")
-    print(f"\nselection cost per interaction (no LM forward): {selection_cost_ms(settings):.3f} ms median "
+    print(f"\nselection cost per interaction (no LM forward): {selection_cost_ms(base):.3f} ms median "
           f"(target <= 2 ms); in-run observe incl. tagging: "
           f"{sum(r['observe_ms'] for r in rows) / len(rows):.3f} ms mean")
     print(f"CSV: {out}")

@@ -17,8 +17,9 @@ first round (steady state); CPU seconds per device round and the load average st
 them, since the machine may be shared. Held-out ROUGE-1 of each variant's last round is printed
 next to its rate, with a 95% CI over devices. Targets on 2 cores: a/b >= 5, a/c >= 0.8.
 
-    python benchmarks/throughput.py                      # 12 devices x 3 rounds, 2 workers
-    python benchmarks/throughput.py --quick              # 4 devices x 2 rounds
+    python -m benchmarks.throughput                      # 12 devices x 3 rounds, 2 workers
+    python -m benchmarks.throughput --quick              # 4 devices x 2 rounds
+    python -m benchmarks.throughput --model smollm2-135m-instruct --devices 3 --rounds 6
 """
 
 from __future__ import annotations
@@ -33,25 +34,21 @@ import time
 from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):  # run as a script: make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.measure import BASELINES, REPO, TreeCPU, load_avg, machine, write_json
+from benchmarks.measure import (BASELINES, REPO, RESULTS, TreeCPU, add_run_arguments, command_line, load_avg,
+                                load_run_settings, machine, parser, write_json)
 
 VARIANTS = ("fedasls", "naive", "bare")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default=str(REPO / "fedasls" / "scenarios" / "quickstart.toml"), help="scenario TOML")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    p = parser(__doc__)
+    add_run_arguments(p, out=str(RESULTS / "throughput"))
     p.add_argument("--devices", type=int, default=12, help="devices 0..N-1, all in every round (default 12)")
     p.add_argument("--rounds", type=int, default=3, help="rounds, one virtual day apart (default 3)")
     p.add_argument("--start-day", type=float, default=4.0, help="virtual day of round 1 (default 4)")
     p.add_argument("--workers", type=int, default=2, help="worker processes of every variant (default 2)")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     p.add_argument("--quick", action="store_true", help="4 devices x 2 rounds")
-    p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "throughput"), help="output folder")
     p.add_argument("--save-baseline", metavar="NAME", help="also write benchmarks/baselines/throughput-NAME.json")
     p.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)  # internal: run one variant here
     p.add_argument("--settings-file", help=argparse.SUPPRESS)
@@ -64,9 +61,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def bench_settings(args: argparse.Namespace) -> Any:
     """The scenario with every device in every round: cohort = population, no dropouts, always online."""
-    from fedasls.config import load_settings
-    from fedasls.lm.model import ensure_model
-
     overrides = [
         f"population.num_devices={args.devices}",
         f"simulation.cohort_size={args.devices}",
@@ -79,11 +73,8 @@ def bench_settings(args: argparse.Namespace) -> Any:
         "simulation.cpus_per_worker=1.0",
         'heterogeneity.availability="always"',
         "heterogeneity.dropout_scale=0.0",
-        *args.overrides,
     ]
-    settings = load_settings(args.config, overrides)
-    path = ensure_model(settings.model)  # build once here, outside any timing
-    return settings.model_copy(update={"model": settings.model.at_path(path)})
+    return load_run_settings(args, overrides)  # the model built once here, outside any timing
 
 
 # --------------------------------------------------------------------------- the variants
@@ -198,12 +189,12 @@ def run_variant_here(args: argparse.Namespace) -> None:
 def measure(variant: str, settings_file: Path, out: Path) -> dict[str, Any]:
     """Run one variant in a child process; wall, process-tree CPU and load around it."""
     result_file = out / f"{variant}.json"
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--variant", variant,
+    cmd = [sys.executable, "-m", "benchmarks.throughput", "--variant", variant,
            "--settings-file", str(settings_file), "--result-file", str(result_file)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     env.setdefault("OMP_NUM_THREADS", "1")  # one thread per worker process, as the ClientApp sets for torch
     load0, t0 = load_avg(), time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO)
     with TreeCPU(proc.pid) as tree:
         output, _ = proc.communicate()
     wall = time.perf_counter() - t0
@@ -267,7 +258,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         rows[variant] = measure(variant, settings_file, out)
     ratios = report(rows, args)
     summary = {
-        "command": " ".join(["python", "benchmarks/throughput.py", *(argv if argv is not None else sys.argv[1:])]),
+        "command": command_line("benchmarks.throughput", argv),
         "machine": machine(), "devices": args.devices, "rounds": args.rounds, "workers": args.workers,
         "start_day": args.start_day, "config": args.config, "overrides": args.overrides,
         "variants": rows, "ratios": ratios,

@@ -78,6 +78,7 @@ def device_round(settings_json: str, device_id: int, now: float, store_dir: str,
     DeviceFailure, its traceback kept in the device's errors.log."""
     from fedasls.device.round import keep_always, run_device_round
     from fedasls.device.faults import contained
+    from fedasls.sim.cost_model import CostModel
     from fedasls.sim.simulated_timing import SimulatedTiming
     from fedasls.device.store import DeviceStore
     from fedasls.device.timing import record, stage
@@ -87,7 +88,8 @@ def device_round(settings_json: str, device_id: int, now: float, store_dir: str,
         with record() as timer:  # the reply carries per-stage seconds (numbers only), see fedasls.device.timing
             with stage("worker_setup"):  # the base model loads on a worker's first call only
                 settings, runtime, hetero = worker_resources(settings_json)
-            keep = SimulatedTiming(hetero).keep_if_online(device_id, now) if simulated_timing else keep_always
+            timing = SimulatedTiming(hetero, CostModel(settings.cost))
+            keep = timing.keep_if_online(device_id, now) if simulated_timing else keep_always
             result = run_device_round(device_id, now, runtime, settings, store, hetero, keep=keep, downlink=downlink)
         result.stage_seconds = timer.metrics()  # this call's stages, the worker's setup included
         return result

@@ -20,6 +20,7 @@ from fedasls.errors import FedaslsError
 from fedasls.model_folder import model_folder_facts
 from fedasls.federated.secagg_cost import shares_and_threshold
 from fedasls.federated.settings import FederatedSettings
+from fedasls.sim.cost_model import CostConstants
 from fedasls.sim.heterogeneity import DEFAULT_BUFFER_BYTES, HeterogeneitySettings
 
 
@@ -129,6 +130,9 @@ class SelectionSettings(_Section):
     embedding: Literal["lm", "minilm"] = Field(
         "lm", description="Selection embeddings: the base LM's last-token hidden state, or all-MiniLM-L6-v2.")
     embed_batch_size: int = Field(16, ge=1, description="Texts per embedding forward pass.")
+    embed_without_head: bool = Field(
+        True, description="LM embeddings from the decoder stack alone (Llama-style models), skipping the vocabulary "
+        "head; false = the full model with output_hidden_states (same embeddings, slower).")
 
 
 class FeedbackSettings(_Section):
@@ -137,6 +141,9 @@ class FeedbackSettings(_Section):
     annotation_budget: int = Field(16, ge=0, description="Annotations a user gives per adaptation.")
     accept_threshold: float = Field(0.5, ge=0, le=1, description="ROUGE-1 to the preference above which the user accepts.")
     edit_threshold: float = Field(0.2, ge=0, le=1, description="Between this and accept the user edits; below, regenerates.")
+    use_implicit: bool = Field(
+        True, description="Implicit signals (the user's accepts and edits of buffered answers) become training data; "
+        "false = the sparse annotations only (ablation).")
 
     @model_validator(mode="after")
     def _edit_below_accept(self) -> "FeedbackSettings":
@@ -198,6 +205,9 @@ class AdaptationSettings(_Section):
         0.5, ge=0, le=1, description="... and at least this share of the buffer is new since the last adaptation."
     )
     drift_trigger: float = Field(0.5, ge=0, le=2, description="Profile drift above which the device re-tunes.")
+    use_profile_trigger: bool = Field(
+        True, description="Adapt only when the profile trigger fires (min_new_items, min_new_fraction, drift_trigger); "
+        "false = adapt on every call (ablation).")
     min_items: int = Field(
         8, ge=1, description="Labelled buffered items (annotations + edits) before the first adapter is trained "
         "(or every item of a full buffer that holds fewer)."
@@ -229,6 +239,15 @@ class AdaptationSettings(_Section):
     noise_multiplier: float = Field(1.0, ge=0, description="DP-SGD noise std / max_grad_norm.")
     max_grad_norm: float = Field(1.0, gt=0, description="DP-SGD per-example gradient clipping norm.")
     delta: float = Field(1e-5, gt=0, lt=1, description="delta of the device's example-level epsilon.")
+    answer_only_head: bool = Field(
+        True, description="Training loss: the vocabulary head runs on answer positions only (Llama-style models); "
+        "false = full logits everywhere (same losses, slower).")
+    fast_lora_backward: bool = Field(
+        True, description="Plain (non-DP) training takes LoRA's rank-r products in MKL's fast orientation "
+        "(fedasls.lm.fast_lora); false = peft's own LoRA computation (gradients equal within 1e-5, slower).")
+    fused_adamw: bool = Field(
+        True, description="Plain (non-DP) training uses torch's fused AdamW kernel; false = AdamW's loop over the "
+        "LoRA tensors (same update rule, slower).")
 
     def alpha_for(self, rank: int) -> float:
         """The lora_alpha a rank-`rank` adapter gets under `lora_scaling` (its scale is alpha / rank)."""
@@ -239,6 +258,9 @@ class AdaptationSettings(_Section):
 
 class EvaluationSettings(_Section):
     max_new_tokens: int = Field(72, ge=1, description="Enough for a full preferred answer (~45 words).")
+    merge_adapter: bool = Field(
+        True, description="Score with the adapter merged into the base weights (restored exactly after); false = "
+        "peft's unmerged LoRA path (same ROUGE-1, slower).")
 
 
 def devices_per_round(population_size: int, cohort_size: int, overcommit: float) -> int:
@@ -374,6 +396,7 @@ class Settings(_Section):
     simulation: SimulationSettings = SimulationSettings()
     deployment: DeploymentSettings = DeploymentSettings()
     federated: FederatedSettings = FederatedSettings()
+    cost: CostConstants = CostConstants()
 
     @model_validator(mode="after")
     def _dp_needs_poisson_sampling(self) -> "Settings":

@@ -26,6 +26,7 @@ from wire.messages import device_failures, device_metrics, downlink_records
 from fedasls.config import Settings
 from fedasls.device.faults import FailureCode
 from fedasls.sim.heterogeneity import HeterogeneityModel
+from fedasls.sim.cost_model import CostModel
 from fedasls.sim.simulated_timing import SimulatedTiming
 from fedasls.device.store import ERRORS_LOG, DeviceStore
 from server.checkpoint import (
@@ -81,7 +82,8 @@ class FleetRun:
 def make_fleet(run: FleetRun, hetero: HeterogeneityModel) -> Fleet:
     """The fleet `run.fleet` names, configured from the run's settings."""
     if run.fleet == "slots":
-        return WorkerSlots(SimulatedTiming(hetero), run.expected_slots, run.settings.simulation.devices_per_worker)
+        timing = SimulatedTiming(hetero, CostModel(run.settings.cost))
+        return WorkerSlots(timing, run.expected_slots, run.settings.simulation.devices_per_worker)
     if run.fleet == "nodes":
         d = run.settings.deployment
         return DeviceNodes(d.min_nodes, d.reply_timeout_s, d.query_timeout_s, d.wait_s)

@@ -69,14 +69,6 @@ class AdaptReport:
 
 
 @dataclass
-class DeviceOptions:
-    """Switches for ablations (ASLS): which parts of the pipeline a device uses."""
-
-    use_feedback: bool = True  # implicit signals (accept/edit) become training data
-    use_profile_trigger: bool = True  # adapt when the profile says so, else on every call
-
-
-@dataclass
 class DeviceCounters:
     adaptations: int = 0  # adaptation steps run (accepted + rejected + waiting)
     gate_accepted: int = 0  # new adapters the gate kept
@@ -98,13 +90,11 @@ class Device:
         *,
         lora_rank: int | None = None,
         buffer_bytes: int | None = None,
-        options: DeviceOptions | None = None,
     ) -> None:
         runtime.check(settings)
         s = self.settings = settings
         self.device_id = device_id
         self.runtime = runtime
-        self.options = options or DeviceOptions()
         self.lora_rank = lora_rank or s.adaptation.lora_rank
         self.seed = s.population.seed * 1_000_003 + device_id
         selection = s.selection.model_copy(update={"buffer_bytes": buffer_bytes or s.selection.buffer_bytes})
@@ -174,7 +164,7 @@ class Device:
         buffered = len(self.selector.buffer)
         if not buffered:
             return False
-        if not self.options.use_profile_trigger:
+        if not a.use_profile_trigger:
             return True
         enough = max(a.min_new_items, math.ceil(a.min_new_fraction * buffered))
         return self.profile.should_adapt(self.selector.changes_since_adaptation, enough, a.drift_trigger)
@@ -213,7 +203,7 @@ class Device:
         # Implicit feedback on the buffered items the user has not annotated: edits reveal preferences.
         unlabelled = [it for it in items if it.index not in self.annotations]
         feedback_pairs = []
-        if self.options.use_feedback and unlabelled:
+        if s.feedback.use_implicit and unlabelled:
             with stage("feedback"):
                 answers = generate(model, prompts, [it.question for it in unlabelled],
                                    max_new_tokens=s.evaluation.max_new_tokens)
@@ -370,7 +360,8 @@ class Device:
 
     def _score(self, model, heldback: list[Interaction]) -> GateScore:
         """The active adapter's answer loss and greedy-answer ROUGE-1 on the held-back items."""
-        result = evaluate(model, self.runtime.prompts, heldback, self.settings.evaluation.max_new_tokens)
+        e = self.settings.evaluation
+        result = evaluate(model, self.runtime.prompts, heldback, e.max_new_tokens, merge_adapter=e.merge_adapter)
         return GateScore(loss=math.log(result.perplexity), rouge1=result.rouge1)
 
     # ------------------------------------------------------------------ evaluation
@@ -386,11 +377,13 @@ class Device:
         user = SimulatedUser(s.feedback, seed=self.seed)
         if self.base_eval is None:
             with self.runtime.base_model() as base:
-                self.base_eval = evaluate(base, prompts, heldout, s.evaluation.max_new_tokens, user)
+                self.base_eval = evaluate(base, prompts, heldout, s.evaluation.max_new_tokens, user,
+                                          merge_adapter=s.evaluation.merge_adapter)
         if self.adapter is None and self.shared_model is None:  # the base model
             self.last_eval = self.base_eval
         else:
-            self.last_eval = evaluate(self.activate(), prompts, heldout, s.evaluation.max_new_tokens, user)
+            self.last_eval = evaluate(self.activate(), prompts, heldout, s.evaluation.max_new_tokens, user,
+                                      merge_adapter=s.evaluation.merge_adapter)
         return self.last_eval, self.base_eval
 
     # ------------------------------------------------------------------ state
@@ -416,15 +409,14 @@ class Device:
 
     @classmethod
     def from_state(
-        cls, state: dict[str, Any], runtime: DeviceRuntime, settings: Settings, options: DeviceOptions | None = None
-    ) -> "Device":
+        cls, state: dict[str, Any], runtime: DeviceRuntime, settings: Settings) -> "Device":
         """Rebuild a device saved by `to_state` (raises ValueError naming the problem)."""
         if state.get("version") != STATE_VERSION:
             raise ValueError(
                 f"device {state.get('device_id')}: state version {state.get('version')} is not {STATE_VERSION}; "
                 "delete the device's folder in the store to start it afresh"
             )
-        device = cls(state["device_id"], runtime, settings, lora_rank=state["lora_rank"], options=options)
+        device = cls(state["device_id"], runtime, settings, lora_rank=state["lora_rank"])
         device.cursor = int(state["cursor"])
         device.profile = UserProfile.from_state(state["profile"])
         device.selector = Selector.from_state(state["selector"], runtime.lexicons, device.seed, device.profile)

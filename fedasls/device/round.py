@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, fields
 
 from fedasls.config import Settings
 from fedasls.sim.cost_model import RoundWork
-from fedasls.device.device import AdaptReport, Device, DeviceOptions
+from fedasls.device.device import AdaptReport, Device
 from fedasls.device.stream import advance
 from fedasls.device.global_round import ClippedUpdate, adapt_from_global
 from fedasls.federated.strategy import Downlink
@@ -80,18 +80,18 @@ class DeviceRoundResult:
 
 
 def load_device(device_id: int, runtime: DeviceRuntime, settings: Settings, store: DeviceStore,
-                heterogeneity: HeterogeneityModel, options: DeviceOptions | None = None) -> Device:
+                heterogeneity: HeterogeneityModel) -> Device:
     """The device as last saved, or a new one sized by its heterogeneity profile."""
     state = store.load(device_id)
     if state is not None:
         try:
-            return Device.from_state(state, runtime, settings, options)
+            return Device.from_state(state, runtime, settings)
         except (KeyError, TypeError, ValueError, AttributeError) as err:  # stored, but not a device we can rebuild
             folder = store.folder(device_id)
             raise CorruptStateError(device_id, folder / MANIFEST, f"not a loadable device state: {err}", folder) from None
     profile = heterogeneity.profile(device_id)
     return Device(device_id, runtime, settings, lora_rank=min(profile.max_lora_rank, settings.adaptation.lora_rank),
-                  buffer_bytes=profile.buffer_bytes(settings.selection.buffer_bytes), options=options)
+                  buffer_bytes=profile.buffer_bytes(settings.selection.buffer_bytes))
 
 
 def run_device_round(
@@ -101,7 +101,6 @@ def run_device_round(
     settings: Settings,
     store: DeviceStore,
     heterogeneity: HeterogeneityModel,
-    options: DeviceOptions | None = None,
     keep: Callable[[RoundWork], bool] = keep_always,
     downlink: Downlink | None = None,
 ) -> DeviceRoundResult:
@@ -113,17 +112,17 @@ def run_device_round(
     and CPU times (fedasls.device.timing).
     """
     with record() as timer:
-        result = _run_device_round(device_id, now, runtime, settings, store, heterogeneity, options, keep, downlink)
+        result = _run_device_round(device_id, now, runtime, settings, store, heterogeneity, keep, downlink)
     result.stage_seconds = timer.metrics()
     return result
 
 
 def _run_device_round(device_id: int, now: float, runtime: DeviceRuntime, settings: Settings, store: DeviceStore,
-                      heterogeneity: HeterogeneityModel, options: DeviceOptions | None,
+                      heterogeneity: HeterogeneityModel,
                       keep: Callable[[RoundWork], bool], downlink: Downlink | None) -> DeviceRoundResult:
     t0 = time.perf_counter()
     with stage("load_state"):
-        device = load_device(device_id, runtime, settings, store, heterogeneity, options)
+        device = load_device(device_id, runtime, settings, store, heterogeneity)
     contribution = None
     if downlink is None:
         progress = advance(device, until=STREAM_EPOCH + now)

@@ -39,7 +39,7 @@ def resource_key(settings: Settings) -> str:
     loads = {
         "model": settings.model.model_dump(mode="json"),
         "population": settings.population.model_dump(mode="json"),
-        "embedding": [s.embedding, s.embed_batch_size],
+        "embedding": [s.embedding, s.embed_batch_size, s.embed_without_head],
     }
     return hashlib.sha256(json.dumps(loads, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -72,7 +72,7 @@ class DeviceRuntime:
         if resource_key(settings) != self.key:
             raise ValueError(
                 "these settings need another model, population or embedder than this DeviceRuntime loaded "
-                "([model], [population], selection.embedding differ): build a DeviceRuntime for them"
+                "([model], [population] or selection.embedding, embed_batch_size, embed_without_head differ): build a DeviceRuntime for them"
             )
 
     @cached_property
@@ -87,7 +87,7 @@ class DeviceRuntime:
     @cached_property
     def embedder(self) -> Embedder:
         s = self._selection
-        return make_embedder(s.embedding, self.model, self.prompts, s.embed_batch_size)
+        return make_embedder(s.embedding, self.model, self.prompts, s.embed_batch_size, s.embed_without_head)
 
     def paraphrase_probe(self, synthesis: SynthesisSettings) -> ParaphraseProbe:
         """How well the base model paraphrases (fixed probe questions, seeded, 3 rewrites each),

@@ -44,12 +44,13 @@ def _check_texts(texts: list[str]) -> None:
 class LMEmbedder:
     """Last-layer, last-token hidden state of the base causal LM."""
 
-    def __init__(self, model: Any, prompts: PromptFormat, batch_size: int = 16) -> None:
+    def __init__(self, model: Any, prompts: PromptFormat, batch_size: int = 16, without_head: bool = True) -> None:
         if batch_size < 1:
             raise ValueError(f"LMEmbedder: batch_size must be >= 1 (got {batch_size})")
         self.model = model
         self.prompts = check_prompt_format(prompts)
         self.batch_size = batch_size
+        self.without_head = without_head  # selection.embed_without_head
 
     def text(self, interaction: Interaction) -> str:
         """The text embedded for an interaction: its exchange in the model's own format."""
@@ -61,7 +62,8 @@ class LMEmbedder:
         _check_texts(texts)
         if not texts:
             return np.zeros((0, int(self.model.config.hidden_size)), dtype=np.float32)
-        out = embed_last_token(self.model, self.prompts, texts, batch_size=self.batch_size)
+        out = embed_last_token(self.model, self.prompts, texts, batch_size=self.batch_size,
+                               without_head=self.without_head)
         return np.asarray(out, dtype=np.float32)
 
 
@@ -119,12 +121,14 @@ class MiniLMEmbedder:
         return np.concatenate(chunks, axis=0).astype(np.float32, copy=False)
 
 
-def make_embedder(name: str, model: Any = None, prompts: PromptFormat | None = None, batch_size: int = 16) -> Embedder:
-    """Build the embedder named by `selection.embedding` ("lm" needs the model and its PromptFormat)."""
+def make_embedder(name: str, model: Any = None, prompts: PromptFormat | None = None, batch_size: int = 16,
+                  without_head: bool = True) -> Embedder:
+    """Build the embedder named by `selection.embedding` ("lm" needs the model and its PromptFormat;
+    `without_head` is selection.embed_without_head)."""
     if name == "lm":
         if model is None or prompts is None:
             raise ValueError("make_embedder('lm') needs the base model and its PromptFormat (DeviceRuntime.prompts)")
-        return LMEmbedder(model, prompts, batch_size)
+        return LMEmbedder(model, prompts, batch_size, without_head)
     if name == "minilm":
         return MiniLMEmbedder(batch_size=batch_size)
     raise ValueError(f"unknown embedder '{name}' (selection.embedding): choose one of {EMBEDDER_NAMES}")

@@ -413,15 +413,12 @@ def _generate_batch(model: torch.nn.Module, prompts: PromptFormat, texts: list[s
     return out
 
 
-EMBED_WITHOUT_HEAD = True  # False: the full model with output_hidden_states (benchmarks/speedups.py compares)
-
-
 def _decoder(model: torch.nn.Module) -> torch.nn.Module | None:
     """The decoder stack of a Llama-style causal LM (peft-wrapped or not) whose last hidden state is
     `hidden_states[-1]` of the full model, else None."""
     causal = model.get_base_model() if hasattr(model, "get_base_model") else model
     model_type = getattr(getattr(causal, "config", None), "model_type", None)
-    if not EMBED_WITHOUT_HEAD or model_type not in ("llama", "mistral", "qwen2"):
+    if model_type not in ("llama", "mistral", "qwen2"):
         return None
     get = getattr(causal, "get_decoder", None)
     return get() if callable(get) else None
@@ -429,18 +426,19 @@ def _decoder(model: torch.nn.Module) -> torch.nn.Module | None:
 
 @torch.no_grad()
 def embed_last_token(
-    model: torch.nn.Module, prompts: PromptFormat, texts: list[str], batch_size: int = 16
+    model: torch.nn.Module, prompts: PromptFormat, texts: list[str], batch_size: int = 16, without_head: bool = True
 ) -> np.ndarray:
     """Last-layer hidden state at each text's last real token, float32 [n, hidden].
 
     `texts` are tokenized as `prompts` says (formatted conversations keep their own special
     tokens). Batches are right-padded, so a text's embedding does not depend on its batch.
-    Works for peft-wrapped models too.
+    Works for peft-wrapped models too. `without_head` (selection.embed_without_head) runs Llama-style
+    models' decoder stack alone, skipping the vocabulary head; else the full model.
     """
     prompts = check_prompt_format(prompts)
     device = _device(model)
     limit = _max_positions(model)
-    decoder = _decoder(model)
+    decoder = _decoder(model) if without_head else None
     rows: list[np.ndarray] = []
     with eval_mode(model):
         for i in range(0, len(texts), batch_size):

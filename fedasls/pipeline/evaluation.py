@@ -36,7 +36,6 @@ class EvalResult:
 
 
 _DEFAULT_CONTEXT = 1024  # for models whose config states no context length
-MERGE_ADAPTER = True  # False: score through peft's unmerged LoRA path (benchmarks/speedups.py compares the two)
 
 
 def _max_positions(model: Any) -> int | None:
@@ -60,17 +59,19 @@ def evaluate(
     max_new_tokens: int = 32,
     user: "SimulatedUser | None" = None,
     batch_size: int = 16,
+    merge_adapter: bool = True,
 ) -> EvalResult:
     """Generate answers for held-out questions and score them against the preferred answers.
 
     rouge1/rougeL: mean F-measures; perplexity: of the preferred answers (answer tokens only);
     accept_rate: share of answers the simulated user accepts (None without a user).
-    The model's train/eval mode is restored afterwards. A peft model's active adapter is merged into
-    the base weights meanwhile (fedasls.lm.merged_adapter; the base weights are restored exactly).
+    The model's train/eval mode is restored afterwards. With `merge_adapter` (evaluation.merge_adapter), a
+    peft model's active adapter is merged into the base weights meanwhile (fedasls.lm.merged_adapter; the
+    base weights are restored exactly).
     """
     if not heldout:
         raise ValueError("evaluate: heldout is empty; pass the device's held-out interactions (population.heldout(i))")
-    with eval_mode(model), merged_adapter(model) if MERGE_ADAPTER else nullcontext():
+    with eval_mode(model), merged_adapter(model) if merge_adapter else nullcontext():
         questions = [item.question for item in heldout]
         answers = generate(model, prompts, questions, max_new_tokens=max_new_tokens, batch_size=batch_size)
         r1, rl = score_answers(answers, [item.preferred for item in heldout])

@@ -123,23 +123,20 @@ def _tensorize(prompts: PromptFormat, examples: Sequence[TrainingExample], max_l
 # Causal LMs whose logits are exactly `lm_head(decoder(...).last_hidden_state)` (no logit scaling or
 # soft-capping), so the head may run on the answer positions only.
 _PLAIN_HEAD_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2"})
-ANSWER_ONLY_HEAD = True  # False: the full-logits path everywhere (benchmarks/speedups.py compares the two)
-FAST_LORA_BACKWARD = True  # False: peft's own LoRA computation in plain training (benchmarks/speedups.py)
-FUSED_ADAMW = True  # False: AdamW's loop over tensors in plain training (benchmarks/speedups.py compares the two)
 
 
 def _decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module] | None:
     """(decoder, lm_head) of a plain-head causal LM (peft-wrapped or not), else None."""
     causal = model.get_base_model() if isinstance(model, PeftModel) else model
     model_type = getattr(getattr(causal, "config", None), "model_type", None)
-    if not ANSWER_ONLY_HEAD or model_type not in _PLAIN_HEAD_MODEL_TYPES:
+    if model_type not in _PLAIN_HEAD_MODEL_TYPES:
         return None
     decoder, head = causal.get_decoder(), causal.get_output_embeddings()
     return (decoder, head) if decoder is not None and head is not None else None
 
 
 def _per_example_loss(
-    model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor
+    model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, answer_only_head: bool = True
 ) -> torch.Tensor:
     """Mean next-token loss over each example's answer tokens, shape [batch].
 
@@ -147,10 +144,10 @@ def _per_example_loss(
     keeps opacus' per-example gradients exact. On plain-head models the vocabulary projection and
     softmax run on the answer positions only (the prompt and padding positions carry no loss): the
     same values, a third to a half fewer FLOPs on the head. Other models (and opacus' wrapped
-    module) take the full-logits path.
+    module) take the full-logits path, and so does every model with `answer_only_head` false.
     """
     target = labels[:, 1:]
-    split = _decoder_and_head(model)
+    split = _decoder_and_head(model) if answer_only_head else None
     if split is None:
         logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
         token_loss = F.cross_entropy(
@@ -259,7 +256,8 @@ def train_adapter(
     max_length = min(settings.max_length, limit) if limit else settings.max_length
     data = _tensorize(prompts, examples, max_length)
     device = next(peft_model.parameters()).device
-    stopper = _EarlyStopping(peft_model, prompts, heldback, settings.patience, max_length) if heldback else None
+    stopper = (_EarlyStopping(peft_model, prompts, heldback, settings.patience, max_length, settings.answer_only_head)
+               if heldback else None)
     with seeded(seed, peft_model):
         loader_gen = torch.Generator().manual_seed(seed)
         if settings.dp:  # opacus replaces the sampler with Poisson sampling of the dataset
@@ -269,7 +267,7 @@ def train_adapter(
             loader = DataLoader(data, batch_sampler=LengthBatches(lengths, settings.batch_size, loader_gen))
         # torch's fused kernel updates every LoRA tensor in one call (a step 1.35 -> 0.40 ms on the
         # embedded model's adapter); DP keeps the loop for the optimizer opacus wraps.
-        fused = FUSED_ADAMW and not settings.dp
+        fused = settings.fused_adamw and not settings.dp
         optimizer = torch.optim.AdamW([p for _, p in params], lr=settings.learning_rate, weight_decay=0.0,
                                       fused=fused or None)
         peft_model.train()
@@ -294,9 +292,9 @@ def train_adapter(
 class _EarlyStopping:
     """Held-back answer loss after each epoch; remembers the best epoch's LoRA weights."""
 
-    def __init__(self, peft_model: PeftModel, prompts: PromptFormat,
-                 heldback: Sequence[TrainingExample], patience: int, max_length: int) -> None:
-        self.model, self.patience = peft_model, patience
+    def __init__(self, peft_model: PeftModel, prompts: PromptFormat, heldback: Sequence[TrainingExample],
+                 patience: int, max_length: int, answer_only_head: bool = True) -> None:
+        self.model, self.patience, self.answer_only_head = peft_model, patience, answer_only_head
         self.data = _tensorize(prompts, heldback, max_length)  # tokenized once, scored after every epoch
         self.losses: list[float] = []
         self.best_epoch: int | None = None
@@ -305,7 +303,7 @@ class _EarlyStopping:
 
     def after_epoch(self) -> bool:
         """Measure the held-back loss; True when training should stop."""
-        loss = _dataset_loss(self.model, self.data)
+        loss = _dataset_loss(self.model, self.data, answer_only_head=self.answer_only_head)
         self.losses.append(loss)
         self.states.append(adapter_state(self.model))
         if self.best_epoch is None or loss < self.losses[self.best_epoch - 1]:
@@ -328,12 +326,12 @@ def _train_plain(
     extra_loss: LossTerm | None = None,
 ) -> TrainResult:
     losses, steps = [], 0
-    with fast_lora_training(peft_model) if FAST_LORA_BACKWARD else nullcontext():
+    with fast_lora_training(peft_model) if settings.fast_lora_backward else nullcontext():
         for _ in range(settings.epochs):
             total, count = 0.0, 0
             for batch in loader:
                 ids, mask, labels, weights = _trim(batch, device)
-                per_example = _per_example_loss(peft_model, ids, mask, labels)
+                per_example = _per_example_loss(peft_model, ids, mask, labels, settings.answer_only_head)
                 loss = (weights * per_example).mean()
                 if extra_loss is not None:
                     loss = loss + extra_loss(peft_model)
@@ -427,7 +425,8 @@ def sequence_loss(
 
 
 @torch.no_grad()
-def _dataset_loss(model: torch.nn.Module, data: TensorDataset, batch_size: int = 16) -> float:
+def _dataset_loss(model: torch.nn.Module, data: TensorDataset, batch_size: int = 16,
+                  answer_only_head: bool = True) -> float:
     """`sequence_loss` of examples already tokenized by `_tensorize`."""
     device = next(model.parameters()).device
     total, tokens = 0.0, 0
@@ -435,6 +434,6 @@ def _dataset_loss(model: torch.nn.Module, data: TensorDataset, batch_size: int =
         for batch in DataLoader(data, batch_size=batch_size):
             ids, mask, labels, _ = _trim(batch, device)
             counts = (labels[:, 1:] != IGNORE_INDEX).sum(dim=1)
-            total += float((_per_example_loss(model, ids, mask, labels) * counts).sum())
+            total += float((_per_example_loss(model, ids, mask, labels, answer_only_head) * counts).sum())
             tokens += int(counts.sum())
     return total / max(tokens, 1)

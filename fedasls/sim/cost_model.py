@@ -11,14 +11,14 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
 
 if TYPE_CHECKING:
     from fedasls.sim.heterogeneity import DeviceProfile
 
 
-@dataclass(frozen=True)
-class CostConstants:
-    """Every constant of the linear cost model, for a reference device (compute_speed 1.0).
+class CostConstants(BaseModel):
+    """[cost]: every constant of the linear cost model, for a reference device (compute_speed 1.0).
 
     train:    n_examples * epochs * train_s_per_example * (1 + rank_overhead * rank) / speed
     embed:    n_items * embed_s_per_item / speed
@@ -28,12 +28,14 @@ class CostConstants:
     (a transfer of 0 bytes costs nothing.)
     """
 
-    train_s_per_example: float = 0.08
-    rank_overhead: float = 0.01
-    embed_s_per_item: float = 0.02
-    eval_s_per_item: float = 0.25
-    upload_fraction: float = 0.5
-    latency_s: float = 0.1
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    train_s_per_example: float = Field(0.08, ge=0, description="Simulated seconds per training example and epoch.")
+    rank_overhead: float = Field(0.01, ge=0, description="Extra training cost per LoRA rank (share of the rank-0 cost).")
+    embed_s_per_item: float = Field(0.02, ge=0, description="Simulated seconds to embed one new interaction.")
+    eval_s_per_item: float = Field(0.25, ge=0, description="Simulated seconds to answer and score one held-out item.")
+    upload_fraction: float = Field(0.5, gt=0, le=1, description="Upload bandwidth as a share of the download bandwidth.")
+    latency_s: float = Field(0.1, ge=0, description="Fixed seconds per transfer (download or upload of > 0 bytes).")
 
 
 WORK_KEYS = ("train_examples", "epochs", "rank", "embed_items", "eval_items", "upload_bytes", "download_bytes")

@@ -103,3 +103,36 @@ def test_settings_resolved_to_a_model_folder_validate_again_and_keep_the_presets
     with pytest.raises(ValueError, match="not both"):  # what writing path and preset together gave
         Settings.model_validate_json(smol.model_copy(update={"model": smol.model.model_copy(
             update={"path": str(tmp_path)})}).model_dump_json())
+
+
+def test_every_ablation_switch_is_a_setting_that_defaults_to_on_and_takes_an_override():
+    switches = ["adaptation.use_profile_trigger", "feedback.use_implicit", "adaptation.answer_only_head",
+                "adaptation.fast_lora_backward", "adaptation.fused_adamw", "evaluation.merge_adapter",
+                "selection.embed_without_head"]
+
+    def value(s, dotted: str):
+        section, key = dotted.split(".")
+        return getattr(getattr(s, section), key)
+
+    default = load_settings()
+    assert all(value(default, k) is True for k in switches)
+    off = load_settings(None, [f"{k}=false" for k in switches])
+    assert all(value(off, k) is False for k in switches)
+    for dotted in switches:  # each one documented (the configuration reference is generated from these)
+        section, key = dotted.split(".")
+        assert type(getattr(default, section)).model_fields[key].description
+
+
+def test_cost_model_constants_are_the_cost_table():
+    from fedasls.sim.cost_model import CostModel
+    from fedasls.sim.heterogeneity import HeterogeneityModel
+
+    profile = HeterogeneityModel(seed=0).profile(0)
+    default, slower = load_settings(), load_settings(None, ["cost.train_s_per_example=0.16", "cost.latency_s=0"])
+    assert default.cost.train_s_per_example == 0.08 and slower.cost.latency_s == 0.0
+    assert CostModel(slower.cost).train_seconds(profile, 10) == pytest.approx(2 * CostModel(default.cost).train_seconds(profile, 10))
+    assert CostModel(slower.cost).upload_seconds(profile, 1) < CostModel(default.cost).upload_seconds(profile, 1)
+    with pytest.raises(ConfigError, match=r"unknown key 'cost.train_s'.*train_s_per_example"):
+        load_settings(None, ["cost.train_s=1"])
+    with pytest.raises(ConfigError, match="cost.upload_fraction"):
+        load_settings(None, ["cost.upload_fraction=0"])

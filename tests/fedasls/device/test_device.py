@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fedasls.config import Settings
-from fedasls.device.device import Device, DeviceOptions
+from fedasls.device.device import Device
 from fedasls.device.round import load_device, run_device_round
 from fedasls.sim.simulated_timing import SimulatedTiming
 from fedasls.sim.heterogeneity import HeterogeneityModel
@@ -118,7 +118,7 @@ def test_state_version_mismatch_is_a_clear_error(runtime, settings):
 
 
 def test_without_profile_trigger_the_device_always_adapts(runtime, settings):
-    device = Device(8, runtime, settings, options=DeviceOptions(use_profile_trigger=False))
+    device = Device(8, runtime, updated(settings, adaptation={"use_profile_trigger": False}))
     device.catch_up()
     device.adapt()
     assert device.should_adapt()
@@ -126,7 +126,7 @@ def test_without_profile_trigger_the_device_always_adapts(runtime, settings):
 
 def test_ignoring_feedback_uses_annotations_only(runtime, settings):
     with_feedback = Device(10, runtime, settings)
-    without = Device(10, runtime, settings, options=DeviceOptions(use_feedback=False))
+    without = Device(10, runtime, updated(settings, feedback={"use_implicit": False}))
     for device in (with_feedback, without):
         device.catch_up()
     r_with, r_without = with_feedback.adapt(), without.adapt()
@@ -175,16 +175,16 @@ def test_device_going_offline_loses_the_rounds_work(runtime, settings, tmp_path)
 def test_dp_device_reports_its_cumulative_epsilon(runtime, settings):
     from fedasls.privacy.accounting import composed_epsilon
 
-    dp = settings.adaptation.model_copy(update={"dp": True, "noise_multiplier": 1.0, "epochs": 1})
-    dp_settings = settings.model_copy(update={"adaptation": dp})
-    device = Device(11, runtime, dp_settings, options=DeviceOptions(use_profile_trigger=False))
+    dp_settings = updated(settings, adaptation={"dp": True, "noise_multiplier": 1.0, "epochs": 1,
+                                                "use_profile_trigger": False})
+    device = Device(11, runtime, dp_settings)
     stream = runtime.population.stream(11)
     device.catch_up(until=stream[30].timestamp)
     first = device.adapt().epsilon
     device.catch_up()
     second = device.adapt().epsilon
     assert 0 < first < second
-    assert second == pytest.approx(composed_epsilon(device.dp_history, dp.delta))
+    assert second == pytest.approx(composed_epsilon(device.dp_history, dp_settings.adaptation.delta))
     assert len(device.dp_history) == 2
     assert Device.from_state(device.to_state(), runtime, dp_settings).dp_history == device.dp_history
 

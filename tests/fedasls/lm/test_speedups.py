@@ -1,4 +1,8 @@
-"""Speed-ups of the device round keep its results: same losses, embeddings, answers and metrics."""
+"""Speed-ups of the device round keep its results: same losses, embeddings, answers and metrics.
+
+Each speed-up is a setting (adaptation.answer_only_head, fast_lora_backward, fused_adamw;
+evaluation.merge_adapter; selection.embed_without_head): on takes the fast path, off the plain one,
+and both give the same results."""
 
 from __future__ import annotations
 
@@ -7,9 +11,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fedasls.pipeline.training import IGNORE_INDEX, TrainingExample, _per_example_loss, _tensorize
-from fedasls.lm.lora import attach_lora
-from fedasls.config import Settings
+from fedasls.pipeline.evaluation import evaluate
+from fedasls.pipeline.training import IGNORE_INDEX, TrainingExample, _per_example_loss, _tensorize, train_adapter
+from fedasls.interaction import Interaction
+from fedasls.lm.embedding import LMEmbedder
+from fedasls.lm.lora import adapter_state, attach_lora, load_adapter_state
+from fedasls.config import AdaptationSettings, Settings, load_settings
+from fedasls.device.worker import resource_key
 from fedasls.device.round import load_device, run_device_round
 from fedasls.lm.fast_lora import fast_lora_training
 from fedasls.sim.heterogeneity import HeterogeneityModel
@@ -194,3 +202,101 @@ def test_a_round_whose_gate_keeps_the_old_adapter_reuses_the_saved_evaluation(ti
     personal, base = state.evaluate()  # a fresh evaluation of the kept adapter gives the reused figures
     assert (again.rouge1, again.perplexity, again.accept_rate) == (personal.rouge1, personal.perplexity, personal.accept_rate)
     assert (again.rouge1, again.perplexity, again.base_rouge1) == (first.rouge1, first.perplexity, base.rouge1)
+
+
+def _head_inputs(model) -> tuple[list[int], object]:
+    """The rank of every input the model's vocabulary head gets (2: answer rows only; 3: every position)."""
+    seen: list[int] = []
+    head = model.get_base_model().get_output_embeddings()
+    return seen, head.register_forward_hook(lambda module, args, out: seen.append(args[0].dim()))
+
+
+def _trained(model, prompts, start, **switches) -> tuple[object, dict[str, torch.Tensor]]:
+    """Train the adapter from `start` with the given adaptation switches; (TrainResult, adapter state)."""
+    load_adapter_state(model, start)
+    settings = AdaptationSettings(epochs=2, batch_size=2, lora_rank=4, **switches)
+    result = train_adapter(model, prompts, [TrainingExample(q, a) for q, a in PAIRS * 2], settings, seed=1)
+    return result, adapter_state(model)
+
+
+def test_answer_only_head_setting_runs_the_head_on_answer_rows_and_trains_the_same_adapter(peft_lm):
+    model, prompts = peft_lm
+    start = adapter_state(model)
+    ranks, hook = _head_inputs(model)
+    fast, fast_state = _trained(model, prompts, start)
+    fast_ranks = set(ranks)
+    ranks.clear()
+    plain, plain_state = _trained(model, prompts, start, answer_only_head=False)
+    hook.remove()
+    assert fast_ranks == {2} and set(ranks) == {3}
+    assert fast.losses == pytest.approx(plain.losses, rel=1e-5)
+    for name in fast_state:
+        torch.testing.assert_close(fast_state[name], plain_state[name], rtol=1e-4, atol=1e-5)
+
+
+def test_fast_lora_backward_setting_switches_peft_lora_path_and_trains_the_same_adapter(peft_lm):
+    model, prompts = peft_lm
+    start = adapter_state(model)
+
+    def variant_used(switch: bool) -> tuple[set[bool], dict[str, torch.Tensor]]:
+        used: set[bool] = set()
+        load_adapter_state(model, start)
+        settings = AdaptationSettings(epochs=2, batch_size=2, lora_rank=4, fast_lora_backward=switch)
+        train_adapter(model, prompts, [TrainingExample(q, a) for q, a in PAIRS * 2], settings, seed=1,
+                      on_step=lambda m, _: used.add(any(x.lora_variant for x in m.modules() if hasattr(x, "lora_variant"))))
+        return used, adapter_state(model)
+
+    (fast_used, fast), (plain_used, plain) = variant_used(True), variant_used(False)
+    assert fast_used == {True} and plain_used == {False}
+    for name in fast:
+        torch.testing.assert_close(fast[name], plain[name], rtol=1e-3, atol=1e-4)
+
+
+def test_fused_adamw_setting_picks_the_optimizer_kernel_and_trains_the_same_adapter(peft_lm):
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    model, prompts = peft_lm
+    start = adapter_state(model)
+    fused: list[object] = []
+    hook = register_optimizer_step_pre_hook(lambda optimizer, args, kwargs: fused.append(optimizer.defaults["fused"]))
+    try:
+        _, fast = _trained(model, prompts, start)
+        fast_kernels = set(fused)
+        fused.clear()
+        _, plain = _trained(model, prompts, start, fused_adamw=False)
+    finally:
+        hook.remove()
+    assert fast_kernels == {True} and set(fused) == {None}
+    for name in fast:
+        torch.testing.assert_close(fast[name], plain[name], rtol=1e-3, atol=1e-4)
+
+
+def test_merge_adapter_setting_scores_without_lora_calls_and_gives_the_same_figures(peft_lm):
+    model, prompts = peft_lm
+    heldout = [Interaction(0, i, float(i), q, "generic", a, "cooking") for i, (q, a) in enumerate(PAIRS)]
+    calls: list[str] = []
+    hooks = [m.register_forward_hook(lambda module, args, out: calls.append("lora"))
+             for n, m in model.named_modules() if n.endswith("lora_A.p")]
+    merged = evaluate(model, prompts, heldout, max_new_tokens=6)
+    merged_calls = len(calls)
+    unmerged = evaluate(model, prompts, heldout, max_new_tokens=6, merge_adapter=False)
+    for h in hooks:
+        h.remove()
+    assert hooks and merged_calls == 0 and len(calls) > 0
+    assert merged.rouge1 == unmerged.rouge1
+    assert merged.perplexity == pytest.approx(unmerged.perplexity, rel=1e-4)
+
+
+def test_embed_without_head_setting_skips_the_vocabulary_head_for_the_same_embeddings(peft_lm):
+    model, prompts = peft_lm
+    texts = [q for q, _ in PAIRS]
+    ranks, hook = _head_inputs(model)
+    with model.disable_adapter():
+        fast = LMEmbedder(model, prompts).embed(texts)
+        fast_calls = len(ranks)
+        full = LMEmbedder(model, prompts, without_head=False).embed(texts)
+    hook.remove()
+    assert fast_calls == 0 and len(ranks) > 0
+    np.testing.assert_array_equal(fast, full)
+    # a runtime holds one embedder: settings that differ in it need their own runtime
+    assert resource_key(load_settings()) != resource_key(load_settings(None, ["selection.embed_without_head=false"]))

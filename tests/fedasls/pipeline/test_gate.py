@@ -11,7 +11,7 @@ import torch
 from fedasls.pipeline.training import LengthBatches, TrainingExample, sequence_loss, train_adapter
 from fedasls.lm.lora import attach_lora, shrink_adapter
 from fedasls.config import AdaptationSettings, Settings
-from fedasls.device.device import Device, DeviceOptions
+from fedasls.device.device import Device
 from fedasls.pipeline.gate import GateScore, gate_accepts
 from fedasls.pipeline.heldback import assign_heldback, near_duplicate_groups, one_per_group
 from fedasls.data.population import SyntheticPopulation, near_duplicate
@@ -19,7 +19,11 @@ from fedasls.lm.prompts import PromptFormat
 
 from tests.settings_update import updated
 
-NO_FEEDBACK = DeviceOptions(use_feedback=False)  # training data = the user's annotations only
+
+
+def no_feedback(settings: Settings) -> Settings:
+    """Training data = the user's annotations only (feedback.use_implicit off)."""
+    return updated(settings, feedback={"use_implicit": False})
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +108,7 @@ def test_early_stopping_stops_and_keeps_the_best_epoch(tiny_lm):
 
 def test_no_first_adapter_before_min_items(runtime, settings):
     few = updated(settings, feedback={"annotation_budget": 3}, adaptation={"min_items": 5})
-    device = Device(2, runtime, few, options=NO_FEEDBACK)
+    device = Device(2, runtime, no_feedback(few))
     device.catch_up()
     first = device.adapt()
     assert first.status == "waiting" and first.annotated == 3 and first.examples == 0
@@ -115,20 +119,20 @@ def test_no_first_adapter_before_min_items(runtime, settings):
 
 def test_a_full_buffer_smaller_than_min_items_does_not_wait_forever(runtime, settings):
     tiny_buffer = updated(settings, selection={"buffer_bytes": 2500}, adaptation={"min_items": 50})
-    device = Device(2, runtime, tiny_buffer, options=NO_FEEDBACK)
+    device = Device(2, runtime, no_feedback(tiny_buffer))
     device.catch_up()
     buffer = device.selector.buffer
     assert buffer.is_full() and 2 <= len(buffer) < 50
     report = device.adapt()
     assert report.annotated == len(buffer) and report.status in ("accepted", "rejected") and report.examples > 0
     # with room left in the buffer, min_items still holds
-    roomy = Device(2, runtime, updated(tiny_buffer, selection={"buffer_bytes": 10**6}), options=NO_FEEDBACK)
+    roomy = Device(2, runtime, no_feedback(updated(tiny_buffer, selection={"buffer_bytes": 10**6})))
     roomy.catch_up()
     assert not roomy.selector.buffer.is_full() and roomy.adapt().status == "waiting"
 
 
 def test_gate_rejects_an_adapter_trained_on_wrong_answers_and_keeps_the_old_one(runtime, settings):
-    device = Device(3, runtime, settings, options=NO_FEEDBACK)
+    device = Device(3, runtime, no_feedback(settings))
     device.catch_up()
     first = device.adapt()
     assert first.status == "accepted" and first.heldback >= 3
@@ -188,7 +192,7 @@ def test_device_keeps_the_shrunk_candidate_it_scored(runtime, settings):
     def adapted(scales: list[float]) -> tuple[Device, object]:
         s = settings.model_copy(update={"adaptation": settings.adaptation.model_copy(
             update={"gate": "off", "shrink_scales": scales, "retry_learning_rates": []})})
-        device = Device(4, runtime, s, options=NO_FEEDBACK)
+        device = Device(4, runtime, no_feedback(s))
         device.catch_up()
         return device, device.adapt()
 
@@ -229,7 +233,7 @@ def test_rejected_candidate_is_followed_by_its_own_earlier_epochs_then_retrainin
     s = updated(settings, adaptation={
         "gate_margin": 10.0, "patience": 10, "shrink_scales": [1.0],  # no candidate can win by 10 nats
         "retry_epochs": [1, 2, 9], "retry_learning_rates": retrain})
-    device = Device(5, runtime, s, options=NO_FEEDBACK)
+    device = Device(5, runtime, no_feedback(s))
     device.catch_up()
     with record() as timer:
         report = device.adapt()

