@@ -9,8 +9,6 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = sorted([ROOT / "README.md", ROOT / "CHANGELOG.md", *(ROOT / "docs").rglob("*.md")])
-# Links to pages another branch creates; drop an entry once that branch is merged (the link is then checked).
-PENDING = {"docs/results/explorations.md": "created by the benchmarks-slimming branch"}
 
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
 FENCE = re.compile(r"^(```|~~~)")
@@ -45,7 +43,5 @@ def test_every_relative_link_resolves(page: Path):
         path = (page.parent / target).resolve()
         if path.exists():
             continue
-        key = path.relative_to(ROOT).as_posix() if path.is_relative_to(ROOT) else str(path)
-        if key not in PENDING:
-            broken.append(target)
+        broken.append(target)
     assert not broken, f"{page.relative_to(ROOT)} links to missing files: {broken}"
