@@ -90,6 +90,7 @@ class Coordinator:
     round_index: int = 0
     pending: list[int] | None = None
     sampling: Literal["available", "poisson"] = "available"
+    sampling_secret: int | None = None  # DP: the Poisson sample's secret randomness (never in `state()`)
 
     def __post_init__(self) -> None:
         if self.sampling not in ("available", "poisson"):
@@ -116,6 +117,12 @@ class Coordinator:
     def _rng(self, *extra: int) -> np.random.Generator:
         return np.random.default_rng(np.random.SeedSequence([self.seed, self.round_index, *extra]))
 
+    def _sample_rng(self) -> np.random.Generator:
+        """The sample's randomness: secret under DP (so nobody can predict who is sampled), else seeded."""
+        if self.sampling_secret is None:
+            return self._rng()
+        return np.random.default_rng(np.random.SeedSequence([self.sampling_secret, self.round_index]))
+
     def _available(self, device_id: int, now: float) -> bool:
         if not self.simulated_availability:
             return True
@@ -125,7 +132,7 @@ class Coordinator:
         """Distinct device ids available at `now` (default: the clock), uniformly at random;
         with `among`, only from those ids (e.g. the connected devices of a real fleet)."""
         now = self.clock.now if now is None else float(now)
-        rng = self._rng()
+        rng = self._sample_rng()
         if self.sampling == "poisson":
             return self._sample_poisson(now, rng, among)
         target = self.target

@@ -44,6 +44,7 @@ from server.checkpoint import (
     write_checkpoint,
 )
 from server.coordinator import Coordinator
+from server.private_state import dp_secrets
 from server.fleets import DeviceNodes, Dispatched, Fleet, WorkerSlots
 from server.secagg import secure_aggregation
 from server.strategy import make_strategy, round_contributions
@@ -156,7 +157,11 @@ def run_fleet(grid: Grid, run: FleetRun) -> dict[str, Any]:
     settings_json = s.model_dump_json()
     fleet.connect(grid)
     coordinator, tally, saved = _start_or_restore(run, hetero, fleet.simulated)
-    strategy = make_strategy(s, coordinator.sample_rate, coordinator.sample_rate * coordinator.population_size)
+    secrets = dp_secrets(s, run.run_dir, resume=saved is not None)  # DP: the noise's and the sample's secrets
+    if secrets is not None:
+        coordinator.sampling_secret = secrets.sampling
+    strategy = make_strategy(s, coordinator.sample_rate, coordinator.sample_rate * coordinator.population_size,
+                             secrets)
     fleet = secure_aggregation(s, fleet)  # [federated] secure_aggregation: SecAgg+ rounds
     if saved is not None and "strategy" in saved:
         strategy.load_state(saved["strategy"], run.run_dir)

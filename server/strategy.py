@@ -17,11 +17,14 @@ from fedasls.config import Settings
 from fedasls.federated.strategies import LocalStrategy, make_global_strategy
 from fedasls.federated.strategy import Contribution, Strategy
 from fedasls.privacy.dp_fedavg import DPFedAvg
+from fedasls.privacy.secrets import DpSecrets
 from server.fleets import Dispatched
 
 
-def make_strategy(settings: Settings, sample_rate: float, expected_cohort: float) -> Strategy:
-    """The strategy [federated] asks for (DP-FedAvg wraps the global-adapter strategy when dp = true)."""
+def make_strategy(settings: Settings, sample_rate: float, expected_cohort: float,
+                  secrets: DpSecrets | None = None) -> Strategy:
+    """The strategy [federated] asks for (DP-FedAvg wraps the global-adapter strategy when dp = true,
+    with the run's secret randomness: server/private_state.py)."""
     f = settings.federated
     if f.strategy == "local":
         return LocalStrategy()
@@ -30,7 +33,11 @@ def make_strategy(settings: Settings, sample_rate: float, expected_cohort: float
     from fedasls.lm.adapter_layout import adapter_layout
 
     inner = make_global_strategy(f, adapter_layout(settings), settings.adaptation.lora_rank)
-    return DPFedAvg(inner, f, sample_rate, expected_cohort) if f.dp else inner
+    if not f.dp:
+        return inner
+    if secrets is None:
+        raise ValueError("a DP strategy needs the run's secrets (server.private_state.dp_secrets)")
+    return DPFedAvg(inner, f, sample_rate, expected_cohort, secrets, planned_rounds=settings.simulation.rounds)
 
 
 def completed_contributions(replies: list[Message], completed: list[int]) -> list[Contribution]:

@@ -44,6 +44,7 @@ def point_settings(base: Settings, noise: float | None) -> Settings:
     data["federated"]["dp"] = noise is not None
     if noise is not None:
         data["federated"]["noise_multiplier"] = float(noise)
+        data["federated"]["release_diagnostics"] = True  # the SNR plot: a diagnostic outside the epsilon
     return Settings.model_validate(data)
 
 

@@ -45,6 +45,25 @@ class FederatedSettings(BaseModel):
         "add/remove", description="Neighbouring relation of the user-level epsilon (replace-one: sensitivity 2C)."
     )
     target_epsilon: float = Field(0.0, ge=0, description="Stop before a round would push epsilon above this; 0 = no limit.")
+    accountant: Literal["pld", "rdp"] = Field(
+        "pld", description="User-level accountant (dp-accounting): pld (tight; add/remove or replace-one) or rdp "
+        "(add/remove only, 15-25% looser here).")
+    calibrate_epsilon: float = Field(
+        0.0, ge=0, description="> 0: choose the noise multiplier so that epsilon after simulation.rounds rounds at the "
+        "run's sampling rate is this (within 0.5% below; replaces noise_multiplier). 0 = use noise_multiplier.")
+    noise_cohort_size: int = Field(
+        0, ge=0, description="> 0: simulate the noise of a production cohort of this many devices a round (with "
+        "noise_population_size): the noise on the mean is what that cohort would get, and epsilon is accounted at "
+        "q = noise_cohort_size / noise_population_size, the production regime, not this simulation's (pfl-research's "
+        "noise_cohort_size). 0 = the simulated cohort's own noise and sampling rate.")
+    noise_population_size: int = Field(0, ge=0, description="The production population behind noise_cohort_size.")
+    noise_seed: int | None = Field(
+        None, description="Only for reproducible studies: draw the DP noise and the DP sample from this seed. Every "
+        "epsilon then says the guarantee does not hold against anyone who knows it. None (default): secret OS "
+        "randomness, kept in the run's server-private.json (mode 0600), never in results, logs or downlinks.")
+    release_diagnostics: bool = Field(
+        False, description="DP runs: also write the round's contributor count and signal-to-noise ratio (both derived "
+        "from the clipped sum without noise, so NOT covered by epsilon) to rounds.jsonl.")
     secure_aggregation: SecureAggregation = Field(
         "none", description="secagg+: the devices' updates are summed with Flower's SecAgg+ protocol "
         "(server/secagg.py); the server sees only the example-weighted mean, never one device's update.",
@@ -78,6 +97,15 @@ class FederatedSettings(BaseModel):
                              "pulls a device toward the global adapter; under 'local' there is none); set it to 0")
         if self.dp and self.strategy == "local":
             raise ValueError("dp = true needs strategy = 'global' or 'global+personal' (local sends no update to noise)")
+        if self.accountant == "rdp" and self.neighbouring == "replace-one":
+            raise ValueError("accountant = 'rdp' does not cover Poisson sampling under neighbouring = 'replace-one'; "
+                             "use accountant = 'pld'")
+        if bool(self.noise_cohort_size) != bool(self.noise_population_size):
+            raise ValueError("noise_cohort_size and noise_population_size go together (the production cohort and its "
+                             "population); set both or neither")
+        if self.noise_cohort_size > self.noise_population_size:
+            raise ValueError(f"noise_cohort_size = {self.noise_cohort_size} exceeds noise_population_size = "
+                             f"{self.noise_population_size}")
         if self.secure_aggregation != "none":
             self._check_secagg()
         return self

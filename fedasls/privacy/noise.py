@@ -3,11 +3,14 @@
 With each device's update clipped to L2 norm C, the sum has sensitivity C under add/remove-one
 (2C under replace-one). The server adds N(0, (z C)^2) to every coordinate of the sum and divides
 by the EXPECTED cohort (a public constant, not the realized count, so that dividing leaks nothing).
-The noise is drawn from a generator seeded per (seed, round): a resumed run adds the same noise.
+The noise is drawn from a generator seeded per (secret, round): the secret is the server's private
+randomness (fedasls.privacy.secrets), so nobody holding the run's config and outputs can regenerate
+the noise, while a resumed run (which restores the secret) adds the same noise.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -18,9 +21,16 @@ from fedasls.privacy.clipping import clip, l2_norm
 from fedasls.federated.fedavg import TensorDict, weighted_sum
 
 
-def gaussian_like(template: Mapping[str, torch.Tensor], std: float, seed: int, server_round: int) -> TensorDict:
-    """N(0, std^2) per coordinate, with the template's keys and shapes, seeded by (seed, round)."""
-    gen = torch.Generator().manual_seed((int(seed) * 1_000_003 + int(server_round)) % (2**63))
+def round_seed(secret: int, server_round: int, stream: str = "noise") -> int:
+    """A 64-bit generator seed for one round, derived from the secret by SHA-256 (one-way: a round's
+    seed reveals neither the secret nor another round's seed)."""
+    digest = hashlib.sha256(f"{int(secret)}:{stream}:{int(server_round)}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") % (2**63)
+
+
+def gaussian_like(template: Mapping[str, torch.Tensor], std: float, secret: int, server_round: int) -> TensorDict:
+    """N(0, std^2) per coordinate, with the template's keys and shapes, from the round's seed of `secret`."""
+    gen = torch.Generator().manual_seed(round_seed(secret, server_round))
     return {k: torch.randn(v.shape, generator=gen) * std for k, v in template.items()}
 
 
@@ -46,12 +56,16 @@ def dp_fedavg(
     clip_norm: float,
     noise_multiplier: float,
     expected_cohort: float,
-    seed: int,
+    secret: int,
     server_round: int,
     layout: Mapping[str, torch.Tensor] | None = None,
+    noise_cohort: float | None = None,
 ) -> NoisedAggregate:
     """DP-FedAvg of device updates: re-clip each to C (devices already did; re-clipping is a no-op
     then and guarantees the bound), sum, add N(0, (z C)^2), divide by the expected cohort.
+
+    With `noise_cohort` (a production cohort larger than the simulated one) the noise on the sum is
+    scaled by expected_cohort / noise_cohort, so the mean carries the noise that cohort would get.
 
     A round without contributors still releases noise (on `layout`, the global adapter's tensors):
     under Poisson sampling an empty cohort is one of the outcomes the accountant covers."""
@@ -64,6 +78,8 @@ def dp_fedavg(
     else:
         raise ValueError("dp_fedavg got no updates and no layout: pass layout= (the global adapter's tensors)")
     std = float(noise_multiplier) * float(clip_norm)
-    noise = gaussian_like(total, std, seed, server_round)
+    if noise_cohort:
+        std *= float(expected_cohort) / float(noise_cohort)
+    noise = gaussian_like(total, std, secret, server_round)
     mean = {k: (total[k] + noise[k]) / float(expected_cohort) for k in total}
     return NoisedAggregate(mean, total, std, len(updates), signal_to_noise(total, std))

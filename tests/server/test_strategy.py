@@ -16,6 +16,7 @@ from fedasls.config import Settings
 from fedasls.federated.fedavg import fedavg
 from fedasls.federated.strategies import FedAvg, FedProx, LocalStrategy
 from fedasls.privacy.dp_fedavg import DPFedAvg
+from fedasls.privacy.secrets import DpSecrets
 from fedasls.privacy.user_level import UserLevelAccountant
 from server.secagg import fit_ins
 from server.strategy import completed_contributions, make_strategy
@@ -89,7 +90,7 @@ def test_fedavg_weights_by_examples_and_counts_only_completed_devices(tiny_model
 
 def test_dp_wrapper_noises_accounts_and_stops_before_the_target(tiny_model_dir):
     s = settings(tiny_model_dir, strategy="global", dp=True, noise_multiplier=1.0, clip_norm=0.5, target_epsilon=5.5)
-    strategy = make_strategy(s, 0.3, 3.0)
+    strategy = make_strategy(s, 0.3, 3.0, DpSecrets.fresh())
     assert isinstance(strategy, DPFedAvg)
     reference = UserLevelAccountant(1.0, 1e-5)
     rounds = 0
@@ -99,20 +100,21 @@ def test_dp_wrapper_noises_accounts_and_stops_before_the_target(tiny_model_dir):
         reference.compose(0.3)
         assert m["user_epsilon"] == pytest.approx(reference.epsilon()) and m["user_epsilon"] <= 5.5
     assert reference.epsilon_after(0.3) > 5.5 and "above the target 5.5" in strategy.stop_reason()
-    assert rounds == 4  # epsilon 3.29, 4.24, 4.91, 5.46; the 5th round would give 5.94
+    assert rounds == 5  # PLD epsilon 2.92, 3.70, 4.28, 4.76, 5.20; the 6th round would give 5.59
 
 
 def test_resume_gives_the_same_global_adapter_and_epsilon(tiny_model_dir, tmp_path):
     s = settings(tiny_model_dir, strategy="global+personal", dp=True, noise_multiplier=0.7, clip_norm=0.2)
-    straight = make_strategy(s, 0.2, 3.0)
+    secrets = DpSecrets.fresh()  # what server-private.json keeps for the run
+    straight = make_strategy(s, 0.2, 3.0, secrets)
     for r in (1, 2, 3):
         aggregate(straight, r, replies(straight, r, [0, 1, 2, 3]), completed=[0, 1, 3])
-    first = make_strategy(s, 0.2, 3.0)
+    first = make_strategy(s, 0.2, 3.0, secrets)
     for r in (1, 2):
         aggregate(first, r, replies(first, r, [0, 1, 2, 3]), completed=[0, 1, 3])
     saved = first.state(2, tmp_path)
     aggregate(first, 3, replies(first, 3, [0, 1]), completed=[0])  # work after the checkpoint, then a "kill"
-    resumed = make_strategy(s, 0.2, 3.0)
+    resumed = make_strategy(s, 0.2, 3.0, secrets)
     resumed.load_state(saved, tmp_path)
     aggregate(resumed, 3, replies(resumed, 3, [0, 1, 2, 3]), completed=[0, 1, 3])
     assert list(resumed.inner.adapter) == list(straight.inner.adapter)

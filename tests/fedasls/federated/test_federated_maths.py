@@ -78,8 +78,8 @@ def test_clipping_bounds_each_devices_contribution():
     assert clip(small, 1.0).factor == 1.0 and torch.equal(clip(small, 1.0).update[A], small[A])
     # one device can move the clipped sum by at most C, whatever it sends (add/remove-one sensitivity)
     others = [{A: torch.randn(2, 3), B: torch.randn(4, 2)} for _ in range(5)]
-    base = dp_fedavg(others, 1.0, 0.0, 1.0, seed=0, server_round=1).clipped_sum
-    with_big = dp_fedavg(others + [big], 1.0, 0.0, 1.0, seed=0, server_round=1).clipped_sum
+    base = dp_fedavg(others, 1.0, 0.0, 1.0, secret=0, server_round=1).clipped_sum
+    with_big = dp_fedavg(others + [big], 1.0, 0.0, 1.0, secret=0, server_round=1).clipped_sum
     assert l2_norm(subtract(with_big, base)) == pytest.approx(1.0, rel=1e-5)
     with pytest.raises(ValueError, match="clip norm"):
         clip(big, 0.0)
@@ -94,21 +94,21 @@ def test_noised_aggregate_differs_from_fedavg_by_the_expected_scale():
     clip_norm, z, cohort = 0.5, 1.3, 8.0
     plain = fedavg(updates)  # all norms are below C, so clipping changes nothing here
     assert all(l2_norm(u) < clip_norm for u in updates)
-    noised = dp_fedavg(updates, clip_norm, z, cohort, seed=3, server_round=2)
+    noised = dp_fedavg(updates, clip_norm, z, cohort, secret=3, server_round=2)
     diff = torch.cat([(noised.mean[k] - plain[k]).flatten() for k in plain]) * cohort
     assert diff.mean().abs() < 0.05 * z * clip_norm
     assert diff.std().item() == pytest.approx(z * clip_norm, rel=0.03)  # 6000 coordinates
-    again = dp_fedavg(updates, clip_norm, z, cohort, seed=3, server_round=2)
+    again = dp_fedavg(updates, clip_norm, z, cohort, secret=3, server_round=2)
     assert all(torch.equal(again.mean[k], noised.mean[k]) for k in plain)  # seeded: resume adds the same noise
-    other_round = dp_fedavg(updates, clip_norm, z, cohort, seed=3, server_round=3)
+    other_round = dp_fedavg(updates, clip_norm, z, cohort, secret=3, server_round=3)
     assert not torch.equal(other_round.mean[A], noised.mean[A])
     assert noised.snr == pytest.approx(l2_norm(noised.clipped_sum) / (z * clip_norm * math.sqrt(6000)))
 
 
 def test_empty_round_releases_noise_only_and_snr_edges():
     layout = {A: torch.zeros(3, 4)}
-    agg = dp_fedavg([], 1.0, 2.0, 4.0, seed=0, server_round=1, layout=layout)
+    agg = dp_fedavg([], 1.0, 2.0, 4.0, secret=0, server_round=1, layout=layout)
     assert agg.contributors == 0 and agg.snr == 0.0 and agg.mean[A].abs().sum() > 0
     with pytest.raises(ValueError, match="layout"):
-        dp_fedavg([], 1.0, 2.0, 4.0, seed=0, server_round=1)
+        dp_fedavg([], 1.0, 2.0, 4.0, secret=0, server_round=1)
     assert signal_to_noise(layout | {A: torch.ones(3, 4)}, 0.0) == math.inf

@@ -14,6 +14,7 @@ from fedasls.federated.strategy import AGGREGATE, Contribution, Downlink
 from fedasls.privacy.clipping import clip
 from fedasls.privacy.dp_fedavg import DPFedAvg
 from fedasls.privacy.noise import gaussian_like
+from fedasls.privacy.secrets import DpSecrets
 
 LAYOUT = {"layers.0.q_proj.lora_A.weight": (4, 8), "layers.0.q_proj.lora_B.weight": (8, 4)}
 
@@ -29,21 +30,24 @@ def updates(downlink: Downlink, server_round: int, devices: Sequence[int]) -> li
 
 
 def test_a_global_strategy_and_its_dp_wrapper_run_in_a_plain_loop():
-    f = FederatedSettings(strategy="global", dp=True, clip_norm=0.5, noise_multiplier=0.8, seed=3)
+    f = FederatedSettings(strategy="global", dp=True, clip_norm=0.5, noise_multiplier=0.8, seed=3,
+                          release_diagnostics=True)
     plain, inner = FedAvg(f, LAYOUT, 4), FedAvg(f, LAYOUT, 4)
-    dp = DPFedAvg(inner, f, sample_rate=0.25, expected_cohort=3.0)
+    dp = DPFedAvg(inner, f, sample_rate=0.25, expected_cohort=3.0, secrets=DpSecrets(noise=3, sampling=4))
     for server_round in (1, 2, 3):
         before = {k: v.clone() for k, v in inner.adapter.items()}
         downlink = dp.configure_train(server_round, [0, 1, 2])
         assert downlink.clip_norm == 0.5 and list(downlink.shared) == list(LAYOUT)
         got = updates(downlink, server_round, [0, 1, 2])
         metrics = dp.aggregate_train(server_round, got)
-        # exactly DP-FedAvg: unweighted sum of clipped updates + N(0, (zC)^2) seeded per round, / expected cohort
+        # exactly DP-FedAvg: unweighted sum of clipped updates + N(0, (zC)^2) from the secret, / expected cohort
         total = weighted_sum([clip(c.update, 0.5).update for c in got])
         noise = gaussian_like(total, 0.8 * 0.5, 3, server_round)
         expected = add(before, {k: (total[k] + noise[k]) / 3.0 for k in total})
         assert all(torch.allclose(inner.adapter[k], expected[k], atol=1e-6) for k in expected)
         assert metrics["contributors"] == 3 and metrics["user_epsilon"] > 0
+        assert "not covered by epsilon" in metrics["diagnostics_note"]
+        assert metrics["user_accountant"] == "pld" and metrics["user_sampling"] == "poisson q=0.25"
         plain.aggregate_train(server_round, updates(plain.configure_train(server_round, [0, 1, 2]), server_round,
                                                     [0, 1, 2]))
     assert dp.accountant.rounds == 3
@@ -78,7 +82,7 @@ class Recorder:
 def test_dp_wraps_the_protocol_not_a_concrete_class(tmp_path):
     f = FederatedSettings(strategy="global", dp=True, clip_norm=0.5, noise_multiplier=1.0)
     inner = Recorder()
-    dp = DPFedAvg(inner, f, sample_rate=0.5, expected_cohort=2.0)
+    dp = DPFedAvg(inner, f, sample_rate=0.5, expected_cohort=2.0, secrets=DpSecrets.fresh())
     downlink = dp.configure_train(1, [0, 1])
     assert downlink.clip_norm == 0.5  # devices clip to the wrapper's bound, not the inner strategy's 9.0
     dp.aggregate_train(1, updates(downlink, 1, [0, 1]))
@@ -86,3 +90,13 @@ def test_dp_wraps_the_protocol_not_a_concrete_class(tmp_path):
     assert [len(s) for s in inner.seen] == [1, 1] and all(s[0].device_id == AGGREGATE for s in inner.seen)
     assert dp.stop_reason() == "the inner strategy is done"
     assert dp.state(2, tmp_path)["accountant"] and (tmp_path / "privacy.json").is_file()
+
+
+def test_by_default_a_dp_round_releases_no_statistic_of_the_clipped_sum():
+    """The contributor count and the SNR come from the clipped sum before noise: off unless asked for."""
+    f = FederatedSettings(strategy="global", dp=True, clip_norm=0.5, noise_multiplier=0.8)
+    dp = DPFedAvg(FedAvg(f, LAYOUT, 4), f, sample_rate=0.25, expected_cohort=3.0, secrets=DpSecrets.fresh())
+    metrics = dp.aggregate_train(1, updates(dp.configure_train(1, [0, 1, 2]), 1, [0, 1, 2]))
+    assert "snr" not in metrics and "contributors" not in metrics
+    for key in ("user_epsilon", "user_delta", "user_sampling", "user_neighbouring", "user_accountant"):
+        assert key in metrics  # every epsilon written states delta, sampling, relation and accountant

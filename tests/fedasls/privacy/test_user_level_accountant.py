@@ -20,7 +20,7 @@ REFERENCE = [  # PAPERS.md: Poisson-subsampled Gaussian, add/remove, opacus RDP 
 
 @pytest.mark.parametrize("q, sigma, rounds, rdp_ref", REFERENCE)
 def test_matches_reference_values(q, sigma, rounds, rdp_ref):
-    acc = UserLevelAccountant(sigma, 1e-5)
+    acc = UserLevelAccountant(sigma, 1e-5, accountant="rdp")
     acc.compose(q, rounds)
     # dp-accounting also uses orders above 63, so it may be slightly lower, never meaningfully higher
     assert acc.epsilon() == pytest.approx(rdp_ref, abs=0.02) or acc.epsilon() < rdp_ref
@@ -28,7 +28,7 @@ def test_matches_reference_values(q, sigma, rounds, rdp_ref):
 
 def test_round_by_round_curve_matches_flowers_accountant_and_the_library_report():
     population, cohort, z, delta = 100_000, 100, 1.0, 1e-5
-    ours = UserLevelAccountant(z, delta)
+    ours = UserLevelAccountant(z, delta, accountant="rdp")  # Flower's accountant is RDP
     flower = RdpAccountant(PrivacyConfig(target_delta=delta, population_size=population,
                                          neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
                                          sampling_method=SamplingMethod.POISSON))
@@ -42,15 +42,52 @@ def test_round_by_round_curve_matches_flowers_accountant_and_the_library_report(
     assert ours.epsilon() == pytest.approx(0.68, abs=0.03)
 
 
-def test_replace_one_uses_half_the_multiplier_and_costs_more():
+def _library_pld(z: float, q: float, rounds: int, delta: float, relation) -> float:
+    """dp-accounting's PLD epsilon, built here independently of fedasls."""
+    import dp_accounting
+    from dp_accounting import pld
+
+    acc = pld.PLDAccountant(neighboring_relation=relation, value_discretization_interval=1e-3)
+    acc.compose(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(z)), rounds)
+    return acc.get_epsilon(delta)
+
+
+@pytest.mark.parametrize("z, q, rounds, delta", [(1.0, 1 / 6, 2, 1e-5), (1.1, 0.01, 300, 1e-6), (0.8, 0.05, 40, 1e-5)])
+def test_both_relations_match_dp_accountings_pld_at_the_runs_own_z(z, q, rounds, delta):
+    """Replace-one: the PLD accountant's REPLACE_ONE already models the 2C move, so z goes in unchanged
+    (halving it counted the doubling twice: z = 1, q = 1/6, 2 rounds gave 9.76 instead of 2.95)."""
+    from dp_accounting import NeighboringRelation
+
+    for relation, name in ((NeighboringRelation.ADD_OR_REMOVE_ONE, "add/remove"),
+                           (NeighboringRelation.REPLACE_ONE, "replace-one")):
+        ours = UserLevelAccountant(z, delta, name)
+        ours.compose(q, rounds)
+        assert ours.epsilon() == pytest.approx(_library_pld(z, q, rounds, delta, relation), rel=1e-9)
+        assert "dp-accounting PLD" in str(ours.report()) and name in str(ours.report())
+    replace = UserLevelAccountant(1.0, 1e-5, "replace-one")
+    replace.compose(1 / 6, 2)
+    assert replace.epsilon() == pytest.approx(2.95, abs=0.01)
+
+
+def test_replace_one_costs_more_than_add_remove_and_rdp_is_looser():
     add_remove, replace = UserLevelAccountant(1.0, 1e-5), UserLevelAccountant(1.0, 1e-5, "replace-one")
-    half = UserLevelAccountant(0.5, 1e-5, "replace-one")
-    for acc in (add_remove, replace):
+    rdp = UserLevelAccountant(1.0, 1e-5, accountant="rdp")
+    for acc in (add_remove, replace, rdp):
         acc.compose(0.01, 200)
-    assert replace.gaussian_multiplier == 0.5 and replace.epsilon() > add_remove.epsilon()
-    assert "2*clip" in str(replace.report()) and "replace-one" in str(replace.report())
-    half.compose(0.01, 200)
-    assert half.epsilon() > replace.epsilon()
+    assert replace.epsilon() > add_remove.epsilon() and rdp.epsilon() > add_remove.epsilon()
+    with pytest.raises(ValueError, match="replace-one"):
+        UserLevelAccountant(1.0, 1e-5, "replace-one", accountant="rdp")
+
+
+@pytest.mark.parametrize("target, rounds, q, relation", [(2.0, 100, 0.01, "add/remove"), (8.0, 5, 0.2, "replace-one"),
+                                                          (1.0, 1000, 0.001, "add/remove")])
+def test_calibration_hits_the_target_epsilon_within_one_percent(target, rounds, q, relation):
+    from fedasls.privacy.user_level import calibrate_noise_multiplier
+
+    z = calibrate_noise_multiplier(target, 1e-5, rounds, q, relation)
+    acc = UserLevelAccountant(z, 1e-5, relation)
+    acc.compose(q, rounds)
+    assert 0.99 * target <= acc.epsilon() <= target
 
 
 def test_state_round_trips_through_json_and_stop_rule_looks_ahead():
