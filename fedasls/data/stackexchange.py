@@ -60,8 +60,11 @@ class _TextExtractor(HTMLParser):
         self.skip = 0
         self.lists: list[list[int]] = []  # per open list: [ordered?, next number]
         self.line_start = True  # outside <pre>, whitespace at a line's start is dropped
+        self.after_marker = False  # a list item's "- " was written, its text not yet
 
     def _break(self, blank: bool = True) -> None:
+        if self.after_marker:  # <li><p>text: the text stays on the marker's line
+            return
         self.parts.append("\n\n" if blank else "\n")
         self.line_start = True
 
@@ -80,6 +83,7 @@ class _TextExtractor(HTMLParser):
                 self.lists[-1][1] += 1
             else:
                 self.parts.append("- ")
+            self.after_marker = True
         elif tag in _BLOCKS:
             self._break()
             if tag == "pre":
@@ -109,6 +113,7 @@ class _TextExtractor(HTMLParser):
             return
         # inside <pre> (code blocks) the text is kept as it is; elsewhere HTML collapses whitespace
         if self.pre:
+            self.after_marker = False
             self.parts.append(data)
             self.line_start = data.endswith("\n")
             return
@@ -117,7 +122,7 @@ class _TextExtractor(HTMLParser):
             data = data.lstrip()
         if data:
             self.parts.append(data)
-            self.line_start = False
+            self.line_start = self.after_marker = False
 
     def text(self) -> str:
         lines = [line.rstrip() for line in "".join(self.parts).split("\n")]
@@ -126,6 +131,7 @@ class _TextExtractor(HTMLParser):
 
 
 _SPACES = re.compile(r"\s+")
+_TAGS = re.compile(r"<[^>]*>")
 _BLANKS = re.compile(r"\n{3,}")
 
 
@@ -146,12 +152,13 @@ def _check_prolog(path: Path, head: bytes) -> None:
     a file whose first element is not <posts> is refused later, by _rows."""
     text = head.decode("utf-8", errors="replace").lstrip("\ufeff")
     pos = 0
+    too_long = DatasetError(f"{path}: no XML element in its first {_PROLOG_LIMIT // 1024} KB; a Posts.xml starts "
+                            f"with <?xml ...?> and <{ROOT}>. Fix: {_FIX_FILE}")
     while True:
         lt = text.find("<", pos)
         if lt < 0:
             if len(head) >= _PROLOG_LIMIT:
-                raise DatasetError(f"{path}: no XML element in its first {_PROLOG_LIMIT // 1024} KB; a Posts.xml "
-                                   f"starts with <?xml ...?> and <{ROOT}>. Fix: {_FIX_FILE}")
+                raise too_long
             return  # the parser reports an empty or truncated file
         if text.startswith("<?", lt):
             end = text.find("?>", lt)
@@ -164,8 +171,10 @@ def _check_prolog(path: Path, head: bytes) -> None:
                                f"without bound, so it is refused. Fix: {_FIX_FILE}, or remove the declaration")
         else:
             return  # the first element
-        if end < 0:
-            return
+        if end < 0:  # a declaration or comment that does not end in the head
+            if len(head) >= _PROLOG_LIMIT:
+                raise too_long
+            return  # the parser reports the truncated file
         pos = end + 2
 
 
@@ -289,7 +298,7 @@ def _skip_reason(row: _Row, owner: int | None) -> str | None:
     editor = row.attrib.get("LastEditorUserId")
     if editor not in (None, "", str(owner)) or (editor in (None, "") and row.attrib.get("LastEditorDisplayName")):
         return "edited_by_other"
-    if not row.attrib.get("Body", "").strip():
+    if not _TAGS.sub("", row.attrib.get("Body", "")).strip():  # blank, or only markup (an image)
         return "empty_text"
     return None
 
@@ -335,13 +344,17 @@ def load_stackexchange(path: str | Path, num_devices: int, min_answers: int = 20
     summary.eligible_authors = len(ranked)
     if len(ranked) < num_devices:
         top = sorted(counts.values(), reverse=True)
-        nth = f"; the {num_devices}th most active author has {top[num_devices - 1]}" if len(top) >= num_devices else ""
+        fixes = [f"set population.num_devices to at most {len(ranked)}"] if ranked else []
+        if len(top) >= num_devices and top[num_devices - 1] >= 2:
+            fixes.append(f"set population.min_answers_per_user to {top[num_devices - 1]} (the {num_devices} most "
+                         "active authors have at least that many)")
+        fixes.append("use a larger site's dump")
         raise DatasetError(
             f"{p}: too few authors: population.num_devices = {num_devices} but only {len(ranked)} of the "
             f"{len(counts)} authors with usable answers have at least population.min_answers_per_user = "
-            f"{min_answers}{nth} ({summary.answers} answers in {summary.rows} rows; skipped: "
-            f"{', '.join(f'{r}={summary.skipped.get(r, 0)}' for r in SKIP_REASONS)}). Fix: set population.num_devices "
-            f"to at most {len(ranked)}, lower population.min_answers_per_user, or use a larger site's dump.")
+            f"{min_answers} (the most active has {top[0] if top else 0}; {summary.answers} answers in "
+            f"{summary.rows} rows; skipped: {', '.join(f'{r}={summary.skipped.get(r, 0)}' for r in SKIP_REASONS)}). "
+            f"Fix: {', or '.join(fixes)}.")
     chosen = {author: rank for rank, author in enumerate(ranked[:num_devices])}
 
     # second pass: the chosen authors' answers, as text
