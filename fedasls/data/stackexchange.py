@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from html.parser import HTMLParser
 from pathlib import Path
-from xml.etree.ElementTree import Element, ParseError, XMLPullParser
+from xml.etree.ElementTree import ParseError, XMLPullParser
 
 from fedasls.data.lexicon import DomainLexicons
 from fedasls.data.loaders import DatasetError, Record, RecordPopulation
@@ -150,6 +150,9 @@ def html_to_text(html: str) -> str:
 def _check_prolog(path: Path, head: bytes) -> None:
     """Refuse a document type declaration (entities live there) before the parser sees the file;
     a file whose first element is not <posts> is refused later, by _rows."""
+    if head.startswith((b"\xff\xfe", b"\xfe\xff")) or b"\x00" in head[:4096]:
+        raise DatasetError(f"{path}: not UTF-8 text (UTF-16 or binary); Stack Exchange dumps are UTF-8 XML, and only "
+                           f"UTF-8 can be checked for a document type declaration before parsing. Fix: {_FIX_FILE}")
     text = head.decode("utf-8", errors="replace").lstrip("\ufeff")
     pos = 0
     too_long = DatasetError(f"{path}: no XML element in its first {_PROLOG_LIMIT // 1024} KB; a Posts.xml starts "
@@ -291,6 +294,13 @@ class DumpSummary:
                 f"{self.devices} devices hold {self.records} answers"]
 
 
+def first_tag(tags: str) -> str | None:
+    """A question's first tag, the record's category: "<espresso><grinder>" (older dumps) or
+    "|espresso|grinder|" (dumps since 2024)."""
+    found = re.findall(r"<([^<>]+)>", tags) or [t for t in tags.split("|") if t.strip()]
+    return found[0].strip() if found else None
+
+
 def _skip_reason(row: _Row, owner: int | None) -> str | None:
     """Why an answer is not a record of its author (the question's presence is checked apart)."""
     if owner is None or owner < 1:
@@ -303,8 +313,8 @@ def _skip_reason(row: _Row, owner: int | None) -> str | None:
     return None
 
 
-def load_stackexchange(path: str | Path, num_devices: int, min_answers: int = 20,
-                       on_skip: Callable[[str], None] | None = None) -> tuple[list[Record], list[list[int]], DumpSummary]:
+def load_stackexchange(path: str | Path, num_devices: int,
+                       min_answers: int = 20) -> tuple[list[Record], list[list[int]], DumpSummary]:
     """Records of the `num_devices` most active authors (each with >= min_answers usable answers),
     one part per author, most active first, each in time order; and the counts of what was skipped."""
     p = Path(path)
@@ -384,9 +394,8 @@ def load_stackexchange(path: str | Path, num_devices: int, min_answers: int = 20
             continue
         qid = _int(row, "Id", p)
         if qid in needed:
-            tags = re.findall(r"<([^<>]+)>", row.attrib.get("Tags", "")) or row.attrib.get("Tags", "").strip("|").split("|")
             title = _SPACES.sub(" ", row.attrib.get("Title", "")).strip()
-            asked[qid] = (title, html_to_text(row.attrib.get("Body", "")), tags[0] if tags and tags[0] else None)
+            asked[qid] = (title, html_to_text(row.attrib.get("Body", "")), first_tag(row.attrib.get("Tags", "")))
 
     records: list[Record] = []
     parts: list[list[int]] = [[] for _ in chosen]

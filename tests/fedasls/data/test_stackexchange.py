@@ -12,7 +12,13 @@ from fedasls.config import ConfigError, PopulationSettings, Settings, load_setti
 from fedasls.data.loaders import DatasetError
 from fedasls.data.population import Population
 from fedasls.data.sources import ATTRIBUTION_FILE, attribution_text, dataset_path, population_from_settings
-from fedasls.data.stackexchange import StackExchangePopulation, html_to_text, load_stackexchange, site_name
+from fedasls.data.stackexchange import (
+    StackExchangePopulation,
+    first_tag,
+    html_to_text,
+    load_stackexchange,
+    site_name,
+)
 
 FRAGMENT = Path(__file__).resolve().parents[2] / "data" / "stackexchange" / "coffee.stackexchange.com" / "Posts.xml"
 CANARY = "ZebraCanary7731"  # post text that must never appear in an error
@@ -102,6 +108,12 @@ def test_html_to_text_keeps_paragraphs_lists_and_code():
 def test_html_to_text_of_markup_only_is_empty():
     assert html_to_text('<p><img src="x.png" alt="pic"></p>\n') == ""
     assert html_to_text("") == ""
+
+
+def test_first_tag_reads_both_tag_formats():
+    assert first_tag("<espresso><grinder>") == "espresso"
+    assert first_tag("|espresso|grinder|") == "espresso"
+    assert first_tag("") is None and first_tag("||") is None
 
 
 # --- parsing, skip rules, order ----------------------------------------------------------------
@@ -294,6 +306,17 @@ def test_entity_declarations_are_refused_before_parsing(tmp_path, prolog):
     bomb = _dump(tmp_path / "Posts.xml", [_answer(1, 1, 7, day=1, body="&b;")], prolog=prolog)
     message = _error(bomb)
     assert "declares a document type" in message and "Posts.xml:" in message
+
+
+def test_utf16_and_binary_files_are_refused(tmp_path):
+    text = '<?xml version="1.0" encoding="utf-16"?>\n<!DOCTYPE posts [<!ENTITY a "aa">]>\n<posts>&a;</posts>\n'
+    utf16 = tmp_path / "Posts.xml"
+    utf16.write_bytes(text.encode("utf-16"))
+    assert "not UTF-8 text" in _error(utf16)
+    utf16.write_bytes(text.encode("utf-16-le"))  # no byte-order mark
+    assert "not UTF-8 text" in _error(utf16)
+    utf16.write_bytes(b"7z\xbc\xaf\x27\x1c\x00\x04")  # the .7z archive itself
+    assert "not UTF-8 text" in _error(utf16)
 
 
 def test_a_prolog_too_long_to_check_is_refused(tmp_path):
