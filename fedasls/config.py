@@ -91,8 +91,9 @@ class ModelSettings(_Section):
 class PopulationSettings(_Section):
     """Where device interaction streams come from."""
 
-    source: Literal["synthetic", "jsonl"] = Field(
-        "synthetic", description="synthetic: the generated population; jsonl: a local file (jsonl_path).")
+    source: Literal["synthetic", "jsonl", "stackexchange"] = Field(
+        "synthetic", description="synthetic: the generated population; jsonl: a local file (jsonl_path); "
+        "stackexchange: a Stack Exchange data dump's Posts.xml (posts_path), one device per answer author.")
     num_devices: int = Field(200, ge=1, le=10_000_000, description="Devices in the population (generated lazily).")
     seed: int = Field(0, description="Seed of the population (personas, streams, held-out items).")
     stream_length: int = Field(160, ge=10, description="Interactions per device stream (synthetic).")
@@ -107,11 +108,26 @@ class PopulationSettings(_Section):
     partition: Literal["user", "dirichlet", "iid"] = Field(
         "iid", description="How JSONL records split into devices: by user_id, Dirichlet by category, or IID.")
     dirichlet_alpha: float = Field(0.5, gt=0, description="Concentration of the Dirichlet partition (smaller = more skewed).")
+    posts_path: str | None = Field(
+        None, description="Posts.xml of a Stack Exchange data dump (source = stackexchange): each answer is a record "
+        "(its question's title and body = the instruction, the answer = the output, its author = the user), in "
+        "time order; each author's last `heldout` answers are held out.")
+    min_answers_per_user: int = Field(
+        20, ge=2, description="Authors with fewer usable answers are not devices (source = stackexchange); devices "
+        "are the num_devices authors with the most answers, ties broken by user id.")
+    site: str | None = Field(
+        None, description="The Stack Exchange site the dump comes from, e.g. coffee.stackexchange.com, named in the "
+        "run's ATTRIBUTION.txt (source = stackexchange; default: the name of the folder holding Posts.xml).")
+    content_license: Literal["CC BY-SA 4.0", "CC BY-SA 3.0", "CC BY-SA 2.5"] = Field(
+        "CC BY-SA 4.0", description="License of the dump's posts, named in the run's ATTRIBUTION.txt "
+        "(source = stackexchange; Stack Exchange states 4.0 for current dumps, 3.0 or 2.5 for older posts).")
 
     @model_validator(mode="after")
     def _jsonl_needs_path(self) -> "PopulationSettings":
         if self.source == "jsonl" and not self.jsonl_path:
             raise ValueError("source = 'jsonl' needs jsonl_path = '<file.jsonl>'")
+        if self.source == "stackexchange" and not self.posts_path:
+            raise ValueError("source = 'stackexchange' needs posts_path = '<dump folder>/Posts.xml'")
         return self
 
 

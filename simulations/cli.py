@@ -124,6 +124,9 @@ def cmd_population_show(args: argparse.Namespace, settings: Settings) -> int:
     from fedasls.data.sources import population_from_settings
 
     population = population_from_settings(settings.population)
+    summary = getattr(population, "summary", None)  # a loaded dump: what it held, skipped and used
+    if summary is not None:
+        print("\n".join(f"# {line}" for line in summary.lines()))
     ids = args.ids or list(range(min(args.count, population.num_devices)))
     for i in ids:
         if not 0 <= i < population.num_devices:

@@ -28,6 +28,7 @@ from flwr.simulation import run_simulation
 
 from clients.app import app as client_app
 from fedasls.config import Settings, devices_per_round, load_settings
+from fedasls.data.sources import ATTRIBUTION_FILE, attribution_text
 from fedasls.lm.model import ensure_model
 from server.app import make_server_app
 from server.checkpoint import RunFailed
@@ -143,6 +144,7 @@ def simulate(settings: Settings, run_dir: Path, config_source: Path | None = Non
             recorded.write_text(settings_toml(settings))
     else:
         recorded.write_text(settings_toml(settings))
+    write_attribution(settings, run_dir)
     if config_source is not None and not resume:
         shutil.copyfile(config_source, run_dir / "scenario.toml")
     record_inputs(settings, run_dir)
@@ -181,6 +183,17 @@ def simulate(settings: Settings, run_dir: Path, config_source: Path | None = Non
     if run.failure:
         raise RunFailed(run.failure, run)
     return run
+
+
+def write_attribution(settings: Settings, run_dir: Path) -> Path | None:
+    """Write the credit the run's data asks for (CC BY-SA dumps: site, license, changes) beside its
+    config.toml; returns the file, or None when the data asks for none."""
+    text = attribution_text(settings.population)
+    if text is None:
+        return None
+    path = run_dir / ATTRIBUTION_FILE
+    path.write_text(text)
+    return path
 
 
 def settings_toml(settings: Settings) -> str:

@@ -24,13 +24,22 @@ RESUMABLE = {"simulation.rounds"}  # may differ on --resume: more rounds continu
 
 
 def check_dataset(settings: Settings) -> None:
-    """A JSONL population must load and give every device enough records (raises DatasetError)."""
+    """A JSONL or Stack Exchange population must load and give every device enough records (raises
+    DatasetError; a Stack Exchange dump with too few authors for num_devices fails while loading)."""
     pop = settings.population
-    if pop.source != "jsonl":
+    if pop.source not in ("jsonl", "stackexchange"):
         return
-    from fedasls.data.sources import population_from_settings
+    from fedasls.data.sources import dataset_path, population_from_settings
 
     population = population_from_settings(pop)
+    if pop.source == "stackexchange":
+        short = [i for i, part in enumerate(population.parts) if len(part) < MIN_RECORDS_PER_DEVICE]
+        if short:  # answers that were only markup (an image) left an author below two
+            raise DatasetError(
+                f"{dataset_path(pop)}: device {short[0]} (an author with {pop.min_answers_per_user} or more answers) "
+                f"keeps only {len(population.parts[short[0]])} answers with text; each device needs one to learn "
+                f"from and one held out. Fix: raise population.min_answers_per_user or lower population.num_devices.")
+        return
     if pop.partition == "user" and population.num_devices < pop.num_devices:
         raise DatasetError(
             f"{pop.jsonl_path}: population.num_devices = {pop.num_devices} but the file has only "
@@ -229,10 +238,13 @@ INPUTS_FILE = "inputs.json"  # what a run read besides its settings: the dataset
 
 def dataset_digest(settings: Settings) -> str | None:
     """SHA-256 of the run's dataset file (None for the synthetic population)."""
-    if settings.population.source != "jsonl":
+    from fedasls.data.sources import dataset_path
+
+    path = dataset_path(settings.population)
+    if path is None:
         return None
     digest = hashlib.sha256()
-    with Path(settings.population.jsonl_path).open("rb") as fh:
+    with path.open("rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
@@ -271,7 +283,10 @@ def check_resumable(run_dir: Path, settings: Settings) -> int:
         before = json.loads(recorded.read_text()).get("dataset_sha256")
         now = dataset_digest(settings)
         if before != now:
-            raise ConfigError(f"population.jsonl_path = {settings.population.jsonl_path} changed since the run began "
+            from fedasls.data.sources import dataset_path, dataset_setting
+
+            raise ConfigError(f"{dataset_setting(settings.population)} = {dataset_path(settings.population)} changed "
+                              "since the run began "
                               f"(SHA-256 {str(before)[:12]}... then, {str(now)[:12]}... now); devices would resume on "
                               f"other data. Fix: restore the original file, or start a new run. {fix}")
     return int(saved["rounds_done"])

@@ -180,35 +180,25 @@ def records_lexicons(records: Sequence[Record], seed: int = 0, top_k: int = 60) 
     return DomainLexicons.from_labelled(labelled, top_k=top_k)
 
 
-class JsonlPopulation:
-    """A population whose devices are partitions of a local JSONL instruction file.
+class RecordPopulation:
+    """A population whose devices are given lists of records (indices into `records`).
 
-    Each device's records, in file order, become its stream (kind="data", synthetic
+    Each device's records, in the given order, become its stream (kind="data", synthetic
     increasing timestamps); the last `heldout` records (at most half) are held out.
     `question` = instruction (+ input), `preferred` = the record's output, `response` = a
     generic domain-neutral placeholder, `domain` = category, else the lexicon tag.
-    `lexicons` (used by devices to tag text) are derived from the file's categories when it
-    has any (see `records_lexicons`), else the default synthetic-domain lexicons.
-    For partition="user", devices are the first `num_devices` distinct users
-    (all users when num_devices is None).
+    `lexicons` (used by devices to tag text) are derived from the records' categories when
+    they have any (see `records_lexicons`), else the default synthetic-domain lexicons.
     """
 
-    def __init__(self, path: str | Path, partition: str = "iid", num_devices: int | None = None, seed: int = 0,
-                 heldout: int = 8, alpha: float = 0.5, lexicons: DomainLexicons | None = None) -> None:
-        self.records = load_jsonl(path)
+    def __init__(self, records: list[Record], parts: list[list[int]], seed: int = 0, heldout: int = 8,
+                 lexicons: DomainLexicons | None = None) -> None:
+        self.records = records
+        self.parts = parts
         self.seed = seed
         self.num_heldout = heldout
         self.lexicons = lexicons or records_lexicons(self.records, seed)
         self.domains = [r.category or self.lexicons.tag(r.question + " " + r.output) for r in self.records]
-        if partition == "user":
-            parts = partition_by_user(self.records)
-            self.parts = parts[:num_devices] if num_devices is not None else parts
-        elif partition == "iid":
-            self.parts = partition_iid(len(self.records), num_devices or 1, seed)
-        elif partition == "dirichlet":
-            self.parts = partition_dirichlet(self.domains, num_devices or 1, alpha, seed)
-        else:
-            raise DatasetError(f"unknown partition '{partition}'; use 'user', 'dirichlet' or 'iid'")
 
     @property
     def num_devices(self) -> int:
@@ -251,3 +241,25 @@ class JsonlPopulation:
     def heldout(self, i: int) -> list[Interaction]:
         self._check(i)
         return self._interactions(i)[self._split(i):]
+
+
+class JsonlPopulation(RecordPopulation):
+    """A population whose devices are partitions of a local JSONL instruction file (see
+    `RecordPopulation` for how records become streams).
+
+    For partition="user", devices are the first `num_devices` distinct users
+    (all users when num_devices is None).
+    """
+
+    def __init__(self, path: str | Path, partition: str = "iid", num_devices: int | None = None, seed: int = 0,
+                 heldout: int = 8, alpha: float = 0.5, lexicons: DomainLexicons | None = None) -> None:
+        super().__init__(load_jsonl(path), [], seed=seed, heldout=heldout, lexicons=lexicons)
+        if partition == "user":
+            parts = partition_by_user(self.records)
+            self.parts = parts[:num_devices] if num_devices is not None else parts
+        elif partition == "iid":
+            self.parts = partition_iid(len(self.records), num_devices or 1, seed)
+        elif partition == "dirichlet":
+            self.parts = partition_dirichlet(self.domains, num_devices or 1, alpha, seed)
+        else:
+            raise DatasetError(f"unknown partition '{partition}'; use 'user', 'dirichlet' or 'iid'")

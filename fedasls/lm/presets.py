@@ -173,10 +173,12 @@ def model_fit_warning(settings: Settings) -> str | None:
     uplift measured on them, are not evidence about real users. A warning, not an error.
     """
     m = settings.model
-    if settings.population.source == "jsonl" and not m.path and not m.preset:
+    pop = settings.population
+    if pop.source in ("jsonl", "stackexchange") and not m.path and not m.preset:
         preset = PRESETS["smollm2-135m-instruct"]
+        file = pop.jsonl_path if pop.source == "jsonl" else pop.posts_path
         return (
-            f"population.source = 'jsonl' ({settings.population.jsonl_path}) with the embedded default model: that "
+            f"population.source = '{pop.source}' ({file}) with the embedded default model: that "
             "model only knows the synthetic population's world, so its answers and the uplift measured on real "
             f"text mean little; use a real chat model: --model {preset.name} (install: `{preset.install}`) or "
             "--model PATH to a local Hugging Face folder"

@@ -62,6 +62,14 @@ def outcomes(tiny_model_dir, tmp_path_factory):
         return [*base, "--set", "population.source='jsonl'", "--set", f"population.jsonl_path='{path}'",
                 "--set", f"population.num_devices={devices}", "--set", "simulation.cohort_size=1"]
 
+    def posts(path: Path, devices: int = 2) -> list[str]:
+        return [*base, "--set", "population.source='stackexchange'", "--set", f"population.posts_path='{path}'",
+                "--set", f"population.num_devices={devices}", "--set", "simulation.cohort_size=1"]
+
+    fragment = Path(__file__).resolve().parents[1] / "data" / "stackexchange" / "coffee.stackexchange.com" / "Posts.xml"
+    users = write(tmp / "Users.xml", '<?xml version="1.0" encoding="utf-8"?>\n<users>\n  <row Id="1" />\n</users>\n')
+    broken = write(tmp / "Posts.xml", fragment.read_bytes().replace(b' Score="7"', b' Score="7', 1))
+
     scenario = write(tmp / "mine.toml", "[synthesis]\nrewrites = 2\nrouge_min = 0.9\nrouge_max = 0.5\n")
     existing = out / "taken"
     existing.mkdir(parents=True)
@@ -83,6 +91,10 @@ def outcomes(tiny_model_dir, tmp_path_factory):
         "malformed": jsonl(data["malformed"]),
         "non_utf8": jsonl(data["non_utf8"]),
         "too_few": jsonl(data["too_few"], devices=3),
+        "posts_missing": posts(tmp / "site" / "Posts.xml"),
+        "posts_wrong_root": posts(users),
+        "posts_malformed": posts(broken),
+        "posts_too_few_authors": posts(fragment, devices=3),
         "non_llama_model": ["simulate", "--model", str(gpt2_folder(tiny_model_dir, tmp / "gpt2")),
                             "--set", f"simulation.output_dir='{out}'", "--set", "population.num_devices=20"],
         "rouge_min_max": [*base, "--config", str(scenario)],
@@ -107,6 +119,10 @@ EXPECTED = {
     "malformed": ["malformed.jsonl:2", "invalid JSON", "each line must be one JSON object"],
     "non_utf8": ["latin1.jsonl:2", "not UTF-8 text (byte 0xe9", "iconv"],
     "too_few": ["few.jsonl", "too few records", "lower population.num_devices"],
+    "posts_missing": ["Stack Exchange dump not found", "site/Posts.xml", "population.posts_path"],
+    "posts_wrong_root": ["Users.xml:2", "root element is <users>, not <posts>", "Fix:"],
+    "posts_malformed": ["Posts.xml:20: not well-formed XML", "not well-formed XML", "re-extract"],
+    "posts_too_few_authors": ["too few authors", "population.min_answers_per_user = 20", "Fix:"],
     "non_llama_model": ["'gpt2' model", "adaptation.target_modules", "c_attn", "Fix:"],
     "rouge_min_max": ["rouge_min (0.9) is above rouge_max (0.5)", "mine.toml line 3", "mine.toml line 4",
                       "Fix: set rouge_min <= rouge_max"],
