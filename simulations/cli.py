@@ -349,10 +349,20 @@ def cmd_report(args: argparse.Namespace, settings: Settings) -> int:
 # --- fleet (loopback Deployment Engine) ------------------------------------------------------
 
 
+def _stop_orphans(args: argparse.Namespace) -> None:
+    """Every fleet command first stops the processes of a `fleet up` that was killed (kill -9) in --dir."""
+    from simulations.loopback import stop_orphaned_fleet
+
+    if stopped := stop_orphaned_fleet(Path(args.dir)):
+        print(f"fedasls: stopped {stopped} processes left in {args.dir} by a `fedasls fleet up` that was killed",
+              file=sys.stderr)
+
+
 def cmd_fleet_start(args: argparse.Namespace, settings: Settings) -> int:
     from simulations.loopback import format_status, fleet_status, start_fleet
 
-    fleet = start_fleet(Path(args.dir), args.nodes, args.first_device)
+    fleet = start_fleet(Path(args.dir), args.nodes, args.first_device,
+                        owner=os.getpid() if getattr(args, "owned", False) else None)
     print(f"started a SuperLink on {fleet.address} and {len(fleet.nodes)} SuperNodes (devices "
           f"{fleet.nodes[0].device_id}..{fleet.nodes[-1].device_id}); connection in {fleet.flwr_home}/config.toml")
     print(format_status(fleet_status(Path(args.dir))))
@@ -366,6 +376,7 @@ def cmd_fleet_run(args: argparse.Namespace, settings: Settings) -> int:
     from server.checkpoint import FAILURE_FILE
     from simulations.runner import settings_toml
 
+    _stop_orphans(args)
     root = Path(args.dir).resolve()
     fleet = LoopbackFleet.load(root)
     devices = [n.device_id for n in fleet.nodes if n.device_id is not None]
@@ -403,6 +414,7 @@ def cmd_fleet_run(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_fleet_status(args: argparse.Namespace, settings: Settings) -> int:
     from simulations.loopback import fleet_status, format_status
 
+    _stop_orphans(args)
     print(format_status(fleet_status(Path(args.dir))))
     return 0
 
@@ -428,6 +440,7 @@ def cmd_fleet_up(args: argparse.Namespace, settings: Settings) -> int:
         raise KeyboardInterrupt
 
     previous = signal.signal(signal.SIGTERM, terminate)
+    args.owned = True  # this process stops the fleet; if it is killed, the next fleet call does
     cmd_fleet_start(args, settings)  # stops what it started itself if it fails
     try:
         code = cmd_fleet_run(args, settings)

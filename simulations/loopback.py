@@ -57,6 +57,7 @@ class LoopbackFleet:
     root: Path
     superlink: FleetProcess
     nodes: list[FleetProcess] = field(default_factory=list)
+    owner: int | None = None  # the pid of the `fedasls fleet up` that started it and will stop it (None: the user)
 
     @property
     def address(self) -> str:
@@ -67,7 +68,7 @@ class LoopbackFleet:
         return self.root / "flwr-home"
 
     def save(self) -> None:
-        data = {"superlink": asdict(self.superlink), "nodes": [asdict(n) for n in self.nodes]}
+        data = {"superlink": asdict(self.superlink), "nodes": [asdict(n) for n in self.nodes], "owner": self.owner}
         (self.root / FLEET_FILE).write_text(json.dumps(data, indent=2))
 
     @classmethod
@@ -77,7 +78,8 @@ class LoopbackFleet:
             raise FleetError(f"no fleet recorded in {root} ({FLEET_FILE} missing): start one with "
                              f"`fedasls fleet start --dir {root}`")
         data = json.loads(path.read_text())
-        return cls(root, FleetProcess(**data["superlink"]), [FleetProcess(**n) for n in data["nodes"]])
+        return cls(root, FleetProcess(**data["superlink"]), [FleetProcess(**n) for n in data["nodes"]],
+                   data.get("owner"))
 
 
 def flower_env(flwr_home: Path) -> dict[str, str]:
@@ -133,11 +135,14 @@ def write_connection(flwr_home: Path, address: str) -> Path:
     return path
 
 
-def start_fleet(root: Path, num_nodes: int, first_device: int = 0, timeout_s: float = 60.0) -> LoopbackFleet:
-    """Start a SuperLink and `num_nodes` SuperNodes (devices first_device ...) on loopback."""
+def start_fleet(root: Path, num_nodes: int, first_device: int = 0, timeout_s: float = 60.0,
+                owner: int | None = None) -> LoopbackFleet:
+    """Start a SuperLink and `num_nodes` SuperNodes (devices first_device ...) on loopback; `owner`: the
+    pid of the process that will stop them (`fleet up`), so a later fleet call can tell they were abandoned."""
     if num_nodes < 1:
         raise FleetError(f"--nodes {num_nodes}: a fleet needs at least one SuperNode")
     root = root.resolve()
+    stop_orphaned_fleet(root)
     if (root / FLEET_FILE).is_file() and any(p.alive() for p in _processes(LoopbackFleet.load(root))):
         raise FleetError(f"a fleet is already running in {root}: `fedasls fleet stop --dir {root}` first")
     (root / "logs").mkdir(parents=True, exist_ok=True)
@@ -146,7 +151,7 @@ def start_fleet(root: Path, num_nodes: int, first_device: int = 0, timeout_s: fl
     log = root / "logs" / "superlink.log"
     pid = _spawn([_bin("flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(port),
                   "--database", str(root / "superlink.db")], log, env)
-    fleet = LoopbackFleet(root, FleetProcess("superlink", pid, port, str(log)))
+    fleet = LoopbackFleet(root, FleetProcess("superlink", pid, port, str(log)), owner=owner)
     fleet.save()
     try:
         _wait_listening(fleet.superlink, timeout_s)
@@ -194,6 +199,25 @@ def stop_process_tree(pid: int, timeout_s: float = 10.0) -> int:
             pass
     psutil.wait_procs(alive, timeout=timeout_s)
     return len(procs)
+
+
+def stop_orphaned_fleet(root: Path) -> int:
+    """Stop the processes of a fleet whose `fleet up` owner is gone (killed with -9 before it could stop
+    them); how many were stopped. A fleet started with `fleet start` has no owner and is left alone."""
+    root = root.resolve()
+    if not (root / FLEET_FILE).is_file():
+        return 0
+    fleet = LoopbackFleet.load(root)
+    if fleet.owner is None or _pid_alive(fleet.owner):
+        return 0
+    return sum(stop_process_tree(p.pid) for p in _processes(fleet) if p.alive())
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 def stop_fleet(root: Path) -> int:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,22 @@ MIN_RECORDS_PER_DEVICE = 2  # one to learn from, one held out for evaluation
 RESUMABLE = {"simulation.rounds"}  # may differ on --resume: more rounds continue a finished run
 
 
+MAX_RECORD_CHARS = 1_000_000  # a record above this much text is kept, with a warning
+
+
+def warn_oversized(records: list, where: str) -> int:
+    """Warn (stderr) about records holding more than MAX_RECORD_CHARS characters of text: each is held
+    by every worker and the driver, so one 50 MB record doubles the driver's memory. Returns how many."""
+    sizes = [(len(r.instruction) + len(r.input) + len(r.output), r) for r in records]
+    big = [(n, r) for n, r in sizes if n > MAX_RECORD_CHARS]
+    if big:
+        n, largest = max(big, key=lambda pair: pair[0])
+        print(f"fedasls: warning: {where}: {len(big)} record(s) hold more than {MAX_RECORD_CHARS:,} characters of "
+              f"text (the largest, line {largest.line}, {n:,}); they are kept, but every worker holds them in memory. "
+              "Fix: split or shorten them if that was not intended.", file=sys.stderr)
+    return len(big)
+
+
 def check_dataset(settings: Settings) -> None:
     """A JSONL or Stack Exchange population must load and give every device enough records (raises
     DatasetError; a Stack Exchange dump with too few authors for num_devices fails while loading)."""
@@ -32,6 +49,7 @@ def check_dataset(settings: Settings) -> None:
     from fedasls.data.sources import dataset_path, population_from_settings
 
     population = population_from_settings(pop)
+    warn_oversized(population.records, str(dataset_path(pop)))
     if pop.source == "stackexchange":
         short = [i for i, part in enumerate(population.parts) if len(part) < MIN_RECORDS_PER_DEVICE]
         if short:  # answers that were only markup (an image) left an author below two
