@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -47,10 +48,21 @@ COMMIT_LOCK = threading.Lock()  # held while a round is recorded; Ctrl-C waits f
 
 
 def mark_run_dir(run_dir: Path) -> None:
-    """Create the run folder with its marker (once), so `--overwrite` can tell a run from any other folder."""
+    """Create the run folder with its marker (once), so `--overwrite` can tell a run from any other folder;
+    the marker holds the run's random id (which names the server's private state, server/private_state.py)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     if not (run_dir / RUN_MARKER).is_file():
-        atomic_write(run_dir / RUN_MARKER, json.dumps({"fedasls_run": 1}).encode("utf-8"))
+        atomic_write(run_dir / RUN_MARKER, json.dumps({"fedasls_run": 1, "run_id": uuid.uuid4().hex}).encode("utf-8"))
+
+
+def run_id(run_dir: Path) -> str:
+    """The run's random id from its marker (a marker written before ids existed gets one now)."""
+    mark_run_dir(run_dir)
+    data = json.loads((run_dir / RUN_MARKER).read_text())
+    if not isinstance(data, dict) or not str(data.get("run_id", "")).isalnum():
+        data = {"fedasls_run": 1, "run_id": uuid.uuid4().hex}
+        atomic_write(run_dir / RUN_MARKER, json.dumps(data).encode("utf-8"))
+    return str(data["run_id"])
 
 
 def is_run_dir(run_dir: Path) -> bool:

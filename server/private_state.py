@@ -1,11 +1,12 @@
-"""The server's private state: the DP secrets (fedasls.privacy.secrets), in the run's
-server-private.json, file mode 0600.
+"""The server's private state: the DP secrets (fedasls.privacy.secrets), kept OUTSIDE the run
+folder, in the server's private directory (FEDASLS_PRIVATE_DIR, else $XDG_STATE_HOME/fedasls/private,
+else ~/.local/state/fedasls/private; folder 0700, file 0600), named by the run's random id.
 
-It is the one file of a run folder that must never be published: with it, anyone can regenerate
-the DP noise and undo it. Results, logs, config.toml and downlinks never hold it. A resumed run
-restores it, so it continues with exactly the noise and the sample an uninterrupted run would
-have drawn; delete it after the run to make the noise unrecoverable even to the operator (the run
-can then no longer be resumed).
+With that file anyone could regenerate the DP noise and undo it, so nothing that may be published
+holds it: not the run folder, results, logs, config.toml or downlinks. A resumed run (on the same
+machine) restores it, so it continues with exactly the noise and the sample an uninterrupted run
+would have drawn; delete it after the run to make the noise unrecoverable even to the operator (the
+run can then no longer be resumed).
 """
 
 from __future__ import annotations
@@ -17,8 +18,22 @@ from pathlib import Path
 from fedasls.config import Settings
 from fedasls.errors import FedaslsError
 from fedasls.privacy.secrets import DpSecrets
+from server.checkpoint import run_id
 
-PRIVATE_FILE = "server-private.json"
+def private_root() -> Path:
+    """The server's private directory (created 0700)."""
+    if env := os.environ.get("FEDASLS_PRIVATE_DIR"):
+        root = Path(env)
+    else:
+        state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+        root = Path(state) / "fedasls" / "private"
+    root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return root
+
+
+def private_path(run_dir: Path) -> Path:
+    """Where a run's private state lives: <private root>/<run id>.json."""
+    return private_root() / f"{run_id(run_dir)}.json"
 
 
 class PrivateStateError(FedaslsError):
@@ -40,12 +55,12 @@ def _write_private(path: Path, data: bytes) -> None:
 
 def dp_secrets(settings: Settings, run_dir: Path, resume: bool) -> DpSecrets | None:
     """The run's DP secrets (None when the run has no user-level DP): fresh OS randomness (or, opted
-    in, derived from [federated] noise_seed) for a new run, written to server-private.json; read back
-    on resume."""
+    in, derived from [federated] noise_seed) for a new run, written to its private file; read back on
+    resume."""
     f = settings.federated
     if not f.dp:
         return None
-    path = run_dir / PRIVATE_FILE
+    path = private_path(run_dir)
     if resume and path.is_file():
         try:
             return DpSecrets.from_json(json.loads(path.read_text()))
@@ -53,9 +68,10 @@ def dp_secrets(settings: Settings, run_dir: Path, resume: bool) -> DpSecrets | N
             raise PrivateStateError(f"{path} is damaged, so the run cannot continue with its own DP noise. Fix: "
                                     "restore it from a copy, or start the run again with --overwrite.") from None
     if resume and (run_dir / "rounds.jsonl").is_file() and (run_dir / "rounds.jsonl").stat().st_size > 0:
-        raise PrivateStateError(f"{path} is missing, so the run cannot continue with its own DP noise and sample "
-                                "(a new secret would make it a different run). Fix: restore that file, or start the "
-                                "run again with --overwrite.")
+        raise PrivateStateError(f"{path} (this run's private DP state, kept by the machine that ran its server) is "
+                                "missing, so the run cannot continue with its own DP noise and sample (a new secret "
+                                "would make it a different run). Fix: resume on that machine or restore the file "
+                                "(FEDASLS_PRIVATE_DIR points elsewhere), or start the run again with --overwrite.")
     secrets = DpSecrets.from_noise_seed(f.noise_seed) if f.noise_seed is not None else DpSecrets.fresh()
     _write_private(path, json.dumps(secrets.to_json()).encode("utf-8"))
     return secrets

@@ -211,8 +211,14 @@ def folders_to_replace(run_dir: Path, settings: Settings, overwrite: bool) -> li
 
 
 def replace_folders(folders: list[Path]) -> None:
-    """Remove the folders `folders_to_replace` approved (call only after every input was validated)."""
+    """Remove the folders `folders_to_replace` approved (call only after every input was validated), and
+    a replaced run's private DP state (server/private_state.py) with it."""
+    from server.checkpoint import RUN_MARKER
+    from server.private_state import private_path
+
     for folder in folders:
+        if (folder / RUN_MARKER).is_file():
+            private_path(folder).unlink(missing_ok=True)
         shutil.rmtree(folder)
 
 

@@ -60,7 +60,8 @@ class FederatedSettings(BaseModel):
     noise_seed: int | None = Field(
         None, description="Only for reproducible studies: draw the DP noise and the DP sample from this seed. Every "
         "epsilon then says the guarantee does not hold against anyone who knows it. None (default): secret OS "
-        "randomness, kept in the run's server-private.json (mode 0600), never in results, logs or downlinks.")
+        "randomness, kept in the server's private directory outside the run folder (file mode 0600; see "
+        "server/private_state.py), never in results, logs or downlinks.")
     release_diagnostics: bool = Field(
         False, description="DP runs: also write the round's contributor count and signal-to-noise ratio (both derived "
         "from the clipped sum without noise, so NOT covered by epsilon) to rounds.jsonl.")

@@ -1,9 +1,9 @@
 """The server's private randomness for DP: where the noise and the DP sample come from.
 
 A DP guarantee holds only if nobody can regenerate the noise or predict the sample. So by default
-both come from OS entropy (`secrets`), kept in the server's private state (the run's
-server-private.json, file mode 0600; restored on resume for an exact continuation) and never in
-config.toml, results, logs, or what devices receive. A reproducible study may opt in with
+both come from OS entropy (`secrets`), kept in the server's private state (a file outside the run
+folder, mode 0600: server/private_state.py; restored on resume for an exact continuation) and never
+in config.toml, results, logs, or what devices receive. A reproducible study may opt in with
 `[federated] noise_seed`; every report then says the guarantee does not hold against anyone who
 knows that seed.
 """

@@ -22,7 +22,7 @@ from fedasls.privacy.noise import gaussian_like
 from fedasls.privacy.secrets import DpSecrets
 from fedasls.sim.heterogeneity import HeterogeneityModel
 from server.coordinator import Coordinator
-from server.private_state import PRIVATE_FILE, PrivateStateError, dp_secrets
+from server.private_state import PrivateStateError, dp_secrets, private_path
 from simulations.runner import settings_toml
 
 LAYOUT = {"layers.0.q_proj.lora_A.weight": (4, 16), "layers.0.q_proj.lora_B.weight": (16, 4)}
@@ -89,13 +89,18 @@ def test_two_runs_of_one_config_release_different_noise():
     assert all(not torch.allclose(released_a[k], released_b[k]) for k in LAYOUT)
 
 
-def test_the_secret_lives_only_in_a_private_file_and_resume_restores_it(tmp_path):
+def test_the_secret_lives_only_in_a_private_file_outside_the_run_and_resume_restores_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("FEDASLS_PRIVATE_DIR", str(tmp_path / "private"))
     settings = Settings.model_validate({"federated": {"strategy": "global", "dp": True},
                                         "simulation": {"sampling": "poisson"}})
-    secrets = dp_secrets(settings, tmp_path, resume=False)
-    path = tmp_path / PRIVATE_FILE
-    assert stat.S_IMODE(path.stat().st_mode) == 0o600
-    assert dp_secrets(settings, tmp_path, resume=True) == secrets  # a resume continues with the same secrets
+    run = tmp_path / "results" / "run"
+    secrets = dp_secrets(settings, run, resume=False)
+    path = private_path(run)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600 and stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+    assert not path.is_relative_to(run)  # nothing in the run folder holds it
+    for file in run.rglob("*"):
+        assert f"{secrets.noise:x}" not in file.read_text()
+    assert dp_secrets(settings, run, resume=True) == secrets  # a resume continues with the same secrets
     hex_noise, decimal_noise = f"{secrets.noise:x}", str(secrets.noise)
     public = settings_toml(settings) + settings.model_dump_json()
     downlink = _dp(settings.federated, secrets)[0].configure_train(1, [0])
@@ -103,10 +108,10 @@ def test_the_secret_lives_only_in_a_private_file_and_resume_restores_it(tmp_path
     assert hex_noise not in public and decimal_noise not in public
     assert dp_secrets(settings.model_copy(update={"federated": settings.federated.model_copy(update={"dp": False})}),
                       tmp_path / "other", resume=False) is None
-    (tmp_path / "rounds.jsonl").write_text('{"round": 1}\n')
+    (run / "rounds.jsonl").write_text('{"round": 1}\n')
     path.unlink()
-    with pytest.raises(PrivateStateError, match="server-private.json is missing"):
-        dp_secrets(settings, tmp_path, resume=True)
+    with pytest.raises(PrivateStateError, match="private DP state.*is missing"):
+        dp_secrets(settings, run, resume=True)
 
 
 def test_the_dp_sample_comes_from_the_secret_and_is_not_in_the_public_state():
