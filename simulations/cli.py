@@ -74,9 +74,13 @@ def _load(args: argparse.Namespace) -> Settings:
     for warning in [model_fit_warning(settings), *settings_warnings(settings)]:
         if warning:
             print(f"fedasls: warning: {warning}", file=sys.stderr)
-    if getattr(args, "handler", None) in _MODEL_COMMANDS and (line := defaults_line(settings)):
-        print(f"fedasls: {line}", file=sys.stderr)
     return settings
+
+
+def _say_model(settings: Settings) -> None:
+    """Once the inputs are valid: which model and which adaptation defaults this run uses."""
+    if line := defaults_line(settings):
+        print(f"fedasls: {line}", file=sys.stderr)
 
 
 def _toml_str(value: str) -> str:
@@ -198,7 +202,9 @@ def cmd_device(args: argparse.Namespace, settings: Settings) -> int:
 
     t0 = time.perf_counter()
     check_dataset(settings)
-    settings = settings.model_copy(update={"model": settings.model.at_path(check_model(settings))})
+    model_dir = check_model(settings)
+    _say_model(settings)
+    settings = settings.model_copy(update={"model": settings.model.at_path(model_dir)})
     runtime = DeviceRuntime(settings)
     n = runtime.population.num_devices
     if not 0 <= args.id < n:
@@ -274,6 +280,7 @@ def _simulate(args: argparse.Namespace, settings: Settings, run_dir: Path, t0: f
 
     check_model(settings)  # the model folder, before Ray starts
     replace_folders(replaced)  # --overwrite: every input is valid, so the old run may go now
+    _say_model(settings)
     sim = settings.simulation
     print(f"fedasls simulate: {settings.population.num_devices:,} devices, {sim.rounds} rounds, cohort "
           f"{sim.cohort_size} (x{sim.overcommit} over-commit), {sim.workers} Ray workers -> {run_dir}")
@@ -384,6 +391,7 @@ def cmd_fleet_run(args: argparse.Namespace, settings: Settings) -> int:
         raise ConfigError(f"the fleet has device {max(devices)} but population.num_devices is "
                           f"{settings.population.num_devices}: --set population.num_devices={max(devices) + 1}")
     model = settings.model.at_path(ensure_model(settings.model))  # build once, here
+    _say_model(settings)
     updates: dict = {"model": model}
     if not any(o.startswith("deployment.min_nodes") for o in args.overrides):
         updates["deployment"] = settings.deployment.model_copy(update={"min_nodes": max(1, len(fleet.nodes))})
@@ -494,9 +502,6 @@ def cmd_docs_config(args: argparse.Namespace, settings: Settings) -> int:
         return 0
     print(f"written: {write(path)}")
     return 0
-
-
-_MODEL_COMMANDS = {cmd_device, cmd_simulate, cmd_fleet_run, cmd_fleet_up, cmd_sweep_privacy}  # say the model's defaults
 
 
 def build_parser() -> argparse.ArgumentParser:
