@@ -30,10 +30,12 @@ from flwr.common.secure_aggregation.secaggplus_constants import Key, Stage
 from fedasls.device.faults import DeviceFailure, FailureCode
 from wire.messages import (
     ALLOWED_KEYS,
+    FAILED_IDS_KEY,
     FITRES_EXAMPLES,
     FITRES_METRICS,
     FITRES_PARAMS,
     FITRES_STATUS,
+    FIT_CONFIG,
     GLOBAL_UPDATE_KEY,
     METRICS_KEY,
     SECAGG_CONFIGS,
@@ -160,12 +162,41 @@ def round_clip_norm(msg: Message) -> float | None:
     return None if downlink is None else float(downlink.clip_norm)
 
 
+def expected_devices(msg: Message, context: Context) -> set[int] | None:
+    """The device ids a reply to `msg` may report: those the message names ("device-id", or a worker
+    slot's "device-ids"), else this SuperNode's partition-id; None when neither is known."""
+    if msg.has_error():
+        return None
+    config = msg.content[FIT_CONFIG] if FIT_CONFIG in msg.content else msg.content.get("config")
+    if isinstance(config, ConfigRecord) and "device-ids" in config:
+        return {int(d) for d in config["device-ids"]}
+    if isinstance(config, ConfigRecord) and "device-id" in config:
+        return {int(config["device-id"])}
+    if "partition-id" in context.node_config:
+        return {int(context.node_config["partition-id"])}
+    return None
+
+
+def check_device_ids(metrics, devices: set[int] | None) -> None:
+    """Raise PrivacyViolation unless the reply reports each device once, and only devices its message
+    asked for (`expected_devices`): a device id cannot carry anything else."""
+    if devices is None:
+        return
+    ids = []
+    for key in ("device_id", FAILED_IDS_KEY):
+        value = metrics.get(key, [])
+        ids += value if isinstance(value, list) else [value]
+    if len(set(ids)) != len(ids) or not set(ids) <= devices:
+        raise PrivacyViolation("the reply reports devices its message did not ask for (or one twice)")
+
+
 def check_reply(reply: Message, allowed: Layout | None = None, stage: str | None = None,
-                clip_norm: float | None = None) -> None:
+                clip_norm: float | None = None, devices: set[int] | None = None) -> None:
     """Raise PrivacyViolation unless the reply holds only the allowed records: a MetricRecord of the
     allow-list's names and ranges (one device's scalars, or a batch's lists) and, if `allowed` (the
     received global adapter's layout) is given, updates of exactly that layout, finite, of L2 norm at
-    most `clip_norm` (the round's, from the Downlink the device received).
+    most `clip_norm` (the round's, from the Downlink the device received). With `devices`, the
+    reply may report only those device ids (`expected_devices`).
 
     An error reply must hold one of the FailureCodes with exactly its fixed message.
     """
@@ -177,6 +208,8 @@ def check_reply(reply: Message, allowed: Layout | None = None, stage: str | None
         return
     if stage is not None:  # a SecAgg+ protocol message: its stage's records only
         check_secagg_reply(reply, stage, allowed)
+        if FITRES_METRICS in reply.content:
+            check_device_ids(reply.content[FITRES_METRICS], devices)
         return
     content = reply.content
     batched = {k: d for k in content.keys() if (d := batch_update_device(k)) is not None}
@@ -188,6 +221,7 @@ def check_reply(reply: Message, allowed: Layout | None = None, stage: str | None
         if not isinstance(content[METRICS_KEY], MetricRecord):
             raise PrivacyViolation(f"'{METRICS_KEY}' must be a MetricRecord of numbers")
         check_metrics(content[METRICS_KEY])  # the allow-list; a batch: one number per device per name
+        check_device_ids(content[METRICS_KEY], devices)
     if batched:
         ids = content[METRICS_KEY].get("device_id", []) if METRICS_KEY in content else []
         ran = {int(d) for d in (ids if isinstance(ids, list) else [ids])}
@@ -211,11 +245,12 @@ def privacy_guard(msg: Message, context: Context, call_next: Callable[[Message, 
     """ClientApp mod: run the app; a failure becomes a fixed error reply, and a reply that would
     leak anything (an update must have exactly the names, order and shapes of the global adapter
     this message carried, finite values and an L2 norm within its clip_norm; metrics by the
-    allow-list) is replaced by a REFUSED error reply (details go to the local log only). A reply
+    allow-list, for the devices the message asked for) is replaced by a REFUSED error reply (details go to the local log only). A reply
     the app's own builders refused (PrivacyViolation) is REFUSED too. A SecAgg+ message's reply
     is checked against its stage (`check_secagg_reply`)."""
     try:  # read before the app runs: secaggplus_mod pops the stage
         stage, allowed, clip_norm = secagg_stage(msg), allowed_layout(msg), round_clip_norm(msg)
+        devices = expected_devices(msg, context)
     except Exception:  # noqa: BLE001 - a malformed downlink
         _log.exception("malformed downlink")
         return error_reply(msg, FailureCode.ERROR)
@@ -230,7 +265,7 @@ def privacy_guard(msg: Message, context: Context, call_next: Callable[[Message, 
         _log.exception("device round failed")
         return error_reply(msg, FailureCode.ERROR)
     try:
-        check_reply(reply, allowed, stage, clip_norm)
+        check_reply(reply, allowed, stage, clip_norm, devices)
     except PrivacyViolation:
         _log.exception("reply refused by the privacy guard")
         return error_reply(msg, FailureCode.REFUSED)

@@ -24,9 +24,10 @@ def task_identity():
 CLIP = 100.0  # the updates below are not clipped: ||ones|| is about 7.5
 
 
-def incoming(global_adapter=GLOBAL, clip_norm: float = CLIP) -> Message:
-    """A train message as the server sends it: the global adapter and the round's knobs (a Downlink)."""
-    records = {"config": ConfigRecord({"device-id": 3})}
+def incoming(global_adapter=GLOBAL, clip_norm: float = CLIP, devices: list[int] | None = None) -> Message:
+    """A train message as the server sends it (for device 3, or a worker slot's `devices`): the global
+    adapter and the round's knobs (a Downlink)."""
+    records = {"config": ConfigRecord({"device-ids": devices} if devices else {"device-id": 3})}
     if global_adapter is not None:
         records |= downlink_records(Downlink("global", False, 4, 0, clip_norm, dict(global_adapter)))
     return Message(RecordDict(records), dst_node_id=1, message_type="train")
@@ -97,7 +98,7 @@ def test_a_batch_reply_carries_one_checked_update_per_device_that_trained():
 
     rows = [{"device_id": 4, "examples": 3}, {"device_id": 9, "examples": 5}]
     update = {A: torch.full((4, 8), 2.0), B: torch.ones(6, 4)}
-    reply = privacy_guard(incoming(), context(), lambda m, c: build_batch_reply(m, rows, None, {9: update}))
+    reply = privacy_guard(incoming(devices=[4, 9]), context(), lambda m, c: build_batch_reply(m, rows, None, {9: update}))
     assert not reply.has_error() and set(reply.content.keys()) == {"metrics", batch_update_key(9)}
     got = reply_updates(reply)
     assert list(got) == [9] and list(got[9]) == [A, B] and torch.equal(got[9][A], update[A])
