@@ -157,8 +157,12 @@ ATTACKS = {
 
 
 def _refused_with_nothing(reply: Message) -> None:
+    from server.rounds import FAILURE_REASONS, failure_reason
+
     assert reply.has_error() and reply.error.code == FailureCode.REFUSED
     assert reply.error.reason == FailureCode.REFUSED.message and not reply.has_content()
+    # the server counts it per device as a "refused" failure (server/rounds.py: _collect, failed_refused)
+    assert failure_reason(reply.error.code) == "refused" and "refused" in FAILURE_REASONS
 
 
 @pytest.mark.parametrize("attack", list(ATTACKS))
