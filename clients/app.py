@@ -34,7 +34,7 @@ from wire.messages import (
     build_reply,
     read_downlink,
 )
-from clients.guard import privacy_guard
+from clients.guard import privacy_guard, unmasked_guard
 
 if TYPE_CHECKING:
     import torch
@@ -148,11 +148,13 @@ def query(msg: Message, context: Context) -> Message:
 
 
 def secagg_route(msg: Message, context: Context, call_next) -> Message:
-    """Handler mod: SecAgg+ protocol messages (they carry its record) go through Flower's secaggplus_mod."""
+    """Handler mod: SecAgg+ protocol messages (they carry its record) go through Flower's secaggplus_mod;
+    the FitRes it masks is checked first by the guard's rules (`unmasked_guard`: layout, finite,
+    clip_norm), as the masked vector that leaves cannot be."""
     if SECAGG_CONFIGS in msg.content:
         from flwr.client.mod import secaggplus_mod
 
-        return secaggplus_mod(msg, context, call_next)
+        return secaggplus_mod(msg, context, unmasked_guard(call_next))
     return call_next(msg, context)
 
 

@@ -1,10 +1,19 @@
 """The privacy boundary on the device: the ClientApp mod that refuses any reply holding anything
-but what `wire.messages.build_reply` / `build_fit_reply` may build.
+but what `wire.messages.build_reply` / `build_fit_reply` / `build_batch_reply` may build.
 
-A reply may carry one MetricRecord of scalar numbers and, in a global-adapter round, the device's
-update with exactly the names, order, shapes and dtype of the global adapter it received; under
-SecAgg+ each protocol stage's records only; an error reply only a FailureCode with its fixed
-message. The guard catches whatever the app raises, so Flower never sees an exception from a device.
+A reply may carry one MetricRecord of numbers whose names are on the allow-list
+(`wire.messages.METRIC_RULES`), each within its range (NaN only where the list allows it, and then
+without payload bits) and, in a global-adapter round, the device's update with exactly the names,
+order, shapes and dtype (float32) of the global adapter it received, finite values and an L2 norm of
+at most the round's clip_norm (the Downlink the device received); under SecAgg+ each protocol
+stage's records only; an error reply only a FailureCode with its fixed message. Anything else is
+replaced by the REFUSED code (the server counts it as a "refused" failure); the log names the
+record, metric or tensor and the rule, never a refused value. The guard catches whatever the app
+raises, so Flower never sees an exception from a device.
+
+What the rules leave open, by design: an allowed metric may still vary within its range, so a
+number can carry a few dozen bits; ranges bound that channel, they do not close it (DP on the
+update is what bounds what the server learns from an update).
 """
 
 from __future__ import annotations
@@ -15,15 +24,18 @@ from collections.abc import Callable
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
 from flwr.common import Code, bytes_to_ndarray
+from flwr.compat.common import recorddict_compat as compat
 from flwr.common.secure_aggregation.secaggplus_constants import Key, Stage
 
 from fedasls.device.faults import DeviceFailure, FailureCode
 from wire.messages import (
     ALLOWED_KEYS,
+    FAILED_IDS_KEY,
     FITRES_EXAMPLES,
     FITRES_METRICS,
     FITRES_PARAMS,
     FITRES_STATUS,
+    FIT_CONFIG,
     GLOBAL_UPDATE_KEY,
     METRICS_KEY,
     SECAGG_CONFIGS,
@@ -31,8 +43,12 @@ from wire.messages import (
     PrivacyViolation,
     allowed_layout,
     batch_update_device,
+    check_metric,
+    check_metrics,
     check_update_layout,
+    check_update_values,
     error_reply,
+    read_downlink,
     secagg_stage,
 )
 
@@ -51,8 +67,9 @@ def check_secagg_reply(reply: Message, stage: str, allowed: Layout | None) -> No
     """Raise PrivacyViolation unless a SecAgg+ reply holds only what its stage sends: the protocol
     record with that stage's keys (public keys, encrypted shares, key shares: bytes made by Flower's
     mod), and in the masked-vector stage also the masked vector (integer arrays: the weight factor,
-    then exactly the global adapter's shapes), numbers-only metrics, the weight, an OK status and an
-    emptied parameters record. (Error replies are checked by `check_reply`.)"""
+    then exactly the global adapter's shapes), metrics by the allow-list, the weight (an integer, at
+    most the device's `examples`), an OK status and an emptied parameters record. (Error replies are
+    checked by `check_reply`.)"""
     content = reply.content
     expected = {SECAGG_CONFIGS} | (_FITRES_RECORDS if stage == Stage.COLLECT_MASKED_VECTORS else set())
     if set(content.keys()) != expected:
@@ -76,25 +93,111 @@ def check_secagg_reply(reply: Message, stage: str, allowed: Layout | None) -> No
     if shapes != [(1,), *allowed.values()] or any(not np.issubdtype(a.dtype, np.integer) for a in masked):
         raise PrivacyViolation(f"the masked vector's arrays {shapes[:3]}... are not the weight factor and the global "
                                "adapter's shapes (integers)")
+    # The masked vector is uniformly random to anyone without the other devices' masks: its norm and
+    # values cannot be checked here (`check_fitres` checked the update before secaggplus_mod masked
+    # it). What leaves in the clear beside it can: the metrics and the weight, by the same rules.
+    _check_fitres_scalars(content)
+    if len(content[FITRES_PARAMS]) != 0:
+        raise PrivacyViolation("SecAgg+ reply holds unmasked parameters")
+
+
+def _check_fitres_scalars(content) -> None:
+    """A FitRes's metrics (the allow-list, scalars), weight (an integer count, at most the device's
+    `examples`: `build_fit_reply` caps it) and status (OK, no text)."""
     metrics = content[FITRES_METRICS]
-    if not isinstance(metrics, ConfigRecord) or any(
-            isinstance(v, bool) or not isinstance(v, (int, float)) for v in metrics.values()):
+    if not isinstance(metrics, ConfigRecord) or any(isinstance(v, list) for v in metrics.values()):
         raise PrivacyViolation("SecAgg+ metrics must be scalar numbers")
+    check_metrics(metrics)
     examples = content[FITRES_EXAMPLES]
     if not isinstance(examples, MetricRecord) or set(examples.keys()) != {"num_examples"}:
         raise PrivacyViolation("SecAgg+ weight record must hold num_examples only")
-    if len(content[FITRES_PARAMS]) != 0:
-        raise PrivacyViolation("SecAgg+ reply holds unmasked parameters")
+    weight = examples["num_examples"]
+    check_metric("examples", weight)
+    if weight > metrics.get("examples", 0):
+        raise PrivacyViolation("SecAgg+ weight must not exceed the device's 'examples' metric")
     status = content[FITRES_STATUS]
     if dict(status) != {"code": int(Code.OK.value), "message": ""}:
         raise PrivacyViolation("SecAgg+ reply status must be OK with an empty message")
 
 
-def check_reply(reply: Message, allowed: Layout | None = None, stage: str | None = None) -> None:
-    """Raise PrivacyViolation unless the reply holds only the allowed records: a MetricRecord and,
-    if `allowed` (the received global adapter's layout) is given, an update of exactly that layout.
+def check_fitres(reply: Message, allowed: Layout | None, clip_norm: float | None) -> None:
+    """Raise PrivacyViolation unless a SecAgg+ handler's FitRes (before `secaggplus_mod` masks it)
+    holds the FitRes records only: metrics and weight as `check_secagg_reply` checks them, an OK
+    status, and the update as the global adapter's float32 arrays in its order, finite and within
+    the round's clip_norm (a device with no update sends zeros with weight 0)."""
+    content = reply.content
+    if set(content.keys()) != _FITRES_RECORDS:
+        raise PrivacyViolation(f"SecAgg+ FitRes holds records {sorted(content.keys())}, expected "
+                               f"{sorted(_FITRES_RECORDS)}")
+    _check_fitres_scalars(content)
+    if allowed is None:
+        raise PrivacyViolation("a SecAgg+ FitRes may only answer a round that sent the global adapter")
+    if not isinstance(content[FITRES_PARAMS], ArrayRecord):
+        raise PrivacyViolation(f"'{FITRES_PARAMS}' must be an ArrayRecord")
+    arrays = compat.recorddict_to_fitres(content, keep_input=True).parameters.tensors
+    if len(arrays) != len(allowed):
+        raise PrivacyViolation("the SecAgg+ FitRes does not hold one array per global-adapter tensor")
+    decoded = dict(zip(allowed, (bytes_to_ndarray(b) for b in arrays)))
+    check_update_layout(list(decoded), {k: tuple(a.shape) for k, a in decoded.items()},
+                        {k: str(a.dtype) for k, a in decoded.items()}, allowed)
+    check_update_values(decoded, clip_norm)
 
-    Flower's MetricRecord itself admits only numbers, so checking record names and types suffices.
+
+def unmasked_guard(call_next: Callable[[Message, Context], Message]) -> Callable[[Message, Context], Message]:
+    """Wrap the handler `secaggplus_mod` calls in the masked-vector stage: its FitRes is checked by
+    `check_fitres` (layout, finite, clip_norm) before the mod masks it, past any later check."""
+    def checked(msg: Message, context: Context) -> Message:
+        allowed, clip_norm = allowed_layout(msg), round_clip_norm(msg)
+        reply = call_next(msg, context)
+        if not reply.has_error():
+            check_fitres(reply, allowed, clip_norm)
+        return reply
+
+    return checked
+
+
+def round_clip_norm(msg: Message) -> float | None:
+    """The clip norm of the round's Downlink the message carries (None: no global-adapter round)."""
+    downlink = read_downlink(msg)
+    return None if downlink is None else float(downlink.clip_norm)
+
+
+def expected_devices(msg: Message, context: Context) -> set[int] | None:
+    """The device ids a reply to `msg` may report: those the message names ("device-id", or a worker
+    slot's "device-ids"), else this SuperNode's partition-id; None when neither is known."""
+    if msg.has_error():
+        return None
+    config = msg.content[FIT_CONFIG] if FIT_CONFIG in msg.content else msg.content.get("config")
+    if isinstance(config, ConfigRecord) and "device-ids" in config:
+        return {int(d) for d in config["device-ids"]}
+    if isinstance(config, ConfigRecord) and "device-id" in config:
+        return {int(config["device-id"])}
+    if "partition-id" in context.node_config:
+        return {int(context.node_config["partition-id"])}
+    return None
+
+
+def check_device_ids(metrics, devices: set[int] | None) -> None:
+    """Raise PrivacyViolation unless the reply reports each device once, and only devices its message
+    asked for (`expected_devices`): a device id cannot carry anything else."""
+    if devices is None:
+        return
+    ids = []
+    for key in ("device_id", FAILED_IDS_KEY):
+        value = metrics.get(key, [])
+        ids += value if isinstance(value, list) else [value]
+    if len(set(ids)) != len(ids) or not set(ids) <= devices:
+        raise PrivacyViolation("the reply reports devices its message did not ask for (or one twice)")
+
+
+def check_reply(reply: Message, allowed: Layout | None = None, stage: str | None = None,
+                clip_norm: float | None = None, devices: set[int] | None = None) -> None:
+    """Raise PrivacyViolation unless the reply holds only the allowed records: a MetricRecord of the
+    allow-list's names and ranges (one device's scalars, or a batch's lists) and, if `allowed` (the
+    received global adapter's layout) is given, updates of exactly that layout, finite, of L2 norm at
+    most `clip_norm` (the round's, from the Downlink the device received). With `devices`, the
+    reply may report only those device ids (`expected_devices`).
+
     An error reply must hold one of the FailureCodes with exactly its fixed message.
     """
     if reply.has_error():
@@ -105,6 +208,8 @@ def check_reply(reply: Message, allowed: Layout | None = None, stage: str | None
         return
     if stage is not None:  # a SecAgg+ protocol message: its stage's records only
         check_secagg_reply(reply, stage, allowed)
+        if FITRES_METRICS in reply.content:
+            check_device_ids(reply.content[FITRES_METRICS], devices)
         return
     content = reply.content
     batched = {k: d for k in content.keys() if (d := batch_update_device(k)) is not None}
@@ -112,10 +217,12 @@ def check_reply(reply: Message, allowed: Layout | None = None, stage: str | None
     if extra:
         raise PrivacyViolation(f"reply holds records {extra}; only {sorted(ALLOWED_KEYS)} (and, from a batch, "
                                f"'{GLOBAL_UPDATE_KEY}.<device id>') may leave a device")
-    if METRICS_KEY in content and not isinstance(content[METRICS_KEY], MetricRecord):
-        raise PrivacyViolation(f"'{METRICS_KEY}' must be a MetricRecord of numbers")
+    if METRICS_KEY in content:
+        if not isinstance(content[METRICS_KEY], MetricRecord):
+            raise PrivacyViolation(f"'{METRICS_KEY}' must be a MetricRecord of numbers")
+        check_metrics(content[METRICS_KEY])  # the allow-list; a batch: one number per device per name
+        check_device_ids(content[METRICS_KEY], devices)
     if batched:
-        # the ids alone (not device_metrics): a hand-built reply's other metric lists need not line up
         ids = content[METRICS_KEY].get("device_id", []) if METRICS_KEY in content else []
         ran = {int(d) for d in (ids if isinstance(ids, list) else [ids])}
         strangers = sorted(set(batched.values()) - ran)
@@ -128,6 +235,7 @@ def check_reply(reply: Message, allowed: Layout | None = None, stage: str | None
         names = list(record.keys())
         check_update_layout(names, {k: tuple(record[k].shape) for k in names},
                              {k: str(np.dtype(record[k].dtype)) for k in names}, allowed)
+        check_update_values({k: record[k].numpy() for k in names}, clip_norm)
 
 
 _log = logging.getLogger("fedasls.device.device")  # the worker's (device's) local log; never sent
@@ -136,10 +244,13 @@ _log = logging.getLogger("fedasls.device.device")  # the worker's (device's) loc
 def privacy_guard(msg: Message, context: Context, call_next: Callable[[Message, Context], Message]) -> Message:
     """ClientApp mod: run the app; a failure becomes a fixed error reply, and a reply that would
     leak anything (an update must have exactly the names, order and shapes of the global adapter
-    this message carried) is replaced by a REFUSED error reply (details go to the local log only).
-    A SecAgg+ message's reply is checked against its stage (`check_secagg_reply`)."""
+    this message carried, finite values and an L2 norm within its clip_norm; metrics by the
+    allow-list, for the devices the message asked for) is replaced by a REFUSED error reply (details go to the local log only). A reply
+    the app's own builders refused (PrivacyViolation) is REFUSED too. A SecAgg+ message's reply
+    is checked against its stage (`check_secagg_reply`)."""
     try:  # read before the app runs: secaggplus_mod pops the stage
-        stage, allowed = secagg_stage(msg), allowed_layout(msg)
+        stage, allowed, clip_norm = secagg_stage(msg), allowed_layout(msg), round_clip_norm(msg)
+        devices = expected_devices(msg, context)
     except Exception:  # noqa: BLE001 - a malformed downlink
         _log.exception("malformed downlink")
         return error_reply(msg, FailureCode.ERROR)
@@ -147,11 +258,14 @@ def privacy_guard(msg: Message, context: Context, call_next: Callable[[Message, 
         reply = call_next(msg, context)
     except DeviceFailure as failure:  # already logged in the device's errors.log
         return error_reply(msg, failure.code)
+    except PrivacyViolation:  # build_reply & co. (or `unmasked_guard`) refused what the app built
+        _log.exception("reply refused before it was built")
+        return error_reply(msg, FailureCode.REFUSED)
     except Exception:  # noqa: BLE001 - raised outside `contained`: log locally, send the code only
         _log.exception("device round failed")
         return error_reply(msg, FailureCode.ERROR)
     try:
-        check_reply(reply, allowed, stage)
+        check_reply(reply, allowed, stage, clip_norm, devices)
     except PrivacyViolation:
         _log.exception("reply refused by the privacy guard")
         return error_reply(msg, FailureCode.REFUSED)

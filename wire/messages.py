@@ -4,10 +4,12 @@ decodes it on the server (`reply_updates`, `device_metrics`, `device_failures`),
 Downlink (fedasls.federated.strategy) as records: `downlink_records` on the server, `read_downlink`
 on the device ("global-adapter": the shared tensors; "downlink": every knob of the round).
 
-A reply may carry one MetricRecord of scalar numbers under "metrics" and, in a global-adapter
-round, the device's clipped update of the shared LoRA tensors under "global-update": an
+A reply may carry one MetricRecord of scalar numbers under "metrics" (only the names of the
+allow-list METRIC_RULES, each within its range) and, in a global-adapter round, the device's
+clipped update of the shared LoRA tensors under "global-update": an
 ArrayRecord with exactly the names, order and shapes of the "global-adapter" record the device
-received (float32). A worker slot that ran several devices sends one such record per device that
+received (float32, finite, and of L2 norm at most the round's clip_norm: the guard checks it,
+`check_update_values`). A worker slot that ran several devices sends one such record per device that
 trained, under "global-update.<device id>". Raw text, buffers, profiles and personal adapters
 never leave: there is no code path that puts them in a reply, and the ClientApp's guard
 (clients/guard.py) refuses any reply that does not fit.
@@ -23,9 +25,10 @@ Both sides import this module; it imports Flower and fedasls only (never clients
 from __future__ import annotations
 
 import math
+import struct
 from collections.abc import Mapping
 from dataclasses import fields
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
@@ -34,6 +37,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.compat.common import recorddict_compat as compat
 
 from fedasls.device.faults import FailureCode
+from fedasls.device.timing import STAGES
 
 if TYPE_CHECKING:  # torch is imported only where tensors leave: a QUERY process needs none of it
     import torch
@@ -63,15 +67,132 @@ class PrivacyViolation(RuntimeError):
 Layout = dict[str, tuple[int, ...]]
 
 
+class MetricRule(NamedTuple):
+    """What one reply metric may hold: kind "int" (an int, never a bool), "float" (a finite number)
+    or "float|nan" (a finite number or a plain NaN: no payload bits), within [low, high] (inclusive;
+    high = inf admits +inf)."""
+
+    kind: str
+    low: float
+    high: float
+
+
+COUNT_MAX = 10**9  # lifetime counters and per-round counts: far above any real device's
+BYTES_MAX = 2**40  # 1 TiB: a buffer budget or an upload (a LoRA update) is far smaller
+SECONDS_MAX = 1e7  # ~116 days: no device round takes longer
+DEVICE_ID_MAX = 10**8 - 1
+_SECONDS = MetricRule("float", 0.0, SECONDS_MAX)
+_STAGE_SECONDS = MetricRule("float|nan", 0.0, SECONDS_MAX)  # NaN: a batch's filler for a stage a device never ran
+_SHARE = MetricRule("float", 0.0, 1.0)  # ROUGE F-measures
+_RATE = MetricRule("float|nan", 0.0, 1.0)  # an accept rate: NaN without a simulated user
+_PERPLEXITY = MetricRule("float|nan", 1.0, math.inf)  # exp(mean NLL) >= 1; inf on overflow, NaN from a diverged model
+_COUNT, _FLAG = MetricRule("int", 0, COUNT_MAX), MetricRule("int", 0, 1)
+
+# THE allow-list: every metric name a reply may carry, with its rule. A device builds its reply only
+# through build_reply / build_fit_reply / build_batch_reply, which refuse any other name or value,
+# and the guard (clients/guard.py) refuses a reply that does not fit. The names are those of
+# fedasls.device.round.DeviceRoundResult.metrics() (a train round), the ClientApp's evaluate and
+# query handlers, the stage timer's stage_<name>_s / stage_<name>_cpu_s (fedasls.device.timing) and
+# a batch reply's failed devices. tests/clients/test_metric_allow_list.py runs real rounds against it.
+METRIC_RULES: dict[str, MetricRule] = {
+    "device_id": MetricRule("int", 0, DEVICE_ID_MAX),
+    "status_code": _FLAG,  # 0 completed, 1 offline
+    "wall_seconds": _SECONDS,
+    "new_interactions": _COUNT,
+    "adapted": _FLAG,
+    "examples": _COUNT,
+    "epochs": MetricRule("int", 0, 10**6),
+    "eval_items": _COUNT,
+    "upload_bytes": MetricRule("int", 0, BYTES_MAX),
+    "annotations": _COUNT,
+    "buffer_bytes": MetricRule("int", 0, BYTES_MAX),
+    "lora_rank": MetricRule("int", 1, 2**16),
+    **{f"{who}{name}": _SHARE for who in ("", "base_", "global_") for name in ("rouge1", "rougeL")},
+    **{f"{who}perplexity": _PERPLEXITY for who in ("", "base_", "global_")},
+    "accept_rate": _RATE,
+    "base_accept_rate": _RATE,
+    "epsilon": MetricRule("float|nan", 0.0, math.inf),  # example-level DP-SGD; NaN without it
+    "gate_accepted": _COUNT,
+    "gate_rejected": _COUNT,
+    "gate_waiting": _COUNT,
+    "uses_global": _FLAG,
+    # "adopt": cold-start adoption (fedasls.device.global_round) is timed but not one of timing.STAGES
+    **{f"stage_{name}{part}": _STAGE_SECONDS for name in (*STAGES, "adopt") for part in ("_s", "_cpu_s")},
+    FAILED_IDS_KEY: MetricRule("int", 0, DEVICE_ID_MAX),  # a batch reply's failed devices, by id and code
+    FAILED_CODES_KEY: MetricRule("int", min(FailureCode), max(FailureCode)),
+}
+_NAN_SIGN, _QUIET_NAN = 1 << 63, 0x7FF8000000000000
+CLIP_TOLERANCE = 1e-4  # relative: an update clipped to C in float32 may exceed C by rounding
+
+
+def check_metric(name: str, value: Any) -> None:
+    """Raise PrivacyViolation unless `name` is on the allow-list (METRIC_RULES) and `value` fits its
+    rule. The message names the metric and the rule, never the value."""
+    rule = METRIC_RULES.get(name)
+    if rule is None:
+        raise PrivacyViolation(f"metric '{name}' is not on the allow-list (wire.messages.METRIC_RULES)")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise PrivacyViolation(f"metric '{name}' is not a number; only numbers may leave a device")
+    if rule.kind == "int" and not isinstance(value, int):
+        raise PrivacyViolation(f"metric '{name}' must be an integer")
+    if isinstance(value, float) and math.isnan(value):
+        if rule.kind != "float|nan":
+            raise PrivacyViolation(f"metric '{name}' is NaN; it must be a finite number")
+        if struct.unpack("<Q", struct.pack("<d", value))[0] & ~_NAN_SIGN != _QUIET_NAN:
+            raise PrivacyViolation(f"metric '{name}' is a NaN with payload bits; only a plain NaN may leave")
+        return
+    if not rule.low <= value <= rule.high:
+        raise PrivacyViolation(f"metric '{name}' is outside its range [{rule.low}, {rule.high}]")
+
+
+def check_metrics(metrics: Mapping[str, Any]) -> None:
+    """Raise PrivacyViolation unless every metric fits the allow-list. One device's reply holds
+    scalars; a batch's (any value a list) holds a list per name, one number per device of
+    'device_id' (the failed devices' ids and codes: two lists of their own length)."""
+    values = dict(metrics)
+    if not any(isinstance(v, list) for v in values.values()):
+        for name, value in values.items():
+            check_metric(name, value)
+        return
+    if any(not isinstance(v, list) for v in values.values()):
+        raise PrivacyViolation("a batch reply's metrics must all be lists (one number per device)")
+    ran = len(values.get("device_id", []))
+    failed = len(values.get(FAILED_IDS_KEY, []))
+    for name, column in values.items():
+        if len(column) != (failed if name in (FAILED_IDS_KEY, FAILED_CODES_KEY) else ran):
+            raise PrivacyViolation(f"batch metric '{name}' does not hold one number per device")
+        for value in column:
+            check_metric(name, value)
+
+
+def check_update_values(arrays: Mapping[str, np.ndarray], clip_norm: float | None) -> None:
+    """Raise PrivacyViolation unless the update's values are finite and its L2 norm (over all its
+    tensors, as the device clips it: fedasls.privacy.clipping) is at most the round's clip_norm,
+    with a relative tolerance of CLIP_TOLERANCE for float32 rounding. The message never quotes a value."""
+    if clip_norm is None or not (math.isfinite(clip_norm) and clip_norm > 0):
+        raise PrivacyViolation("the reply holds an update, but the round sent no valid clip_norm to bound it")
+    total = 0.0
+    for name, array in arrays.items():
+        values = np.asarray(array)
+        if not np.all(np.isfinite(values)):
+            raise PrivacyViolation(f"update tensor '{name}' holds NaN or infinite values")
+        total += float(np.square(values, dtype=np.float64).sum())
+    if math.sqrt(total) > clip_norm * (1 + CLIP_TOLERANCE):
+        raise PrivacyViolation("the update's L2 norm exceeds the round's clip_norm: it was not clipped on the device")
+
+
+
 def build_reply(msg: Message, metrics: Mapping[str, float | int],
                 update: Mapping[str, torch.Tensor] | None = None) -> Message:
-    """The reply to `msg`: scalar metrics (NaN is sent as-is; strings are refused) and, when given,
-    the global-adapter update (it must fit the layout of the global adapter `msg` carried)."""
+    """The reply to `msg`: scalar metrics (names and values by the allow-list, METRIC_RULES; strings
+    are refused) and, when given, the global-adapter update (it must fit the layout of the global
+    adapter `msg` carried)."""
     clean: dict[str, float | int] = {}
     for key, value in metrics.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise PrivacyViolation(f"metric '{key}' is {type(value).__name__}, only numbers may leave a device")
         clean[key] = value if isinstance(value, int) else float(value)
+        check_metric(key, clean[key])
     records: dict = {METRICS_KEY: MetricRecord(clean)}
     if update is not None:
         records[GLOBAL_UPDATE_KEY] = _update_record(msg, update)
@@ -231,7 +352,7 @@ def build_batch_reply(msg: Message, rows: list[Mapping[str, float | int]],
                       failures: Mapping[int, FailureCode] | None = None,
                       updates: Mapping[int, Mapping[str, torch.Tensor]] | None = None) -> Message:
     """The reply of a worker slot that ran several devices: one MetricRecord whose every key holds a
-    list with one number per device (in the order of the rows); numbers only, as in `build_reply`.
+    list with one number per device (in the order of the rows); numbers by the allow-list, as in `build_reply`.
     A metric that some devices do not report (e.g. a stage one of them never ran) is NaN for the
     others. Devices that failed are listed apart, by id and FailureCode only (`device_failures`).
     In a global-adapter round each device's update goes in its own record (`batch_update_key`),
@@ -246,6 +367,7 @@ def build_batch_reply(msg: Message, rows: list[Mapping[str, float | int]],
     if failures:
         clean[FAILED_IDS_KEY] = [int(d) for d in failures]
         clean[FAILED_CODES_KEY] = [int(c) for c in failures.values()]
+    check_metrics(clean)  # the allow-list, as the guard checks it
     records: dict = {METRICS_KEY: MetricRecord(clean)}
     ran = {int(row["device_id"]) for row in rows}
     for device_id, update in (updates or {}).items():

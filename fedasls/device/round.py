@@ -71,7 +71,9 @@ class DeviceRoundResult:
         return RoundWork.from_metrics(self.metrics())
 
     def metrics(self) -> dict[str, float | int]:
-        """Numbers only, for the reply's MetricRecord (status as a code: 0 completed, 1 offline)."""
+        """Numbers only, for the reply's MetricRecord (status as a code: 0 completed, 1 offline). Every
+        name and value must fit the reply's allow-list (wire.messages.METRIC_RULES: a new field or
+        timed stage goes there too; tests/clients/test_metric_allow_list.py checks both)."""
         out = {f.name: getattr(self, f.name) for f in fields(self)
                if f.name not in ("status", "contribution", "stage_seconds")}
         out["status_code"] = {"completed": 0, "offline": 1}[self.status]

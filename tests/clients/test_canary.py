@@ -5,6 +5,12 @@ one Simulation Engine run (Ray) serves every mode in turn through the same Serve
 records the serialized bytes of every message the server receives. No canary may appear in
 them, and each reply may hold only the metrics record and, in a global-adapter round, an update
 with exactly the global adapter's tensor names and shapes.
+
+An honest run proves little about the guard (an honest device sends no canary, guard or not), so
+`test_a_leaking_device_round_reaches_the_server_only_without_the_guard` runs a compromised device
+round (the real round, then its own canary planted in metric values and in its update's bytes)
+through a ClientApp with no mods and through one with the privacy guard: the canary reaches the
+wire without the guard, and not one byte of it with it.
 """
 
 from __future__ import annotations
@@ -14,6 +20,8 @@ import math
 
 import pytest
 import torch
+
+from flwr.app import Message, RecordDict
 
 from wire.messages import GLOBAL_UPDATE_KEY, SECAGG_CONFIGS
 from fedasls.config import Settings
@@ -55,9 +63,8 @@ def canary(device: int, index: int, part: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def recorded(tiny_model_dir, tmp_path_factory):
-    root = tmp_path_factory.mktemp("canary")
-    data = root / "canary.jsonl"
+def canary_data(tmp_path_factory):
+    data = tmp_path_factory.mktemp("canary-data") / "canary.jsonl"
     with data.open("w") as f:
         for device in range(DEVICES):
             for i in range(14):
@@ -66,24 +73,35 @@ def recorded(tiny_model_dir, tmp_path_factory):
                     "instruction": f"{TOPICS[i % len(TOPICS)]} {canary(device, i, 'Q')}?",
                     "output": f"{ANSWERS[i % len(ANSWERS)]} {canary(device, i, 'A')}.",
                 }) + "\n")
+    return data
+
+
+def canary_settings(tiny_model_dir, data, strategy="global", ffa=False, dp=False, dp_sgd=False, secagg=False,
+                    per_worker=1) -> Settings:
+    return Settings.model_validate({
+        "model": {"path": str(tiny_model_dir)},
+        "population": {"source": "jsonl", "jsonl_path": str(data), "partition": "user", "num_devices": DEVICES,
+                       "heldout": 2},
+        "feedback": {"annotation_budget": 4},
+        "synthesis": {"rewrites": 1, "method": "fallback"},
+        "adaptation": {"epochs": 1, "lora_rank": 4, "min_new_items": 1, "min_items": 2, "gate": "off", "dp": dp_sgd,
+                       "max_length": 48},
+        "evaluation": {"max_new_tokens": 4},
+        "heterogeneity": {"availability": "always", "dropout_scale": 0.0},
+        "simulation": {"rounds": 2, "cohort_size": 3, "overcommit": 1.0, "start_time_s": 9 * 86400.0,
+                       "round_interval_s": 86400.0, "workers": 2, "devices_per_worker": per_worker,
+                       "sampling": "poisson" if dp else "available"},
+        "federated": {"strategy": strategy, "ffa": ffa, "dp": dp, "noise_multiplier": 0.8, "clip_norm": 0.05,
+                      "secure_aggregation": "secagg+" if secagg else "none"},
+    })
+
+
+@pytest.fixture(scope="module")
+def recorded(tiny_model_dir, canary_data, tmp_path_factory):
+    root = tmp_path_factory.mktemp("canary")
     runs = []
     for strategy, ffa, dp, dp_sgd, secagg, per_worker in MODES:
-        settings = Settings.model_validate({
-            "model": {"path": str(tiny_model_dir)},
-            "population": {"source": "jsonl", "jsonl_path": str(data), "partition": "user", "num_devices": DEVICES,
-                           "heldout": 2},
-            "feedback": {"annotation_budget": 4},
-            "synthesis": {"rewrites": 1, "method": "fallback"},
-            "adaptation": {"epochs": 1, "lora_rank": 4, "min_new_items": 1, "min_items": 2, "gate": "off", "dp": dp_sgd,
-                           "max_length": 48},
-            "evaluation": {"max_new_tokens": 4},
-            "heterogeneity": {"availability": "always", "dropout_scale": 0.0},
-            "simulation": {"rounds": 2, "cohort_size": 3, "overcommit": 1.0, "start_time_s": 9 * 86400.0,
-                           "round_interval_s": 86400.0, "workers": 2, "devices_per_worker": per_worker,
-                           "sampling": "poisson" if dp else "available"},
-            "federated": {"strategy": strategy, "ffa": ffa, "dp": dp, "noise_multiplier": 0.8, "clip_norm": 0.05,
-                          "secure_aggregation": "secagg+" if secagg else "none"},
-        })
+        settings = canary_settings(tiny_model_dir, canary_data, strategy, ffa, dp, dp_sgd, secagg, per_worker)
         name = f"{'secagg-' if secagg else ''}{strategy}-ffa{int(ffa)}-dp{int(dp)}-sgd{int(dp_sgd)}" + (
             f"-batch{per_worker}" if per_worker > 1 else "")
         runs.append((name, FleetRun(settings, root / name, root / name / "store", quiet=True, expected_slots=3)))
@@ -181,3 +199,79 @@ def test_privacy_sweep_tables_and_plots_from_real_runs(recorded, tmp_path):
         point_result(crashed, runs[0][1].settings)
     header = (tmp_path / "privacy_sweep.csv").read_text().splitlines()[0].split(",")
     assert {"noise_multiplier", "epsilon", "delta", "sampling", "neighbouring", "uplift_low", "snr_mean"} <= set(header)
+
+
+def leaky_train(msg, context):
+    """A compromised device round: the real round (clients.app.train), then the device's own canary,
+    read from its data in its store, planted in a metric's values (its code points) and in the
+    first bytes of its update (as float32 bytes)."""
+    import re
+
+    import numpy as np
+    from flwr.app import ArrayRecord, MetricRecord
+
+    from clients.app import train, worker_resources
+    from fedasls.device.round import load_device
+    from fedasls.device.store import DeviceStore
+
+    reply = train(msg, context)
+    config = msg.content["config"]
+    settings, runtime, hetero = worker_resources(str(config["settings"]))
+    device = load_device(int(config["device-id"]), runtime, settings, DeviceStore(str(config["store"])), hetero)
+    secret = re.search(r"CANARY\w+?Z", device.selector.interactions()[0].question).group()
+    metrics = dict(reply.content["metrics"]) | {"rouge1": [float(ord(c)) for c in secret]}
+    arrays = {k: a.numpy().copy() for k, a in reply.content[GLOBAL_UPDATE_KEY].items()}
+    first = next(iter(arrays.values())).reshape(-1).view(np.uint8)
+    first[:len(secret)] = np.frombuffer(secret.encode(), dtype=np.uint8)
+    reply.content["metrics"] = MetricRecord(metrics)
+    reply.content[GLOBAL_UPDATE_KEY] = ArrayRecord({k: torch.from_numpy(a) for k, a in arrays.items()})
+    return reply
+
+
+def test_a_leaking_device_round_reaches_the_server_only_without_the_guard(tiny_model_dir, canary_data, tmp_path):
+    import struct
+
+    from flwr.app import Context
+    from flwr.clientapp import ClientApp
+    from flwr.common.serde import message_from_proto, message_to_proto
+    from flwr.proto.message_pb2 import Message as ProtoMessage
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from clients.app import secagg_route
+    from clients.guard import privacy_guard
+    from fedasls.device.faults import FailureCode
+    from fedasls.federated.strategies import FedAvg
+    from server.rounds import round_config
+    from wire.messages import downlink_records
+
+    settings = canary_settings(tiny_model_dir, canary_data)
+    layout = adapter_layout(settings)
+    downlink = downlink_records(FedAvg(settings.federated, layout, 4).configure_train(1, [2]))
+    planted = [canary(2, i, p) for i in range(14) for p in "QA"]
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1
+    try:
+        received = {}
+        for name, mods in (("unguarded", []), ("guarded", [privacy_guard])):
+            app = ClientApp(mods=mods)
+            app.train(mods=[secagg_route])(leaky_train)
+            content = round_config(settings.model_dump_json(), tmp_path / name, 2, 9 * 86400.0, 1, False)
+            for key, record in downlink.items():
+                content[key] = record
+            msg = Message(content, dst_node_id=1, message_type="train")
+            reply = app(msg, Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={}))
+            wire = message_to_proto(reply).SerializeToString()
+            received[name] = (wire, message_from_proto(ProtoMessage.FromString(wire)))
+    finally:
+        TaskIdentity.task_id = TaskIdentity.run_id = TaskIdentity.node_id = None
+
+    wire, reply = received["unguarded"]  # the canary reaches the server, in metric values and update bytes
+    secret = "".join(chr(int(v)) for v in reply.content["metrics"]["rouge1"])
+    assert secret in planted
+    assert struct.pack(f"<{len(secret)}d", *(float(ord(c)) for c in secret)) in wire
+    first = next(iter(reply.content[GLOBAL_UPDATE_KEY].values())).numpy().tobytes()
+    assert first.startswith(secret.encode()) and secret.encode() in wire
+
+    wire, reply = received["guarded"]  # with the guard: the REFUSED code, and zero bytes of any canary
+    assert reply.has_error() and reply.error.code == FailureCode.REFUSED
+    assert b"CANARY" not in wire and not any(c.encode() in wire for c in planted)
+    assert struct.pack(f"<{len(secret)}d", *(float(ord(c)) for c in secret)) not in wire

@@ -46,7 +46,7 @@ def refused(reply: Message) -> bool:
 
 def test_guard_refuses_a_reply_smuggling_text_or_tensors():
     def leaky_app(msg, ctx):
-        return Message(RecordDict({"metrics": MetricRecord({"a": 1.0}), "buffer": ConfigRecord({"q": CANARY})}),
+        return Message(RecordDict({"metrics": MetricRecord({"rouge1": 1.0}), "buffer": ConfigRecord({"q": CANARY})}),
                        reply_to=msg)
 
     with pytest.raises(PrivacyViolation, match="buffer"):
@@ -91,7 +91,7 @@ def test_error_replies_with_free_text_are_refused():
 
 def test_guard_passes_clean_replies():
     def clean_app(msg, ctx):
-        return build_reply(msg, {"x": 1.0})
+        return build_reply(msg, {"rouge1": 1.0})
 
     reply = privacy_guard(incoming(), context(), clean_app)
     assert CANARY not in str(reply.content)
@@ -101,9 +101,13 @@ def test_global_update_slot_accepts_only_arrays():
     def arrays(msg, ctx):
         return Message(RecordDict({"global-update": ArrayRecord()}), reply_to=msg)
 
-    with_adapter = incoming()
-    with_adapter.content["global-adapter"] = ArrayRecord()  # an (empty) global adapter was sent
-    privacy_guard(with_adapter, context(), arrays)
+    from fedasls.federated.strategy import Downlink
+    from wire.messages import downlink_records
+
+    with_adapter = incoming()  # an (empty) global adapter was sent, with its round's knobs
+    for key, record in downlink_records(Downlink("global", False, 4, 0, 1.0, {})).items():
+        with_adapter.content[key] = record
+    assert not privacy_guard(with_adapter, context(), arrays).has_error()
 
     def text(msg, ctx):
         return Message(RecordDict({"global-update": ConfigRecord({"t": CANARY})}), reply_to=msg)

@@ -5,9 +5,10 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from wire.messages import GLOBAL_UPDATE_KEY, PrivacyViolation, allowed_layout, build_reply
+from wire.messages import GLOBAL_UPDATE_KEY, PrivacyViolation, allowed_layout, build_reply, downlink_records
 from clients.guard import check_reply, privacy_guard
 from fedasls.device.faults import FailureCode
+from fedasls.federated.strategy import Downlink
 
 A, B = "m.q_proj.lora_A.weight", "m.q_proj.lora_B.weight"
 GLOBAL = {A: torch.zeros(4, 8), B: torch.zeros(6, 4)}
@@ -20,10 +21,15 @@ def task_identity():
     TaskIdentity.task_id = TaskIdentity.run_id = TaskIdentity.node_id = None
 
 
-def incoming(global_adapter=GLOBAL) -> Message:
-    records = {"config": ConfigRecord({"device-id": 3})}
+CLIP = 100.0  # the updates below are not clipped: ||ones|| is about 7.5
+
+
+def incoming(global_adapter=GLOBAL, clip_norm: float = CLIP, devices: list[int] | None = None) -> Message:
+    """A train message as the server sends it (for device 3, or a worker slot's `devices`): the global
+    adapter and the round's knobs (a Downlink)."""
+    records = {"config": ConfigRecord({"device-ids": devices} if devices else {"device-id": 3})}
     if global_adapter is not None:
-        records["global-adapter"] = ArrayRecord(dict(global_adapter))
+        records |= downlink_records(Downlink("global", False, 4, 0, clip_norm, dict(global_adapter)))
     return Message(RecordDict(records), dst_node_id=1, message_type="train")
 
 
@@ -34,7 +40,7 @@ def context() -> Context:
 def test_a_fitting_update_leaves_as_float32_arrays():
     msg = incoming()
     assert allowed_layout(msg) == {A: (4, 8), B: (6, 4)}
-    reply = privacy_guard(msg, context(), lambda m, c: build_reply(m, {"x": 1.0}, {A: torch.ones(4, 8), B: torch.ones(6, 4)}))
+    reply = privacy_guard(msg, context(), lambda m, c: build_reply(m, {"device_id": 3}, {A: torch.ones(4, 8), B: torch.ones(6, 4)}))
     record = reply.content[GLOBAL_UPDATE_KEY]
     assert list(record.keys()) == [A, B] and record[A].shape == (4, 8)
     assert torch.equal(record.to_torch_state_dict()[B], torch.ones(6, 4))
@@ -68,7 +74,7 @@ def test_guard_refuses_hand_built_updates_that_bypass_build_reply():
             {A: torch.ones(4, 8), "m.q_proj.lora_B.personal": torch.ones(6, 4)})}), reply_to=msg)
 
     with pytest.raises(PrivacyViolation, match="not the global adapter"):
-        check_reply(personal_tensors(incoming(), context()), allowed_layout(incoming()))
+        check_reply(personal_tensors(incoming(), context()), allowed_layout(incoming()), clip_norm=CLIP)
     assert refused(privacy_guard(incoming(), context(), personal_tensors))  # what leaves: the REFUSED code only
 
     def wrong_dtype(msg, ctx):
@@ -76,7 +82,7 @@ def test_guard_refuses_hand_built_updates_that_bypass_build_reply():
             {A: torch.ones(4, 8, dtype=torch.float16), B: torch.ones(6, 4)})}), reply_to=msg)
 
     with pytest.raises(PrivacyViolation, match="float32"):
-        check_reply(wrong_dtype(incoming(), context()), allowed_layout(incoming()))
+        check_reply(wrong_dtype(incoming(), context()), allowed_layout(incoming()), clip_norm=CLIP)
     assert refused(privacy_guard(incoming(), context(), wrong_dtype))  # what leaves: the REFUSED code only
 
     def any_update(msg, ctx):
@@ -92,7 +98,7 @@ def test_a_batch_reply_carries_one_checked_update_per_device_that_trained():
 
     rows = [{"device_id": 4, "examples": 3}, {"device_id": 9, "examples": 5}]
     update = {A: torch.full((4, 8), 2.0), B: torch.ones(6, 4)}
-    reply = privacy_guard(incoming(), context(), lambda m, c: build_batch_reply(m, rows, None, {9: update}))
+    reply = privacy_guard(incoming(devices=[4, 9]), context(), lambda m, c: build_batch_reply(m, rows, None, {9: update}))
     assert not reply.has_error() and set(reply.content.keys()) == {"metrics", batch_update_key(9)}
     got = reply_updates(reply)
     assert list(got) == [9] and list(got[9]) == [A, B] and torch.equal(got[9][A], update[A])
@@ -112,7 +118,7 @@ def test_guard_refuses_a_batch_reply_with_an_update_of_a_device_it_did_not_run()
                                    batch_update_key(5): ArrayRecord(dict(GLOBAL))}), reply_to=msg)
 
     with pytest.raises(PrivacyViolation, match="no results for"):
-        check_reply(stranger(incoming(), context()), allowed_layout(incoming()))
+        check_reply(stranger(incoming(), context()), allowed_layout(incoming()), clip_norm=CLIP)
     assert refused(privacy_guard(incoming(), context(), stranger))
 
     def named_oddly(msg, ctx):  # only "global-update.<device id>" is a batch update's name
