@@ -459,9 +459,9 @@ def fleet_rows(study: str, variant: str, settings: Settings, run_dir: Path, devi
         profile = tiers.profile(d)
         out.append({
             "study": study, "variant": variant, "device_id": d, "settings_hash": settings_hash(settings),
-            "tier": profile.tier, "lora_rank": last.get("lora_rank", min(profile.max_lora_rank,
-                                                                         settings.adaptation.lora_rank)),
-            "buffer_budget_bytes": last.get("buffer_bytes", profile.buffer_bytes(settings.selection.buffer_bytes)),
+            "tier": profile.tier, "lora_rank": min(profile.max_lora_rank, settings.adaptation.lora_rank),
+            "buffer_budget_bytes": profile.buffer_bytes(settings.selection.buffer_bytes),
+            "buffer_used_bytes": last.get("buffer_bytes", nan),
             "sampled": len(mine), "rounds_completed": len(done), "participated": 1.0 if done else 0.0,
             "rouge1": rouge1, "rougeL": last.get("rougeL", nan), "accept_rate": last.get("accept_rate", nan),
             "base_rouge1": base, "uplift_rouge1": rouge1 - base,

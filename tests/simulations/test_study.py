@@ -279,4 +279,8 @@ def test_heterogeneity_runs_two_small_fleets_and_reports_tiers(tiny_model_dir, t
     assert {r["tier"] for r in rows if r["variant"] == "homogeneous"} == {"mid"}
     assert len({r["tier"] for r in rows if r["variant"] == "heterogeneous"}) > 1
     assert all(r["participated"] == 1 for r in rows)
+    het = {r["device_id"]: r for r in rows if r["variant"] == "heterogeneous"}
+    hom = {r["device_id"]: r for r in rows if r["variant"] == "homogeneous"}
+    low = [d for d, r in het.items() if r["tier"] == "low"]
+    assert low and all(het[d]["buffer_budget_bytes"] < hom[d]["buffer_budget_bytes"] for d in low)  # storage tier
     assert (out / "uplift_by_tier.png").stat().st_size > 0 and "## By device tier" in (out / "report.md").read_text()
