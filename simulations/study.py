@@ -599,10 +599,10 @@ def report_markdown(inputs: StudyInputs, variants: Study, summary: list[dict[str
              "## Variants (mean [95% bootstrap CI over devices])", "",
              "| variant | overrides | n | " + " | ".join(LABELS.get(m, m) for m in metrics) + " |",
              "|---|---|---|" + "---|" * len(metrics)]
+    digits = {m: (2 if m.endswith("_s") or m in ("examples", "adaptations", "synthesized", "rounds_completed") else 4)
+              for m in metrics}
     for row in summary:
         over = " ".join(variants[row["variant"]]) or "(base)"
-        digits = {m: (2 if m.endswith("_s") or m in ("examples", "adaptations", "synthesized", "rounds_completed") else 4)
-                  for m in metrics}
         cells = [_fmt(row[m], row[f"{m}_low"], row[f"{m}_high"], digits[m]) for m in metrics]
         lines.append(f"| {row['variant']} | `{over}` | {row['devices']} | " + " | ".join(cells) + " |")
     lines += ["", "## Paired differences against the reference (mean of per-device differences, bootstrap 95% CI)", "",
@@ -612,8 +612,8 @@ def report_markdown(inputs: StudyInputs, variants: Study, summary: list[dict[str
         if row["variant"] == row["reference"] or row["reference"] not in variants:
             continue
         pairs = max(row.get(f"diff_{m}_pairs", 0) for m in metrics)
-        cells = [_fmt(row[f"diff_{m}"], row[f"diff_{m}_low"], row[f"diff_{m}_high"],
-                      2 if m.endswith("_s") else 4, sign=True) for m in metrics]
+        cells = [_fmt(row[f"diff_{m}"], row[f"diff_{m}_low"], row[f"diff_{m}_high"], digits[m], sign=True)
+                 for m in metrics]
         lines.append(f"| {row['variant']} | {row['reference']} | {pairs} | " + " | ".join(cells) + " |")
     if tiers:
         lines += ["", "## By device tier (uplift = held-out ROUGE-1 of the device's model minus the base model's)", "",
