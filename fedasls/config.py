@@ -146,6 +146,10 @@ class SelectionSettings(_Section):
     embedding: Literal["lm", "minilm"] = Field(
         "lm", description="Selection embeddings: the base LM's last-token hidden state, or all-MiniLM-L6-v2.")
     embed_batch_size: int = Field(16, ge=1, description="Texts per embedding forward pass.")
+    profile_weight: float = Field(
+        1.0, ge=0, le=1, description="Policy full: weight lambda of the user profile's interest factor "
+        "(1 - lambda) + lambda * w_d / max(w) on an item's value; 0 = EOE x DSS x IDD without the profile (the ASLS "
+        "'adaptation without profiling' ablation).")
     embed_without_head: bool = Field(
         True, description="LM embeddings from the decoder stack alone (Llama-style models), skipping the vocabulary "
         "head; false = the full model with output_hidden_states (same embeddings, slower).")
@@ -221,6 +225,10 @@ class AdaptationSettings(_Section):
         0.5, ge=0, le=1, description="... and at least this share of the buffer is new since the last adaptation."
     )
     drift_trigger: float = Field(0.5, ge=0, le=2, description="Profile drift above which the device re-tunes.")
+    train_adapter: bool = Field(
+        True, description="Train a personal LoRA adapter when an adaptation runs; false = the device still profiles, "
+        "selects, collects implicit feedback and annotations, but trains nothing and answers with the base model "
+        "(adaptation status 'off'; the ASLS 'profiling without neural adaptation' ablation).")
     use_profile_trigger: bool = Field(
         True, description="Adapt only when the profile trigger fires (min_new_items, min_new_fraction, drift_trigger); "
         "false = adapt on every call (ablation).")

@@ -19,6 +19,7 @@ from fedasls.errors import FedaslsError
 from fedasls.interaction import STREAM_EPOCH
 from fedasls.lm.presets import PRESETS, model_fit_warning, model_override
 from simulations.loopback import FleetError
+from simulations.study import add_study_parsers
 
 Handler = Callable[[argparse.Namespace, Settings], int]
 
@@ -486,6 +487,14 @@ def cmd_sweep_privacy(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_study(args: argparse.Namespace, settings: Settings) -> int:
+    from simulations.study import inputs_from_args, run_study
+
+    report = run_study(inputs_from_args(args, getattr(args, "config_path", None), _overrides(args)))
+    print(f"report, CSVs and plots in {report.parent} ({report.name})")
+    return 0
+
+
 def cmd_docs_config(args: argparse.Namespace, settings: Settings) -> int:
     from simulations.settings_docs import DEFAULT_PATH, check, configuration_markdown, write
 
@@ -595,6 +604,8 @@ def build_parser() -> argparse.ArgumentParser:
     priv.add_argument("--out", metavar="DIR", help="results folder (default <output_dir>/privacy-sweep-<time>)")
     priv.set_defaults(handler=cmd_sweep_privacy, default_scenario="quickstart")
 
+    add_study_parsers(sub, _settings_args, cmd_study)
+
     rep = sub.add_parser(
         "report",
         help="tables, summary and plots for a run folder",
@@ -661,6 +672,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # the command line, for reports that cite it
     try:
         settings = _load(args)
         return args.handler(args, settings)

@@ -53,7 +53,9 @@ class AdaptReport:
     loss_last: float
     epsilon: float | None  # the device's cumulative example-level epsilon over all its DP runs
     synthesis_method: str
-    status: str = "accepted"  # "accepted" | "rejected" (the gate kept the old adapter) | "waiting" (too few items)
+    # "accepted" | "rejected" (the gate kept the old adapter) | "waiting" (too few items)
+    # | "off" (adaptation.train_adapter = false: feedback and annotations only, no training)
+    status: str = "accepted"
     heldback: int = 0  # held-back annotated items the gate compared on
     epochs: int = 0  # epochs run by the last candidate (early stopping may end before adaptation.epochs)
     attempts: int = 0  # candidates gated (the first, then retries until one passed: see Device.adapt)
@@ -73,7 +75,7 @@ class DeviceCounters:
     adaptations: int = 0  # adaptation steps run (accepted + rejected + waiting)
     gate_accepted: int = 0  # new adapters the gate kept
     gate_rejected: int = 0  # new adapters the gate refused (the device kept its old one)
-    gate_waiting: int = 0  # steps that trained nothing (too few labelled items, no held-back slice)
+    gate_waiting: int = 0  # steps that trained nothing (too few labelled items, no held-back slice, training off)
     annotations: int = 0
     observed: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
@@ -253,7 +255,9 @@ class Device:
         # A full buffer that holds fewer than min_items items (a small budget, large embeddings) could
         # never reach min_items: there, every buffered item labelled is enough.
         needed = min(a.min_items, len(items)) if self.selector.buffer.is_full() else a.min_items
-        if first and len(own) < needed:
+        if not a.train_adapter:
+            status = "off"  # profiling only (ablation): the base model keeps answering
+        elif first and len(own) < needed:
             status = "waiting"  # too few labelled items for a first adapter worth gating
         elif len(heldback) < 1 or not train_own:
             status = "waiting"  # no held-back slice (all items are one near-duplicate group) or nothing to train on
@@ -306,7 +310,7 @@ class Device:
             else:
                 self.counters.gate_rejected += 1
                 self.activate()  # put the kept adapter (or the base model's zero update) back
-        if status == "waiting":
+        if status in ("waiting", "off"):
             self.counters.gate_waiting += 1
         self.selector.mark_adapted()
         self.profile.mark_adapted()
@@ -419,7 +423,8 @@ class Device:
         device = cls(state["device_id"], runtime, settings, lora_rank=state["lora_rank"])
         device.cursor = int(state["cursor"])
         device.profile = UserProfile.from_state(state["profile"])
-        device.selector = Selector.from_state(state["selector"], runtime.lexicons, device.seed, device.profile)
+        device.selector = Selector.from_state(state["selector"], runtime.lexicons, device.seed, device.profile,
+                                              settings.selection.profile_weight)
         device.annotations = {int(k): v for k, v in state["annotations"].items()}
         device.counters = DeviceCounters(**state["counters"])
         device.base_eval = EvalResult(**state["base_eval"]) if state["base_eval"] else None

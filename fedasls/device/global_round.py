@@ -129,7 +129,7 @@ def adapt_from_global(device, downlink: Downlink) -> ClippedUpdate | None:
         if report.status != "accepted" or device.adapter is None:
             return None  # nothing trained, or the device's gate kept its previous adapter
         return contribution(start, device.adapter, downlink, report.examples)
-    if report.status == "waiting" or device.candidate is None:
+    if report.status in ("waiting", "off") or device.candidate is None:
         return None  # nothing trained
     # The gate guards the device's own model; the average gains from every trained update.
     return contribution(start, device.candidate, downlink, report.examples)

@@ -476,10 +476,11 @@ class FullPolicy(ScorePolicy):
         return combined[:-1], float(combined[-1])
 
 
-def make_policy(name: str, lexicons: Lexicons | None = None, seed: int = 0, profile: InterestProfile | None = None) -> SelectionPolicy:
-    """Build the policy named by `selection.policy` (`profile` is used by "full" only)."""
+def make_policy(name: str, lexicons: Lexicons | None = None, seed: int = 0, profile: InterestProfile | None = None,
+                profile_weight: float = 1.0) -> SelectionPolicy:
+    """Build the policy named by `selection.policy` (`profile` and `profile_weight` are used by "full" only)."""
     if name == "full":
-        return FullPolicy(profile)
+        return FullPolicy(profile, profile_weight)
     if name in METRICS:
         return ScorePolicy(name)
     if name == "fifo":
@@ -515,8 +516,9 @@ class Selector:
 
     @classmethod
     def from_settings(cls, settings: Any, lexicons: Lexicons, seed: int = 0, profile: InterestProfile | None = None) -> "Selector":
-        """From a `SelectionSettings` (policy, buffer_bytes)."""
-        return cls(lexicons, make_policy(settings.policy, lexicons, seed, profile), settings.buffer_bytes)
+        """From a `SelectionSettings` (policy, profile_weight, buffer_bytes)."""
+        policy = make_policy(settings.policy, lexicons, seed, profile, settings.profile_weight)
+        return cls(lexicons, policy, settings.buffer_bytes)
 
     def score(self, interaction: Interaction, embedding: np.ndarray, n_tokens: int | None = None) -> BufferItem:
         """Tag and score one interaction (IDD against the current buffer); does not offer it."""
@@ -568,10 +570,11 @@ class Selector:
 
     @classmethod
     def from_state(
-        cls, state: dict[str, Any], lexicons: Lexicons, seed: int = 0, profile: InterestProfile | None = None
+        cls, state: dict[str, Any], lexicons: Lexicons, seed: int = 0, profile: InterestProfile | None = None,
+        profile_weight: float = 1.0,
     ) -> "Selector":
         try:
-            policy = make_policy(state["policy"], lexicons, seed, profile)
+            policy = make_policy(state["policy"], lexicons, seed, profile, profile_weight)
             policy.load_state(state["policy_state"])
             buffer = Buffer.from_state(state["buffer"])
             sel = cls(lexicons, policy, buffer.budget_bytes, buffer)
