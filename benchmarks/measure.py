@@ -57,7 +57,26 @@ def add_run_arguments(p: argparse.ArgumentParser, *, out: str, config: str | Non
     if with_model:
         p.add_argument("--model", default=model, help="a model preset (smollm2-135m-instruct) or a local Hugging "
                        f"Face causal-LM folder (default: {model or 'the scenario model'})")
+    p.add_argument("--device", choices=("cpu", "cuda", "auto"), default=None,
+                   help="where the model runs (model.device); cuda also reserves a GPU share per worker "
+                   "(simulation.gpus_per_worker, default 1 / workers unless --set). Default: the scenario's (cpu)")
     p.add_argument("--out", default=out, help=f"where results go (default {out})")
+
+
+def device_overrides(device: str | None, workers: int = 1) -> list[str]:
+    """--device as settings; a CUDA request on a machine without a GPU ends here with the reason."""
+    if device is None:
+        return []
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
+            raise SystemExit(f"--device cuda: torch {torch.__version__} ({build}) sees no CUDA device on this "
+                             "machine, so there is nothing to benchmark on a GPU here. Run it on a GPU machine, or "
+                             "use --device cpu / auto.")
+    share = [f"simulation.gpus_per_worker={1.0 / max(workers, 1):.4g}"] if device != "cpu" else []
+    return [f'model.device="{device}"', *share]
 
 
 def config_path(config: str | None) -> Path | None:
@@ -72,7 +91,8 @@ def run_overrides(args: argparse.Namespace, extra: Sequence[str] = ()) -> list[s
     from fedasls.lm.presets import model_override
 
     model = getattr(args, "model", None)
-    return [*extra, *([model_override(model)] if model else []), *args.overrides]
+    device = device_overrides(getattr(args, "device", None), int(getattr(args, "workers", None) or 1))
+    return [*extra, *([model_override(model)] if model else []), *device, *args.overrides]
 
 
 def load_run_settings(args: argparse.Namespace, extra: Sequence[str] = ()) -> "Settings":

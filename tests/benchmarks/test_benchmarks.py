@@ -230,3 +230,21 @@ def test_tree_cpu_counts_each_process_once(tmp_path):
         proc.wait(timeout=60)
     assert proc.returncode == 0
     assert sampled_child >= 0.25 and truth >= 0.45  # both children's work is in the truth, each once
+
+
+def test_device_flag_becomes_settings_and_a_missing_gpu_is_said_not_hidden():
+    import subprocess
+    import sys
+
+    import torch
+
+    from benchmarks.measure import device_overrides
+
+    assert device_overrides(None) == [] and device_overrides("cpu") == ['model.device="cpu"']
+    assert device_overrides("auto", workers=2) == ['model.device="auto"', "simulation.gpus_per_worker=0.5"]
+    if torch.cuda.is_available():
+        assert device_overrides("cuda", workers=4)[1] == "simulation.gpus_per_worker=0.25"
+    else:
+        done = subprocess.run([sys.executable, "-m", "benchmarks.breakdown", "--device", "cuda", "--devices", "1"],
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode != 0 and "sees no CUDA device" in done.stderr and "Traceback" not in done.stderr
