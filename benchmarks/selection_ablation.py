@@ -19,10 +19,11 @@ import os
 import time
 from concurrent.futures import ProcessPoolExecutor
 
+from fedasls.pipeline.selection import POLICY_NAMES
 from benchmarks.measure import Study, add_run_arguments, parser, study_settings, write_rows
 
 ONCE_AT_THE_END = ["adaptation.use_profile_trigger=false"]  # one adaptation on the whole stream's buffer
-POLICIES = ("full", "eoe", "dss", "idd", "random", "fifo", "kcenter", "reservoir")
+POLICIES = POLICY_NAMES
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -132,6 +132,7 @@ class PopulationSettings(_Section):
 
 
 SelectionPolicyName = Literal["full", "eoe", "dss", "idd", "random", "fifo", "kcenter", "reservoir"]
+EmbedderName = Literal["lm", "minilm"]
 
 
 class SelectionSettings(_Section):
@@ -143,7 +144,7 @@ class SelectionSettings(_Section):
     buffer_bytes: int = Field(
         DEFAULT_BUFFER_BYTES, ge=256, description="Buffer budget in bytes (text + embeddings). In a fleet this is a mid-tier "
         "device's (32 MB of storage); other devices scale it with their storage (low 0.5x, high 2x).")
-    embedding: Literal["lm", "minilm"] = Field(
+    embedding: EmbedderName = Field(
         "lm", description="Selection embeddings: the base LM's last-token hidden state, or all-MiniLM-L6-v2.")
     embed_batch_size: int = Field(16, ge=1, description="Texts per embedding forward pass.")
     profile_weight: float = Field(
@@ -587,6 +588,35 @@ def settings_warnings(settings: Settings) -> list[str]:
                      "so every worker uses the card unmanaged. Fix: --set simulation.gpus_per_worker=0.25 (four "
                      "workers share one GPU) or another share")
     return found
+
+
+def settings_toml(settings: Settings) -> str:
+    """The resolved settings as TOML (what the run actually used)."""
+    lines: list[str] = []
+    for section, values in settings.model_dump(mode="json").items():
+        lines.append(f"[{section}]")
+        for key, value in values.items():
+            if value is None:
+                lines.append(f"# {key} = (unset)")
+            else:
+                lines.append(f"{key} = {toml_value(value)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def toml_value(value: Any) -> str:
+    """One value in TOML syntax (the writer `load_settings` reads back)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + " }"
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {type(value).__name__} to TOML")
 
 
 def load_settings(path: str | Path | None = None, overrides: list[str] | None = None) -> Settings:

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from fedasls.config import ConfigError, Settings, defaults_line, load_settings, settings_warnings
+from fedasls.config import ConfigError, Settings, defaults_line, load_settings, settings_warnings, toml_value
 from fedasls.errors import FedaslsError
 from fedasls.interaction import STREAM_EPOCH
 from fedasls.lm.presets import PRESETS, model_fit_warning, model_override
@@ -85,7 +85,7 @@ def _say_model(settings: Settings) -> None:
 
 
 def _toml_str(value: str) -> str:
-    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return toml_value(value)
 
 
 # --- model -----------------------------------------------------------------------------------
@@ -382,7 +382,7 @@ def cmd_fleet_run(args: argparse.Namespace, settings: Settings) -> int:
     from fedasls.lm.model import ensure_model
     from simulations.loopback import LoopbackFleet, run_app
     from server.checkpoint import FAILURE_FILE
-    from simulations.runner import settings_toml
+    from fedasls.config import settings_toml
 
     _stop_orphans(args)
     root = Path(args.dir).resolve()

@@ -27,7 +27,7 @@ from flwr.app import Message
 from flwr.simulation import run_simulation
 
 from clients.app import app as client_app
-from fedasls.config import Settings, devices_per_round, load_settings
+from fedasls.config import Settings, devices_per_round, load_settings, settings_toml
 from fedasls.data.sources import ATTRIBUTION_FILE, attribution_text
 from fedasls.lm.model import ensure_model
 from server.app import make_server_app
@@ -194,31 +194,3 @@ def write_attribution(settings: Settings, run_dir: Path) -> Path | None:
     path = run_dir / ATTRIBUTION_FILE
     path.write_text(text)
     return path
-
-
-def settings_toml(settings: Settings) -> str:
-    """The resolved settings as TOML (what the run actually used)."""
-    lines: list[str] = []
-    for section, values in settings.model_dump(mode="json").items():
-        lines.append(f"[{section}]")
-        for key, value in values.items():
-            if value is None:
-                lines.append(f"# {key} = (unset)")
-            else:
-                lines.append(f"{key} = {_toml_value(value)}")
-        lines.append("")
-    return "\n".join(lines)
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(value, dict):
-        return "{ " + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + " }"
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    raise TypeError(f"cannot write {type(value).__name__} to TOML")

@@ -44,10 +44,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 from fedasls.config import ConfigError, Settings, load_settings
+from fedasls.pipeline.selection import POLICY_NAMES
 from fedasls.stats import mean_ci
 
 RESULTS_FILE = "results.jsonl"
-POLICIES = ("full", "eoe", "dss", "idd", "random", "fifo", "kcenter", "reservoir")
+POLICIES = POLICY_NAMES
 BUDGETS = (8192, 16384)  # selection.buffer_bytes: half the default, the default
 REWRITES = tuple(range(7))
 ONCE_AT_THE_END = ("adaptation.use_profile_trigger=false",)  # with no chunking: one adaptation on the whole stream

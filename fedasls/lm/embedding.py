@@ -14,15 +14,16 @@ Two implementations share the `Embedder` protocol (`embed(texts) -> float32 [n, 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, get_args, runtime_checkable
 
 import numpy as np
 import torch
 
+from fedasls.config import EmbedderName
 from fedasls.interaction import Interaction
 from fedasls.lm.prompts import PromptFormat, check_prompt_format
 
-EMBEDDER_NAMES = ("lm", "minilm")
+EMBEDDER_NAMES: tuple[str, ...] = get_args(EmbedderName)  # the setting's Literal is the one list
 
 
 @runtime_checkable

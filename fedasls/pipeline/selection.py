@@ -56,15 +56,16 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Iterator, Protocol
+from typing import Any, ClassVar, Iterator, Protocol, get_args
 
 import numpy as np
 
+from fedasls.config import SelectionPolicyName
 from fedasls.interaction import Interaction
 
 EOE_BINS = 100
 METRICS = ("eoe", "dss", "idd")
-POLICY_NAMES = ("full", "eoe", "dss", "idd", "random", "fifo", "kcenter", "reservoir")
+POLICY_NAMES: tuple[str, ...] = get_args(SelectionPolicyName)  # the setting's Literal is the one list
 
 
 class Lexicons(Protocol):

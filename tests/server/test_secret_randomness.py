@@ -23,7 +23,7 @@ from fedasls.privacy.secrets import DpSecrets
 from fedasls.sim.heterogeneity import HeterogeneityModel
 from server.coordinator import Coordinator
 from server.private_state import PrivateStateError, dp_secrets, private_path
-from simulations.runner import settings_toml
+from fedasls.config import settings_toml
 
 LAYOUT = {"layers.0.q_proj.lora_A.weight": (4, 16), "layers.0.q_proj.lora_B.weight": (16, 4)}
 COHORT = 3.0

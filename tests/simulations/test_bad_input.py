@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from fedasls.config import Settings
-from simulations.runner import settings_toml
+from fedasls.config import settings_toml
 
 pytestmark = pytest.mark.integration  # the CLI in subprocesses, up to Ray start
 

@@ -17,7 +17,7 @@ import pytest
 from fedasls.config import Settings
 from fedasls.device.store import DeviceStore
 from simulations.loopback import PROJECT_DIR, LoopbackFleet, app_command, start_fleet, stop_fleet, stop_process_tree
-from simulations.runner import settings_toml
+from fedasls.config import settings_toml
 
 pytestmark = pytest.mark.integration  # real SuperLink and SuperNode processes
 

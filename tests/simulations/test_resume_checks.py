@@ -14,7 +14,7 @@ from fedasls.sim.heterogeneity import HeterogeneityModel
 from server.checkpoint import CHECKPOINT, CheckpointError, mark_run_dir, write_checkpoint
 from server.rounds import new_coordinator
 from simulations.cli import main
-from simulations.runner import settings_toml
+from fedasls.config import settings_toml
 from simulations.validation import check_resumable, record_inputs
 
 

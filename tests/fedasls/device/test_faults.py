@@ -13,7 +13,7 @@ from fedasls.config import ConfigError, Settings, load_settings
 from fedasls.device.faults import DeviceFailure, FailureCode, contained
 from fedasls.device.store import CorruptStateError, DeviceStore
 from server.checkpoint import CheckpointError, commit_round, failure_budget_exceeded, read_checkpoint, truncate_records
-from simulations.runner import settings_toml
+from fedasls.config import settings_toml
 from simulations.validation import resume_settings
 
 
