@@ -31,7 +31,9 @@ Written to the results folder:
     snr_by_noise.png    release diagnostic (not covered by epsilon): ||clipped sum|| / E||noise||
     runs/<point>/       each run's own folder, with released_eval.json (per new device)
 
-`--jobs N` runs N points in parallel processes (each with its own Ray instance). Finished points
+With `--jobs 1` (the default) every point is trained in turn through one Simulation Engine session
+(one Ray start, `train_in_one_session`); `--jobs N` > 1 runs N points in parallel processes, each
+with its own Ray instance. Finished points
 (all rounds recorded and released_eval.json for the same new devices) are reused; a point whose
 training finished but whose evaluation did not is only evaluated, so a sweep can be re-run to
 complete what failed.
@@ -170,6 +172,86 @@ def _run_point(settings_json: str, run_dir: str, new_devices: int, train: bool) 
         point_result(Path(run_dir), settings, new_devices)  # raises: did not finish
     evaluate_released(Path(run_dir), settings, new_devices)
     return point_result(Path(run_dir), settings, new_devices)
+
+
+def train_in_one_session(items: Sequence[tuple[Settings, Path]], quiet: bool = True) -> dict[Path, str]:
+    """Train several grid points through ONE Simulation Engine session (one Ray start, its worker
+    slots reused): each run's folder as `simulate` writes it, the runs in turn. The points differ
+    only in [federated] (noise, dp), so one worker plan serves them all. Returns {run_dir: why it
+    failed} for runs that stopped on too many failed device rounds (a crash leaves runs unfinished,
+    which `finished` reports)."""
+    import logging
+    import os
+    import time
+
+    from flwr.app import Context
+    from flwr.serverapp import Grid, ServerApp
+    from flwr.simulation import run_simulation
+
+    from clients.app import app as client_app
+    from server.rounds import FleetRun, run_fleet
+    from simulations.local_ray import private_ray_dir
+    from simulations.local_ray import remove as remove_private_ray_dir
+    from simulations.runner import (HideRunSimulationDeprecation, attach_ray, backend_config, num_slots,
+                                    plan_workers, ray_address, settings_toml, write_attribution)
+    from simulations.validation import check_run_inputs, record_inputs
+
+    model_path = check_run_inputs(items[0][0])
+    runs = []
+    for settings, run_dir in items:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.toml").write_text(settings_toml(settings))
+        write_attribution(settings, run_dir)
+        record_inputs(settings, run_dir)
+        runs.append((settings.model_copy(update={"model": settings.model.at_path(model_path)}), run_dir))
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    flwr_logger = logging.getLogger("flwr")
+    flwr_logger.propagate = False
+    if not any(isinstance(f, HideRunSimulationDeprecation) for f in flwr_logger.filters):
+        flwr_logger.addFilter(HideRunSimulationDeprecation())
+    first = runs[0][0]
+    address = ray_address(first)  # an existing Ray cluster (simulation.ray_address / RAY_ADDRESS), else a private one
+    plan = plan_workers(first, attach_ray(address) if address else None)
+    slots = num_slots(first, plan.devices_per_worker)
+    fleet_runs = []
+    for settings, run_dir in runs:
+        sim = settings.simulation.model_copy(update={"devices_per_worker": plan.devices_per_worker})
+        settings = settings.model_copy(update={"simulation": sim})
+        fleet_runs.append(FleetRun(settings, run_dir, Path(sim.store_dir) if sim.store_dir else run_dir / "store",
+                                   quiet=quiet, expected_slots=slots, started=time.perf_counter()))
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        for run in fleet_runs:
+            run_fleet(grid, run)
+
+    private_dir = None if address else private_ray_dir()
+    try:
+        run_simulation(server_app=server_app, client_app=client_app, num_supernodes=slots, backend_name="ray",
+                       backend_config=backend_config(first, plan, attached=address is not None,
+                                                     private_dir=private_dir))
+    finally:
+        if private_dir is not None:
+            remove_private_ray_dir(private_dir)
+    return {run.run_dir: run.failure for run in fleet_runs if run.failure}
+
+
+def _run_points_one_session(tasks: list[tuple[str, str, bool]], new_devices: int) -> list[dict[str, Any] | str]:
+    """Train the points that need it in one session, then evaluate each: a result dict or an error text per task."""
+    parsed = [(Settings.model_validate_json(s), Path(d), train) for s, d, train in tasks]
+    to_train = [(s, d) for s, d, train in parsed if train]
+    failed = train_in_one_session(to_train) if to_train else {}
+    out: list[dict[str, Any] | str] = []
+    for settings, run_dir, _ in parsed:
+        try:
+            if run_dir in failed:
+                raise RuntimeError(f"grid point {run_dir} failed: {failed[run_dir]}")
+            out.append(_run_point(settings.model_dump_json(), str(run_dir), new_devices, False))
+        except (RuntimeError, FileNotFoundError) as err:
+            out.append(str(err))
+    return out
 
 
 def _rounds(run_dir: Path) -> list[dict[str, Any]]:
@@ -381,7 +463,19 @@ def sweep_privacy(base: Settings, noises: list[float], out_dir: Path, jobs: int 
                disable=not progress)
     results: list[dict[str, Any] | None] = [results_done.get(i) for i in range(len(points))]
     failures = []
-    if tasks:
+    if tasks and jobs == 1:  # one process, one Ray start for every point (its worker slots reused)
+        with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            try:
+                outcomes = pool.submit(_run_points_one_session, [t[1:] for t in tasks], new_devices).result()
+            except RuntimeError as err:  # e.g. the simulation itself failed: no point is lost but this session's
+                outcomes = [str(err)] * len(tasks)
+        for (i, *_), outcome in zip(tasks, outcomes):
+            if isinstance(outcome, str):
+                failures.append(outcome)
+            else:
+                results[i] = outcome
+            bar.update(1)
+    elif tasks:
         with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
             futures = {pool.submit(_run_point, settings_json, run_dir, new_devices, train): i
                        for i, settings_json, run_dir, train in tasks}
