@@ -518,6 +518,7 @@ def plot(rows: list[dict[str, Any]], out_dir: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
     dp = [r for r in rows if r["noise_multiplier"] != NO_NOISE]
     ref = [r for r in rows if r["noise_multiplier"] == NO_NOISE]
@@ -536,11 +537,14 @@ def plot(rows: list[dict[str, Any]], out_dir: Path) -> None:
                             xytext=(5, 5), fontsize=8)
             if all(x > 0 for x in xs):
                 ax.set_xscale("log")
+                ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels overlap over a short range
         for r in ref:
             ax.axhspan(r[f"{m}_low"], r[f"{m}_high"], alpha=0.15, color="grey")
             ax.axhline(r[m], color="grey", linestyle="--", label="no noise (95% CI over devices)")
         if m == "cold_uplift":
             ax.axhline(0.0, color="black", linewidth=0.6)
+        elif rows:
+            ax.axhline(rows[0]["base_rouge1"], color="black", linestyle=":", linewidth=0.8, label="base model")
         ax.set_xlabel(_label(rows) or "epsilon", fontsize=8)
         ax.set_title(title, fontsize=10)
         ax.legend(fontsize=7)
