@@ -37,7 +37,8 @@ import torch
 from fedasls.lm.lora import adapter_state
 from fedasls.config import load_settings
 from fedasls.device.round import load_device, run_device_round
-from fedasls.device.global_round import cold_start_choice, global_model_adapter
+from fedasls.device.global_round import cold_start_choice
+from fedasls.device.released import global_alone
 from fedasls.federated.strategies import make_global_strategy
 from fedasls.federated.strategy import Contribution
 from fedasls.lm.adapter_layout import adapter_layout
@@ -102,15 +103,13 @@ def run(strategy: str, args: argparse.Namespace, root: Path) -> dict:
         if d in trained:
             out["personal"][d] = personal.rouge1
         if final is not None:
-            template = adapter_state(runtime.activate(device.lora_rank, settings.adaptation))
-            alone = global_model_adapter(template, final)
             if args.adoption and d not in trained:
+                template = adapter_state(runtime.activate(device.lora_rank, settings.adaptation))
                 device.catch_up(until=STREAM_EPOCH + now)  # the stream a new device has seen by the last round
                 decision, _ = cold_start_choice(device, replace(final, cold_adoption=args.adoption), template)
                 out["adopted"][d] = {"adopt": decision.adopt, "global_value": decision.global_value,
                                      "base_value": decision.base_value, "n": decision.n}
-            device.adapter = alone
-            out["global_alone"][d] = device.evaluate()[0].rouge1
+            out["global_alone"][d] = global_alone(device, final).rouge1
     out["cpu_s"] = time.process_time() - t0
     out["update_norms"] = norms
     return out

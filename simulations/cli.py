@@ -471,18 +471,35 @@ def cmd_fleet_up(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_sweep_privacy(args: argparse.Namespace, settings: Settings) -> int:
-    from simulations.sweep import sweep_privacy
+    from simulations.sweep import NO_NOISE, sweep_privacy
 
     out = Path(args.out) if args.out else Path(settings.simulation.output_dir) / time.strftime("privacy-sweep-%Y%m%d-%H%M%S")
+    if args.noise_cohort_size or args.noise_population_size:
+        try:
+            data = settings.model_dump()
+            data["federated"] |= {"noise_cohort_size": args.noise_cohort_size or 0,
+                                  "noise_population_size": args.noise_population_size or 0}
+            settings = Settings.model_validate(data)
+        except ValueError as err:
+            print(f"fedasls: error: {err}", file=sys.stderr)
+            return 2
     try:
-        rows = sweep_privacy(settings, list(args.noise), out, jobs=args.jobs, include_no_noise=not args.no_baseline)
+        rows = sweep_privacy(settings, list(args.noise), out, jobs=args.jobs, include_no_noise=not args.no_baseline,
+                             draws=args.draws, new_devices=args.new_devices)
     except (ValueError, RuntimeError) as err:  # a grid out of range (nothing ran) or grid points that failed
         print(f"fedasls: error: {err}", file=sys.stderr)
         return 2
     for r in rows:
         z = r["noise_multiplier"]
-        print(f"z={z!s:>5}  uplift ROUGE-1 {r['uplift_rouge1']:+.4f} [{r['uplift_low']:+.4f}, {r['uplift_high']:+.4f}]"
-              f"  SNR {r['snr_mean']:.3g}  {r['report']}")
+        eps = "inf" if z == NO_NOISE else f"{r['epsilon']:.4g}"
+        print(f"z={z!s:>5} eps={eps:>8} ({r['draws']} draw(s), {r['new_devices']} new devices)  "
+              f"cold start uplift {r['cold_uplift']:+.4f} [{r['cold_uplift_low']:+.4f}, {r['cold_uplift_high']:+.4f}]"
+              f"  fine-tuned ROUGE-1 {r['finetuned_rouge1']:.4f} [{r['finetuned_rouge1_low']:.4f}, "
+              f"{r['finetuned_rouge1_high']:.4f}]")
+    dp = [r for r in rows if r["noise_multiplier"] != NO_NOISE]
+    if dp:
+        print(f"epsilon: {dp[0]['reports'][0]}")
+        print(dp[0]["regime"])
     print(f"table, JSON and plots in {out}")
     return 0
 
@@ -591,14 +608,24 @@ def build_parser() -> argparse.ArgumentParser:
     sweep_sub = sweep.add_subparsers(dest="what", required=True)
     priv = sweep_sub.add_parser(
         "privacy",
-        help="user-level DP: epsilon vs utility over noise multipliers",
-        description="Run the scenario once per noise multiplier with user-level DP-FedAvg (Poisson sampling) and "
-        "once without noise; write privacy_sweep.csv/json, epsilon_vs_utility.png (uplift with 95% CIs over devices) "
-        "and snr_by_noise.png. A 'local' scenario is run with strategy 'global'.",
+        help="user-level DP: epsilon vs the utility of the released global adapter",
+        description="Run the scenario DRAWS times per noise multiplier with user-level DP-FedAvg (Poisson sampling, "
+        "fresh secret noise each run) and once without noise; evaluate each released global adapter on NEW devices "
+        "that never took part (alone: cold start; and fine-tuned once from it); write privacy_sweep.csv/json, "
+        "epsilon_vs_utility.png (95% CIs over draws and devices) and snr_by_noise.png. A 'local' scenario is run "
+        "with strategy 'global'; the population must be synthetic.",
     )
     _settings_args(priv)
     priv.add_argument("--noise", type=float, nargs="+", default=[0.5, 1.0, 2.0], metavar="Z",
                       help="noise multipliers (default 0.5 1 2)")
+    priv.add_argument("--draws", type=int, default=3, help="independent runs (noise draws) per noise multiplier (default 3)")
+    priv.add_argument("--new-devices", type=int, default=8, metavar="M",
+                      help="held-out new devices (ids above the training population's) the released adapters are "
+                      "evaluated on (default 8)")
+    priv.add_argument("--noise-cohort-size", type=int, metavar="N",
+                      help="production regime: noise and epsilon of a cohort of N devices a round (with "
+                      "--noise-population-size; the simulation still trains its own small cohort)")
+    priv.add_argument("--noise-population-size", type=int, metavar="P", help="the production population behind N")
     priv.add_argument("--no-baseline", action="store_true", help="skip the run without noise")
     priv.add_argument("--jobs", type=int, default=1, help="grid points run in parallel (default 1)")
     priv.add_argument("--out", metavar="DIR", help="results folder (default <output_dir>/privacy-sweep-<time>)")

@@ -179,28 +179,6 @@ def test_two_devices_per_message_give_the_same_global_adapter(recorded):
     assert any(torch.count_nonzero(v) for k, v in final[0].items() if "lora_B" in k)  # it did move from B = 0
 
 
-def test_privacy_sweep_tables_and_plots_from_real_runs(recorded, tmp_path):
-    from simulations.sweep import NO_NOISE, point_result, write_outputs
-
-    runs, _ = recorded
-    rows = [point_result(run.run_dir, run.settings) for name, run in runs
-            if name.startswith("global-ffa0") and "batch" not in name]
-    assert [r["noise_multiplier"] for r in rows] == [NO_NOISE, 0.8]
-    assert rows[0]["epsilon"] == math.inf and 0 < rows[1]["epsilon"] < math.inf
-    assert rows[1]["devices"] > 0 and rows[1]["uplift_low"] <= rows[1]["uplift_rouge1"] <= rows[1]["uplift_high"]
-    assert 0 < rows[1]["snr_mean"] < math.inf and "delta = 1e-05" in rows[1]["report"]
-    write_outputs(rows, tmp_path)
-    for name in ("privacy_sweep.csv", "privacy_sweep.json", "epsilon_vs_utility.png", "snr_by_noise.png"):
-        assert (tmp_path / name).stat().st_size > 0
-    crashed = tmp_path / "crashed"  # e.g. Ray failed to start: no round recorded
-    crashed.mkdir()
-    (crashed / "rounds.jsonl").write_text("")
-    with pytest.raises(RuntimeError, match="did not finish"):
-        point_result(crashed, runs[0][1].settings)
-    header = (tmp_path / "privacy_sweep.csv").read_text().splitlines()[0].split(",")
-    assert {"noise_multiplier", "epsilon", "delta", "sampling", "neighbouring", "uplift_low", "snr_mean"} <= set(header)
-
-
 def leaky_train(msg, context):
     """A compromised device round: the real round (clients.app.train), then the device's own canary,
     read from its data in its store, planted in a metric's values (its code points) and in the
