@@ -318,10 +318,13 @@ def _stop_cleanly_on_ctrl_c(run_dir: Path) -> None:
             print("\nfedasls: interrupted before the run's first checkpoint; nothing to resume. Start it again "
                   "(the same command, with --overwrite if you gave --name).", file=sys.stderr, flush=True)
         try:
-            import ray
+            from simulations import local_ray
 
-            if ray.is_initialized():
-                ray.shutdown()
+            if not local_ray.stop_current():  # our own Ray: its processes are stopped by pid, no Ray call
+                import ray  # an attached cluster: only this driver disconnects
+
+                if ray.is_initialized():
+                    ray.shutdown()
         finally:
             os._exit(130)
 

@@ -29,12 +29,35 @@ def _base() -> str:
     return "/tmp" if os.path.isdir("/tmp") else tempfile.gettempdir()
 
 
+_CURRENT: list[Path] = []  # this process's private folder while its Ray runs
+
+
 def private_ray_dir() -> Path:
     """A fresh private Ray temp folder owned by this process (orphans of killed runs are reaped first)."""
     reap_orphans()
     folder = Path(tempfile.mkdtemp(prefix=PREFIX, dir=_base()))
     (folder / OWNER_FILE).write_text(str(os.getpid()))
+    _CURRENT[:] = [folder]
     return folder
+
+
+def stop_current() -> bool:
+    """Ctrl-C: stop this process's own Ray by pid (calling Ray's shutdown from a signal handler can
+    end the process with Ray's exit code instead of ours) and remove its folder. False if this
+    process runs no private Ray (e.g. it is attached to a cluster)."""
+    if not _CURRENT:
+        return False
+    folder = _CURRENT.pop()
+    victims = [p for p in psutil.process_iter(["pid", "cmdline"])
+               if p.pid != os.getpid() and any(str(folder) in arg for arg in (p.info["cmdline"] or []))]
+    for proc in victims:
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(victims, timeout=5)
+    remove(folder)
+    return True
 
 
 def local_init_args(temp_dir: Path) -> dict[str, str]:
@@ -82,4 +105,6 @@ def reap_orphans() -> int:
 
 def remove(folder: Path) -> None:
     """Remove this run's private folder once its Ray has stopped."""
+    if folder in _CURRENT:
+        _CURRENT.remove(folder)
     shutil.rmtree(folder, ignore_errors=True)
