@@ -48,14 +48,7 @@ def stop_current() -> bool:
     if not _CURRENT:
         return False
     folder = _CURRENT.pop()
-    victims = [p for p in psutil.process_iter(["pid", "cmdline"])
-               if p.pid != os.getpid() and any(str(folder) in arg for arg in (p.info["cmdline"] or []))]
-    for proc in victims:
-        try:
-            proc.kill()
-        except psutil.Error:
-            pass
-    psutil.wait_procs(victims, timeout=5)
+    _kill_processes_naming({folder})
     remove(folder)
     return True
 
@@ -79,18 +72,25 @@ def _owner_alive(folder: Path) -> bool:
 def reap_orphans() -> int:
     """Stop Ray processes whose private folder's owner is gone, and remove such folders. Returns the
     number of processes stopped."""
-    base = _base()
-    orphaned = {f for f in Path(base).glob(f"{PREFIX}*") if f.is_dir() and not _owner_alive(f)}
+    orphaned = {f for f in Path(_base()).glob(f"{PREFIX}*") if f.is_dir() and not _owner_alive(f)}
     if not orphaned:
         return 0
-    pattern = re.compile(re.escape(base.rstrip("/")) + "/" + re.escape(PREFIX) + r"[A-Za-z0-9_]+")
+    stopped = _kill_processes_naming(orphaned)
+    for folder in orphaned:
+        shutil.rmtree(folder, ignore_errors=True)
+    return stopped
+
+
+def _kill_processes_naming(folders: set[Path]) -> int:
+    """Kill every other process whose command line names one of these private folders; how many."""
+    pattern = re.compile(re.escape(_base().rstrip("/")) + "/" + re.escape(PREFIX) + r"[A-Za-z0-9_]+")
     victims = []
     for proc in psutil.process_iter(["pid", "cmdline"]):
         try:
             named = {Path(m) for arg in proc.info["cmdline"] or [] for m in pattern.findall(arg)}
         except (psutil.Error, TypeError):
             continue
-        if named & orphaned and proc.pid != os.getpid():
+        if named & folders and proc.pid != os.getpid():
             victims.append(proc)
     for proc in victims:
         try:
@@ -98,8 +98,6 @@ def reap_orphans() -> int:
         except psutil.Error:
             pass
     psutil.wait_procs(victims, timeout=5)
-    for folder in orphaned:
-        shutil.rmtree(folder, ignore_errors=True)
     return len(victims)
 
 
