@@ -135,19 +135,7 @@ def simulate(settings: Settings, run_dir: Path, config_source: Path | None = Non
     = False skips the checks when the caller made them already."""
     # Build (or find) the base model once here, and check it, so Ray workers only load it.
     model_path = check_run_inputs(settings) if validate else ensure_model(settings.model)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    recorded = run_dir / "config.toml"
-    if resume and recorded.is_file():
-        previous = load_settings(recorded)
-        check_resume_matches(run_dir, previous, settings)
-        if previous != settings:  # more rounds: the whole run's settings, not this part's alone
-            recorded.write_text(settings_toml(settings))
-    else:
-        recorded.write_text(settings_toml(settings))
-    write_attribution(settings, run_dir)
-    if config_source is not None and not resume:
-        shutil.copyfile(config_source, run_dir / "scenario.toml")
-    record_inputs(settings, run_dir)
+    write_run_inputs(settings, run_dir, config_source, resume)
     settings = settings.model_copy(update={"model": settings.model.at_path(model_path)})
     store_dir = Path(settings.simulation.store_dir) if settings.simulation.store_dir else run_dir / "store"
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
@@ -183,6 +171,25 @@ def simulate(settings: Settings, run_dir: Path, config_source: Path | None = Non
     if run.failure:
         raise RunFailed(run.failure, run)
     return run
+
+
+def write_run_inputs(settings: Settings, run_dir: Path, config_source: Path | None = None,
+                     resume: bool = False) -> None:
+    """What a run folder records before Ray starts: config.toml (a resumed run keeps its own, rewritten
+    only when more rounds were asked for), the data's attribution, the scenario file, inputs.json."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    recorded = run_dir / "config.toml"
+    if resume and recorded.is_file():
+        previous = load_settings(recorded)
+        check_resume_matches(run_dir, previous, settings)
+        if previous != settings:  # more rounds: the whole run's settings, not this part's alone
+            recorded.write_text(settings_toml(settings))
+    else:
+        recorded.write_text(settings_toml(settings))
+    write_attribution(settings, run_dir)
+    if config_source is not None and not resume:
+        shutil.copyfile(config_source, run_dir / "scenario.toml")
+    record_inputs(settings, run_dir)
 
 
 def write_attribution(settings: Settings, run_dir: Path) -> Path | None:

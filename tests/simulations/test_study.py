@@ -201,6 +201,7 @@ def test_asls_runs_writes_its_report_and_resumes(tiny_model_dir, tmp_path, capsy
     (out / st.RESULTS_FILE).write_text("\n".join(lines[:-1]) + "\n" + lines[-1][:20])
     ran = []
     real = st.run_device_variant
+    # a spy, not a mock: it records which (variant, device) runs again and then runs it for real
     monkeypatch.setattr(st, "run_device_variant", lambda task: ran.append(task[1]) or real(task))
     assert main(argv) == 0
     assert ran == [json.loads(lines[-1])["variant"]]
@@ -252,6 +253,8 @@ def test_privacy_delegates_to_the_sweep_with_the_study_settings(tiny_model_dir, 
         return [{"noise_multiplier": 1.0, "epsilon": 3.2, "uplift_rouge1": 0.01, "uplift_low": 0.0,
                  "uplift_high": 0.02, "report": "epsilon 3.2 (delta 1e-5)"}]
 
+    # The sweep itself runs for real in tests/simulations/test_privacy_sweep.py (integration, ~2 min);
+    # here only the study's wiring of its arguments is checked, so the sweep is replaced.
     monkeypatch.setattr(sweep, "sweep_privacy", fake)
     out = tmp_path / "privacy"
     assert main(["study", "privacy", "--model", str(tiny_model_dir), "--devices", "12", "--noise", "1", "4",
