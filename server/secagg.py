@@ -75,7 +75,6 @@ from flwr.serverapp import Grid
 from wire.messages import (
     ADAPTER_NAMES,
     FIT_CONFIG,
-    FITRES_EXAMPLES,
     FITRES_METRICS,
     GLOBAL_ADAPTER_KEY,
     LEGACY_TENSOR_TYPE,

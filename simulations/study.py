@@ -754,13 +754,17 @@ def run_privacy(inputs: StudyInputs) -> Path:
         raise ConfigError(str(err)) from None
     info = _info(inputs, settings.population.num_devices)
     (out / "study.json").write_text(json.dumps({**info, "noises": noises, "rows": rows}, indent=2, default=_plain) + "\n")
-    lines = [f"# Study: privacy", "", STUDIES["privacy"].description, "", f"Command: `{info['command']}`", "",
-             f"Machine: {info['machine_line']}", "", "| noise multiplier | epsilon | uplift ROUGE-1 [95% CI] | report |",
-             "|---|---|---|---|"]
+    lines = ["# Study: privacy", "", STUDIES["privacy"].description, "", f"Command: `{info['command']}`", "",
+             f"Machine: {info['machine_line']}", "",
+             "| noise multiplier | epsilon | released adapter on new devices: ROUGE-1 uplift [95% CI] | "
+             "fine-tuned from it: ROUGE-1 [95% CI] | report |", "|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r.get('noise_multiplier')} | {r.get('epsilon')} | "
-                     f"{_fmt(r.get('uplift_rouge1', math.nan), r.get('uplift_low', math.nan), r.get('uplift_high', math.nan), sign=True)}"
-                     f" | {r.get('report', '')} |")
+        def ci(m: str, sign: bool) -> str:
+            return _fmt(r.get(m, math.nan), r.get(f"{m}_low", math.nan), r.get(f"{m}_high", math.nan), sign=sign)
+
+        reports = r.get("reports") or [r.get("report", "")]
+        lines.append(f"| {r.get('noise_multiplier')} | {r.get('epsilon')} | {ci('cold_uplift', True)} | "
+                     f"{ci('finetuned_rouge1', False)} | {reports[0]} |")
     lines += ["", "The sweep's own files (table, JSON, plots, one run folder per point) are in this folder.", ""]
     report = out / "report.md"
     report.write_text("\n".join(lines))

@@ -250,8 +250,9 @@ def test_privacy_delegates_to_the_sweep_with_the_study_settings(tiny_model_dir, 
 
     def fake(base, noises, out_dir, jobs=1, include_no_noise=True, progress=True):
         calls.append((base, noises, out_dir, jobs, include_no_noise))
-        return [{"noise_multiplier": 1.0, "epsilon": 3.2, "uplift_rouge1": 0.01, "uplift_low": 0.0,
-                 "uplift_high": 0.02, "report": "epsilon 3.2 (delta 1e-5)"}]
+        return [{"noise_multiplier": 1.0, "epsilon": 3.2, "cold_uplift": 0.01, "cold_uplift_low": 0.0,
+                 "cold_uplift_high": 0.02, "finetuned_rouge1": 0.4, "finetuned_rouge1_low": 0.3,
+                 "finetuned_rouge1_high": 0.5, "reports": ["epsilon 3.2 (delta 1e-5)"]}]
 
     # The sweep itself runs for real in tests/simulations/test_privacy_sweep.py (integration, ~2 min);
     # here only the study's wiring of its arguments is checked, so the sweep is replaced.
@@ -264,7 +265,9 @@ def test_privacy_delegates_to_the_sweep_with_the_study_settings(tiny_model_dir, 
     assert base.population.num_devices == 12 and base.simulation.rounds == 2
     assert base.simulation.cohort_size == 12  # the quickstart scenario is the base
     assert base.model.path == str(tiny_model_dir)
-    assert "epsilon 3.2" in (out / "report.md").read_text() and json.loads((out / "study.json").read_text())["noises"]
+    report = (out / "report.md").read_text()
+    assert "epsilon 3.2" in report and json.loads((out / "study.json").read_text())["noises"]
+    assert "+0.0100 [+0.0000, +0.0200]" in report and "0.4000 [0.3000, 0.5000]" in report  # the sweep's columns
 
 
 @pytest.mark.integration
