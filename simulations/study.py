@@ -134,9 +134,10 @@ STUDIES: dict[str, StudySpec] = {
         metrics=("uplift_rouge1", "rouge1", "participated", "rounds_completed", "train_cpu_s", "generate_cpu_s")),
     "privacy": StudySpec(
         "privacy", "epsilon vs utility: delegates to the privacy sweep (fedasls sweep privacy)",
-        "Runs simulations.sweep.sweep_privacy on the scenario (default: quickstart) over --noise: one fleet run "
-        "per noise multiplier with user-level DP-FedAvg and one without noise; the sweep writes its own table, JSON "
-        "and plots into the study's folder.",
+        "Runs simulations.sweep.sweep_privacy on the scenario (default: quickstart) over --noise: per noise "
+        "multiplier, three fleet runs with user-level DP-FedAvg (independent secret noise draws) and one run without "
+        "noise; each released global adapter is scored on new devices, alone and fine-tuned from; the sweep writes "
+        "its own table, JSON and plots into the study's folder.",
         "privacy", "quickstart", 200),
 }
 
