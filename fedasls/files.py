@@ -28,13 +28,14 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: Path, data: bytes) -> None:
+def atomic_write(path: Path, data: bytes, mode: int = 0o666) -> None:
     """Replace `path` in one step, so it is never half-written: a temp file in the same folder,
-    fsync, os.replace onto `path`, then fsync of the folder."""
+    fsync, os.replace onto `path`, then fsync of the folder. `mode` (before the umask) applies from
+    the temp file's creation, so a private file (0o600) is never readable by others, not even briefly."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}{TMP_MARK}{uuid.uuid4().hex}")
     try:
-        with open(tmp, "wb") as f:
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode), "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from fedasls.config import Settings
 from fedasls.errors import FedaslsError
+from fedasls.files import atomic_write
 from fedasls.privacy.secrets import DpSecrets
 from server.checkpoint import run_id
 
@@ -40,19 +41,6 @@ class PrivateStateError(FedaslsError):
     """A DP run's private state is missing or damaged, so it cannot continue exactly."""
 
 
-def _write_private(path: Path, data: bytes) -> None:
-    """Write `data` to a new file readable by its owner only (0600 from creation, never wider)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.chmod(tmp, 0o600)
-    os.replace(tmp, path)
-
-
 def dp_secrets(settings: Settings, run_dir: Path, resume: bool) -> DpSecrets | None:
     """The run's DP secrets (None when the run has no user-level DP): fresh OS randomness (or, opted
     in, derived from [federated] noise_seed) for a new run, written to its private file; read back on
@@ -73,5 +61,5 @@ def dp_secrets(settings: Settings, run_dir: Path, resume: bool) -> DpSecrets | N
                                 "would make it a different run). Fix: resume on that machine or restore the file "
                                 "(FEDASLS_PRIVATE_DIR points elsewhere), or start the run again with --overwrite.")
     secrets = DpSecrets.from_noise_seed(f.noise_seed) if f.noise_seed is not None else DpSecrets.fresh()
-    _write_private(path, json.dumps(secrets.to_json()).encode("utf-8"))
+    atomic_write(path, json.dumps(secrets.to_json()).encode("utf-8"), mode=0o600)
     return secrets

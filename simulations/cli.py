@@ -264,7 +264,7 @@ def cmd_simulate(args: argparse.Namespace, settings: Settings) -> int:
     else:
         run_dir = new_run_dir(settings, args.name)
         replaced = folders_to_replace(run_dir, settings, args.overwrite)  # checks only: nothing deleted yet
-    check_dataset(settings)  # before the heavy imports: a bad file is reported at once
+        check_dataset(settings)  # before the heavy imports: a bad file is reported at once
     previous = signal.getsignal(signal.SIGINT)
     _stop_cleanly_on_ctrl_c(run_dir)
     try:

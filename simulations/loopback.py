@@ -44,10 +44,7 @@ class FleetProcess:
     store_dir: str | None = None
 
     def alive(self) -> bool:
-        try:
-            return psutil.Process(self.pid).status() != psutil.STATUS_ZOMBIE
-        except psutil.NoSuchProcess:
-            return False
+        return _pid_alive(self.pid)
 
 
 @dataclass

@@ -82,9 +82,7 @@ def check_model(settings: Settings) -> Path:
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
     from transformers.pytorch_utils import Conv1D
 
-    from fedasls.lm.model import ModelNotFoundError, ensure_model
-
-    from fedasls.lm.model import resolve_device
+    from fedasls.lm.model import ModelNotFoundError, ensure_model, resolve_device
 
     if not settings.simulation.ray_address:  # an attached cluster's workers may have the GPU the driver lacks
         resolve_device(settings.model.device)
