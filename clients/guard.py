@@ -9,7 +9,8 @@ at most the round's clip_norm (the Downlink the device received); under SecAgg+ 
 stage's records only; an error reply only a FailureCode with its fixed message. Anything else is
 replaced by the REFUSED code (the server counts it as a "refused" failure); the log names the
 record, metric or tensor and the rule, never a refused value. The guard catches whatever the app
-raises, so Flower never sees an exception from a device.
+raises, so Flower never sees an exception from a device. Adaptive clipping's bit ("unclipped",
+0 or 1) may leave only in a round whose Downlink asks for it (`check_unclipped_asked`).
 
 What the rules leave open, by design: an allowed metric may still vary within its range, so a
 number can carry a few dozen bits; ranges bound that channel, they do not close it (DP on the
@@ -162,6 +163,26 @@ def round_clip_norm(msg: Message) -> float | None:
     return None if downlink is None else float(downlink.clip_norm)
 
 
+UNCLIPPED = "unclipped"  # adaptive clipping's bit (fedasls.privacy.adaptive_clipping): METRIC_RULES bounds it to {0, 1}
+
+
+def round_asks_unclipped(msg: Message) -> bool:
+    """Whether the round's Downlink asks devices for adaptive clipping's unclipped bit."""
+    downlink = read_downlink(msg)
+    return downlink is not None and bool(downlink.report_unclipped)
+
+
+def check_unclipped_asked(reply: Message, asked: bool) -> None:
+    """Raise PrivacyViolation if the reply carries the unclipped bit in a round that did not ask for it
+    (the bit is accounted only where the server noises its count: adaptive clipping under DP)."""
+    if asked or reply.has_error():
+        return
+    for key in (METRICS_KEY, FITRES_METRICS):
+        if key in reply.content and UNCLIPPED in reply.content[key]:
+            raise PrivacyViolation(f"metric '{UNCLIPPED}' in a round without adaptive clipping (its count is noised "
+                                   "and accounted only when the round asks for it)")
+
+
 def expected_devices(msg: Message, context: Context) -> set[int] | None:
     """The device ids a reply to `msg` may report: those the message names ("device-id", or a worker
     slot's "device-ids"), else this SuperNode's partition-id; None when neither is known."""
@@ -251,6 +272,7 @@ def privacy_guard(msg: Message, context: Context, call_next: Callable[[Message, 
     try:  # read before the app runs: secaggplus_mod pops the stage
         stage, allowed, clip_norm = secagg_stage(msg), allowed_layout(msg), round_clip_norm(msg)
         devices = expected_devices(msg, context)
+        asks_unclipped = round_asks_unclipped(msg)
     except Exception:  # noqa: BLE001 - a malformed downlink
         _log.exception("malformed downlink")
         return error_reply(msg, FailureCode.ERROR)
@@ -266,6 +288,7 @@ def privacy_guard(msg: Message, context: Context, call_next: Callable[[Message, 
         return error_reply(msg, FailureCode.ERROR)
     try:
         check_reply(reply, allowed, stage, clip_norm, devices)
+        check_unclipped_asked(reply, asks_unclipped)
     except PrivacyViolation:
         _log.exception("reply refused by the privacy guard")
         return error_reply(msg, FailureCode.REFUSED)

@@ -116,6 +116,7 @@ METRIC_RULES: dict[str, MetricRule] = {
     "gate_rejected": _COUNT,
     "gate_waiting": _COUNT,
     "uses_global": _FLAG,
+    "unclipped": _FLAG,  # adaptive clipping (fedasls.privacy.adaptive_clipping): 1 if the update's norm was <= C
     # "adopt": cold-start adoption (fedasls.device.global_round) is timed but not one of timing.STAGES
     **{f"stage_{name}{part}": _STAGE_SECONDS for name in (*STAGES, "adopt") for part in ("_s", "_cpu_s")},
     FAILED_IDS_KEY: MetricRule("int", 0, DEVICE_ID_MAX),  # a batch reply's failed devices, by id and code

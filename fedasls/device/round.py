@@ -63,6 +63,7 @@ class DeviceRoundResult:
     gate_rejected: int = 0  # ... refused (the device kept its previous adapter or the base model)
     gate_waiting: int = 0  # ... adaptation steps that trained nothing (too few labelled items)
     uses_global: int = 0  # 1: no adapter of its own, the device uses the global adapter it adopted (cold_adoption)
+    unclipped: int | None = None  # adaptive clipping only (downlink.report_unclipped): 1 if the update's norm was <= C
     contribution: ClippedUpdate | None = None  # global-adapter update (clipped, padded); never a metric
     stage_seconds: dict[str, float] = field(default_factory=dict)  # fedasls.device.timing: stage_<name>_s / _cpu_s
 
@@ -75,7 +76,8 @@ class DeviceRoundResult:
         name and value must fit the reply's allow-list (wire.messages.METRIC_RULES: a new field or
         timed stage goes there too; tests/clients/test_metric_allow_list.py checks both)."""
         out = {f.name: getattr(self, f.name) for f in fields(self)
-               if f.name not in ("status", "contribution", "stage_seconds")}
+               if f.name not in ("status", "contribution", "stage_seconds")
+               and not (f.name == "unclipped" and self.unclipped is None)}  # sent only when the round asks
         out["status_code"] = {"completed": 0, "offline": 1}[self.status]
         out.update(self.stage_seconds)
         return out
@@ -192,7 +194,17 @@ def _run_device_round(device_id: int, now: float, runtime: DeviceRuntime, settin
         gate_waiting=device.counters.gate_waiting,
         uses_global=int(device.adapter is None and device.shared_model is not None),
         contribution=contribution if kept else None,
+        unclipped=unclipped_bit(downlink, contribution if kept else None),
     )
+
+
+def unclipped_bit(downlink: Downlink | None, contribution: ClippedUpdate | None) -> int | None:
+    """Adaptive clipping's bit (None unless the round asks for it): 1 if the update's norm before
+    clipping was at most the round's C, else 0. A device that sends no update reports 1 (the zero update
+    it contributes fits C; the server counts only the bits of devices that sent an update)."""
+    if downlink is None or not downlink.report_unclipped:
+        return None
+    return 1 if contribution is None else int(contribution.norm <= downlink.clip_norm)
 
 
 def _nbytes(tensors: Mapping) -> int:

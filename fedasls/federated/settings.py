@@ -65,6 +65,21 @@ class FederatedSettings(BaseModel):
     release_diagnostics: bool = Field(
         False, description="DP runs: also write the round's contributor count and signal-to-noise ratio (both derived "
         "from the clipped sum without noise, so NOT covered by epsilon) to rounds.jsonl.")
+    adaptive_clipping: bool = Field(
+        False, description="DP runs: adapt clip_norm every round (Andrew et al. 2021): each device reports one bit "
+        "(its update's norm was within C), the server releases a noised count of those bits (noise "
+        "clipped_count_stddev, from its secret randomness) and moves C toward the target_unclipped_quantile of the "
+        "update norms. clip_norm is the starting C. The count is accounted with the update: noise_multiplier is then "
+        "the accounted z, and the update noise is raised to (z^-2 - (2 clipped_count_stddev)^-2)^-1/2 "
+        "(docs/federated-and-privacy.md). Needs dp = true; not with secure_aggregation = 'secagg+'.")
+    target_unclipped_quantile: float = Field(
+        0.5, gt=0, lt=1, description="Adaptive clipping: the share of updates C should leave unclipped (gamma).")
+    clip_learning_rate: float = Field(
+        0.2, gt=0, description="Adaptive clipping: C <- C exp(-clip_learning_rate (noised unclipped share - gamma)).")
+    clipped_count_stddev: float | None = Field(
+        None, gt=0, description="Adaptive clipping: std of the noise on the count of unclipped updates (sigma_b). "
+        "None: the expected cohort / 20 (the paper's suggestion; with noise_cohort_size, that cohort / 20). Must "
+        "exceed noise_multiplier / 2.")
     secure_aggregation: SecureAggregation = Field(
         "none", description="secagg+: the devices' updates are summed with Flower's SecAgg+ protocol "
         "(server/secagg.py); the server sees only the example-weighted mean, never one device's update.",
@@ -107,9 +122,27 @@ class FederatedSettings(BaseModel):
         if self.noise_cohort_size > self.noise_population_size:
             raise ValueError(f"noise_cohort_size = {self.noise_cohort_size} exceeds noise_population_size = "
                              f"{self.noise_population_size}")
+        if self.adaptive_clipping:
+            self._check_adaptive_clipping()
         if self.secure_aggregation != "none":
             self._check_secagg()
         return self
+
+    def _check_adaptive_clipping(self) -> None:
+        if not self.dp:
+            raise ValueError("adaptive_clipping = true needs dp = true (it adapts the clip norm of DP-FedAvg, and its "
+                             "count of unclipped updates is released with noise and accounted only there); set dp = "
+                             "true or adaptive_clipping = false")
+        if self.secure_aggregation != "none":
+            raise ValueError("adaptive_clipping = true cannot be combined with secure_aggregation = 'secagg+': each "
+                             "device's unclipped bit would travel beside its masked update in the clear, so the "
+                             "server would see per-device bits that SecAgg+ is meant to hide; use one of the two")
+        if self.clipped_count_stddev is not None and not self.calibrate_epsilon \
+                and self.noise_multiplier >= 2 * self.clipped_count_stddev:
+            raise ValueError(f"clipped_count_stddev = {self.clipped_count_stddev:g} is too small for noise_multiplier = "
+                             f"{self.noise_multiplier:g}: the count alone would spend that budget (adaptive clipping "
+                             f"needs noise_multiplier < 2 clipped_count_stddev); raise it above "
+                             f"{self.noise_multiplier / 2:g} (e.g. {self.noise_multiplier:g})")
 
     def _check_secagg(self) -> None:
         if self.strategy == "local":

@@ -37,6 +37,7 @@ class Downlink:
     contribute: str = "trained"  # "trained": every trained candidate is sent; "accepted": only gate-accepted ones
     cold_adoption: int = 0  # questions a device without an adapter compares the base and global models on
     proximal_mu: float = 0.0  # FedProx: mu/2 ||w - w_global||^2 on the shared tensors during training (0 = off)
+    report_unclipped: bool = False  # adaptive clipping: the device reports the bit "my update's norm was <= clip_norm"
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,12 @@ would exceed the target epsilon. With `calibrate_epsilon` z is chosen for the pl
 Released per round: the noised adapter and epsilon; the contributor count and the signal-to-noise
 ratio (both from the clipped sum without noise) only with `release_diagnostics`, marked as not
 covered by epsilon.
+
+With `adaptive_clipping` (fedasls.privacy.adaptive_clipping) C moves every round toward a quantile of
+the update norms, from a noised count of the devices' unclipped bits (count noise from its own
+stream of the secret); noise_multiplier is then the accounted z of the update sum and the count
+together, the update noise is raised to match, and C goes into the downlink, rounds.jsonl and the
+checkpoint (so a resume continues with it).
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ from typing import Any
 from fedasls.federated.settings import FederatedSettings
 from fedasls.federated.strategy import AGGREGATE, Contribution, Downlink, Strategy
 from fedasls.files import atomic_write
+from fedasls.privacy.adaptive_clipping import (UNCLIPPED_METRIC, AdaptiveClipping, default_count_stddev,
+                                               noised_unclipped_fraction, update_noise_multiplier)
 from fedasls.privacy.noise import dp_fedavg
 from fedasls.privacy.secrets import KNOWN_SEED_WARNING, DpSecrets
 from fedasls.privacy.user_level import UserLevelAccountant, calibrate_noise_multiplier
@@ -54,6 +62,13 @@ class DPFedAvg:
                        f"q = {f.noise_cohort_size}/{f.noise_population_size}; the simulation trained about "
                        f"{expected_cohort:g} devices a round" if f.noise_cohort_size else None)
         self.layout: Mapping | None = None  # the last downlink's tensors (a round without updates noises these)
+        # adaptive clipping: noise_multiplier is the accounted z; the update sum gets z_update >= z
+        self.adaptive = (AdaptiveClipping(f.target_unclipped_quantile, f.clip_learning_rate)
+                         if f.adaptive_clipping else None)
+        self.count_stddev = ((f.clipped_count_stddev or default_count_stddev(self.noise_cohort or expected_cohort))
+                             if self.adaptive else None)
+        self.update_multiplier = (update_noise_multiplier(self.noise_multiplier, self.count_stddev)
+                                  if self.count_stddev else self.noise_multiplier)
 
     def stop_reason(self) -> str | None:
         if self.target_epsilon and self.accountant.would_exceed(self.target_epsilon, self.sample_rate):
@@ -68,10 +83,11 @@ class DPFedAvg:
         if downlink is None:
             raise ValueError(f"DP-FedAvg needs a strategy that shares an adapter; {self.inner.name} sends none")
         self.layout = downlink.shared
-        return replace(downlink, clip_norm=self.clip_norm)  # devices clip to the C the noise is calibrated to
+        return replace(downlink, clip_norm=self.clip_norm,  # devices clip to the C the noise is calibrated to
+                       report_unclipped=self.adaptive is not None)
 
     def aggregate_train(self, server_round: int, contributions: Sequence[Contribution]) -> dict[str, float]:
-        agg = dp_fedavg([c.update for c in contributions], self.clip_norm, self.noise_multiplier,
+        agg = dp_fedavg([c.update for c in contributions], self.clip_norm, self.update_multiplier,
                         self.expected_cohort, self.secrets.noise, server_round, layout=self.layout,
                         noise_cohort=self.noise_cohort)
         out = self.inner.aggregate_train(server_round, [Contribution(AGGREGATE, agg.mean, 1.0)])
@@ -82,25 +98,52 @@ class DPFedAvg:
                                "user_accountant": self.accountant.accountant}
         if self.secrets.from_seed:
             row["user_epsilon_caveat"] = KNOWN_SEED_WARNING
+        if self.adaptive is not None:
+            row |= self._adapt_clip_norm(server_round, contributions)
         if self.release_diagnostics:  # from the clipped sum without noise: outside the guarantee
             row |= {"contributors": len(contributions), "snr": agg.snr,
                     "diagnostics_note": "contributors and snr are not covered by epsilon"}
         return {k: v for k, v in out.items() if k not in ("contributors", "snr")} | row
 
+    def _adapt_clip_norm(self, server_round: int, contributions: Sequence[Contribution]) -> dict[str, float]:
+        """Release the noised unclipped share of the round and move C by it (the round used `clip_norm`)."""
+        assert self.adaptive is not None and self.count_stddev is not None
+        std = self.count_stddev  # the production cohort's count noise, scaled to the simulated one's mean
+        if self.noise_cohort:
+            std *= self.expected_cohort / self.noise_cohort
+        share = noised_unclipped_fraction([c.metrics.get(UNCLIPPED_METRIC) for c in contributions],
+                                          self.expected_cohort, std, self.secrets.noise, server_round)
+        used, self.clip_norm = self.clip_norm, self.adaptive.next_clip_norm(self.clip_norm, share)
+        return {"clip_norm": used, "clip_norm_next": self.clip_norm, "unclipped_share_noised": share}
+
+    def adaptive_note(self) -> str | None:
+        """What the epsilon report says about adaptive clipping (None without it)."""
+        if self.adaptive is None:
+            return None
+        return (f"adaptive clipping: count noise sigma_b = {self.count_stddev:.4g}, accounted (the update sum's noise "
+                f"multiplier {self.update_multiplier:.4g} and the count's together are one Gaussian of z = "
+                f"{self.noise_multiplier:.4g}: 1/z^2 = 1/z_update^2 + 1/(2 sigma_b)^2); target unclipped quantile "
+                f"{self.adaptive.target_quantile:g}, learning rate {self.adaptive.learning_rate:g}, clip_norm now "
+                f"{self.clip_norm:.4g}")
+
     def report(self) -> dict[str, Any]:
         rep = self.accountant.report()
         caveats = [c for c in (KNOWN_SEED_WARNING if self.secrets.from_seed else None, self.regime) if c]
-        text = str(rep) + "".join(f"; {c}" for c in caveats)
+        adaptive = self.adaptive_note()
+        text = str(rep) + "".join(f"; {c}" for c in (adaptive, *caveats) if c)
         return {"report": text, **rep.to_dict(), "target_epsilon": self.target_epsilon or None,
+                "adaptive_clipping": adaptive, "clip_norm": self.clip_norm,
                 "caveats": caveats,
                 "covers": "the global adapter only: the per-device metric replies (a simulation instrument) are not "
                           "noised and are not covered by this epsilon"}
 
     def state(self, server_round: int, run_dir: Path) -> dict[str, Any]:
-        out = self.inner.state(server_round, run_dir) | {"accountant": self.accountant.state()}
+        out = self.inner.state(server_round, run_dir) | {"accountant": self.accountant.state(),
+                                                         "clip_norm": self.clip_norm}  # the next round's C
         atomic_write(run_dir / PRIVACY_FILE, json.dumps(self.report(), indent=2, allow_nan=True).encode("utf-8"))
         return out
 
     def load_state(self, state: Mapping[str, Any], run_dir: Path) -> None:
         self.inner.load_state(state, run_dir)
         self.accountant = UserLevelAccountant.from_state(state["accountant"])
+        self.clip_norm = float(state.get("clip_norm", self.clip_norm))  # adaptive clipping's C continues
