@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import ast
 import math
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 
 import pytest
@@ -28,6 +28,7 @@ from wire.messages import (
     check_metrics,
     device_metrics,
     downlink_records,
+    read_downlink,
     reply_updates,
 )
 
@@ -117,3 +118,21 @@ def test_a_secagg_round_fitres_passes_the_same_rules(settings, tmp_path):
     arrays = compat.recorddict_to_fitres(reply.content, keep_input=True).parameters.tensors
     assert arrays and metrics["examples"] > 0
     assert reply.content["fitres.num_examples"]["num_examples"] <= metrics["examples"]
+
+
+def test_a_round_with_adaptive_clipping_sends_each_device_s_unclipped_bit(settings, tmp_path):
+    """Real device rounds whose Downlink asks for adaptive clipping's bit: 1 where the update fit C,
+    0 where the device clipped it, through the guard; a round that does not ask sends none."""
+    store = tmp_path / "store"
+
+    def asking(config: dict, clip_norm: float) -> Message:
+        msg = message(settings, store, config, clip_norm=clip_norm)
+        msg.content["downlink"] = downlink_records(replace(read_downlink(msg), report_unclipped=True))["downlink"]
+        return msg
+
+    wide, tight = app(asking({"device-id": 1}, 10.0), context()), app(asking({"device-ids": [2, 3]}, 1e-3), context())
+    assert not wide.has_error() and not tight.has_error()
+    assert device_metrics(wide)[0]["unclipped"] == 1 and 0 < norm(reply_updates(wide)[1]) <= 10.0
+    assert [m["unclipped"] for m in device_metrics(tight)] == [0, 0]  # both were clipped to 1e-3
+    plain = app(message(settings, store, {"device-id": 4}, clip_norm=10.0), context())
+    assert not plain.has_error() and "unclipped" not in device_metrics(plain)[0]
