@@ -435,9 +435,25 @@ class Settings(_Section):
                 f"[federated] proximal_mu = {self.federated.proximal_mu} cannot be combined with [adaptation] dp = true: "
                 "opacus replaces each gradient with the clipped, noised per-example sum, so the proximal term would be "
                 "silently dropped; set proximal_mu = 0 or adaptation.dp = false")
+        if self.federated.adaptive_clipping:
+            self._check_count_noise()
         if self.federated.secure_aggregation != "none":
             self._check_secagg()
         return self
+
+    def _check_count_noise(self) -> None:
+        """Adaptive clipping's default count noise (the expected cohort / 20) must leave room for z."""
+        f = self.federated
+        if f.clipped_count_stddev is not None or f.calibrate_epsilon:
+            return  # an explicit sigma_b is checked in FederatedSettings; a calibrated z when the run starts
+        cohort = f.noise_cohort_size or min(self.simulation.cohort_size, self.population.num_devices)
+        if f.noise_multiplier >= 2 * (cohort / 20):
+            raise ValueError(
+                f"[federated] adaptive_clipping = true: the default count noise clipped_count_stddev = expected cohort "
+                f"/ 20 = {cohort / 20:g} is too small for noise_multiplier = {f.noise_multiplier:g} (adaptive clipping "
+                f"needs noise_multiplier < 2 clipped_count_stddev: the count alone would spend that budget). Fix: set "
+                f"[federated] clipped_count_stddev above {f.noise_multiplier / 2:g} (e.g. {f.noise_multiplier:g}, "
+                "which raises the update noise by 15%), or lower noise_multiplier")
 
     def _check_secagg(self) -> None:
         """SecAgg+ runs one protocol instance per round with one SuperNode per participating device."""

@@ -11,6 +11,7 @@ import torch
 from dp_accounting import pld
 from pydantic import ValidationError
 
+from fedasls.config import Settings
 from fedasls.device.global_round import ClippedUpdate
 from fedasls.device.round import unclipped_bit
 from fedasls.federated.fedavg import add, weighted_sum
@@ -168,7 +169,14 @@ def test_bad_adaptive_clipping_settings_say_what_to_fix():
         FederatedSettings(strategy="global", dp=True, adaptive_clipping=True, secure_aggregation="secagg+")
     with pytest.raises(ValidationError, match="raise it above 0.5"):
         FederatedSettings(strategy="global", dp=True, adaptive_clipping=True, clipped_count_stddev=0.4)
-    # the default sigma_b = expected cohort / 20 is too small for z = 1 with a 4-device cohort: said at start
+    # the default sigma_b = expected cohort / 20 (0.5 for a cohort of 10) is too small for z = 1: said when the
+    # settings load, and (a calibrated z, or a strategy built by hand) when the wrapper is built
+    run_settings = {"federated": {"strategy": "global", "dp": True, "adaptive_clipping": True},
+                    "simulation": {"sampling": "poisson", "cohort_size": 10}, "population": {"num_devices": 40}}
+    with pytest.raises(ValidationError, match="clipped_count_stddev above 0.5"):
+        Settings.model_validate(run_settings)
+    run_settings["simulation"]["cohort_size"] = 40  # sigma_b = 2
+    assert Settings.model_validate(run_settings).federated.adaptive_clipping
     with pytest.raises(ValueError, match="clipped_count_stddev above 0.5"):
         wrapper(settings(clipped_count_stddev=None), DpSecrets.fresh(), cohort=4.0)
     assert wrapper(settings(clipped_count_stddev=None), DpSecrets.fresh(), cohort=100.0)[0].count_stddev == 5.0
