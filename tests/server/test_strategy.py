@@ -65,7 +65,7 @@ def test_the_device_reads_every_knob_of_the_downlink_plain_and_as_secagg_fitins(
         got = read_downlink(msg)
         assert {f.name: getattr(got, f.name) for f in fields(got) if f.name != "shared"} == {
             "strategy": "global", "ffa": True, "max_rank": 4, "seed": 9, "clip_norm": 0.3, "contribute": "accepted",
-            "cold_adoption": 2, "proximal_mu": 0.25}
+            "cold_adoption": 2, "proximal_mu": 0.25, "report_unclipped": False}
         assert list(got.shared) == list(sent.shared)
         assert all(torch.equal(got.shared[k], sent.shared[k]) for k in sent.shared)
     assert read_downlink(Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=1, message_type="train")) is None

@@ -180,3 +180,17 @@ def test_bad_adaptive_clipping_settings_say_what_to_fix():
     with pytest.raises(ValueError, match="clipped_count_stddev above 0.5"):
         wrapper(settings(clipped_count_stddev=None), DpSecrets.fresh(), cohort=4.0)
     assert wrapper(settings(clipped_count_stddev=None), DpSecrets.fresh(), cohort=100.0)[0].count_stddev == 5.0
+
+
+def test_a_production_cohort_s_count_noise_is_simulated_and_accounted_at_its_size():
+    """noise_cohort_size: sigma_b defaults to that cohort / 20 and the simulated share carries the noise
+    a production cohort's share would (sigma_b / noise_cohort), as the update's mean does."""
+    f = settings(clipped_count_stddev=None, noise_cohort_size=1000, noise_population_size=1_000_000)
+    secrets = DpSecrets(noise=21, sampling=2)
+    dp, _ = wrapper(f, secrets)  # a simulated cohort of 4 (its own default sigma_b, 0.2, would be refused)
+    assert dp.count_stddev == 50.0 and dp.update_multiplier == pytest.approx((1 - 1 / 100**2) ** -0.5)
+    downlink = dp.configure_train(1, [0, 1, 2])
+    row = dp.aggregate_train(1, device_round(downlink, [0.5, 0.7, 2.0], 1))  # bits 1, 1, 0
+    want = 0.5 + (0.5 + 0.5 - 0.5 + count_noise(50.0 * 4 / 1000, 21, 1)) / 4
+    assert row["unclipped_share_noised"] == pytest.approx(want, rel=1e-12)
+    assert "sigma_b = 50, accounted" in dp.report()["report"]
