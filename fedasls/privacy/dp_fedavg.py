@@ -114,7 +114,9 @@ class DPFedAvg:
         share = noised_unclipped_fraction([c.metrics.get(UNCLIPPED_METRIC) for c in contributions],
                                           self.expected_cohort, std, self.secrets.noise, server_round)
         used, self.clip_norm = self.clip_norm, self.adaptive.next_clip_norm(self.clip_norm, share)
-        return {"clip_norm": used, "clip_norm_next": self.clip_norm, "unclipped_share_noised": share}
+        return {"clip_norm": used, "clip_norm_next": self.clip_norm, "unclipped_share_noised": share,
+                "user_adaptive_clipping": f"count noise sigma_b = {self.count_stddev:.4g}, accounted (update noise "
+                                          f"multiplier {self.update_multiplier:.4g})"}
 
     def adaptive_note(self) -> str | None:
         """What the epsilon report says about adaptive clipping (None without it)."""

@@ -60,6 +60,7 @@ def run(dp: DPFedAvg, rounds: range, norms: list[float]) -> list[float]:
         used.append(downlink.clip_norm)
         row = dp.aggregate_train(r, device_round(downlink, norms, r))
         assert row["clip_norm"] == used[-1] and row["clip_norm_next"] == dp.clip_norm  # C is released per round
+        assert row["user_adaptive_clipping"].startswith("count noise sigma_b = ")  # beside each epsilon
     return used
 
 
@@ -194,3 +195,11 @@ def test_a_production_cohort_s_count_noise_is_simulated_and_accounted_at_its_siz
     want = 0.5 + (0.5 + 0.5 - 0.5 + count_noise(50.0 * 4 / 1000, 21, 1)) / 4
     assert row["unclipped_share_noised"] == pytest.approx(want, rel=1e-12)
     assert "sigma_b = 50, accounted" in dp.report()["report"]
+
+
+def test_a_calibrated_z_is_the_accounted_one_and_the_update_noise_follows_it():
+    f = settings(calibrate_epsilon=4.0)
+    dp, _ = wrapper(f, DpSecrets.fresh())
+    z = dp.noise_multiplier
+    assert 3.9 < dp.accountant.epsilon_after(0.25, 1) <= 4.0  # planned rounds = 1
+    assert dp.update_multiplier == pytest.approx((z**-2 - 4.0**-2) ** -0.5)
