@@ -132,10 +132,13 @@ def wait_until(predicate, proc: subprocess.Popen, timeout_s: float, log: Path) -
 # DP noise and the DP sample are secret (server/private_state.py), so two runs of one config differ: the
 # dp-global case opts in to noise_seed so that the uninterrupted reference can draw the same secrets.
 DP_GLOBAL_SEEDED = DP_GLOBAL + "noise_seed = 11\n"
+# ... with adaptive clipping: the clip norm moves each round, and a resume must continue from the saved one
+DP_ADAPTIVE_SEEDED = DP_GLOBAL_SEEDED + "adaptive_clipping = true\nclipped_count_stddev = 2.0\nclip_learning_rate = 0.5\n"
 
 
-@pytest.mark.parametrize(("federated", "kill_round"), [("", 2), (DP_GLOBAL_SEEDED, 2), ("", 1)],
-                         ids=["local", "dp-global", "local-in-round-1"])
+@pytest.mark.parametrize(("federated", "kill_round"),
+                         [("", 2), (DP_GLOBAL_SEEDED, 2), ("", 1), (DP_ADAPTIVE_SEEDED, 2)],
+                         ids=["local", "dp-global", "local-in-round-1", "dp-adaptive-clipping"])
 def test_kill_9_mid_round_then_resume_equals_an_uninterrupted_run(tiny_model_dir, tmp_path, federated, kill_round):
     config = scenario(tmp_path, tiny_model_dir, rounds=2, federated=federated)
     results = tmp_path / "results"
@@ -183,6 +186,9 @@ def test_kill_9_mid_round_then_resume_equals_an_uninterrupted_run(tiny_model_dir
         eps = [json.loads((r / "privacy.json").read_text())["epsilon"] for r in (run, results / "reference")]
         assert eps[0] == eps[1] > 0
         assert sum(r["global_step_norm"] for r in rows(run / "rounds.jsonl")) > 0  # updates were aggregated
+        if "adaptive_clipping" in federated:  # round 2 (run after the resume) used the C round 1 moved to
+            got = rows(run / "rounds.jsonl")
+            assert got[1]["clip_norm"] == got[0]["clip_norm_next"] != got[0]["clip_norm"]
         assert private_path(run).read_bytes() == private_before  # the resume reused the run's own secrets
 
 
