@@ -51,6 +51,7 @@ from wire.messages import (
     error_reply,
     read_downlink,
     secagg_stage,
+    unit_weight,
 )
 
 
@@ -64,13 +65,13 @@ _SECAGG_REPLY_KEYS: dict[str, dict[str, tuple[bool, type]]] = {
 _FITRES_RECORDS = frozenset({FITRES_METRICS, FITRES_EXAMPLES, FITRES_PARAMS, FITRES_STATUS})
 
 
-def check_secagg_reply(reply: Message, stage: str, allowed: Layout | None) -> None:
+def check_secagg_reply(reply: Message, stage: str, allowed: Layout | None, unit: int = 0) -> None:
     """Raise PrivacyViolation unless a SecAgg+ reply holds only what its stage sends: the protocol
     record with that stage's keys (public keys, encrypted shares, key shares: bytes made by Flower's
     mod), and in the masked-vector stage also the masked vector (integer arrays: the weight factor,
     then exactly the global adapter's shapes), metrics by the allow-list, the weight (an integer, at
-    most the device's `examples`), an OK status and an emptied parameters record. (Error replies are
-    checked by `check_reply`.)"""
+    most the device's `examples`; under DP 0 or the round's `unit` weight), an OK status and an emptied
+    parameters record. (Error replies are checked by `check_reply`.)"""
     content = reply.content
     expected = {SECAGG_CONFIGS} | (_FITRES_RECORDS if stage == Stage.COLLECT_MASKED_VECTORS else set())
     if set(content.keys()) != expected:
@@ -97,14 +98,15 @@ def check_secagg_reply(reply: Message, stage: str, allowed: Layout | None) -> No
     # The masked vector is uniformly random to anyone without the other devices' masks: its norm and
     # values cannot be checked here (`check_fitres` checked the update before secaggplus_mod masked
     # it). What leaves in the clear beside it can: the metrics and the weight, by the same rules.
-    _check_fitres_scalars(content)
+    _check_fitres_scalars(content, unit)
     if len(content[FITRES_PARAMS]) != 0:
         raise PrivacyViolation("SecAgg+ reply holds unmasked parameters")
 
 
-def _check_fitres_scalars(content) -> None:
+def _check_fitres_scalars(content, unit: int = 0) -> None:
     """A FitRes's metrics (the allow-list, scalars), weight (an integer count, at most the device's
-    `examples`: `build_fit_reply` caps it) and status (OK, no text)."""
+    `examples`: `build_fit_reply` caps it; with a `unit` weight (DP), 0 or exactly it) and status (OK,
+    no text)."""
     metrics = content[FITRES_METRICS]
     if not isinstance(metrics, ConfigRecord) or any(isinstance(v, list) for v in metrics.values()):
         raise PrivacyViolation("SecAgg+ metrics must be scalar numbers")
@@ -114,14 +116,16 @@ def _check_fitres_scalars(content) -> None:
         raise PrivacyViolation("SecAgg+ weight record must hold num_examples only")
     weight = examples["num_examples"]
     check_metric("examples", weight)
-    if weight > metrics.get("examples", 0):
+    if unit and weight not in (0, unit):
+        raise PrivacyViolation("SecAgg+ weight must be 0 or the round's unit weight (DP: every update alike)")
+    if not unit and weight > metrics.get("examples", 0):
         raise PrivacyViolation("SecAgg+ weight must not exceed the device's 'examples' metric")
     status = content[FITRES_STATUS]
     if dict(status) != {"code": int(Code.OK.value), "message": ""}:
         raise PrivacyViolation("SecAgg+ reply status must be OK with an empty message")
 
 
-def check_fitres(reply: Message, allowed: Layout | None, clip_norm: float | None) -> None:
+def check_fitres(reply: Message, allowed: Layout | None, clip_norm: float | None, unit: int = 0) -> None:
     """Raise PrivacyViolation unless a SecAgg+ handler's FitRes (before `secaggplus_mod` masks it)
     holds the FitRes records only: metrics and weight as `check_secagg_reply` checks them, an OK
     status, and the update as the global adapter's float32 arrays in its order, finite and within
@@ -130,7 +134,7 @@ def check_fitres(reply: Message, allowed: Layout | None, clip_norm: float | None
     if set(content.keys()) != _FITRES_RECORDS:
         raise PrivacyViolation(f"SecAgg+ FitRes holds records {sorted(content.keys())}, expected "
                                f"{sorted(_FITRES_RECORDS)}")
-    _check_fitres_scalars(content)
+    _check_fitres_scalars(content, unit)
     if allowed is None:
         raise PrivacyViolation("a SecAgg+ FitRes may only answer a round that sent the global adapter")
     if not isinstance(content[FITRES_PARAMS], ArrayRecord):
@@ -148,10 +152,10 @@ def unmasked_guard(call_next: Callable[[Message, Context], Message]) -> Callable
     """Wrap the handler `secaggplus_mod` calls in the masked-vector stage: its FitRes is checked by
     `check_fitres` (layout, finite, clip_norm) before the mod masks it, past any later check."""
     def checked(msg: Message, context: Context) -> Message:
-        allowed, clip_norm = allowed_layout(msg), round_clip_norm(msg)
+        allowed, clip_norm, unit = allowed_layout(msg), round_clip_norm(msg), unit_weight(msg)
         reply = call_next(msg, context)
         if not reply.has_error():
-            check_fitres(reply, allowed, clip_norm)
+            check_fitres(reply, allowed, clip_norm, unit)
         return reply
 
     return checked
@@ -212,7 +216,7 @@ def check_device_ids(metrics, devices: set[int] | None) -> None:
 
 
 def check_reply(reply: Message, allowed: Layout | None = None, stage: str | None = None,
-                clip_norm: float | None = None, devices: set[int] | None = None) -> None:
+                clip_norm: float | None = None, devices: set[int] | None = None, unit: int = 0) -> None:
     """Raise PrivacyViolation unless the reply holds only the allowed records: a MetricRecord of the
     allow-list's names and ranges (one device's scalars, or a batch's lists) and, if `allowed` (the
     received global adapter's layout) is given, updates of exactly that layout, finite, of L2 norm at
@@ -228,7 +232,7 @@ def check_reply(reply: Message, allowed: Layout | None = None, stage: str | None
                                    "with its fixed message may leave a device")
         return
     if stage is not None:  # a SecAgg+ protocol message: its stage's records only
-        check_secagg_reply(reply, stage, allowed)
+        check_secagg_reply(reply, stage, allowed, unit)
         if FITRES_METRICS in reply.content:
             check_device_ids(reply.content[FITRES_METRICS], devices)
         return
@@ -271,6 +275,7 @@ def privacy_guard(msg: Message, context: Context, call_next: Callable[[Message, 
     is checked against its stage (`check_secagg_reply`)."""
     try:  # read before the app runs: secaggplus_mod pops the stage
         stage, allowed, clip_norm = secagg_stage(msg), allowed_layout(msg), round_clip_norm(msg)
+        unit = unit_weight(msg)
         devices = expected_devices(msg, context)
         asks_unclipped = round_asks_unclipped(msg)
     except Exception:  # noqa: BLE001 - a malformed downlink
@@ -287,7 +292,7 @@ def privacy_guard(msg: Message, context: Context, call_next: Callable[[Message, 
         _log.exception("device round failed")
         return error_reply(msg, FailureCode.ERROR)
     try:
-        check_reply(reply, allowed, stage, clip_norm, devices)
+        check_reply(reply, allowed, stage, clip_norm, devices, unit)
         check_unclipped_asked(reply, asks_unclipped)
     except PrivacyViolation:
         _log.exception("reply refused by the privacy guard")

@@ -294,6 +294,15 @@ def devices_per_round(population_size: int, cohort_size: int, overcommit: float)
     return min(population_size, math.ceil(cohort_size * overcommit - 1e-9))
 
 
+def poisson_slots(population_size: int, cohort_size: int, tail: float) -> int:
+    """Worker slots for SecAgg+ under Poisson sampling: the smallest k with P(Binomial(N, q) > k) <= tail,
+    q = cohort_size / N (a round's cohort exceeds k with probability at most `tail`)."""
+    from scipy.stats import binom  # dp-accounting's dependency; only SecAgg+ under Poisson needs it
+
+    q = min(1.0, cohort_size / population_size)
+    return min(population_size, max(2, int(binom.isf(tail, population_size, q))))
+
+
 class SimulationSettings(_Section):
     """The fleet run: rounds, cohort, over-commitment, deadline, virtual clock, Ray workers."""
 
@@ -458,16 +467,11 @@ class Settings(_Section):
     def _check_secagg(self) -> None:
         """SecAgg+ runs one protocol instance per round with one SuperNode per participating device."""
         f, sim = self.federated, self.simulation
-        if sim.sampling != "available":
-            raise ValueError(
-                "[federated] secure_aggregation = 'secagg+' needs [simulation] sampling = 'available': a SecAgg+ round "
-                "needs one SuperNode (worker slot) per device, and a Poisson cohort's random size can exceed the "
-                "ceil(cohort_size x overcommit) slots a simulation starts")
         if sim.devices_per_worker > 1:
             raise ValueError(
                 "[federated] secure_aggregation = 'secagg+' needs [simulation] devices_per_worker = 1: SecAgg+ has one "
                 "protocol participant per SuperNode, so a worker slot cannot run several devices")
-        sampled = devices_per_round(self.population.num_devices, sim.cohort_size, sim.overcommit)
+        sampled = secagg_devices_per_round(self)
         if sampled < 2:
             raise ValueError(
                 f"[federated] secure_aggregation = 'secagg+' needs at least 2 devices per round, but ceil(cohort_size x "
@@ -476,6 +480,14 @@ class Settings(_Section):
             raise ValueError(
                 f"[federated] secagg_quantization_range = {f.secagg_quantization_range} x {sampled} devices per round "
                 "reaches the mask modulus 2**32 (the sum would wrap): lower secagg_quantization_range")
+        if sim.sampling == "poisson":  # a random cohort, cohort_size on average; every finisher counts
+            expected = max(2, sim.cohort_size)
+            shares, threshold = shares_and_threshold(expected, f.secagg_num_shares, f.secagg_reconstruction_threshold)
+            if threshold > expected:
+                raise ValueError(
+                    f"[federated] SecAgg+ needs {threshold} shares to rebuild a key, above the expected Poisson cohort "
+                    f"of {expected} devices (most rounds could not unmask): lower secagg_reconstruction_threshold")
+            return
         shares, threshold = shares_and_threshold(sampled, f.secagg_num_shares, f.secagg_reconstruction_threshold)
         if threshold > min(sim.cohort_size, sampled):
             raise ValueError(
@@ -643,3 +655,13 @@ def load_settings(path: str | Path | None = None, overrides: list[str] | None = 
     for item in overrides or []:
         origins[item.split("=", 1)[0].strip()] = f"--set {item}"
     return settings_from_dict(data, str(path) if path else "overrides", origins)
+
+
+def secagg_devices_per_round(settings: Settings) -> int:
+    """The most devices one SecAgg+ round runs (its worker slots: one SuperNode per device):
+    ceil(cohort_size x overcommit), or under Poisson sampling the Binomial(N, q) quantile
+    [federated] secagg_slot_tail sets (`poisson_slots`)."""
+    sim, n = settings.simulation, settings.population.num_devices
+    if sim.sampling == "poisson":
+        return poisson_slots(n, sim.cohort_size, settings.federated.secagg_slot_tail)
+    return devices_per_round(n, sim.cohort_size, sim.overcommit)

@@ -80,14 +80,29 @@ from wire.messages import (
     LEGACY_TENSOR_TYPE,
     METRICS_KEY,
     SECAGG_CONFIGS,
+    UNIT_WEIGHT,
     fit_downlink_config,
 )
 from fedasls.config import Settings
 from fedasls.federated.secagg_cost import round_cost
 from fedasls.federated.strategy import AGGREGATE, Contribution
+from fedasls.privacy.dp_fedavg import summed_contribution
 from server.fleets import Dispatched, Fleet, MessageFor, OnReplies, exchange
 
 MODULUS = 2**32  # Flower's default mask modulus (the largest it allows)
+
+
+def quantized_sensitivity(clip_norm: float, dims: int, quantization_range: int) -> float:
+    """L2 sensitivity of SecAgg+'s dequantized sum of unit-weight updates (DP): a device's update has
+    norm <= C and its stochastic rounding moves each of its d elements by less than one step 2C/Q, so
+    adding or removing it moves the sum by at most C (1 + 2 sqrt(d) / Q)."""
+    return clip_norm * (1.0 + 2.0 * math.sqrt(dims) / quantization_range)
+
+
+def sum_quantization_bound(devices: int, clip_norm: float, quantization_range: int) -> float:
+    """Largest per-element error of SecAgg+'s dequantized sum of `devices` unit-weight updates (DP)
+    against the exact sum: each device's stochastic rounding is off by less than one step 2C/Q."""
+    return devices * 2.0 * clip_norm / quantization_range
 
 
 def quantization_bound(weights: list[float], clip_norm: float, max_weight: float, quantization_range: int,
@@ -219,16 +234,25 @@ class SecAggRound:
             "secagg_bytes_up_per_device": cost.bytes_up_per_device,
             "secagg_bytes_down_per_device": cost.bytes_down_per_device, "secagg_server_bytes_in": cost.server_bytes_in,
             "contributors": sum(1 for w in self.plan.weights if w > 0) if ok else 0}
+        if f.dp:  # the realized count is derived from the clipped sum's support: not released (DPFedAvg may)
+            out.pop("contributors")
         if not ok:
             return [], out
+        if f.dp:  # unit weights: the mean times the devices that sent an update is the unweighted sum
+            count = sum(1 for w in self.plan.weights if w > 0)
+            total = {k: torch.from_numpy(np.asarray(a, dtype=np.float64) * count).float().reshape(shape)
+                     for (k, shape), a in zip(self.shapes.items(), self.plan.mean)}
+            return [summed_contribution(total, count, quantized_sensitivity(
+                f.clip_norm, d, f.secagg_quantization_range))], out
         mean = {k: torch.from_numpy(np.asarray(a, dtype=np.float32)).reshape(shape)
                 for (k, shape), a in zip(self.shapes.items(), self.plan.mean)}
         return [Contribution(AGGREGATE, mean, 1.0)], out
 
 
-def fit_ins(content: RecordDict, keep_device_id: bool = True) -> FitIns:
+def fit_ins(content: RecordDict, keep_device_id: bool = True, unit: int = 0) -> FitIns:
     """A plain round's downlink (config + global adapter) as legacy FitIns: the adapter's arrays in
-    order as the parameters, the names and the round config as the config."""
+    order as the parameters, the names and the round config as the config; with `unit` > 0 (DP) the
+    weight every update must carry."""
     record = content[GLOBAL_ADAPTER_KEY]
     names = list(record.keys())
     config: dict[str, Any] = dict(content["config"])
@@ -236,6 +260,8 @@ def fit_ins(content: RecordDict, keep_device_id: bool = True) -> FitIns:
         config.pop("device-id", None)  # a Deployment Engine node knows which device it is
     config[ADAPTER_NAMES] = names
     config.update(fit_downlink_config(content))
+    if unit:
+        config[UNIT_WEIGHT] = unit
     params = Parameters([ndarray_to_bytes(record[k].numpy()) for k in names], LEGACY_TENSOR_TYPE)
     return FitIns(params, config)
 
@@ -254,6 +280,8 @@ class SecAggFleet:
             clipping_range=f.clip_norm, quantization_range=f.secagg_quantization_range, modulus_range=MODULUS,
             timeout=timeout)
         self._seconds: dict[int, float] = {}
+        # DP: every update weighs max_weight (an integer: settings check), so the mean is the unweighted one
+        self.unit = int(f.secagg_max_weight) if f.dp else 0
 
     def connect(self, grid: Grid) -> None:
         self.inner.connect(grid)
@@ -268,6 +296,14 @@ class SecAggFleet:
         """device id -> the SuperNode that runs it this round (one device per node)."""
         if self.inner.kind == "slots":
             slots = list(self.inner.slots)
+            if len(devices) > len(slots) and self.settings.simulation.sampling == "poisson":
+                raise RuntimeError(
+                    f"a SecAgg+ round under DP sampled a Poisson cohort of {len(devices)} devices for {len(slots)} "
+                    f"worker slots (one SuperNode per device). The slots were sized so that this happens with "
+                    f"probability at most [federated] secagg_slot_tail = {self.settings.federated.secagg_slot_tail:g} "
+                    "a round; the run stops rather than truncate the cohort (a truncated cohort is not the Poisson "
+                    "sample the epsilon assumes) and nothing of this round was released. Lower secagg_slot_tail (more "
+                    "slots) and resume: fedasls simulate --resume RUN_DIR --set federated.secagg_slot_tail=1e-15")
             if len(devices) > len(slots):
                 raise RuntimeError(
                     f"a SecAgg+ round needs one SuperNode per device, but {len(devices)} devices were sampled for "
@@ -284,7 +320,8 @@ class SecAggFleet:
         node_of = self.nodes(devices)
         keep_id = self.inner.kind == "slots"
         first = message_for(devices[0])
-        plan = [(GridClientProxy(node_of[d], grid, 0), fit_ins(first if i == 0 else message_for(d), keep_id))
+        plan = [(GridClientProxy(node_of[d], grid, 0),
+                 fit_ins(first if i == 0 else message_for(d), keep_id, self.unit))
                 for i, d in enumerate(devices)]
         strategy = _PlanStrategy(plan)
         context = LegacyContext(Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={}),

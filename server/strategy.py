@@ -37,7 +37,15 @@ def make_strategy(settings: Settings, sample_rate: float, expected_cohort: float
         return inner
     if secrets is None:
         raise ValueError("a DP strategy needs the run's secrets (server.private_state.dp_secrets)")
-    return DPFedAvg(inner, f, sample_rate, expected_cohort, secrets, planned_rounds=settings.simulation.rounds)
+    caveats = []
+    if f.secure_aggregation != "none":
+        caveats.append(
+            f"SecAgg+: the noise is scaled to the quantized sum's sensitivity (clip_norm x (1 + 2 sqrt(d) / "
+            f"{f.secagg_quantization_range})); a round whose Poisson cohort exceeds the worker slots stops the run "
+            f"(probability <= {f.secagg_slot_tail:g} a round), which adds at most (1 + e^epsilon) x rounds x "
+            f"{f.secagg_slot_tail:g} to delta")
+    return DPFedAvg(inner, f, sample_rate, expected_cohort, secrets, planned_rounds=settings.simulation.rounds,
+                    caveats=caveats)
 
 
 def completed_contributions(replies: list[Message], completed: list[int]) -> list[Contribution]:

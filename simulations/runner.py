@@ -27,7 +27,7 @@ from flwr.app import Message
 from flwr.simulation import run_simulation
 
 from clients.app import app as client_app
-from fedasls.config import Settings, devices_per_round, load_settings, settings_toml
+from fedasls.config import Settings, devices_per_round, load_settings, secagg_devices_per_round, settings_toml
 from fedasls.data.sources import ATTRIBUTION_FILE, attribution_text
 from fedasls.lm.model import ensure_model
 from server.app import make_server_app
@@ -75,6 +75,8 @@ def num_slots(settings: Settings, devices_per_worker: int = 1) -> int:
     """SuperNodes to start: enough worker slots for one over-committed cohort."""
     sim = settings.simulation
     target = devices_per_round(settings.population.num_devices, sim.cohort_size, sim.overcommit)
+    if settings.federated.secure_aggregation != "none":  # one SuperNode per device (Poisson: a Binomial quantile)
+        target = secagg_devices_per_round(settings)
     return max(1, math.ceil(target / devices_per_worker))
 
 

@@ -21,7 +21,8 @@ from fedasls.config import ConfigError, Settings, load_settings
 from fedasls.data.loaders import DatasetError
 
 MIN_RECORDS_PER_DEVICE = 2  # one to learn from, one held out for evaluation
-RESUMABLE = {"simulation.rounds"}  # may differ on --resume: more rounds continue a finished run
+# may differ on --resume: more rounds continue a finished run; a lower slot tail starts more SecAgg+ slots
+RESUMABLE = {"simulation.rounds", "federated.secagg_slot_tail"}
 
 
 MAX_RECORD_CHARS = 1_000_000  # a record above this much text is kept, with a warning

@@ -55,6 +55,7 @@ FAILED_IDS_KEY, FAILED_CODES_KEY = "failed_device_id", "failure_code"  # a batch
 SECAGG_CONFIGS = RECORD_KEY_CONFIGS  # the protocol's record, in every SecAgg+ message and reply
 FIT_CONFIG, FIT_PARAMS = "fitins.config", "fitins.parameters"  # downlink: round config, global adapter
 ADAPTER_NAMES = "adapter-names"  # fitins.config: the global adapter's tensor names, in order (legacy arrays are nameless)
+UNIT_WEIGHT = "secagg-unit-weight"  # fitins.config, DP on SecAgg+: every update's weight (> 0; absent: examples)
 FITRES_METRICS, FITRES_EXAMPLES = "fitres.metrics", "fitres.num_examples"
 FITRES_PARAMS, FITRES_STATUS = "fitres.parameters", "fitres.status"
 LEGACY_TENSOR_TYPE = "numpy.ndarray"
@@ -312,13 +313,22 @@ def check_update_layout(names: list[str], shapes: Mapping[str, tuple[int, ...]],
             raise PrivacyViolation(f"update tensor '{name}' is {dtypes[name]}; only float32 updates may leave")
 
 
+def unit_weight(msg: Message) -> int:
+    """The weight every update of this SecAgg+ round must carry (DP: the unweighted sum), 0 if none."""
+    if msg.has_error() or FIT_CONFIG not in msg.content:
+        return 0
+    return int(msg.content[FIT_CONFIG].get(UNIT_WEIGHT, 0))
+
+
 def build_fit_reply(msg: Message, metrics: Mapping[str, float | int], update: Mapping[str, torch.Tensor] | None,
                     max_weight: float) -> Message:
     """The reply to a SecAgg+ round's FitIns, in Flower's FitRes layout, for `secaggplus_mod` to mask:
     the metrics and update are checked by `build_reply` (the same rules), the update's arrays go in
     the global adapter's order, and the weight is the example count capped at `max_weight` (SecAgg+
     scales by weight / max_weight and clips to the range, so a larger weight would be clipped). A
-    device with no update sends zeros with weight 0 (every participant must send a vector)."""
+    device with no update sends zeros with weight 0 (every participant must send a vector). Under DP
+    the FitIns names a unit weight (`UNIT_WEIGHT` = max_weight): every update carries exactly it, so the
+    securely aggregated mean times the count is the unweighted sum DP-FedAvg noises."""
     checked = build_reply(msg, metrics, update)  # raises PrivacyViolation unless numbers + the global layout
     layout = allowed_layout(msg)
     if layout is None:
@@ -329,7 +339,7 @@ def build_fit_reply(msg: Message, metrics: Mapping[str, float | int], update: Ma
     else:
         record = checked.content[GLOBAL_UPDATE_KEY]
         arrays = [record[name].numpy() for name in layout]
-        weight = int(min(float(clean.get("examples", 0)), max_weight))
+        weight = unit_weight(msg) or int(min(float(clean.get("examples", 0)), max_weight))
     fitres = FitRes(Status(Code.OK, ""), Parameters([ndarray_to_bytes(a) for a in arrays], LEGACY_TENSOR_TYPE),
                     weight, clean)
     return Message(compat.fitres_to_recorddict(fitres, False), reply_to=msg)

@@ -96,6 +96,12 @@ class FederatedSettings(BaseModel):
         100.0, gt=0, description="SecAgg+ weights each update by examples / max_weight before quantizing; a device "
         "with more examples sends weight max_weight. Set it near the largest real example count (precision).",
     )
+    secagg_slot_tail: float = Field(
+        1e-12, gt=0, lt=1, description="SecAgg+ under Poisson sampling (DP): start enough worker slots (one per "
+        "device) that a round's Binomial(population, q) cohort exceeds them with at most this probability; a round "
+        "that still does stops the run before any device trains (never a truncated cohort). That event adds at most "
+        "(1 + e^epsilon) x rounds x this to delta.",
+    )
     secagg_quantization_range: int = Field(
         2**22, ge=2, le=2**31, description="Integer levels of the quantized update (each value in "
         "[-clip_norm, clip_norm]); devices per round x this must stay below 2**32 (the mask modulus).",
@@ -148,12 +154,10 @@ class FederatedSettings(BaseModel):
         if self.strategy == "local":
             raise ValueError("secure_aggregation = 'secagg+' needs strategy = 'global' or 'global+personal' (local "
                              "sends no update to aggregate)")
-        if self.dp:
-            raise ValueError(
-                "secure_aggregation = 'secagg+' cannot be combined with dp = true yet: DP-FedAvg noises the unweighted "
-                "sum of clipped updates over the expected Poisson cohort, while Flower's SecAgg+ workflow releases the "
-                "example-weighted mean, and a Poisson cohort's random size can exceed the worker slots one SecAgg+ "
-                "instance needs (one SuperNode per device); use one of the two")
+        if self.dp and not float(self.secagg_max_weight).is_integer():
+            raise ValueError(f"secagg_max_weight = {self.secagg_max_weight}: under dp = true every update carries "
+                             "exactly this weight (so SecAgg+'s mean is the unweighted one), and a weight is an "
+                             "integer; write an integer such as 100")
         shares, threshold = self.secagg_num_shares, self.secagg_reconstruction_threshold
         if isinstance(shares, float) and shares > 1:
             raise ValueError(f"secagg_num_shares = {shares}: a float is a share of the round's devices, in (0, 1]; "

@@ -8,6 +8,9 @@ from the server's secret randomness (fedasls.privacy.secrets), divides by the ex
 accounted at user level under Poisson sampling at rate q; the wrapper stops the run before a round
 would exceed the target epsilon. With `calibrate_epsilon` z is chosen for the planned rounds; with
 `noise_cohort_size` the noise and the accounting are a production cohort's (see FederatedSettings).
+Under SecAgg+ (server/secagg.py) the wrapper receives the securely aggregated SUM of the clipped
+updates as one `summed_contribution` instead (every device weighted alike, so the protocol's mean
+times the count is that sum) and adds the same noise to it, scaled to the sum's sensitivity.
 Released per round: the noised adapter and epsilon; the contributor count and the signal-to-noise
 ratio (both from the clipped sum without noise) only with `release_diagnostics`, marked as not
 covered by epsilon.
@@ -32,18 +35,36 @@ from fedasls.federated.strategy import AGGREGATE, Contribution, Downlink, Strate
 from fedasls.files import atomic_write
 from fedasls.privacy.adaptive_clipping import (UNCLIPPED_METRIC, AdaptiveClipping, default_count_stddev,
                                                noised_unclipped_fraction, update_noise_multiplier)
-from fedasls.privacy.noise import dp_fedavg
+from fedasls.privacy.noise import dp_fedavg, noised_sum
 from fedasls.privacy.secrets import KNOWN_SEED_WARNING, DpSecrets
 from fedasls.privacy.user_level import UserLevelAccountant, calibrate_noise_multiplier
 
 PRIVACY_FILE = "privacy.json"
+SUMMED_DEVICES = "summed_devices"  # an AGGREGATE contribution's metric: it is the SUM of this many clipped updates
+SENSITIVITY = "sensitivity"  # ... and that sum's L2 sensitivity (C, inflated by SecAgg+'s quantization)
+
+
+def summed_contribution(total: Mapping, devices: int, sensitivity: float) -> Contribution:
+    """A pre-summed aggregate for DPFedAvg (SecAgg+ under DP): the sum of `devices` clipped updates,
+    whose L2 sensitivity (one device added or removed) is at most `sensitivity`."""
+    return Contribution(AGGREGATE, total, float(devices), {SUMMED_DEVICES: devices, SENSITIVITY: sensitivity})
+
+
+def presummed(contributions: Sequence[Contribution]) -> tuple[Mapping, int, float] | None:
+    """(sum, devices, sensitivity) if `contributions` is one `summed_contribution`, else None."""
+    if len(contributions) == 1 and contributions[0].device_id == AGGREGATE \
+            and SUMMED_DEVICES in contributions[0].metrics:
+        c = contributions[0]
+        return c.update, int(c.metrics[SUMMED_DEVICES]), float(c.metrics[SENSITIVITY])
+    return None
 
 
 class DPFedAvg:
     """User-level DP wrapper of a strategy: clipped sum + secret Gaussian noise / expected cohort."""
 
     def __init__(self, inner: Strategy, federated: FederatedSettings, sample_rate: float,
-                 expected_cohort: float, secrets: DpSecrets, planned_rounds: int = 1) -> None:
+                 expected_cohort: float, secrets: DpSecrets, planned_rounds: int = 1,
+                 caveats: Sequence[str] = ()) -> None:
         f = federated
         self.inner = inner
         self.name = f"DP-FedAvg({inner.name})"
@@ -61,6 +82,7 @@ class DPFedAvg:
         self.regime = (f"production regime simulated: noise of a cohort of {f.noise_cohort_size} per round and "
                        f"q = {f.noise_cohort_size}/{f.noise_population_size}; the simulation trained about "
                        f"{expected_cohort:g} devices a round" if f.noise_cohort_size else None)
+        self.caveats = list(caveats)  # what else every report must say (e.g. SecAgg+'s slot overflow)
         self.layout: Mapping | None = None  # the last downlink's tensors (a round without updates noises these)
         # adaptive clipping: noise_multiplier is the accounted z; the update sum gets z_update >= z
         self.adaptive = (AdaptiveClipping(f.target_unclipped_quantile, f.clip_learning_rate)
@@ -87,9 +109,15 @@ class DPFedAvg:
                        report_unclipped=self.adaptive is not None)
 
     def aggregate_train(self, server_round: int, contributions: Sequence[Contribution]) -> dict[str, float]:
-        agg = dp_fedavg([c.update for c in contributions], self.clip_norm, self.update_multiplier,
-                        self.expected_cohort, self.secrets.noise, server_round, layout=self.layout,
-                        noise_cohort=self.noise_cohort)
+        summed = presummed(contributions)
+        if summed is not None:  # SecAgg+: the securely aggregated sum of the clipped updates, one noise draw
+            total, count, sensitivity = summed
+            agg = noised_sum(total, count, max(sensitivity, self.clip_norm), self.update_multiplier,
+                             self.expected_cohort, self.secrets.noise, server_round, noise_cohort=self.noise_cohort)
+        else:
+            agg = dp_fedavg([c.update for c in contributions], self.clip_norm, self.update_multiplier,
+                            self.expected_cohort, self.secrets.noise, server_round, layout=self.layout,
+                            noise_cohort=self.noise_cohort)
         out = self.inner.aggregate_train(server_round, [Contribution(AGGREGATE, agg.mean, 1.0)])
         self.accountant.compose(self.sample_rate)
         row: dict[str, Any] = {"user_epsilon": self.accountant.epsilon(), "user_delta": self.accountant.delta,
@@ -101,7 +129,7 @@ class DPFedAvg:
         if self.adaptive is not None:
             row |= self._adapt_clip_norm(server_round, contributions)
         if self.release_diagnostics:  # from the clipped sum without noise: outside the guarantee
-            row |= {"contributors": len(contributions), "snr": agg.snr,
+            row |= {"contributors": agg.contributors, "snr": agg.snr,
                     "diagnostics_note": "contributors and snr are not covered by epsilon"}
         return {k: v for k, v in out.items() if k not in ("contributors", "snr")} | row
 
@@ -131,6 +159,7 @@ class DPFedAvg:
     def report(self) -> dict[str, Any]:
         rep = self.accountant.report()
         caveats = [c for c in (KNOWN_SEED_WARNING if self.secrets.from_seed else None, self.regime) if c]
+        caveats += self.caveats
         adaptive = self.adaptive_note()
         text = str(rep) + "".join(f"; {c}" for c in (adaptive, *caveats) if c)
         return {"report": text, **rep.to_dict(), "target_epsilon": self.target_epsilon or None,

@@ -69,17 +69,34 @@ def dp_fedavg(
 
     A round without contributors still releases noise (on `layout`, the global adapter's tensors):
     under Poisson sampling an empty cohort is one of the outcomes the accountant covers."""
-    if not expected_cohort > 0:
-        raise ValueError(f"expected cohort must be > 0, got {expected_cohort}")
     if updates:
         total = weighted_sum([clip(u, clip_norm).update for u in updates])
     elif layout is not None:
         total = {k: torch.zeros(v.shape) for k, v in layout.items()}
     else:
         raise ValueError("dp_fedavg got no updates and no layout: pass layout= (the global adapter's tensors)")
-    std = float(noise_multiplier) * float(clip_norm)
+    return noised_sum(total, len(updates), clip_norm, noise_multiplier, expected_cohort, secret, server_round,
+                      noise_cohort=noise_cohort)
+
+
+def noised_sum(
+    total: Mapping[str, torch.Tensor],
+    contributors: int,
+    sensitivity: float,
+    noise_multiplier: float,
+    expected_cohort: float,
+    secret: int,
+    server_round: int,
+    noise_cohort: float | None = None,
+) -> NoisedAggregate:
+    """DP-FedAvg of an already summed aggregate (`dp_fedavg` sums; SecAgg+ under DP hands the securely
+    aggregated sum): add N(0, (z S)^2) per coordinate, S = the sum's L2 sensitivity (C, or C inflated
+    by SecAgg+'s quantization: server/secagg.py `quantized_sensitivity`), divide by the expected cohort."""
+    if not expected_cohort > 0:
+        raise ValueError(f"expected cohort must be > 0, got {expected_cohort}")
+    std = float(noise_multiplier) * float(sensitivity)
     if noise_cohort:
         std *= float(expected_cohort) / float(noise_cohort)
     noise = gaussian_like(total, std, secret, server_round)
     mean = {k: (total[k] + noise[k]) / float(expected_cohort) for k in total}
-    return NoisedAggregate(mean, total, std, len(updates), signal_to_noise(total, std))
+    return NoisedAggregate(mean, dict(total), std, contributors, signal_to_noise(total, std))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from fedasls.config import Settings
+from fedasls.config import Settings, poisson_slots, secagg_devices_per_round
 from fedasls.federated.secagg_cost import neighbours, round_cost, shares_and_threshold
 
 
@@ -52,11 +52,10 @@ def base(**federated) -> dict:
 
 @pytest.mark.parametrize("data, match", [
     ({"federated": {"secure_aggregation": "secagg+"}}, "needs strategy"),
-    (base(dp=True), "cannot be combined with dp"),
+    ({**base(dp=True, secagg_max_weight=50.5), "simulation": {"sampling": "poisson"}}, "secagg_max_weight = 50.5"),
     (base(secagg_num_shares=4), "must be odd"),
     (base(secagg_num_shares=2.0), r"in \(0, 1\]"),
     (base(secagg_reconstruction_threshold=7, secagg_num_shares=5), "below secagg_num_shares"),
-    ({**base(), "simulation": {"sampling": "poisson"}}, "sampling = 'available'"),
     ({**base(), "simulation": {"cohort_size": 1, "overcommit": 1.0}}, "at least 2 devices"),
     ({**base(secagg_reconstruction_threshold=1.0), "simulation": {"cohort_size": 4, "overcommit": 1.5}},
      "fastest of 6 sampled"),
@@ -70,3 +69,17 @@ def test_settings_refuse_combinations_secagg_cannot_run(data, match):
 def test_default_secagg_settings_validate():
     f = Settings.model_validate(base()).federated
     assert (f.secagg_num_shares, f.secagg_reconstruction_threshold, f.secagg_max_weight) == (1.0, 0.67, 100.0)
+
+
+def test_dp_on_secagg_validates_and_sizes_its_slots_for_the_poisson_cohort():
+    data = {**base(dp=True), "population": {"num_devices": 1000},
+            "simulation": {"sampling": "poisson", "cohort_size": 10}}
+    s = Settings.model_validate(data)
+    slots = secagg_devices_per_round(s)
+    # P(Binomial(1000, 0.01) > slots) <= 1e-12 < P(... > slots - 1): the smallest such count, far above 13
+    from scipy.stats import binom
+
+    assert slots == poisson_slots(1000, 10, 1e-12) and binom.sf(slots, 1000, 0.01) <= 1e-12 < binom.sf(slots - 1, 1000, 0.01)
+    assert slots > 13  # more than ceil(cohort_size x overcommit) = ceil(10 x 1.3): a Poisson cohort is random
+    looser = Settings.model_validate({**data, "federated": {**data["federated"], "secagg_slot_tail": 1e-3}})
+    assert secagg_devices_per_round(looser) < slots

@@ -12,7 +12,7 @@ from fedasls.federated.settings import FederatedSettings
 from fedasls.federated.strategies import FedAvg
 from fedasls.federated.strategy import AGGREGATE, Contribution, Downlink
 from fedasls.privacy.clipping import clip
-from fedasls.privacy.dp_fedavg import DPFedAvg
+from fedasls.privacy.dp_fedavg import DPFedAvg, summed_contribution
 from fedasls.privacy.noise import gaussian_like
 from fedasls.privacy.secrets import DpSecrets
 
@@ -100,3 +100,35 @@ def test_by_default_a_dp_round_releases_no_statistic_of_the_clipped_sum():
     assert "snr" not in metrics and "contributors" not in metrics
     for key in ("user_epsilon", "user_delta", "user_sampling", "user_neighbouring", "user_accountant"):
         assert key in metrics  # every epsilon written states delta, sampling, relation and accountant
+
+
+def test_a_presummed_aggregate_gets_the_same_noise_scaled_to_its_sensitivity():
+    """SecAgg+ under DP hands the wrapper the sum of the clipped updates (summed_contribution): the
+    result is the plain path's, with the same secret draw scaled from C to the sum's sensitivity."""
+    f = FederatedSettings(strategy="global", dp=True, clip_norm=0.5, noise_multiplier=0.8, release_diagnostics=True)
+    secrets = DpSecrets(noise=11, sampling=12)
+    plain_inner, summed_inner = FedAvg(f, LAYOUT, 4), FedAvg(f, LAYOUT, 4)
+    plain = DPFedAvg(plain_inner, f, sample_rate=0.25, expected_cohort=3.0, secrets=secrets)
+    summed = DPFedAvg(summed_inner, f, sample_rate=0.25, expected_cohort=3.0, secrets=secrets)
+    start = {k: v.clone() for k, v in plain_inner.adapter.items()}
+    got = updates(plain.configure_train(1, [0, 1, 2]), 1, [0, 1, 2])
+    summed.configure_train(1, [0, 1, 2])
+    total = weighted_sum([clip(c.update, 0.5).update for c in got])
+    a = plain.aggregate_train(1, got)
+    b = summed.aggregate_train(1, [summed_contribution(total, 3, 0.5)])
+    assert all(torch.allclose(plain_inner.adapter[k], summed_inner.adapter[k], atol=1e-6) for k in LAYOUT)
+    assert a["contributors"] == b["contributors"] == 3 and a["user_epsilon"] == b["user_epsilon"]
+    # a larger sensitivity (SecAgg+'s quantization) scales the same draw
+    inflated_inner = FedAvg(f, LAYOUT, 4)
+    inflated = DPFedAvg(inflated_inner, f, sample_rate=0.25, expected_cohort=3.0, secrets=secrets)
+    inflated.configure_train(1, [0, 1, 2])
+    inflated.aggregate_train(1, [summed_contribution(total, 3, 0.6)])
+    noise = gaussian_like(total, 1.0, 11, 1)
+    for k in LAYOUT:
+        assert torch.allclose(inflated_inner.adapter[k], start[k] + (total[k] + 0.8 * 0.6 * noise[k]) / 3.0, atol=1e-6)
+    # a sensitivity below C is never trusted: the noise stays at z C
+    low_inner = FedAvg(f, LAYOUT, 4)
+    low = DPFedAvg(low_inner, f, sample_rate=0.25, expected_cohort=3.0, secrets=secrets)
+    low.configure_train(1, [0, 1, 2])
+    low.aggregate_train(1, [summed_contribution(total, 3, 0.1)])
+    assert all(torch.allclose(low_inner.adapter[k], plain_inner.adapter[k], atol=1e-6) for k in LAYOUT)
