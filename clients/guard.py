@@ -65,7 +65,72 @@ _SECAGG_REPLY_KEYS: dict[str, dict[str, tuple[bool, type]]] = {
 _FITRES_RECORDS = frozenset({FITRES_METRICS, FITRES_EXAMPLES, FITRES_PARAMS, FITRES_STATUS})
 
 
-def check_secagg_reply(reply: Message, stage: str, allowed: Layout | None, unit: int = 0) -> None:
+MASK_MODULUS = 2**32  # the largest modulus Flower's SecAgg+ allows: every masked value lies below it
+
+
+def secagg_request(msg: Message, stage: str | None) -> dict[str, list[int]]:
+    """What a SecAgg+ stage's reply is checked against, read from its message before `secaggplus_mod`
+    runs: the neighbours whose public keys stage 1 received (its shares may go only to them), and the
+    active and dead node ids stage 3 asks shares for (its reply must name exactly those)."""
+    if stage is None or msg.has_error():
+        return {}
+    configs = msg.content[SECAGG_CONFIGS]
+    if stage == Stage.SHARE_KEYS:
+        return {"neighbours": sorted(int(k) for k in configs.keys() if k != Key.STAGE)}
+    if stage == Stage.UNMASK:
+        return {"active": [int(n) for n in configs[Key.ACTIVE_NODE_ID_LIST]],
+                "dead": [int(n) for n in configs[Key.DEAD_NODE_ID_LIST]]}
+    return {}
+
+
+def _check_public_key(key: bytes) -> None:
+    """A stage-0 public key: exactly the PEM an EC public key serializes to (nothing appended)."""
+    from flwr.supercore.primitives.asymmetric import bytes_to_public_key, public_key_to_bytes
+
+    try:
+        ok = public_key_to_bytes(bytes_to_public_key(key)) == key
+    except Exception:  # noqa: BLE001 - not a key
+        ok = False
+    if not ok:
+        raise PrivacyViolation("SecAgg+ setup reply: a public key is not a serialized EC public key")
+
+
+def _one_length(values: list[bytes], what: str) -> None:
+    if len({len(v) for v in values}) > 1:
+        raise PrivacyViolation(f"SecAgg+ {what} differ in length (each is the same protocol object)")
+
+
+def _check_stage_payload(stage: str, configs: ConfigRecord, request: dict[str, list[int]]) -> None:
+    """Per stage, what Flower's secaggplus_mod sends and nothing else: two distinct public keys (0);
+    one encrypted share per neighbour named in the message, except itself, each once, all of one length
+    (1); in stage 3 one share per node id the server asked for, in its order (active, then dead), each
+    kind of one length."""
+    if stage == Stage.SETUP:
+        keys = [configs[Key.PUBLIC_KEY_1], configs[Key.PUBLIC_KEY_2]]
+        for key in keys:
+            _check_public_key(key)
+        if keys[0] == keys[1]:
+            raise PrivacyViolation("SecAgg+ setup reply: the two public keys are identical")
+    elif stage == Stage.SHARE_KEYS:
+        dsts, ciphertexts = list(configs[Key.DESTINATION_LIST]), list(configs[Key.CIPHERTEXT_LIST])
+        neighbours = set(request.get("neighbours", []))
+        if (len(dsts) != len(ciphertexts) or len(set(dsts)) != len(dsts) or not set(dsts) <= neighbours
+                or len(dsts) != max(len(neighbours) - 1, 0)):
+            raise PrivacyViolation("SecAgg+ share-keys reply: its destinations are not the message's neighbours "
+                                   "(each once, one ciphertext each)")
+        _one_length(ciphertexts, "share-keys ciphertexts")
+    elif stage == Stage.UNMASK:
+        nodes, shares = list(configs[Key.NODE_ID_LIST]), list(configs[Key.SHARE_LIST])
+        active, dead = request.get("active", []), request.get("dead", [])
+        if nodes != active + dead or len(shares) != len(nodes):
+            raise PrivacyViolation("SecAgg+ unmask reply: its node ids are not the ones the message asked for "
+                                   "(one share each)")
+        _one_length(shares[:len(active)], "unmask shares")
+        _one_length(shares[len(active):], "unmask shares")
+
+
+def check_secagg_reply(reply: Message, stage: str, allowed: Layout | None, unit: int = 0,
+                       request: dict[str, list[int]] | None = None) -> None:
     """Raise PrivacyViolation unless a SecAgg+ reply holds only what its stage sends: the protocol
     record with that stage's keys (public keys, encrypted shares, key shares: bytes made by Flower's
     mod), and in the masked-vector stage also the masked vector (integer arrays: the weight factor,
@@ -87,14 +152,18 @@ def check_secagg_reply(reply: Message, stage: str, allowed: Layout | None, unit:
             raise PrivacyViolation(f"SecAgg+ {stage} reply: '{key}' must be {'a list of ' if is_list else ''}"
                                    f"{kind.__name__}")
     if stage != Stage.COLLECT_MASKED_VECTORS:
+        _check_stage_payload(stage, configs, request or {})
         return
     if allowed is None:
         raise PrivacyViolation("a masked vector may only answer a SecAgg+ round that sent the global adapter")
     masked = [bytes_to_ndarray(b) for b in configs[Key.MASKED_PARAMETERS]]
     shapes = [tuple(a.shape) for a in masked]
-    if shapes != [(1,), *allowed.values()] or any(not np.issubdtype(a.dtype, np.integer) for a in masked):
+    if shapes != [(1,), *allowed.values()] or any(a.dtype != np.int64 for a in masked):
         raise PrivacyViolation(f"the masked vector's arrays {shapes[:3]}... are not the weight factor and the global "
-                               "adapter's shapes (integers)")
+                               "adapter's shapes (int64, as secaggplus_mod sends them)")
+    if any(a.size and (int(a.min()) < 0 or int(a.max()) >= MASK_MODULUS) for a in masked):
+        raise PrivacyViolation("the masked vector holds values outside [0, 2**32) (masked values are reduced "
+                               "modulo the mask modulus)")
     # The masked vector is uniformly random to anyone without the other devices' masks: its norm and
     # values cannot be checked here (`check_fitres` checked the update before secaggplus_mod masked
     # it). What leaves in the clear beside it can: the metrics and the weight, by the same rules.
@@ -216,7 +285,8 @@ def check_device_ids(metrics, devices: set[int] | None) -> None:
 
 
 def check_reply(reply: Message, allowed: Layout | None = None, stage: str | None = None,
-                clip_norm: float | None = None, devices: set[int] | None = None, unit: int = 0) -> None:
+                clip_norm: float | None = None, devices: set[int] | None = None, unit: int = 0,
+                request: dict[str, list[int]] | None = None) -> None:
     """Raise PrivacyViolation unless the reply holds only the allowed records: a MetricRecord of the
     allow-list's names and ranges (one device's scalars, or a batch's lists) and, if `allowed` (the
     received global adapter's layout) is given, updates of exactly that layout, finite, of L2 norm at
@@ -232,7 +302,7 @@ def check_reply(reply: Message, allowed: Layout | None = None, stage: str | None
                                    "with its fixed message may leave a device")
         return
     if stage is not None:  # a SecAgg+ protocol message: its stage's records only
-        check_secagg_reply(reply, stage, allowed, unit)
+        check_secagg_reply(reply, stage, allowed, unit, request)
         if FITRES_METRICS in reply.content:
             check_device_ids(reply.content[FITRES_METRICS], devices)
         return
@@ -275,7 +345,7 @@ def privacy_guard(msg: Message, context: Context, call_next: Callable[[Message, 
     is checked against its stage (`check_secagg_reply`)."""
     try:  # read before the app runs: secaggplus_mod pops the stage
         stage, allowed, clip_norm = secagg_stage(msg), allowed_layout(msg), round_clip_norm(msg)
-        unit = unit_weight(msg)
+        unit, request = unit_weight(msg), secagg_request(msg, stage)
         devices = expected_devices(msg, context)
         asks_unclipped = round_asks_unclipped(msg)
     except Exception:  # noqa: BLE001 - a malformed downlink
@@ -292,7 +362,7 @@ def privacy_guard(msg: Message, context: Context, call_next: Callable[[Message, 
         _log.exception("device round failed")
         return error_reply(msg, FailureCode.ERROR)
     try:
-        check_reply(reply, allowed, stage, clip_norm, devices, unit)
+        check_reply(reply, allowed, stage, clip_norm, devices, unit, request)
         check_unclipped_asked(reply, asks_unclipped)
     except PrivacyViolation:
         _log.exception("reply refused by the privacy guard")

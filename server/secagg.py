@@ -60,7 +60,7 @@ from flwr.common import (
     parameters_to_ndarrays,
 )
 from flwr.common.secure_aggregation.ndarrays_arithmetic import parameters_mod, parameters_subtraction
-from flwr.common.secure_aggregation.secaggplus_constants import Key
+from flwr.common.secure_aggregation.secaggplus_constants import Key, Stage
 from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.compat.grid_client_proxy import GridClientProxy
@@ -84,6 +84,7 @@ from wire.messages import (
     fit_downlink_config,
 )
 from fedasls.config import Settings
+from fedasls.device.faults import FailureCode
 from fedasls.federated.secagg_cost import round_cost
 from fedasls.federated.strategy import AGGREGATE, Contribution
 from fedasls.privacy.dp_fedavg import summed_contribution
@@ -161,6 +162,8 @@ class _ProtocolGrid:
 
     def __init__(self, grid: Grid) -> None:
         self.grid = grid
+        self.errors: dict[str, list[Message]] = {}  # stage -> its error replies (a device's guard refusing, ...)
+        self.asked: dict[str, Message] = {}  # message id -> every protocol message sent (any stage)
         self.sent: list[Message] = []  # stage 2: the FitIns messages
         self.replies: list[Message] = []  # stage 2: the masked vectors (or error replies)
         self.seconds: dict[int, float] = {}  # stage 2: node id -> seconds from send to reply
@@ -181,6 +184,10 @@ class _ProtocolGrid:
                 arrived[reply.metadata.src_node_id] = time.monotonic() - sent_at
 
         replies, _ = exchange(self.grid, messages, timeout_s=timeout, on_replies=timed)
+        stage = str(messages[0].content[SECAGG_CONFIGS].get(Key.STAGE, "")) if SECAGG_CONFIGS in messages[0].content \
+            else ""
+        self.asked |= {m.metadata.message_id: m for m in messages}
+        self.errors.setdefault(stage, []).extend(r for r in replies.values() if r.has_error())
         if stage2:
             self.sent, self.replies, self.seconds = messages, list(replies.values()), arrived
         return list(replies.values())
@@ -212,6 +219,10 @@ class SecAggRound:
             state.aggregate_ndarrays = parameters_mod(
                 parameters_subtraction(state.aggregate_ndarrays, self.masked[node]), state.mod_range)
         state.active_node_ids = set(keep)
+        # Dead = nodes that were in stage 2 and are not kept. Flower counts every node of stage 0 instead, so a
+        # node that left in setup or share-keys (say, its guard refused a reply) would be asked for a key
+        # share no neighbour holds, and every device's unmask would fail.
+        state.sampled_node_ids = {m.metadata.dst_node_id for m in self.grid.sent}
         state.legacy_results = [(p, r) for p, r in state.legacy_results if p.node_id in keep]
         with np.errstate(divide="ignore", invalid="ignore"):  # all weights 0: the mean is undefined (skipped)
             ok = self.workflow.unmask_stage(self.grid, self.context, state)
@@ -221,7 +232,7 @@ class SecAggRound:
         """The round's securely aggregated mean as one contribution (none if it was not recovered),
         and the protocol's figures for the round's row."""
         if self.state is None:
-            return [], {"secagg_ok": 0}
+            return [], {"secagg_ok": 0, **refusals(self.grid)}
         ok = self.unmask(completed)
         f = self.settings.federated
         dropped = self.sampled - len(self.state.active_node_ids) if ok else self.sampled
@@ -233,7 +244,7 @@ class SecAggRound:
             "secagg_neighbours": cost.neighbours, "secagg_threshold": cost.threshold,
             "secagg_bytes_up_per_device": cost.bytes_up_per_device,
             "secagg_bytes_down_per_device": cost.bytes_down_per_device, "secagg_server_bytes_in": cost.server_bytes_in,
-            "contributors": sum(1 for w in self.plan.weights if w > 0) if ok else 0}
+            "contributors": sum(1 for w in self.plan.weights if w > 0) if ok else 0, **refusals(self.grid)}
         if f.dp:  # the realized count is derived from the clipped sum's support: not released (DPFedAvg may)
             out.pop("contributors")
         if not ok:
@@ -247,6 +258,25 @@ class SecAggRound:
         mean = {k: torch.from_numpy(np.asarray(a, dtype=np.float32)).reshape(shape)
                 for (k, shape), a in zip(self.shapes.items(), self.plan.mean)}
         return [Contribution(AGGREGATE, mean, 1.0)], out
+
+
+def _carried(pgrid: _ProtocolGrid, replies: list[Message], device_of: dict[int, int]) -> dict[str, list[int]]:
+    """message id -> [device id] for the protocol messages these replies answer (so the loop can name them)."""
+    out: dict[str, list[int]] = {}
+    for reply in replies:
+        sent = pgrid.asked.get(reply.metadata.reply_to_message_id)
+        if sent is not None and sent.metadata.dst_node_id in device_of:
+            out[sent.metadata.message_id] = [device_of[sent.metadata.dst_node_id]]
+    return out
+
+
+def refusals(pgrid: _ProtocolGrid | None) -> dict[str, int]:
+    """The round row's `secagg_refused_<stage>`: per protocol stage, the replies a device's privacy guard
+    replaced by the REFUSED code (stages 0-2 are also device failures "refused"; stage 3 comes after the
+    round closed, so it is counted here only)."""
+    errors = pgrid.errors if pgrid is not None else {}
+    return {f"secagg_refused_{stage}": sum(1 for r in errors.get(stage, []) if int(r.error.code) == int(FailureCode.REFUSED))
+            for stage in (Stage.SETUP, Stage.SHARE_KEYS, Stage.COLLECT_MASKED_VECTORS, Stage.UNMASK)}
 
 
 def fit_ins(content: RecordDict, keep_device_id: bool = True, unit: int = 0) -> FitIns:
@@ -329,16 +359,23 @@ class SecAggFleet:
         context.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({WorkflowKey.CURRENT_ROUND: server_round})
         context.state.array_records[MAIN_PARAMS_RECORD] = ArrayRecord()  # our FitIns carry the adapter
         state, pgrid = WorkflowState(), _ProtocolGrid(grid)
+        rnd.grid = pgrid
         shapes = {k: tuple(int(n) for n in a.shape) for k, a in first[GLOBAL_ADAPTER_KEY].items()}
         wf = self.workflow
-        if not (wf.setup_stage(pgrid, context, state) and wf.share_keys_stage(pgrid, context, state)):
-            return Dispatched([], unreachable=set(devices), secure=rnd)  # the key exchange failed: no device trained
-        wf.collect_masked_vectors_stage(pgrid, context, state)
-        rnd.context, rnd.state, rnd.grid, rnd.plan = context, state, pgrid, strategy
-        rnd.node_of, rnd.shapes, rnd.sampled = node_of, shapes, len(devices)
         device_of = {n: dev for dev, n in node_of.items()}
-        replies: list[Message] = []
-        carried: dict[str, list[int]] = {}
+        exchanged = wf.setup_stage(pgrid, context, state) and wf.share_keys_stage(pgrid, context, state)
+        # A device that failed the key exchange (its guard refused its reply, or it erred) never trains: its
+        # error reply goes to the loop like a plain round's, so a refusal is counted as one.
+        early = [r for stage in (Stage.SETUP, Stage.SHARE_KEYS) for r in pgrid.errors.get(stage, [])]
+        if not exchanged:  # no device trained
+            carried = _carried(pgrid, early, device_of)
+            failed = {d for ids in carried.values() for d in ids}
+            return Dispatched(early, unreachable=set(devices) - failed, devices=carried, secure=rnd)
+        wf.collect_masked_vectors_stage(pgrid, context, state)
+        rnd.context, rnd.state, rnd.plan = context, state, strategy
+        rnd.node_of, rnd.shapes, rnd.sampled = node_of, shapes, len(devices)
+        replies: list[Message] = list(early)
+        carried = _carried(pgrid, early, device_of)
         by_id = {m.metadata.message_id: m for m in pgrid.sent}
         for m in pgrid.sent:
             carried[m.metadata.message_id] = [device_of[m.metadata.dst_node_id]]
@@ -355,7 +392,8 @@ class SecAggFleet:
             on_replies(replies)
         asked = {device_of[m.metadata.dst_node_id] for m in pgrid.sent}
         answered = {device_of[r.metadata.src_node_id] for r in pgrid.replies}
-        unreachable = (set(devices) - asked) | (asked - answered if self.inner.kind == "nodes" else set())
+        failed_early = {d for r in early for d in carried.get(r.metadata.reply_to_message_id, [])}
+        unreachable = (set(devices) - asked - failed_early) | (asked - answered if self.inner.kind == "nodes" else set())
         return Dispatched(replies, unreachable=unreachable, devices=carried, secure=rnd)
 
     def durations(self, results: dict[int, dict[str, Any]]) -> dict[int, float]:

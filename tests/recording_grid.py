@@ -31,9 +31,9 @@ class RecordingGrid:
         return replies
 
 
-def run_recorded(runs: list[tuple[str, FleetRun]], supernodes: int) -> list[tuple[str, bytes, object]]:
+def run_recorded(runs: list[tuple[str, FleetRun]], supernodes: int, app=client_app) -> list[tuple[str, bytes, object]]:
     """Run each (name, run) in turn through one ServerApp on Flower's Simulation Engine (Ray, the real
-    ClientApp); return (name, wire bytes, message) for every reply the server received."""
+    ClientApp, or `app`); return (name, wire bytes, message) for every reply the server received."""
     server_app = ServerApp()
     tapped: dict[str, RecordingGrid] = {}
 
@@ -46,6 +46,6 @@ def run_recorded(runs: list[tuple[str, FleetRun]], supernodes: int) -> list[tupl
             run_fleet(recording, run)
 
     settings = runs[0][1].settings
-    run_simulation(server_app=server_app, client_app=client_app, num_supernodes=supernodes, backend_name="ray",
+    run_simulation(server_app=server_app, client_app=app, num_supernodes=supernodes, backend_name="ray",
                    backend_config=backend_config(settings, plan_workers(settings)))
     return tapped["grid"].received

@@ -273,3 +273,95 @@ def test_secagg_masked_stage_reply_metrics_and_weight_are_checked():
         wire, received = on_the_wire(privacy_guard(fit_message(stage), context(), handler))
         _refused_with_nothing(received)
         assert b"CANARY" not in wire
+
+
+# SecAgg+ stages 0, 1 and 3: only what Flower's secaggplus_mod sends for that stage.
+SETUP_CONFIG = {Key.SAMPLE_NUMBER: 3, Key.SHARE_NUMBER: 3, Key.THRESHOLD: 2, Key.CLIPPING_RANGE: 1.0,
+                Key.TARGET_RANGE: 2**22, Key.MOD_RANGE: 2**32, Key.MAX_WEIGHT: 100.0}
+
+
+def stage_message(stage: str, configs: dict) -> Message:
+    return Message(RecordDict({SECAGG_CONFIGS: ConfigRecord({Key.STAGE: stage, **configs})}), dst_node_id=1,
+                   message_type="train")
+
+
+def protocol_reply(configs: dict):
+    """A handler that answers a protocol stage with this record, past secaggplus_mod."""
+    return lambda msg, ctx: Message(RecordDict({SECAGG_CONFIGS: ConfigRecord(configs)}), reply_to=msg)
+
+
+def real_setup_reply() -> dict:
+    """Stage 0 as Flower's own secaggplus_mod answers it (two fresh EC public keys)."""
+    from flwr.client.mod import secaggplus_mod
+
+    ctx = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    reply = secaggplus_mod(stage_message(Stage.SETUP, SETUP_CONFIG), ctx, lambda m, c: None)
+    return dict(reply.content[SECAGG_CONFIGS])
+
+
+def _guarded(stage: str, message_configs: dict, reply_configs: dict) -> tuple[bool, bytes]:
+    """(refused?, the wire bytes the server gets) for this stage's reply, through the guard."""
+    reply = privacy_guard(stage_message(stage, message_configs), context(), protocol_reply(reply_configs))
+    return reply.has_error(), on_the_wire(reply)[0]
+
+
+def test_secagg_setup_reply_must_be_two_real_public_keys():
+    honest = real_setup_reply()
+    assert _guarded(Stage.SETUP, SETUP_CONFIG, honest)[0] is False
+    pk1, pk2 = honest[Key.PUBLIC_KEY_1], honest[Key.PUBLIC_KEY_2]
+    for attack in ({Key.PUBLIC_KEY_1: pk1 + canary_bytes(), Key.PUBLIC_KEY_2: pk2},  # appended to a real key
+                   {Key.PUBLIC_KEY_1: canary_bytes(), Key.PUBLIC_KEY_2: pk2},  # not a key at all
+                   {Key.PUBLIC_KEY_1: pk1, Key.PUBLIC_KEY_2: pk1}):  # one key twice
+        unguarded = on_the_wire(protocol_reply(attack)(stage_message(Stage.SETUP, SETUP_CONFIG), context()))[0]
+        refused, wire = _guarded(Stage.SETUP, SETUP_CONFIG, attack)
+        assert refused and canary_bytes() not in wire
+        assert canary_bytes() in unguarded or attack[Key.PUBLIC_KEY_1] == attack[Key.PUBLIC_KEY_2]
+
+
+def test_secagg_share_keys_reply_sends_one_equal_ciphertext_per_named_neighbour():
+    keys = real_setup_reply()
+    pks = [keys[Key.PUBLIC_KEY_1], keys[Key.PUBLIC_KEY_2]]
+    neighbours = {"1": pks, "2": pks, "3": pks}  # this node (1) and its two neighbours
+    honest = {Key.DESTINATION_LIST: [2, 3], Key.CIPHERTEXT_LIST: [b"c" * 120, b"d" * 120]}
+    assert _guarded(Stage.SHARE_KEYS, neighbours, honest)[0] is False
+    for attack in ({Key.DESTINATION_LIST: [2, 3, 9], Key.CIPHERTEXT_LIST: [b"c" * 120, b"d" * 120,
+                                                                           canary_bytes()]},  # an extra share
+                   {Key.DESTINATION_LIST: [2, 3], Key.CIPHERTEXT_LIST: [b"c" * 120, canary_bytes().ljust(130)]},
+                   {Key.DESTINATION_LIST: [2, 2], Key.CIPHERTEXT_LIST: [b"c" * 120, b"d" * 120]}):
+        assert _guarded(Stage.SHARE_KEYS, neighbours, attack)[0], attack
+        assert canary_bytes() not in _guarded(Stage.SHARE_KEYS, neighbours, attack)[1]
+
+
+def test_secagg_unmask_reply_answers_exactly_the_nodes_asked_for():
+    asked = {Key.ACTIVE_NODE_ID_LIST: [1, 2], Key.DEAD_NODE_ID_LIST: [3]}
+    honest = {Key.NODE_ID_LIST: [1, 2, 3], Key.SHARE_LIST: [b"a" * 52, b"b" * 52, b"s" * 324]}
+    assert _guarded(Stage.UNMASK, asked, honest)[0] is False
+    for attack in ({Key.NODE_ID_LIST: [1, 2, 3, 4], Key.SHARE_LIST: [b"a" * 52, b"b" * 52, b"s" * 324,
+                                                                      canary_bytes()]},
+                   {Key.NODE_ID_LIST: [1, 2, 3], Key.SHARE_LIST: [b"a" * 52, canary_bytes().ljust(60), b"s" * 324]},
+                   {Key.NODE_ID_LIST: [2, 1, 3], Key.SHARE_LIST: [b"a" * 52, b"b" * 52, b"s" * 324]}):
+        unguarded = on_the_wire(protocol_reply(attack)(stage_message(Stage.UNMASK, asked), context()))[0]
+        refused, wire = _guarded(Stage.UNMASK, asked, attack)
+        assert refused and canary_bytes() not in wire, attack
+        assert canary_bytes() in unguarded or attack[Key.NODE_ID_LIST] == [2, 1, 3]
+
+
+def test_secagg_masked_vector_must_be_int64_below_the_modulus():
+    def stage2(arrays):
+        def handler(msg, ctx):
+            content = fitres(HONEST, [], 12)
+            del content["fitres.parameters"]
+            content["fitres.parameters"] = ArrayRecord()
+            content[SECAGG_CONFIGS] = ConfigRecord({Key.MASKED_PARAMETERS: [ndarray_to_bytes(a) for a in arrays]})
+            return Message(content, reply_to=msg)
+
+        return handler
+
+    stage = Stage.COLLECT_MASKED_VECTORS
+    shapes = [(1,), (4, 8), (6, 4)]
+    assert not privacy_guard(fit_message(stage), context(),
+                             stage2([np.full(s, 2**32 - 1, np.int64) for s in shapes])).has_error()
+    for arrays in ([np.zeros(s, np.int32) for s in shapes],  # not what the mod sends
+                   [np.full(s, 2**40, np.int64) for s in shapes],  # above the modulus: room for 8 more bits a value
+                   [np.zeros(s, np.int64) for s in shapes[:2]]):  # a tensor missing
+        assert privacy_guard(fit_message(stage), context(), stage2(arrays)).has_error()
