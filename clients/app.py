@@ -71,9 +71,12 @@ def worker_resources(settings_json: str) -> tuple[Settings, DeviceRuntime, Heter
 
 
 def device_round(settings_json: str, device_id: int, now: float, store_dir: str, simulated_timing: bool,
-                 downlink: Downlink | None = None, server_round: int | None = None) -> DeviceRoundResult:
+                 downlink: Downlink | None = None, server_round: int | None = None,
+                 withhold_late: bool = True) -> DeviceRoundResult:
     """Run one device round in this process. Simulated devices keep their state only if they finish
-    inside their availability window; real devices always keep it. The store is opened for
+    inside their availability window; real devices always keep it. A simulated device that finishes
+    past [simulation] deadline_s does not send its update (`withhold_late`, unless
+    simulation.withhold_late_updates is off; a SecAgg+ round must send its masked vector anyway). The store is opened for
     `server_round` (an unrecorded attempt of that round is rolled back); a failure raises
     DeviceFailure, its traceback kept in the device's errors.log."""
     from fedasls.device.round import keep_always, run_device_round
@@ -90,7 +93,10 @@ def device_round(settings_json: str, device_id: int, now: float, store_dir: str,
                 settings, runtime, hetero = worker_resources(settings_json)
             timing = SimulatedTiming(hetero, CostModel(settings.cost))
             keep = timing.keep_if_online(device_id, now) if simulated_timing else keep_always
-            result = run_device_round(device_id, now, runtime, settings, store, hetero, keep=keep, downlink=downlink)
+            late = (timing.past_deadline(device_id, settings.simulation.deadline_s)
+                    if simulated_timing and withhold_late and settings.simulation.withhold_late_updates else None)
+            result = run_device_round(device_id, now, runtime, settings, store, hetero, keep=keep, downlink=downlink,
+                                      withhold=late)
         result.stage_seconds = timer.metrics()  # this call's stages, the worker's setup included
         return result
 
@@ -163,7 +169,7 @@ def secagg_train(msg: Message, context: Context) -> Message:
     FitRes layout that secaggplus_mod masks (clipped to [federated] clip_norm on the device)."""
     settings_json, now, store, simulated, server_round = _round_request(msg, context)
     result = device_round(settings_json, device_id_of(msg, context), now, store, simulated,
-                          read_downlink(msg), server_round)
+                          read_downlink(msg), server_round, withhold_late=False)
     settings = worker_resources(settings_json)[0]
     return build_fit_reply(msg, result.metrics(), result.contribution.update if result.contribution else None,
                            settings.federated.secagg_max_weight)

@@ -310,6 +310,10 @@ class SimulationSettings(_Section):
     cohort_size: int = Field(20, ge=1, description="K: devices whose results a round waits for.")
     overcommit: float = Field(1.3, ge=1.0, description="Sample ceil(K * overcommit) devices per round.")
     deadline_s: float = Field(0.0, ge=0, description="Simulated seconds before a round closes; 0 = no deadline.")
+    withhold_late_updates: bool = Field(
+        True, description="A simulated device whose round (upload included) would finish past deadline_s sends "
+        "its metrics but not its update, which the server would discard (it is a straggler either way; "
+        "withheld_bytes in device_rounds). Not under SecAgg+, where the masked vector must be sent.")
     round_interval_s: float = Field(21_600.0, ge=0, description="Simulated time between round starts (streams advance).")
     start_time_s: float = Field(43_200.0, ge=0, description="Virtual clock at the first round (noon of day 0).")
     workers: int = Field(2, ge=1, description="Ray actors running devices in parallel (one base model each).")

@@ -394,5 +394,8 @@ def _round_row(server_round: int, now: float, outcome: Any, rows: list[dict[str,
         "perplexity_mean": mean("perplexity"),
         "base_perplexity_mean": mean("base_perplexity"),
         "accept_rate_mean": mean("accept_rate"),
+        # uplink the devices sent (metrics + updates) and what stragglers past the deadline did not send
+        "uplink_bytes": sum(int(r.get("upload_bytes", 0)) - int(r.get("withheld_bytes", 0)) for r in rows),
+        "withheld_bytes": sum(int(r.get("withheld_bytes", 0)) for r in rows),
         "wall_s": wall_s,
     }

@@ -105,6 +105,7 @@ METRIC_RULES: dict[str, MetricRule] = {
     "epochs": MetricRule("int", 0, 10**6),
     "eval_items": _COUNT,
     "upload_bytes": MetricRule("int", 0, BYTES_MAX),
+    "withheld_bytes": MetricRule("int", 0, BYTES_MAX),
     "annotations": _COUNT,
     "buffer_bytes": MetricRule("int", 0, BYTES_MAX),
     "lora_rank": MetricRule("int", 1, 2**16),

@@ -64,6 +64,7 @@ class DeviceRoundResult:
     gate_waiting: int = 0  # ... adaptation steps that trained nothing (too few labelled items)
     uses_global: int = 0  # 1: no adapter of its own, the device uses the global adapter it adopted (cold_adoption)
     unclipped: int | None = None  # adaptive clipping only (downlink.report_unclipped): 1 if the update's norm was <= C
+    withheld_bytes: int = 0  # update bytes not sent: the device finished past the deadline (upload_bytes counts them)
     contribution: ClippedUpdate | None = None  # global-adapter update (clipped, padded); never a metric
     stage_seconds: dict[str, float] = field(default_factory=dict)  # fedasls.device.timing: stage_<name>_s / _cpu_s
 
@@ -107,8 +108,13 @@ def run_device_round(
     heterogeneity: HeterogeneityModel,
     keep: Callable[[RoundWork], bool] = keep_always,
     downlink: Downlink | None = None,
+    withhold: Callable[[RoundWork], bool] | None = None,
 ) -> DeviceRoundResult:
     """Run device `device_id` at (virtual) time `now`; persist its state if `keep(work)` says so.
+    If `withhold(work)` says the round finishes too late to count (a straggler past the deadline: see
+    SimulatedTiming.past_deadline), the update is not sent: the result has no contribution and
+    `withheld_bytes` its size (`upload_bytes`, which times the round, still counts it, so the server
+    classes the device exactly as if it had uploaded).
 
     With a `downlink` (a global-adapter round) the device observes its new interactions and, if it
     has buffered items, trains once starting from the global adapter (not on its own trigger); the
@@ -117,6 +123,9 @@ def run_device_round(
     """
     with record() as timer:
         result = _run_device_round(device_id, now, runtime, settings, store, heterogeneity, keep, downlink)
+    if result.contribution is not None and withhold is not None and withhold(result.work):
+        result.withheld_bytes = _nbytes(result.contribution.update)
+        result.contribution, result.unclipped = None, None  # nothing of the update leaves, nor its clipping bit
     result.stage_seconds = timer.metrics()
     return result
 

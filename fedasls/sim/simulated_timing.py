@@ -33,6 +33,12 @@ class SimulatedTiming:
         availability = self.heterogeneity.profile(device_id).availability
         return availability.is_available(now) and availability.next_change(now) >= now + seconds
 
+    def past_deadline(self, device_id: int, deadline_s: float) -> Callable[[RoundWork], bool]:
+        """The device round's `withhold` rule: True when the round's work (its update's upload included)
+        takes longer than `deadline_s`, so the server will class it a straggler (server.coordinator keeps
+        only finishers with seconds <= deadline) and the device should not upload its update. 0 = no deadline."""
+        return lambda work: deadline_s > 0 and self.seconds(device_id, work.cost_work()) > deadline_s
+
     def keep_if_online(self, device_id: int, now: float) -> Callable[[RoundWork], bool]:
         """The device round's `keep` rule in a simulation: keep the state only if it finished online."""
         return lambda work: self.finishes_online(device_id, now, self.seconds(device_id, work.cost_work()))

@@ -217,3 +217,44 @@ def test_fedprox_refuses_device_dp_sgd_which_would_drop_its_term():
         Settings.model_validate({"federated": {"strategy": "global", "proximal_mu": 0.1}, "adaptation": {"dp": True}})
     with pytest.raises(ValueError, match="needs strategy = 'global'"):
         Settings.model_validate({"federated": {"proximal_mu": 0.1}})
+
+
+def test_a_device_past_the_deadline_withholds_its_update_and_the_server_still_classes_it_a_straggler(
+        runtime, settings, tmp_path):
+    """The same device round three times from a fresh store: without a deadline, with the deadline at
+    exactly its simulated duration (it counts: the server keeps finishers with seconds <= deadline), and
+    just below it (a straggler: no update leaves, `withheld_bytes` says how much was not sent)."""
+    from fedasls.device.round import run_device_round
+    from fedasls.device.store import DeviceStore
+    from fedasls.sim.cost_model import CostModel
+    from fedasls.sim.heterogeneity import HeterogeneityModel
+    from fedasls.sim.simulated_timing import SimulatedTiming
+    from server.coordinator import Coordinator
+    from wire.messages import check_metrics
+
+    hetero = HeterogeneityModel.from_settings(settings.heterogeneity)
+    timing = SimulatedTiming(hetero, CostModel(settings.cost))
+    downlink = _downlink(settings)
+    now = 9 * 86400.0  # the device's stream has begun
+
+    def run(folder: str, deadline: float | None):
+        withhold = None if deadline is None else timing.past_deadline(0, deadline)
+        return run_device_round(0, now, runtime, settings, DeviceStore(tmp_path / folder), hetero,
+                                downlink=downlink, withhold=withhold)
+
+    full = run("free", None)
+    assert full.contribution is not None and full.withheld_bytes == 0
+    seconds = timing.seconds(0, full.work.cost_work())
+    on_time, late = run("on-time", seconds), run("late", seconds * (1 - 1e-9))
+    assert on_time.contribution is not None and on_time.withheld_bytes == 0
+    size = sum(t.numel() * t.element_size() for t in full.contribution.update.values())
+    assert late.contribution is None and late.withheld_bytes == size > 10_000
+    assert late.upload_bytes == full.upload_bytes  # the round's timing still counts the upload
+    assert timing.seconds(0, late.work.cost_work()) == seconds
+    check_metrics(late.metrics())  # a reply without the update is a valid, guarded reply
+    for deadline, role in ((seconds, "completed"), (seconds * (1 - 1e-9), "straggler")):
+        coordinator = Coordinator(population_size=1, heterogeneity=hetero, cohort_size=1, deadline_s=deadline,
+                                  simulated_availability=False)
+        assert coordinator.sample(now) == [0]
+        outcome = coordinator.close_round(now, {0: seconds})
+        assert (outcome.completed, outcome.stragglers) == (([0], []) if role == "completed" else ([], [0]))
