@@ -275,7 +275,8 @@ def refusals(pgrid: _ProtocolGrid | None) -> dict[str, int]:
     replaced by the REFUSED code (stages 0-2 are also device failures "refused"; stage 3 comes after the
     round closed, so it is counted here only)."""
     errors = pgrid.errors if pgrid is not None else {}
-    return {f"secagg_refused_{stage}": sum(1 for r in errors.get(stage, []) if int(r.error.code) == int(FailureCode.REFUSED))
+    refused = int(FailureCode.REFUSED)
+    return {f"secagg_refused_{stage}": sum(1 for r in errors.get(stage, []) if int(r.error.code) == refused)
             for stage in (Stage.SETUP, Stage.SHARE_KEYS, Stage.COLLECT_MASKED_VECTORS, Stage.UNMASK)}
 
 

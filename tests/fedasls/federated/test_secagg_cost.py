@@ -79,7 +79,8 @@ def test_dp_on_secagg_validates_and_sizes_its_slots_for_the_poisson_cohort():
     # P(Binomial(1000, 0.01) > slots) <= 1e-12 < P(... > slots - 1): the smallest such count, far above 13
     from scipy.stats import binom
 
-    assert slots == poisson_slots(1000, 10, 1e-12) and binom.sf(slots, 1000, 0.01) <= 1e-12 < binom.sf(slots - 1, 1000, 0.01)
+    assert slots == poisson_slots(1000, 10, 1e-12)
+    assert binom.sf(slots, 1000, 0.01) <= 1e-12 < binom.sf(slots - 1, 1000, 0.01)
     assert slots > 13  # more than ceil(cohort_size x overcommit) = ceil(10 x 1.3): a Poisson cohort is random
     looser = Settings.model_validate({**data, "federated": {**data["federated"], "secagg_slot_tail": 1e-3}})
     assert secagg_devices_per_round(looser) < slots
