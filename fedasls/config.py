@@ -162,6 +162,11 @@ class FeedbackSettings(_Section):
     annotation_budget: int = Field(16, ge=0, description="Annotations a user gives per adaptation.")
     accept_threshold: float = Field(0.5, ge=0, le=1, description="ROUGE-1 to the preference above which the user accepts.")
     edit_threshold: float = Field(0.2, ge=0, le=1, description="Between this and accept the user edits; below, regenerates.")
+    long_answer_words: int | None = Field(
+        100, ge=2, description="A preference longer than this many words is compared (ROUGE-1) with its first "
+        "max(answer's words, long_answer_words / 2) words: the user judges what the answer says against as much of "
+        "their own answer, not its length (a capped 72-token answer against a 200-word preference could never be "
+        "accepted). None = always the whole preference.")
     use_implicit: bool = Field(
         True, description="Implicit signals (the user's accepts and edits of buffered answers) become training data; "
         "false = the sparse annotations only (ablation).")
@@ -220,7 +225,13 @@ class AdaptationSettings(_Section):
     learning_rate: float = Field(5e-3, gt=0, description="Learning rate of the first candidate (AdamW).")
     epochs: int = Field(6, ge=1, description="Training epochs at most (early stopping may end sooner).")
     batch_size: int = Field(8, ge=1, description="Training examples per step (length-bucketed batches).")
-    max_length: int = Field(96, ge=16, description="Tokens per training example (prompt + answer), truncated.")
+    max_length: int = Field(96, ge=16, description="Tokens per training row (prompt + answer window). A longer "
+                            "prompt loses its context's tail first; a longer answer becomes several rows (answer_chunks).")
+    answer_chunks: int = Field(
+        8, ge=1, description="Training rows (windows of max_length) an answer longer than its window becomes at most: "
+        "each with the whole prompt, later ones re-reading half a window of the answer before them, every answer token "
+        "labelled once; the tail beyond is dropped and counted. 1 = the first window only. Under dp always 1 (the "
+        "example-level guarantee is about one interaction).")
     min_new_items: int = Field(4, ge=0, description="Adapt only when this many new buffered items (profile trigger).")
     min_new_fraction: float = Field(
         0.5, ge=0, le=1, description="... and at least this share of the buffer is new since the last adaptation."
@@ -282,7 +293,21 @@ class AdaptationSettings(_Section):
 
 
 class EvaluationSettings(_Section):
-    max_new_tokens: int = Field(72, ge=1, description="Enough for a full preferred answer (~45 words).")
+    """Scoring on held-out (and the gate's held-back) items."""
+
+    max_new_tokens: int = Field(72, ge=1, description="Enough for a full preferred answer (~45 words); with new_tokens "
+                                "= 'reference' the least an answer to a scored item may get.")
+    new_tokens: Literal["fixed", "reference"] = Field(
+        "fixed", description="New tokens when answering scored items (held-out evaluation, the gate): 'fixed' = "
+        "max_new_tokens; 'reference' = enough for the longest reference answer of the batch (its tokens x 1.25), at "
+        "least max_new_tokens, at most new_tokens_cap, so long answers are scored against answers as long (the "
+        "real-LLM profile's default). Feedback answers (the reference is hidden) always get max_new_tokens.")
+    new_tokens_cap: int = Field(256, ge=1, description="The most new tokens new_tokens = 'reference' gives an answer.")
+
+    @property
+    def reference_cap(self) -> int | None:
+        """The cap on reference-length answers (new_tokens = 'reference'), else None (fixed length)."""
+        return self.new_tokens_cap if self.new_tokens == "reference" else None
     merge_adapter: bool = Field(
         True, description="Score with the adapter merged into the base weights (restored exactly after); false = "
         "peft's unmerged LoRA path (same ROUGE-1, slower).")
@@ -362,6 +387,10 @@ class DeploymentSettings(_Section):
 # epochs than the 0.7M-parameter embedded model. Figures: docs/results/smollm2.md.
 REAL_LLM_ADAPTATION: dict[str, Any] = {"target_modules": ["q_proj", "v_proj"], "learning_rate": 1e-3, "retry_epochs": [],
                                        "retry_learning_rates": [3e-4], "epochs": 3, "batch_size": 4, "max_length": 128}
+# The real-LLM profile scores long real answers with answers as long (evaluation.new_tokens).
+REAL_LLM_EVALUATION: dict[str, Any] = {"new_tokens": "reference"}
+EVALUATION_DEFAULTS_BY_MODEL: dict[str, dict[str, Any]] = {
+    "real-llm": REAL_LLM_EVALUATION, "smollm2-135m-instruct": REAL_LLM_EVALUATION}
 ADAPTATION_DEFAULTS_BY_MODEL: dict[str, dict[str, Any]] = {
     "embedded": {},  # the embedded model, or a small folder with no chat template
     "real-llm": REAL_LLM_ADAPTATION,  # a folder given by path holding a chat model or one of 20M+ parameters
@@ -405,10 +434,11 @@ class Settings(_Section):
         if not isinstance(data, dict):
             return data
         model = data.get("model")
-        defaults = ADAPTATION_DEFAULTS_BY_MODEL.get(model_kind(model if isinstance(model, dict) else None), {})
-        adaptation = data.get("adaptation", {})
-        if defaults and isinstance(adaptation, dict):
-            data = {**data, "adaptation": {**defaults, **adaptation}}
+        kind = model_kind(model if isinstance(model, dict) else None)
+        for section, by_model in (("adaptation", ADAPTATION_DEFAULTS_BY_MODEL), ("evaluation", EVALUATION_DEFAULTS_BY_MODEL)):
+            defaults, given = by_model.get(kind, {}), data.get(section, {})
+            if defaults and isinstance(given, dict):
+                data = {**data, section: {**defaults, **given}}
         return data
 
     @model_validator(mode="before")

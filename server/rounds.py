@@ -397,5 +397,13 @@ def _round_row(server_round: int, now: float, outcome: Any, rows: list[dict[str,
         # uplink the devices sent (metrics + updates) and what stragglers past the deadline did not send
         "uplink_bytes": sum(int(r.get("upload_bytes", 0)) - int(r.get("withheld_bytes", 0)) for r in rows),
         "withheld_bytes": sum(int(r.get("withheld_bytes", 0)) for r in rows),
+        # fedasls.lm.cuts: shares of the round's generated prompts and training answers cut to fit the window
+        **{f"{name}_cut_share": _share(done, f"{name}_cut", name) for name in ("prompts", "answers", "answer_tokens")},
         "wall_s": wall_s,
     }
+
+
+def _share(rows: list[dict[str, Any]], part: str, whole: str) -> float:
+    """sum(part) / sum(whole) over the rows that report them (NaN when none counted anything)."""
+    total = sum(int(r.get(whole, 0)) for r in rows)
+    return sum(int(r.get(part, 0)) for r in rows) / total if total else math.nan

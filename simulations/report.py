@@ -102,12 +102,23 @@ def summarize(run_dir: Path, wall_seconds: float) -> dict[str, Any]:
         "gate_waiting": sum(int(r.get("gate_waiting", 0)) for r in devices),
         # devices with no adapter of their own whose user's feedback picked the global adapter ([federated] cold_adoption)
         "using_global_adapter": sum(int(r.get("uses_global", 0)) for r in devices),
+        # the length-aware figure beside ROUGE-1: how much of the user's own answer an answer covers, in order
+        "uplift_rougeL_recall": ci([r.get("rougeL_recall", math.nan) - r.get("base_rougeL_recall", math.nan)
+                                    for r in devices]),
+        # fedasls.lm.cuts over every completed device round: text cut to fit the model's window
+        "cuts": {name: _cut_share(ok, name) for name in ("prompts", "answers", "answer_tokens")},
         "fleet_virtual_seconds": sum(r["virtual_round_s"] for r in rounds),
         "wall_seconds": wall_seconds,
         "device_rounds_per_second": len(ok) / wall_seconds if wall_seconds > 0 else math.nan,
         "user_level_privacy": _user_level_privacy(run_dir),
         "example_level_epsilon": _example_level(devices, run_dir),
     }
+
+
+def _cut_share(rows: list[dict[str, Any]], name: str) -> float:
+    """Share of `name` (prompts, answers, answer_tokens) cut, summed over device rounds (NaN: none counted)."""
+    total = sum(int(r.get(name, 0)) for r in rows)
+    return sum(int(r.get(f"{name}_cut", 0)) for r in rows) / total if total else math.nan
 
 
 def _log(value: float) -> float:
@@ -155,6 +166,8 @@ def format_summary(summary: dict[str, Any]) -> str:
         ("ROUGE-1 uplift (personal - base)", fmt_ci(summary["uplift_rouge1"])),
         ("ROUGE-L uplift", fmt_ci(summary["uplift_rougeL"])),
         ("answer loss reduction, nats (base - personal)", fmt_ci(summary["answer_loss_reduction_nats"])),
+        *([("ROUGE-L recall uplift (length-aware)", fmt_ci(summary["uplift_rougeL_recall"]))]
+          if not math.isnan(summary.get("uplift_rougeL_recall", [math.nan])[0]) else []),
         ("median perplexity, base -> personal", "{:.1f} -> {:.1f}".format(*summary["median_perplexity"])),
         ("satisfaction (accept rate), personal", fmt_ci(summary["satisfaction"])),
         ("satisfaction (accept rate), base", fmt_ci(summary["base_satisfaction"])),
@@ -162,6 +175,9 @@ def format_summary(summary: dict[str, Any]) -> str:
          f"{summary.get('gate_accepted', 0)} / {summary.get('gate_rejected', 0)} / {summary.get('gate_waiting', 0)}"),
         *([("devices without an adapter using the global one", str(summary["using_global_adapter"]))]
           if summary.get("using_global_adapter") else []),
+        *([("cut to fit the window: prompts / training answers / answer tokens",
+            " / ".join("n/a" if math.isnan(v) else f"{v:.1%}" for v in summary["cuts"].values()))]
+          if any(not math.isnan(v) for v in summary.get("cuts", {}).values()) else []),
         ("devices that participated", str(summary["devices_participated"])),
         ("device-rounds completed", str(summary["device_rounds"])),
         ("stragglers / dropped / failed", f"{summary['stragglers']} / {summary['dropped']} / {summary['failed']}"

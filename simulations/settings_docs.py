@@ -20,7 +20,7 @@ from annotated_types import Ge, Gt, Le, Lt, MaxLen, MinLen
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
-from fedasls.config import ADAPTATION_DEFAULTS_BY_MODEL, Settings
+from fedasls.config import ADAPTATION_DEFAULTS_BY_MODEL, EVALUATION_DEFAULTS_BY_MODEL, Settings
 
 DEFAULT_PATH = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
 COMMAND = "fedasls docs config"
@@ -164,19 +164,21 @@ def _section_text(name: str, model: type[BaseModel]) -> list[str]:
                      f"{_cell(row['description'])} |")
     lines.append("")
     if name == "adaptation":
-        lines += _adaptation_notes()
+        lines += _model_notes(ADAPTATION_DEFAULTS_BY_MODEL, "ADAPTATION_DEFAULTS_BY_MODEL",
+                              ["- `lora_scaling` is `\"uniform\"` when `[federated] strategy` is not `\"local\"`."])
+    if name == "evaluation":
+        lines += _model_notes(EVALUATION_DEFAULTS_BY_MODEL, "EVALUATION_DEFAULTS_BY_MODEL", [])
     return lines
 
 
-def _adaptation_notes() -> list[str]:
-    lines = ["Defaults that depend on the run (keys set in TOML or `--set` always win):", "",
-             "- `lora_scaling` is `\"uniform\"` when `[federated] strategy` is not `\"local\"`."]
-    for kind, overrides in ADAPTATION_DEFAULTS_BY_MODEL.items():
+def _model_notes(by_model: dict[str, dict[str, Any]], table: str, first: list[str]) -> list[str]:
+    lines = ["Defaults that depend on the run (keys set in TOML or `--set` always win):", "", *first]
+    for kind, overrides in by_model.items():
         if overrides:
             keys = ", ".join(f"`{k}` = `{_value(v)}`" for k, v in overrides.items())
             which = ("with `[model] path` to a chat model (its tokenizer has a chat template) or one of 20M+ parameters"
                      if kind == "real-llm" else f"with `[model] preset = \"{kind}\"`")
-            lines.append(f"- {which}: {keys} (fedasls/config.py, ADAPTATION_DEFAULTS_BY_MODEL).")
+            lines.append(f"- {which}: {keys} (fedasls/config.py, {table}).")
     return [*lines, ""]
 
 

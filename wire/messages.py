@@ -111,6 +111,12 @@ METRIC_RULES: dict[str, MetricRule] = {
     "lora_rank": MetricRule("int", 1, 2**16),
     **{f"{who}{name}": _SHARE for who in ("", "base_", "global_") for name in ("rouge1", "rougeL")},
     **{f"{who}perplexity": _PERPLEXITY for who in ("", "base_", "global_")},
+    **{f"{who}rougeL_recall": _RATE for who in ("", "base_")},  # NaN: an evaluation saved before it was measured
+    # fedasls.lm.cuts: prompts and training answers cut to fit the window this round (counts, and shares: NaN
+    # where nothing was fitted)
+    **{name: _COUNT for name in ("prompts", "prompts_cut", "questions_cut", "answers", "answers_cut",
+                                 "answer_tokens", "answer_tokens_cut")},
+    **{f"{name}_cut_share": _RATE for name in ("prompts", "answers", "answer_tokens")},
     "accept_rate": _RATE,
     "base_accept_rate": _RATE,
     "epsilon": MetricRule("float|nan", 0.0, math.inf),  # example-level DP-SGD; NaN without it

@@ -365,7 +365,8 @@ class Device:
     def _score(self, model, heldback: list[Interaction]) -> GateScore:
         """The active adapter's answer loss and greedy-answer ROUGE-1 on the held-back items."""
         e = self.settings.evaluation
-        result = evaluate(model, self.runtime.prompts, heldback, e.max_new_tokens, merge_adapter=e.merge_adapter)
+        result = evaluate(model, self.runtime.prompts, heldback, e.max_new_tokens, merge_adapter=e.merge_adapter,
+                          reference_cap=e.reference_cap)
         return GateScore(loss=math.log(result.perplexity), rouge1=result.rouge1)
 
     # ------------------------------------------------------------------ evaluation
@@ -382,12 +383,13 @@ class Device:
         if self.base_eval is None:
             with self.runtime.base_model() as base:
                 self.base_eval = evaluate(base, prompts, heldout, s.evaluation.max_new_tokens, user,
-                                          merge_adapter=s.evaluation.merge_adapter)
+                                          merge_adapter=s.evaluation.merge_adapter,
+                                          reference_cap=s.evaluation.reference_cap)
         if self.adapter is None and self.shared_model is None:  # the base model
             self.last_eval = self.base_eval
         else:
             self.last_eval = evaluate(self.activate(), prompts, heldout, s.evaluation.max_new_tokens, user,
-                                      merge_adapter=s.evaluation.merge_adapter)
+                                      merge_adapter=s.evaluation.merge_adapter, reference_cap=s.evaluation.reference_cap)
         return self.last_eval, self.base_eval
 
     # ------------------------------------------------------------------ state

@@ -25,6 +25,7 @@ from fedasls.interaction import STREAM_EPOCH
 from fedasls.device.worker import DeviceRuntime
 from fedasls.device.store import MANIFEST, CorruptStateError, DeviceStore
 from fedasls.device.timing import record, stage
+from fedasls.lm.cuts import record as record_cuts
 
 UPLOAD_BYTES = 512  # a reply of scalar metrics; a later global-adapter update adds its own bytes
 
@@ -66,7 +67,10 @@ class DeviceRoundResult:
     unclipped: int | None = None  # adaptive clipping only (downlink.report_unclipped): 1 if the update's norm was <= C
     withheld_bytes: int = 0  # update bytes not sent: the device finished past the deadline (upload_bytes counts them)
     contribution: ClippedUpdate | None = None  # global-adapter update (clipped, padded); never a metric
+    rougeL_recall: float = math.nan  # ROUGE-L recall: the length-aware figure beside the F-measures
+    base_rougeL_recall: float = math.nan
     stage_seconds: dict[str, float] = field(default_factory=dict)  # fedasls.device.timing: stage_<name>_s / _cpu_s
+    cuts: dict[str, float | int] = field(default_factory=dict)  # fedasls.lm.cuts: prompts / answers cut to fit
 
     @property
     def work(self) -> RoundWork:
@@ -77,10 +81,11 @@ class DeviceRoundResult:
         name and value must fit the reply's allow-list (wire.messages.METRIC_RULES: a new field or
         timed stage goes there too; tests/clients/test_metric_allow_list.py checks both)."""
         out = {f.name: getattr(self, f.name) for f in fields(self)
-               if f.name not in ("status", "contribution", "stage_seconds")
+               if f.name not in ("status", "contribution", "stage_seconds", "cuts")
                and not (f.name == "unclipped" and self.unclipped is None)}  # sent only when the round asks
         out["status_code"] = {"completed": 0, "offline": 1}[self.status]
         out.update(self.stage_seconds)
+        out.update(self.cuts)
         return out
 
 
@@ -119,14 +124,16 @@ def run_device_round(
     With a `downlink` (a global-adapter round) the device observes its new interactions and, if it
     has buffered items, trains once starting from the global adapter (not on its own trigger); the
     result carries its contribution. The result's `stage_seconds` holds the round's per-stage wall
-    and CPU times (fedasls.device.timing).
+    and CPU times (fedasls.device.timing); its `cuts` what the prompt-length and long-answer policies cut
+    (fedasls.lm.cuts: generated prompts and training examples).
     """
-    with record() as timer:
+    with record() as timer, record_cuts() as cuts:
         result = _run_device_round(device_id, now, runtime, settings, store, heterogeneity, keep, downlink)
     if result.contribution is not None and withhold is not None and withhold(result.work):
         result.withheld_bytes = _nbytes(result.contribution.update)
         result.contribution, result.unclipped = None, None  # nothing of the update leaves, nor its clipping bit
     result.stage_seconds = timer.metrics()
+    result.cuts = cuts.metrics()
     return result
 
 
@@ -197,6 +204,8 @@ def _run_device_round(device_id: int, now: float, runtime: DeviceRuntime, settin
         base_rougeL=base.rougeL,
         base_perplexity=base.perplexity,
         base_accept_rate=base.accept_rate if base.accept_rate is not None else math.nan,
+        rougeL_recall=personal.rougeL_recall,
+        base_rougeL_recall=base.rougeL_recall,
         epsilon=last.get("epsilon") if last.get("epsilon") is not None else math.nan,
         gate_accepted=device.counters.gate_accepted,
         gate_rejected=device.counters.gate_rejected,

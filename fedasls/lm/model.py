@@ -371,7 +371,8 @@ def generate(
 ) -> list[str]:
     """Greedy answers to `questions` (left-padded batches, prompts from `prompts`), stripped.
 
-    `batch_size` None sizes batches for the model (`generation_batch_size`).
+    `batch_size` None sizes batches for the model (`generation_batch_size`). A prompt longer than the
+    model's window minus `max_new_tokens` loses its context's tail first (`PromptFormat.fit_question`).
     Decoding stops at eos or the chat template's end-of-turn token. Works for plain Hugging
     Face models and peft-wrapped ones (PeftModel.generate).
     """
@@ -379,7 +380,7 @@ def generate(
     limit = _max_positions(model)
     max_prompt = max(1, limit - max_new_tokens) if limit else None
     device = _device(model)
-    texts = [prompts.answer_prompt(q) for q in questions]
+    texts = [prompts.fitted_prompt(q, max_prompt) for q in questions]  # the prompt-length policy: context cut first
     out: list[str] = []
     if batch_size is None and texts:
         lengths = prompts.tokenize(texts, truncation=max_prompt is not None, max_length=max_prompt)["input_ids"]

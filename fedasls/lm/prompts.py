@@ -11,13 +11,23 @@ A `PromptFormat` is built from a tokenizer and has one of two shapes:
 
 Generation, training, evaluation, feedback answers, synthesis rewrites and LM embeddings all get
 their text and token ids from here, so a model always sees the format it was made for.
+
+Prompt-length policy (`fit_question`): a question is its first line (an instruction, a Stack Exchange
+title) and, after it, its context (a Dolly `context`, a Stack Exchange question body). When the
+formatted prompt does not fit a token budget, the context loses its tail (at a word boundary, marked
+with CUT_MARK); only if the first line alone does not fit does it lose its tail too. The template's
+turn markers are never cut: the text is cut before it is formatted. Each fit is counted
+(`fedasls.lm.cuts`). A prompt that fits is returned unchanged.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import re
+from typing import Any, Callable, Literal, NamedTuple
 
 from transformers import BatchEncoding, PreTrainedTokenizerBase
+
+from fedasls.lm.cuts import note_prompt
 
 PLAIN_TEMPLATE = "Question: {question}\nAnswer:"
 PLAIN_REWRITE_TEMPLATE = "Rewrite the question in other words.\nQuestion: {question}\nRewrite:"
@@ -26,6 +36,16 @@ CHAT_REWRITE_INSTRUCTION = (
     "Reply with the new question only.\n\nQuestion: {question}"
 )
 _PROBE_ANSWER = "fedasls probe answer"
+CUT_MARK = " …"  # ends a context (or question) cut by the prompt-length policy
+_WORD_END = re.compile(r"\S+")
+
+
+class FittedQuestion(NamedTuple):
+    """A question fitted to a prompt budget: its text and what was cut."""
+
+    text: str
+    context_cut: bool = False  # some of the context (the lines after the first) was dropped
+    question_cut: bool = False  # the first line itself lost its tail
 
 Shape = Literal["chat", "plain"]
 
@@ -60,6 +80,39 @@ class PromptFormat:
         if self.chat:
             return self._template([{"role": "user", "content": question}], generation_prompt=True)
         return PLAIN_TEMPLATE.format(question=question)
+
+    def prompt_tokens(self, question: str) -> int:
+        """Tokens of `answer_prompt(question)` as the model gets it."""
+        return len(self.tokenize([self.answer_prompt(question)])["input_ids"][0])
+
+    def fit_question(self, question: str, budget: int | None) -> FittedQuestion:
+        """`question` cut so that its answer prompt takes at most `budget` tokens (the module's policy).
+
+        None or a prompt that fits: the question unchanged. Else the context (the lines after the
+        first) is cut from its tail at a word boundary, then, if the first line alone does not fit,
+        the first line's tail. A ValueError when not even the template fits the budget.
+        """
+        if budget is None or self.prompt_tokens(question) <= budget:
+            return FittedQuestion(question)
+        head, _, context = question.strip().partition("\n")
+        fits = lambda text: self.prompt_tokens(text) <= budget  # noqa: E731
+        if context.strip() and fits(head):
+            kept = _longest_prefix(context, lambda prefix: f"{head}\n{prefix}{CUT_MARK}", fits)
+            return FittedQuestion(f"{head}\n{kept}{CUT_MARK}" if kept else head, context_cut=True)
+        kept = _longest_prefix(head, lambda prefix: f"{prefix}{CUT_MARK}", fits)
+        if not kept and not fits(CUT_MARK):
+            raise ValueError(
+                f"the prompt template alone takes {self.prompt_tokens('')} tokens, more than the budget of {budget} "
+                "(the model's window minus evaluation.max_new_tokens, or adaptation.max_length minus the answer's "
+                "share); lower evaluation.max_new_tokens or raise adaptation.max_length"
+            )
+        return FittedQuestion(f"{kept}{CUT_MARK}", context_cut=bool(context.strip()), question_cut=True)
+
+    def fitted_prompt(self, question: str, budget: int | None) -> str:
+        """The answer prompt of `question` fitted to `budget` tokens (`fit_question`), counted in fedasls.lm.cuts."""
+        fitted = self.fit_question(question, budget)
+        note_prompt(fitted.context_cut, fitted.question_cut)
+        return self.answer_prompt(fitted.text)
 
     def rewrite_prompt(self, question: str) -> str:
         """The text a model paraphrases `question` from (synthesis)."""
@@ -139,6 +192,20 @@ class PromptFormat:
             for stop in ("\nQuestion:", "Question:"):
                 text = text.split(stop, 1)[0]
         return text.strip()
+
+
+def _longest_prefix(text: str, compose: Callable[[str], str], fits: Callable[[str], bool]) -> str:
+    """The longest word-boundary prefix of `text` whose `compose(prefix)` fits ("" when none does).
+    Binary search: a prompt grows with its prefix."""
+    ends = [m.end() for m in _WORD_END.finditer(text)]
+    low, high = 0, len(ends)  # words kept: low fits (0 = nothing), high + 1 does not
+    while low < high:
+        mid = (low + high + 1) // 2
+        if fits(compose(text[: ends[mid - 1]])):
+            low = mid
+        else:
+            high = mid - 1
+    return text[: ends[low - 1]] if low else ""
 
 
 def check_prompt_format(prompts: object) -> PromptFormat:

@@ -2,6 +2,12 @@
 
 Works for base models and peft-wrapped models alike; compare personalized vs base (vs global)
 by calling `evaluate` on each. ROUGE comes from fedasls/pipeline/metrics.py (rouge-score, one shared scorer per process).
+
+Long answers: ROUGE-1 of a short answer against a 200-word reference is capped low by recall, so
+scoring has two length-aware figures beside it: ROUGE-L recall (how much of the reference an
+answer covers, in order) and perplexity, the per-token loss of the user's own answers, whole
+(answers longer than the window are scored window by window, fedasls.pipeline.training). With
+`reference_cap` the model may answer as long as the references (`answer_tokens`).
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ from fedasls.interaction import Interaction
 from fedasls.lm.merged_adapter import merged_adapter
 from fedasls.lm.model import eval_mode, generate
 from fedasls.lm.prompts import PromptFormat
-from fedasls.pipeline.metrics import score_answers
+from fedasls.pipeline.metrics import mean_scores
 
 if TYPE_CHECKING:
     from fedasls.pipeline.feedback import SimulatedUser
@@ -30,6 +36,7 @@ class EvalResult:
     perplexity: float
     accept_rate: float | None
     n: int
+    rougeL_recall: float = math.nan  # NaN in a state saved before it was measured
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -52,6 +59,18 @@ def answer_perplexity(model: Any, prompts: PromptFormat, pairs: list[tuple[str, 
     return math.exp(sequence_loss(model, prompts, examples, max_length=limit, batch_size=batch_size))
 
 
+REFERENCE_SLACK = 1.25  # new tokens per reference token under evaluation.new_tokens = "reference"
+
+
+def answer_tokens(prompts: PromptFormat, references: list[str], least: int, cap: int | None) -> int:
+    """New tokens for answering items whose references are `references`: `least` without a `cap`,
+    else the longest reference's tokens x REFERENCE_SLACK, between `least` and `cap`."""
+    if cap is None or not references:
+        return least
+    longest = max(len(ids) for ids in prompts.tokenizer(references, add_special_tokens=False)["input_ids"])
+    return max(least, min(cap, math.ceil(longest * REFERENCE_SLACK)))
+
+
 def evaluate(
     model: Any,
     prompts: PromptFormat,
@@ -60,11 +79,14 @@ def evaluate(
     user: "SimulatedUser | None" = None,
     batch_size: int = 16,
     merge_adapter: bool = True,
+    reference_cap: int | None = None,
 ) -> EvalResult:
     """Generate answers for held-out questions and score them against the preferred answers.
 
-    rouge1/rougeL: mean F-measures; perplexity: of the preferred answers (answer tokens only);
-    accept_rate: share of answers the simulated user accepts (None without a user).
+    rouge1/rougeL: mean F-measures; rougeL_recall: mean ROUGE-L recall; perplexity: of the preferred
+    answers (answer tokens only); accept_rate: share of answers the simulated user accepts (None
+    without a user). With `reference_cap` (evaluation.new_tokens = "reference") answers get
+    `answer_tokens(..., max_new_tokens, reference_cap)` new tokens, else `max_new_tokens`.
     The model's train/eval mode is restored afterwards. With `merge_adapter` (evaluation.merge_adapter), a
     peft model's active adapter is merged into the base weights meanwhile (fedasls.lm.merged_adapter; the
     base weights are restored exactly).
@@ -72,12 +94,14 @@ def evaluate(
     if not heldout:
         raise ValueError("evaluate: heldout is empty; pass the device's held-out interactions (population.heldout(i))")
     with eval_mode(model), merged_adapter(model) if merge_adapter else nullcontext():
-        questions = [item.question for item in heldout]
-        answers = generate(model, prompts, questions, max_new_tokens=max_new_tokens, batch_size=batch_size)
-        r1, rl = score_answers(answers, [item.preferred for item in heldout])
+        questions, references = [item.question for item in heldout], [item.preferred for item in heldout]
+        new_tokens = answer_tokens(prompts, references, max_new_tokens, reference_cap)
+        answers = generate(model, prompts, questions, max_new_tokens=new_tokens, batch_size=batch_size)
+        scores = mean_scores(answers, references)
         ppl = answer_perplexity(model, prompts, [(item.question, item.preferred) for item in heldout], batch_size)
     accept_rate = None
     if user is not None:
         signals = [user.react(item, answer).signal for item, answer in zip(heldout, answers)]
         accept_rate = signals.count("accept") / len(signals)
-    return EvalResult(rouge1=r1, rougeL=rl, perplexity=ppl, accept_rate=accept_rate, n=len(heldout))
+    return EvalResult(rouge1=scores["rouge1"], rougeL=scores["rougeL"], perplexity=ppl, accept_rate=accept_rate,
+                      n=len(heldout), rougeL_recall=scores["rougeL_recall"])

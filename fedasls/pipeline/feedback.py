@@ -3,6 +3,13 @@
 The user's hidden preference is `Interaction.preferred`. It is revealed only through
 `annotate` (a per-adaptation budget, buffered items only) or through `react`, which turns
 the ROUGE-1 closeness of a model answer to the preference into accept / edit / regenerate.
+
+Long preferences (`feedback.long_answer_words`): a user whose own answer runs to 200 words judges a
+model answer by what it says against as much of their answer, not by its length: the answer is
+compared with the preference's first max(answer words, long_answer_words / 2) words. A capped
+answer that says what the user would have said is accepted; an unrelated one of any length is not;
+a few words that happen to open the preference are still compared with half of long_answer_words.
+Preferences up to long_answer_words words (every synthetic one) are compared whole, as before.
 """
 
 from __future__ import annotations
@@ -81,9 +88,19 @@ class SimulatedUser:
         rng = np.random.default_rng([self.seed, interaction.device_id, interaction.index])
         return float(rng.normal(0.0, self.noise))
 
+    def reference(self, preferred: str, model_answer: str) -> str:
+        """What the user compares `model_answer` with: the preference, or the head of a long one (module docstring)."""
+        limit = self.settings.long_answer_words
+        words = preferred.split()
+        if limit is None or len(words) <= limit:
+            return preferred
+        return " ".join(words[: max(len(model_answer.split()), limit // 2)])
+
     def react(self, interaction: Interaction, model_answer: str) -> Feedback:
-        """Accept, edit (target = the preferred response) or regenerate, by ROUGE-1 closeness."""
-        score = min(1.0, max(0.0, rouge1_f(model_answer, interaction.preferred) + self._noise(interaction)))
+        """Accept, edit (target = the preferred response) or regenerate, by ROUGE-1 closeness
+        (to the head of a long preference, `reference`)."""
+        closeness = rouge1_f(model_answer, self.reference(interaction.preferred, model_answer))
+        score = min(1.0, max(0.0, closeness + self._noise(interaction)))
         if score >= self.settings.accept_threshold:
             return Feedback("accept", score, None, model_answer)
         if score >= self.settings.edit_threshold:

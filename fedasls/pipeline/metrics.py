@@ -1,4 +1,5 @@
-"""Text-overlap metrics (rouge-score): ROUGE-1 and ROUGE-L F-measures of answers against references.
+"""Text-overlap metrics (rouge-score): ROUGE-1 and ROUGE-L F-measures of answers against references,
+and ROUGE-L recall, the length-aware one (how much of a long reference an answer covers, in order).
 
 Used by evaluation, the simulated user's feedback and synthesis's rewrite filter.
 """
@@ -19,9 +20,10 @@ def _scorer() -> rouge_scorer.RougeScorer:
 
 
 def rouge(prediction: str, reference: str) -> dict[str, float]:
-    """ROUGE-1 and ROUGE-L F-measures of `prediction` against `reference`."""
+    """ROUGE-1 and ROUGE-L F-measures and ROUGE-L recall of `prediction` against `reference`."""
     scores = _scorer().score(reference, prediction)
-    return {"rouge1": scores["rouge1"].fmeasure, "rougeL": scores["rougeL"].fmeasure}
+    return {"rouge1": scores["rouge1"].fmeasure, "rougeL": scores["rougeL"].fmeasure,
+            "rougeL_recall": scores["rougeL"].recall}
 
 
 def rouge1_f(prediction: str, reference: str) -> float:
@@ -31,10 +33,15 @@ def rouge1_f(prediction: str, reference: str) -> float:
 
 def score_answers(answers: list[str], references: list[str]) -> tuple[float, float]:
     """Mean ROUGE-1 and ROUGE-L F-measures of answers against references (same length)."""
+    means = mean_scores(answers, references)
+    return means["rouge1"], means["rougeL"]
+
+
+def mean_scores(answers: list[str], references: list[str]) -> dict[str, float]:
+    """Means of every `rouge` figure of answers against references (same length)."""
     if len(answers) != len(references):
         raise ValueError(f"score_answers: {len(answers)} answers but {len(references)} references; pass one answer per reference")
     if not answers:
         raise ValueError("score_answers: no answers to score; pass at least one")
     per_item = [rouge(a, r) for a, r in zip(answers, references)]
-    n = len(per_item)
-    return sum(s["rouge1"] for s in per_item) / n, sum(s["rougeL"] for s in per_item) / n
+    return {key: sum(s[key] for s in per_item) / len(per_item) for key in per_item[0]}

@@ -15,7 +15,18 @@ Only the LoRA matrices move (peft's get/set_peft_model_state_dict); the base wei
 copied or touched. `save_adapter` / `load_adapter` use peft's own folder format.
 
 Training formats each example with `PromptFormat.example_ids` (the model's chat template when it
-has one: the answer is the assistant turn) and takes the loss on the answer tokens only. With ``settings.dp`` the step is opacus DP-SGD on the LoRA
+has one: the answer is the assistant turn) and takes the loss on the answer tokens only.
+
+Long records (`_encode`): a prompt may use what its answer leaves of `max_length`, but never more
+than half the window when the answer is longer: beyond that its context is cut (the prompt-length
+policy, `PromptFormat.fit_question`). An answer longer than the rest of the window becomes several
+rows, each with the whole prompt: the first holds the answer's first window; each later one re-reads
+the half window of answer before it (unlabelled: the model sees where it is in the answer) and is
+labelled on the next half window, so every answer token is labelled exactly once, up to
+`adaptation.answer_chunks` rows per answer (the tail beyond is dropped and counted, fedasls.lm.cuts).
+Each row carries its example's weight. Under DP-SGD an answer stays one row (its first window):
+opacus' example-level guarantee is then about one interaction, not one chunk of it. Scoring (the
+held-back loss, `sequence_loss`) always covers the whole answer. With ``settings.dp`` the step is opacus DP-SGD on the LoRA
 parameters: Poisson sampling, per-example clipping to ``max_grad_norm``, Gaussian noise
 ``noise_multiplier * max_grad_norm``, accounted with opacus' RDP accountant (add/remove-one).
 Per-example gradients come from opacus' "hooks" mode, which supports the ``nn.Linear`` modules
@@ -42,7 +53,8 @@ from fedasls.config import AdaptationSettings
 from fedasls.lm.fast_lora import fast_lora_training
 from fedasls.lm.lora import adapter_state, load_adapter_state, seeded
 from fedasls.lm.model import eval_mode
-from fedasls.lm.prompts import PromptFormat, check_prompt_format
+from fedasls.lm.cuts import note_answer, note_prompt
+from fedasls.lm.prompts import FittedQuestion, PromptFormat, check_prompt_format
 from fedasls.privacy.accounting import PrivacyReport, opacus_report
 
 GRAD_SAMPLE_MODE = "hooks"  # opacus mode that works with peft LoRA (nn.Linear) on Llama models
@@ -87,27 +99,48 @@ class TrainResult:
 # --------------------------------------------------------------------------- data
 
 
-def _encode(prompts: PromptFormat, example: TrainingExample, max_length: int) -> tuple[list[int], list[int]]:
-    """Token ids and labels (-100 on the prompt) for the prompt then the answer (with its end token)."""
+def _encode(prompts: PromptFormat, example: TrainingExample, max_length: int, chunks: int | None,
+            count: bool = False) -> list[tuple[list[int], list[int]]]:
+    """Rows (token ids, labels: -100 on the prompt and on a window's lead) of one example, each at most
+    `max_length` tokens: the long-answer policy (module docstring). `chunks` caps the windows per
+    answer (None: as many as the answer needs); `count` notes the prompt and answer in fedasls.lm.cuts."""
     prompt, answer = prompts.example_ids(example.question, example.answer)
-    # Keep at least half the window for the answer; crop the prompt from the left if needed.
-    answer = answer[: max(max_length - min(len(prompt), max_length // 2), 1)]
-    prompt = prompt[max(len(prompt) - (max_length - len(answer)), 0) :]
-    return prompt + answer, [IGNORE_INDEX] * len(prompt) + answer
+    fitted = FittedQuestion(example.question)
+    # The prompt may take what the answer leaves, but never more than half the window of a long answer.
+    budget = max_length - min(len(answer), max_length // 2)
+    if len(prompt) > budget:
+        fitted = prompts.fit_question(example.question, budget)
+        prompt, answer = prompts.example_ids(fitted.text, example.answer)
+    window = max_length - len(prompt)
+    rows = [(prompt + answer[:window], [IGNORE_INDEX] * len(prompt) + answer[:window])]
+    lead = window // 2  # later windows re-read this much of the answer before it, unlabelled
+    end = window
+    while end < len(answer) and (chunks is None or len(rows) < chunks):
+        piece = answer[end - lead : end - lead + window]
+        rows.append((prompt + piece, [IGNORE_INDEX] * (len(prompt) + lead) + piece[lead:]))
+        end += window - lead
+    if count:
+        note_prompt(fitted.context_cut, fitted.question_cut)
+        note_answer(len(answer), max(len(answer) - end, 0))
+    return rows
 
 
-def _tensorize(prompts: PromptFormat, examples: Sequence[TrainingExample], max_length: int) -> TensorDataset:
-    """Right-padded [n, L] ids / mask / labels plus [n] weights."""
+def _tensorize(prompts: PromptFormat, examples: Sequence[TrainingExample], max_length: int,
+               chunks: int | None = None, count: bool = False) -> TensorDataset:
+    """Right-padded [n, L] ids / mask / labels plus [n] weights: one row per answer window (`_encode`;
+    `chunks` windows per answer at most, None: the whole answer), each with its example's weight."""
     prompts = check_prompt_format(prompts)
     if not examples:
         raise ValueError("no training examples: pass at least one TrainingExample")
     tokenizer = prompts.tokenizer
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    encoded = []
+    encoded, row_weights = [], []
     for i, ex in enumerate(examples):
         if not (math.isfinite(ex.weight) and ex.weight > 0):
             raise ValueError(f"examples[{i}].weight must be a finite number > 0, got {ex.weight!r}")
-        encoded.append(_encode(prompts, ex, max_length))
+        rows = _encode(prompts, ex, max_length, chunks, count)
+        encoded += rows
+        row_weights += [float(ex.weight)] * len(rows)
     length = max(len(ids) for ids, _ in encoded)
     ids = torch.full((len(encoded), length), pad, dtype=torch.long)
     mask = torch.zeros((len(encoded), length), dtype=torch.long)
@@ -116,7 +149,7 @@ def _tensorize(prompts: PromptFormat, examples: Sequence[TrainingExample], max_l
         ids[row, : len(x)] = torch.tensor(x)
         mask[row, : len(x)] = 1
         labels[row, : len(y)] = torch.tensor(y)
-    weights = torch.tensor([float(ex.weight) for ex in examples], dtype=torch.float32)
+    weights = torch.tensor(row_weights, dtype=torch.float32)
     return TensorDataset(ids, mask, labels, weights)
 
 
@@ -254,7 +287,7 @@ def train_adapter(
     params = _trainable(peft_model)
     limit = getattr(getattr(peft_model, "config", None), "max_position_embeddings", None)
     max_length = min(settings.max_length, limit) if limit else settings.max_length
-    data = _tensorize(prompts, examples, max_length)
+    data = _tensorize(prompts, examples, max_length, chunks=1 if settings.dp else settings.answer_chunks, count=True)
     device = next(peft_model.parameters()).device
     stopper = (_EarlyStopping(peft_model, prompts, heldback, settings.patience, max_length, settings.answer_only_head)
                if heldback else None)
