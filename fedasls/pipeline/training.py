@@ -25,8 +25,9 @@ the half window of answer before it (unlabelled: the model sees where it is in t
 labelled on the next half window, so every answer token is labelled exactly once, up to
 `adaptation.answer_chunks` rows per answer (the tail beyond is dropped and counted, fedasls.lm.cuts).
 Each row carries its example's weight. Under DP-SGD an answer stays one row (its first window):
-opacus' example-level guarantee is then about one interaction, not one chunk of it. Scoring (the
-held-back loss, `sequence_loss`) always covers the whole answer. With ``settings.dp`` the step is opacus DP-SGD on the LoRA
+opacus' example-level guarantee is then about one interaction, not one chunk of it. Early stopping's
+held-back loss sees answers as training does (`answer_chunks` windows); `sequence_loss` (perplexity)
+covers the whole answer. With ``settings.dp`` the step is opacus DP-SGD on the LoRA
 parameters: Poisson sampling, per-example clipping to ``max_grad_norm``, Gaussian noise
 ``noise_multiplier * max_grad_norm``, accounted with opacus' RDP accountant (add/remove-one).
 Per-example gradients come from opacus' "hooks" mode, which supports the ``nn.Linear`` modules
@@ -289,8 +290,8 @@ def train_adapter(
     max_length = min(settings.max_length, limit) if limit else settings.max_length
     data = _tensorize(prompts, examples, max_length, chunks=1 if settings.dp else settings.answer_chunks, count=True)
     device = next(peft_model.parameters()).device
-    stopper = (_EarlyStopping(peft_model, prompts, heldback, settings.patience, max_length, settings.answer_only_head)
-               if heldback else None)
+    stopper = (_EarlyStopping(peft_model, prompts, heldback, settings.patience, max_length, settings.answer_only_head,
+                              settings.answer_chunks) if heldback else None)
     with seeded(seed, peft_model):
         loader_gen = torch.Generator().manual_seed(seed)
         if settings.dp:  # opacus replaces the sampler with Poisson sampling of the dataset
@@ -326,9 +327,10 @@ class _EarlyStopping:
     """Held-back answer loss after each epoch; remembers the best epoch's LoRA weights."""
 
     def __init__(self, peft_model: PeftModel, prompts: PromptFormat, heldback: Sequence[TrainingExample],
-                 patience: int, max_length: int, answer_only_head: bool = True) -> None:
+                 patience: int, max_length: int, answer_only_head: bool = True, chunks: int | None = None) -> None:
         self.model, self.patience, self.answer_only_head = peft_model, patience, answer_only_head
-        self.data = _tensorize(prompts, heldback, max_length)  # tokenized once, scored after every epoch
+        # tokenized once (as training sees answers: `chunks` windows), scored after every epoch
+        self.data = _tensorize(prompts, heldback, max_length, chunks)
         self.losses: list[float] = []
         self.best_epoch: int | None = None
         self.best_state: dict[str, torch.Tensor] | None = None

@@ -101,6 +101,8 @@ def test_real_device_rounds_pass_the_allow_list_and_the_clip_norm(settings, tmp_
     assert [r["device_id"] for r in rows["batch"]] == [2, 3]
     assert {"global_rouge1", "global_perplexity"} <= set(rows["evaluate"][0])
     assert math.isnan(rows["local"][0]["epsilon"])  # NaN is legitimate where the list allows it (no DP-SGD)
+    local = rows["local"][0]  # the cut counts travel in the real reply (fedasls.lm.cuts): evaluation prompts at least
+    assert local["prompts"] > 0 and 0.0 <= local["prompts_cut_share"] <= 1.0 and "answer_tokens_cut_share" in local
     updates = {**reply_updates(replies["global"]), **reply_updates(replies["batch"])}
     assert set(updates) == {1, 2, 3}, "every device trained and sent its update"
     assert 0 < norm(updates[1]) <= 10.0
@@ -138,3 +140,18 @@ def test_a_round_with_adaptive_clipping_sends_each_device_s_unclipped_bit(settin
     assert [m["unclipped"] for m in device_metrics(tight)] == [0, 0]  # both were clipped to 1e-3
     plain = app(message(settings, store, {"device-id": 4}, clip_norm=10.0), context())
     assert not plain.has_error() and "unclipped" not in device_metrics(plain)[0]
+
+
+def test_cut_counts_and_shares_pass_the_guard_and_a_bad_share_does_not():
+    counts = CutCounts(prompts=10, prompts_cut=3, questions_cut=1, answers=4, answers_cut=1, answer_tokens=900,
+                       answer_tokens_cut=120)
+    metrics = counts.metrics()
+    assert metrics["prompts_cut_share"] == 0.3 and metrics["answer_tokens_cut_share"] == 120 / 900
+    check_metrics(metrics)
+    check_metrics(CutCounts().metrics())  # nothing fitted: NaN shares are allowed
+    from wire.messages import PrivacyViolation
+
+    with pytest.raises(PrivacyViolation, match="answers_cut_share"):
+        check_metrics({**metrics, "answers_cut_share": 1.5})
+    with pytest.raises(PrivacyViolation, match="prompts_cut"):
+        check_metrics({**metrics, "prompts_cut": 0.5})
