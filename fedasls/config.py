@@ -230,8 +230,8 @@ class AdaptationSettings(_Section):
     answer_chunks: int = Field(
         1, ge=1, description="Training rows (windows of max_length) an answer longer than its window becomes at most: "
         "each with the whole prompt, later ones re-reading half a window of the answer before them, every answer token "
-        "labelled once; the tail beyond is dropped and counted. 1 = the first window only (the embedded model: its "
-        "synthetic records fit, 0.03% of answer tokens fall beyond 96); the real-LLM profile takes 8. Under dp always 1 "
+        "labelled once; the tail beyond is dropped and counted. 1 = the first window only (the embedded model: on "
+        "the quickstart 0.1% of answer tokens fall beyond 96); the real-LLM profile takes 8. Under dp always 1 "
         "(the example-level guarantee is about one interaction).")
     min_new_items: int = Field(4, ge=0, description="Adapt only when this many new buffered items (profile trigger).")
     min_new_fraction: float = Field(
