@@ -111,13 +111,15 @@ class PopulationSettings(_Section):
     posts_path: str | None = Field(
         None, description="Posts.xml of a Stack Exchange data dump (source = stackexchange): each answer is a record "
         "(its question's title and body = the instruction, the answer = the output, its author = the user), in "
-        "time order; each author's last `heldout` answers are held out.")
+        "time order; each author's last `heldout` answers are held out. A folder of dumps (one SITE/Posts.xml per "
+        "site) pools their authors: a device is one site's user.")
     min_answers_per_user: int = Field(
         20, ge=2, description="Authors with fewer usable answers are not devices (source = stackexchange); devices "
-        "are the num_devices authors with the most answers, ties broken by user id.")
+        "are the num_devices authors with the most answers, ties broken by site name (a folder of dumps), then user id.")
     site: str | None = Field(
         None, description="The Stack Exchange site the dump comes from, e.g. coffee.stackexchange.com, named in the "
-        "run's ATTRIBUTION.txt (source = stackexchange; default: the name of the folder holding Posts.xml).")
+        "run's ATTRIBUTION.txt (source = stackexchange; default: the name of the folder holding Posts.xml; a folder "
+        "of dumps names each SITE folder).")
     content_license: Literal["CC BY-SA 4.0", "CC BY-SA 3.0", "CC BY-SA 2.5"] = Field(
         "CC BY-SA 4.0", description="License of the dump's posts, named in the run's ATTRIBUTION.txt "
         "(source = stackexchange; Stack Exchange states 4.0 for current dumps, 3.0 or 2.5 for older posts).")

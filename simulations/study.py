@@ -173,10 +173,16 @@ def toml_str(value: str) -> str:
 
 def data_overrides(path: str | None) -> list[str]:
     """--data as population settings: a JSONL file (source jsonl; partition by user when its records
-    carry user_id) or a Stack Exchange Posts.xml (source stackexchange), told by suffix, else content."""
+    carry user_id) or a Stack Exchange Posts.xml (source stackexchange), told by suffix, else content; a
+    folder of Stack Exchange dumps (SITE/Posts.xml each) is source stackexchange too."""
     if not path:
         return []
     p = Path(path)
+    if p.is_dir():  # a Stack Exchange dump's folder, or a folder of dumps (SITE/Posts.xml each)
+        if (p / "Posts.xml").is_file() or any((d / "Posts.xml").is_file() for d in p.iterdir() if d.is_dir()):
+            return ['population.source="stackexchange"', f"population.posts_path={toml_str(str(p.resolve()))}"]
+        raise ConfigError(f"--data {path}: a folder without Posts.xml in it or in a folder under it. Fix: give a JSONL "
+                          "file, a Stack Exchange dump's Posts.xml, or a folder of dumps (one SITE/Posts.xml each)")
     if not p.is_file():
         raise ConfigError(f"--data {path}: no such file. Fix: give a JSONL file (Alpaca or Dolly records, one a line) "
                           "or a Stack Exchange data dump's Posts.xml")
@@ -810,7 +816,8 @@ def add_study_parsers(sub: Any, settings_args: Callable[[argparse.ArgumentParser
         p = names.add_parser(spec.name, help=spec.help, description=spec.description)
         settings_args(p)
         p.add_argument("--data", metavar="FILE", help="a dataset: a JSONL file (Alpaca/Dolly records; partitioned "
-                       "by user_id when the records carry one) or a Stack Exchange dump's Posts.xml")
+                       "by user_id when the records carry one), a Stack Exchange dump's Posts.xml, or a folder of "
+                       "dumps (one SITE/Posts.xml each; their authors pooled)")
         p.add_argument("--devices", type=int, metavar="N", help=f"devices (default {spec.default_devices}; "
                        + ("devices 0..N-1 of the population)" if spec.kind == "device" else "population.num_devices)"))
         p.add_argument("--out", metavar="DIR", help=f"the study's results folder (default results/study-{spec.name})")

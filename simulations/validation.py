@@ -260,16 +260,25 @@ INPUTS_FILE = "inputs.json"  # what a run read besides its settings: the dataset
 
 
 def dataset_digest(settings: Settings) -> str | None:
-    """SHA-256 of the run's dataset file (None for the synthetic population)."""
+    """SHA-256 of the run's dataset file, or of a folder of Stack Exchange dumps (each SITE/ name and
+    Posts.xml in site order); None for the synthetic population."""
     from fedasls.data.sources import dataset_path
 
     path = dataset_path(settings.population)
     if path is None:
         return None
+    if settings.population.source == "stackexchange" and path.is_dir():  # a folder of dumps: each file, by site
+        from fedasls.data.stackexchange import dump_files
+
+        files = [(f"{site}/" if site else "", file) for site, file in dump_files(path)]
+    else:
+        files = [("", path)]
     digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
+    for name, file in files:
+        digest.update(name.encode())
+        with file.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
     return digest.hexdigest()
 
 

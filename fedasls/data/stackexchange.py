@@ -11,7 +11,10 @@ text here (paragraph breaks and code blocks kept). An answer is skipped, and cou
   empty_text        its body is empty, or nothing but markup (an image alone).
 
 Devices are the `num_devices` authors with the most usable answers, at least `min_answers` each,
-ties broken by user id. The file is read as a stream, three times (count authors; their answers;
+ties broken by user id. `path` is one Posts.xml, or a folder of dumps (one SITE/Posts.xml per site,
+as they unpack, e.g. coffee.stackexchange.com/Posts.xml): then authors of every site compete for the
+devices, an author is a site's user (user id "SITE/OwnerUserId"), and ties go to the site first in
+name order, then the lower user id. The file is read as a stream, three times (count authors; their answers;
 the questions those answers need), so memory holds the question ids, a count per author and the
 chosen devices' text, never the whole XML. A document type declaration is refused before parsing
 (the dumps have none; it is where entity-expansion tricks live), and errors name the file, line
@@ -23,7 +26,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from html.parser import HTMLParser
 from pathlib import Path
@@ -279,19 +282,22 @@ class DumpSummary:
     eligible_authors: int = 0  # ... with at least min_answers
     devices: int = 0
     records: int = 0  # answers used (those of the devices' authors)
+    sites: Counter = field(default_factory=Counter)  # site -> devices (a folder of dumps; else empty)
 
     def to_dict(self) -> dict:
         return {"rows": self.rows, "questions": self.questions, "answers": self.answers,
                 "skipped": {reason: self.skipped.get(reason, 0) for reason in SKIP_REASONS},
                 "authors": self.authors, "eligible_authors": self.eligible_authors, "devices": self.devices,
-                "records": self.records}
+                "records": self.records, **({"sites": dict(self.sites)} if self.sites else {})}
 
     def lines(self) -> list[str]:
         skipped = ", ".join(f"{reason}={self.skipped.get(reason, 0)}" for reason in SKIP_REASONS)
+        per_site = ", ".join(f"{site}={n}" for site, n in sorted(self.sites.items()))
         return [f"{self.rows} rows: {self.questions} questions, {self.answers} answers",
                 f"skipped answers: {skipped}",
                 f"{self.authors} authors with usable answers, {self.eligible_authors} with enough; "
-                f"{self.devices} devices hold {self.records} answers"]
+                f"{self.devices} devices hold {self.records} answers"] + ([f"devices per site: {per_site}"]
+                                                                          if self.sites else [])
 
 
 def first_tag(tags: str) -> str | None:
@@ -313,14 +319,22 @@ def _skip_reason(row: _Row, owner: int | None) -> str | None:
     return None
 
 
-def load_stackexchange(path: str | Path, num_devices: int,
-                       min_answers: int = 20) -> tuple[list[Record], list[list[int]], DumpSummary]:
-    """Records of the `num_devices` most active authors (each with >= min_answers usable answers),
-    one part per author, most active first, each in time order; and the counts of what was skipped."""
+def dump_files(path: str | Path) -> list[tuple[str | None, Path]]:
+    """The Posts.xml files a path names, each with its site: a file (site None); a folder holding a
+    Posts.xml (that file, site None); or a folder of dumps, one SITE/Posts.xml each (sorted by SITE).
+    Reads no data."""
     p = Path(path)
-    if num_devices < 1:
-        raise DatasetError(f"num_devices must be >= 1 (got {num_devices})")
-    summary = DumpSummary()
+    if not p.is_dir() or (p / "Posts.xml").is_file():
+        return [(None, p / "Posts.xml" if p.is_dir() else p)]
+    found = sorted((d.name, d / "Posts.xml") for d in p.iterdir() if d.is_dir() and (d / "Posts.xml").is_file())
+    if not found:
+        raise DatasetError(f"{p}: a folder with no Posts.xml in it or in any folder directly under it. Fix: "
+                           f"{_FIX_FILE}; a folder of dumps holds one SITE/Posts.xml per site")
+    return found
+
+
+def _count(p: Path, summary: DumpSummary) -> tuple[set[int], Counter]:
+    """First pass over one dump: its question ids and each author's usable answers (adds to summary)."""
     questions: set[int] = set()
     counts: Counter[int] = Counter()
     pending: list[tuple[int, int]] = []  # (author, question) of answers seen before their question
@@ -348,26 +362,13 @@ def load_stackexchange(path: str | Path, num_devices: int,
             counts[owner] += 1
         else:
             summary.skipped["missing_question"] += 1
-    del pending
-    summary.authors = len(counts)
-    ranked = sorted((author for author, n in counts.items() if n >= min_answers), key=lambda a: (-counts[a], a))
-    summary.eligible_authors = len(ranked)
-    if len(ranked) < num_devices:
-        top = sorted(counts.values(), reverse=True)
-        fixes = [f"set population.num_devices to at most {len(ranked)}"] if ranked else []
-        if len(top) >= num_devices and top[num_devices - 1] >= 2:
-            fixes.append(f"set population.min_answers_per_user to {top[num_devices - 1]} (the {num_devices} most "
-                         "active authors have at least that many)")
-        fixes.append("use a larger site's dump")
-        raise DatasetError(
-            f"{p}: too few authors: population.num_devices = {num_devices} but only {len(ranked)} of the "
-            f"{len(counts)} authors with usable answers have at least population.min_answers_per_user = "
-            f"{min_answers} (the most active has {top[0] if top else 0}; {summary.answers} answers in "
-            f"{summary.rows} rows; skipped: {', '.join(f'{r}={summary.skipped.get(r, 0)}' for r in SKIP_REASONS)}). "
-            f"Fix: {', or '.join(fixes)}.")
-    chosen = {author: rank for rank, author in enumerate(ranked[:num_devices])}
+    return questions, counts
 
-    # second pass: the chosen authors' answers, as text
+
+def _records(p: Path, chosen: dict[int, int], questions: set[int],
+             summary: DumpSummary) -> list[tuple[int, datetime, int, Record]]:
+    """Second and third passes over one dump: the chosen authors' (author -> rank) answers as records,
+    each with its rank, date and id (to sort by)."""
     answers: list[tuple[int, datetime, int, int, str, int]] = []  # (rank, date, id, question, text, line)
     needed: set[int] = set()
     for row in _rows(p):
@@ -385,9 +386,7 @@ def load_stackexchange(path: str | Path, num_devices: int,
             continue
         answers.append((chosen[owner], _date(row, p), _int(row, "Id", p), parent, text, row.line))
         needed.add(parent)
-    del questions
 
-    # third pass: the questions those answers need
     asked: dict[int, tuple[str, str, str | None]] = {}  # id -> (title, body text, first tag)
     for row in _rows(p):
         if row.attrib.get("PostTypeId") != QUESTION:
@@ -397,19 +396,68 @@ def load_stackexchange(path: str | Path, num_devices: int,
             title = _SPACES.sub(" ", row.attrib.get("Title", "")).strip()
             asked[qid] = (title, html_to_text(row.attrib.get("Body", "")), first_tag(row.attrib.get("Tags", "")))
 
-    records: list[Record] = []
-    parts: list[list[int]] = [[] for _ in chosen]
-    for rank, _, _, parent, text, line in sorted(answers, key=lambda a: (a[0], a[1], a[2])):
+    out = []
+    for rank, date, aid, parent, text, line in answers:
         title, body, tag = asked[parent]
         instruction, extra = (title, body) if title else (body, "")
         if not instruction:
             summary.skipped["missing_question"] += 1  # a question with neither title nor text
             continue
+        out.append((rank, date, aid, Record(instruction=instruction, input=extra, output=text, category=tag,
+                                            user_id="", source=str(p), line=line)))
+    return out
+
+
+def load_stackexchange(path: str | Path, num_devices: int,
+                       min_answers: int = 20) -> tuple[list[Record], list[list[int]], DumpSummary]:
+    """Records of the `num_devices` most active authors (each with >= min_answers usable answers),
+    one part per author, most active first, each in time order; and the counts of what was skipped.
+    `path`: a Posts.xml, or a folder of dumps (see the module's docstring)."""
+    p = Path(path)
+    if num_devices < 1:
+        raise DatasetError(f"num_devices must be >= 1 (got {num_devices})")
+    files = dump_files(p)
+    summary = DumpSummary()
+    questions: list[set[int]] = []
+    counts: Counter[tuple[int, int]] = Counter()  # (dump index, author) -> usable answers
+    for k, (_, file) in enumerate(files):
+        asked, per_author = _count(file, summary)
+        questions.append(asked)
+        counts.update({(k, author): n for author, n in per_author.items()})
+    summary.authors = len(counts)
+    sites = [site or "" for site, _ in files]
+    ranked = sorted((a for a, n in counts.items() if n >= min_answers), key=lambda a: (-counts[a], sites[a[0]], a[1]))
+    summary.eligible_authors = len(ranked)
+    if len(ranked) < num_devices:
+        top = sorted(counts.values(), reverse=True)
+        fixes = [f"set population.num_devices to at most {len(ranked)}"] if ranked else []
+        if len(top) >= num_devices and top[num_devices - 1] >= 2:
+            fixes.append(f"set population.min_answers_per_user to {top[num_devices - 1]} (the {num_devices} most "
+                         "active authors have at least that many)")
+        fixes.append("use a larger site's dump" + (", or a folder of several sites' dumps" if len(files) == 1 else ""))
+        raise DatasetError(
+            f"{p}: too few authors: population.num_devices = {num_devices} but only {len(ranked)} of the "
+            f"{len(counts)} authors with usable answers have at least population.min_answers_per_user = "
+            f"{min_answers} (the most active has {top[0] if top else 0}; {summary.answers} answers in "
+            f"{summary.rows} rows; skipped: {', '.join(f'{r}={summary.skipped.get(r, 0)}' for r in SKIP_REASONS)}). "
+            f"Fix: {', or '.join(fixes)}.")
+    chosen = ranked[:num_devices]
+    rows: list[tuple[int, datetime, int, Record]] = []
+    for k, (site, file) in enumerate(files):
+        mine = {author: rank for rank, (d, author) in enumerate(chosen) if d == k}
+        if mine:
+            rows += _records(file, mine, questions[k], summary)
+    questions.clear()
+
+    records: list[Record] = []
+    parts: list[list[int]] = [[] for _ in chosen]
+    for rank, _, _, record in sorted(rows, key=lambda a: (a[0], a[1], a[2])):
+        d, author = chosen[rank]
         parts[rank].append(len(records))
-        records.append(Record(instruction=instruction, input=extra, output=text, category=tag,
-                              user_id=str(ranked[rank]), source=str(p), line=line))
+        records.append(replace(record, user_id=f"{sites[d]}/{author}" if files[d][0] else str(author)))
     summary.devices = len(parts)
     summary.records = len(records)
+    summary.sites = Counter(sites[d] for d, _ in chosen) if files[0][0] else Counter()
     return records, parts, summary
 
 
@@ -438,17 +486,28 @@ def site_name(path: str | Path, site: str | None = None) -> str:
 
 
 def attribution(path: str | Path, site: str | None = None, license: str = "CC BY-SA 4.0") -> str:
-    """The credit a run on this dump owes its authors (CC BY-SA: who, where, which license, what changed)."""
-    name = site_name(path, site)
+    """The credit a run on this dump owes its authors (CC BY-SA: who, where, which license, what changed).
+    A folder of dumps credits each site (its SITE folder's name); `site` names a single dump's site."""
+    p = Path(path)
+    sites = [name for name, _ in dump_files(p)] if p.is_dir() and not (p / "Posts.xml").is_file() else []
     url = LICENSE_URLS.get(license, "")
-    where = f"https://{name}" if " " not in name else "the site"
+    if sites:
+        source = (f"the Stack Exchange data dumps of {', '.join(sites)}\n(folder: {path}, one SITE/Posts.xml "
+                  "each)")
+        profile = ("profile: https://SITE/users/<OwnerUserId>; post: https://SITE/a/<Id>; a device's user id is "
+                   "SITE/OwnerUserId")
+    else:
+        name = site_name(path, site)
+        where = f"https://{name}" if " " not in name else "the site"
+        source = f"the Stack Exchange data dump of {name}\n(file: {path})"
+        profile = f"profile: {where}/users/<OwnerUserId>; post: {where}/a/<Id>"
     return (
-        f"This run's device data comes from the Stack Exchange data dump of {name}\n"
-        f"(file: {path}), content written by the site's users, published by Stack Exchange, Inc.\n"
+        f"This run's device data comes from {source}, content written by the site's users, published by\n"
+        f"Stack Exchange, Inc.\n"
         f"\n"
         f"License: {license}{f' ({url})' if url else ''}.\n"
         f"Authors: each record's author is the user named by its answer's OwnerUserId\n"
-        f"(profile: {where}/users/<OwnerUserId>; post: {where}/a/<Id>).\n"
+        f"({profile}).\n"
         f"Changes: the posts' HTML was converted to plain text; each answer was paired with its\n"
         f"question's title and text; answers last edited by someone other than their author, by\n"
         f"deleted users, or without their question were left out. Anything derived from this\n"

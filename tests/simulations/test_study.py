@@ -128,6 +128,14 @@ def test_data_maps_to_the_population_by_suffix_and_content(tmp_path):
     posts.parent.mkdir()
     posts.write_text('<?xml version="1.0" encoding="utf-8"?>\n<posts>\n</posts>\n')
     assert st.data_overrides(str(posts)) == ['population.source="stackexchange"', f'population.posts_path="{posts}"']
+    site = tmp_path / "dumps" / "kettles.stackexchange.com"
+    site.mkdir(parents=True)
+    (site / "Posts.xml").write_text('<?xml version="1.0" encoding="utf-8"?>\n<posts>\n</posts>\n')
+    for folder in (site, site.parent):  # a dump's folder, or a folder of dumps (SITE/Posts.xml each)
+        assert st.data_overrides(str(folder)) == ['population.source="stackexchange"',
+                                                  f'population.posts_path="{folder}"']
+    with pytest.raises(ConfigError, match="a folder without Posts.xml"):
+        st.data_overrides(str(posts.parent))  # holds a file named Posts, not Posts.xml
     other = tmp_path / "notes.txt"
     other.write_text("hello\n")
     with pytest.raises(ConfigError, match="neither JSONL"):

@@ -334,3 +334,61 @@ def test_check_dataset_validates_the_dump_before_ray(dump):
     with pytest.raises(DatasetError, match="too few authors"):
         check_dataset(settings.model_copy(update={"population": settings.population.model_copy(
             update={"num_devices": 9})}))
+
+
+# --- a folder of dumps: authors of several sites pooled --------------------------------------------
+
+
+@pytest.fixture
+def sites(dump) -> Path:
+    """The `dump` fixture's kettles site beside a teapots site whose user 7 (another person than
+    kettles' 7) has 4 usable answers, tying with kettles' authors 3 and 5, and whose user 2 has 5."""
+    rows = [_question(q, day=1, title=f"Teapot question {q}") for q in range(1, 6)]
+    rows += [_answer(200 + q, q, 7, day=q + 1, body=f"<p>Teapot answer {q}</p>") for q in range(1, 5)]
+    rows += [_answer(210 + q, q, 2, day=q + 1, body=f"<p>Pot {q}</p>") for q in range(1, 6)]
+    _dump(dump.parent.parent / "teapots.stackexchange.com" / "Posts.xml", rows)
+    return dump.parent.parent
+
+
+def test_a_folder_of_dumps_pools_its_sites_authors(sites):
+    records, parts, summary = load_stackexchange(sites, num_devices=5, min_answers=3)
+    users = [records[p[0]].user_id for p in parts]
+    # 5 answers: kettles/7 and teapots/2 (kettles first by site name); 4 answers: kettles/3, kettles/5, then teapots/7
+    assert users == ["kettles.stackexchange.com/7", "teapots.stackexchange.com/2", "kettles.stackexchange.com/3",
+                     "kettles.stackexchange.com/5", "teapots.stackexchange.com/7"]
+    assert all(records[k].user_id == users[i] for i, part in enumerate(parts) for k in part)
+    teapot7 = [records[k] for k in parts[4]]  # the same OwnerUserId on another site is another person
+    assert [r.output for r in teapot7] == [f"Teapot answer {q}" for q in range(1, 5)]
+    assert teapot7[0].instruction == "Teapot question 1" and teapot7[0].source.endswith("teapots.stackexchange.com/Posts.xml")
+    assert [records[k].output for k in parts[0]][0] == "First by seven"
+    assert summary.sites == {"kettles.stackexchange.com": 3, "teapots.stackexchange.com": 2}
+    assert (summary.rows, summary.authors, summary.eligible_authors) == (31 + 14, 6, 5)
+    assert "devices per site: kettles.stackexchange.com=3, teapots.stackexchange.com=2" in summary.lines()
+    assert summary.to_dict()["sites"] == {"kettles.stackexchange.com": 3, "teapots.stackexchange.com": 2}
+    # one dump, as a file or as its folder: user ids stay plain, no per-site count
+    for one in (sites / "kettles.stackexchange.com", sites / "kettles.stackexchange.com" / "Posts.xml"):
+        records, parts, summary = load_stackexchange(one, num_devices=3, min_answers=3)
+        assert [records[p[0]].user_id for p in parts] == ["7", "3", "5"] and not summary.sites
+
+
+def test_a_folder_of_dumps_through_settings_attribution_and_digest(sites):
+    from simulations.validation import dataset_digest
+
+    settings = load_settings(None, ["population.source='stackexchange'", f"population.posts_path='{sites}'",
+                                    "population.num_devices=5", "population.min_answers_per_user=3"])
+    pop = population_from_settings(settings.population)
+    assert pop.num_devices == 5 and pop.summary.sites["teapots.stackexchange.com"] == 2
+    text = attribution_text(settings.population)
+    assert "kettles.stackexchange.com, teapots.stackexchange.com" in text and "SITE/OwnerUserId" in text
+    before = dataset_digest(settings)
+    assert before == dataset_digest(settings)
+    teapots = sites / "teapots.stackexchange.com" / "Posts.xml"
+    teapots.write_text(teapots.read_text().replace("Pot 5", "Pot five"))
+    assert dataset_digest(settings) != before  # a change in any site's dump is a changed dataset (resume refuses)
+
+
+def test_a_folder_without_dumps_is_refused(tmp_path):
+    (tmp_path / "empty.stackexchange.com").mkdir()
+    (tmp_path / "notes.txt").write_text(CANARY)
+    message = _error(tmp_path)
+    assert "no Posts.xml in it or in any folder directly under it" in message and "SITE/Posts.xml" in message
