@@ -14,8 +14,8 @@ Devices are the `num_devices` authors with the most usable answers, at least `mi
 ties broken by user id. `path` is one Posts.xml, or a folder of dumps (one SITE/Posts.xml per site,
 as they unpack, e.g. coffee.stackexchange.com/Posts.xml): then authors of every site compete for the
 devices, an author is a site's user (user id "SITE/OwnerUserId"), and ties go to the site first in
-name order, then the lower user id. The file is read as a stream, three times (count authors; their answers;
-the questions those answers need), so memory holds the question ids, a count per author and the
+name order, then the lower user id. Each file is read as a stream, three times (count authors; their
+answers; the questions those answers need), so memory holds the question ids, a count per author and the
 chosen devices' text, never the whole XML. A document type declaration is refused before parsing
 (the dumps have none; it is where entity-expansion tricks live), and errors name the file, line
 and field, never a post's text.

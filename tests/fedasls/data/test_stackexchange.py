@@ -359,7 +359,8 @@ def test_a_folder_of_dumps_pools_its_sites_authors(sites):
     assert all(records[k].user_id == users[i] for i, part in enumerate(parts) for k in part)
     teapot7 = [records[k] for k in parts[4]]  # the same OwnerUserId on another site is another person
     assert [r.output for r in teapot7] == [f"Teapot answer {q}" for q in range(1, 5)]
-    assert teapot7[0].instruction == "Teapot question 1" and teapot7[0].source.endswith("teapots.stackexchange.com/Posts.xml")
+    assert teapot7[0].instruction == "Teapot question 1"
+    assert teapot7[0].source.endswith("teapots.stackexchange.com/Posts.xml")
     assert [records[k].output for k in parts[0]][0] == "First by seven"
     assert summary.sites == {"kettles.stackexchange.com": 3, "teapots.stackexchange.com": 2}
     assert (summary.rows, summary.authors, summary.eligible_authors) == (31 + 14, 6, 5)
