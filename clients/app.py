@@ -27,7 +27,9 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from wire.messages import (
+    FETCH_UPDATE,
     FIT_CONFIG,
+    KEEP_UPDATE,
     SECAGG_CONFIGS,
     build_batch_reply,
     build_fit_reply,
@@ -72,13 +74,16 @@ def worker_resources(settings_json: str) -> tuple[Settings, DeviceRuntime, Heter
 
 def device_round(settings_json: str, device_id: int, now: float, store_dir: str, simulated_timing: bool,
                  downlink: Downlink | None = None, server_round: int | None = None,
-                 withhold_late: bool = True) -> DeviceRoundResult:
+                 withhold_late: bool = True, keep_token: str | None = None) -> DeviceRoundResult:
     """Run one device round in this process. Simulated devices keep their state only if they finish
     inside their availability window; real devices always keep it. A simulated device that finishes
     past [simulation] deadline_s does not send its update (`withhold_late`, unless
     simulation.withhold_late_updates is off; a SecAgg+ round must send its masked vector anyway). The store is opened for
     `server_round` (an unrecorded attempt of that round is rolled back); a failure raises
-    DeviceFailure, its traceback kept in the device's errors.log."""
+    DeviceFailure, its traceback kept in the device's errors.log. With `keep_token` (phase 1 of a
+    two-phase round) the update stays on the device (fedasls.device.kept_update), bound to that token:
+    the result has no contribution and `withheld_bytes` its size until phase 2 asks for it."""
+    from fedasls.device import kept_update
     from fedasls.device.round import keep_always, run_device_round
     from fedasls.device.faults import contained
     from fedasls.sim.cost_model import CostModel
@@ -97,16 +102,26 @@ def device_round(settings_json: str, device_id: int, now: float, store_dir: str,
                     if simulated_timing and withhold_late and settings.simulation.withhold_late_updates else None)
             result = run_device_round(device_id, now, runtime, settings, store, hetero, keep=keep, downlink=downlink,
                                       withhold=late)
+            if keep_token is not None:  # phase 1: keep the update (or drop a stale one), send metrics only
+                folder = store.folder(device_id)
+                if result.contribution is None:
+                    kept_update.discard(folder)
+                else:
+                    with stage("save"):
+                        result.withheld_bytes = kept_update.keep(folder, keep_token, result.contribution.update)
+                    result.contribution = None  # its unclipped bit (adaptive clipping) is still reported
         result.stage_seconds = timer.metrics()  # this call's stages, the worker's setup included
         return result
 
 
 def device_round_reply(settings_json: str, device_id: int, now: float, store_dir: str, simulated_timing: bool,
-                       server_round: int | None = None, downlink: Downlink | None = None
+                       server_round: int | None = None, downlink: Downlink | None = None,
+                       keep_token: str | None = None
                        ) -> tuple[dict[str, float | int], dict[str, torch.Tensor] | None]:
     """Run one device round in this process (one of a worker slot's batch); its reply metrics and
-    its global-adapter update (None in a local round, or when it trained nothing)."""
-    result = device_round(settings_json, device_id, now, store_dir, simulated_timing, downlink, server_round)
+    its global-adapter update (None in a local round, when it trained nothing, or kept it: phase 1)."""
+    result = device_round(settings_json, device_id, now, store_dir, simulated_timing, downlink, server_round,
+                          keep_token=keep_token)
     return result.metrics(), (result.contribution.update if result.contribution else None)
 
 
@@ -181,21 +196,46 @@ def train(msg: Message, context: Context) -> Message:
     if FIT_CONFIG in msg.content:
         return secagg_train(msg, context)
     config = msg.content["config"]
+    if FETCH_UPDATE in config:  # phase 2 of a two-phase round: the kept update, nothing else
+        return fetch_kept_updates(msg, context)
     settings_json, now, store, simulated, server_round = _round_request(msg, context)
+    keep_token = str(config[KEEP_UPDATE]) if KEEP_UPDATE in config else None
     if "device-ids" in config:  # a worker slot running several devices side by side
         from functools import partial
 
         from clients.device_pool import run_devices
 
         downlink = read_downlink(msg)
-        results, failures = run_devices(partial(device_round_reply, downlink=downlink), settings_json,
+        results, failures = run_devices(partial(device_round_reply, downlink=downlink, keep_token=keep_token),
+                                        settings_json,
                                         [int(d) for d in config["device-ids"]], now, store, simulated,
                                         int(config.get("parallel", 1)), server_round)
         updates = {int(m["device_id"]): u for m, u in results if u is not None}
         return build_batch_reply(msg, [m for m, _ in results], failures, updates)
     downlink = read_downlink(msg)
-    result = device_round(settings_json, device_id_of(msg, context), now, store, simulated, downlink, server_round)
+    result = device_round(settings_json, device_id_of(msg, context), now, store, simulated, downlink, server_round,
+                          keep_token=keep_token)
     return build_reply(msg, result.metrics(), result.contribution.update if result.contribution else None)
+
+
+def fetch_kept_updates(msg: Message, context: Context) -> Message:
+    """Phase 2 of a two-phase round: each asked device's kept update for the message's round token
+    (metrics: its device id only), through the same reply builders (and the guard: layout, finite,
+    clip_norm, as any update). A device that holds none for the token fails with NO_KEPT_UPDATE."""
+    from fedasls.device import kept_update
+    from fedasls.device.faults import DeviceFailure, FailureCode
+    from fedasls.device.store import DeviceStore
+
+    config = msg.content["config"]
+    token, store = str(config[FETCH_UPDATE]), DeviceStore(_store_dir(msg, context))
+    ids = [int(d) for d in config["device-ids"]] if "device-ids" in config else [device_id_of(msg, context)]
+    updates = {d: u for d in ids if (u := kept_update.take(store.folder(d), token)) is not None}
+    if "device-ids" not in config:
+        if ids[0] not in updates:
+            raise DeviceFailure(FailureCode.NO_KEPT_UPDATE, ids[0])
+        return build_reply(msg, {"device_id": ids[0]}, updates[ids[0]])
+    failures = {d: FailureCode.NO_KEPT_UPDATE for d in ids if d not in updates}
+    return build_batch_reply(msg, [{"device_id": d} for d in updates], failures, updates)
 
 
 @app.evaluate()

@@ -342,6 +342,11 @@ class SimulationSettings(_Section):
         True, description="A simulated device whose round (upload included) would finish past deadline_s sends "
         "its metrics but not its update, which the server would discard (it is a straggler either way; "
         "withheld_bytes in device_rounds). Not under SecAgg+, where the masked vector must be sent.")
+    upload: Literal["two-phase", "one-phase"] = Field(
+        "two-phase", description="Global-adapter rounds (not SecAgg+): 'two-phase' = devices reply metrics and keep "
+        "their clipped update; once the round closes (K fastest, deadline), only the completed devices are asked "
+        "for it, so stragglers never upload (same released adapter as 'one-phase'; one extra message per round). "
+        "'one-phase' = every device uploads with its metrics.")
     round_interval_s: float = Field(21_600.0, ge=0, description="Simulated time between round starts (streams advance).")
     start_time_s: float = Field(43_200.0, ge=0, description="Virtual clock at the first round (noon of day 0).")
     workers: int = Field(2, ge=1, description="Ray actors running devices in parallel (one base model each).")

@@ -22,12 +22,13 @@ from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from tqdm import tqdm
 
-from wire.messages import device_failures, device_metrics, downlink_records
+from wire.messages import FETCH_UPDATE, KEEP_UPDATE, device_failures, device_metrics, downlink_records, reply_updates
 from fedasls.config import Settings
 from fedasls.device.faults import FailureCode
 from fedasls.sim.heterogeneity import HeterogeneityModel
 from fedasls.sim.cost_model import CostModel
 from fedasls.sim.simulated_timing import SimulatedTiming
+from fedasls.device.kept_update import round_token
 from fedasls.device.store import ERRORS_LOG, DeviceStore
 from server.checkpoint import (
     CHECKPOINT,
@@ -47,7 +48,7 @@ from server.coordinator import Coordinator
 from server.private_state import dp_secrets
 from server.fleets import DeviceNodes, Dispatched, Fleet, WorkerSlots
 from server.secagg import secure_aggregation
-from server.strategy import make_strategy, round_contributions
+from server.strategy import fetched_contributions, make_strategy, round_contributions
 
 __all__ = ["CHECKPOINT", "DEVICE_ROUNDS_FILE", "ROUNDS_FILE", "FleetRun", "run_fleet"]
 RECEIVED_FILE = "received.jsonl"  # simulation.audit_log: every reply the server received
@@ -180,10 +181,14 @@ def run_fleet(grid: Grid, run: FleetRun) -> dict[str, Any]:
         downlink = strategy.configure_train(server_round, to_run)  # tensors and knobs (None: a local round)
         shared = {} if downlink is None else downlink_records(downlink)
         bar = None if run.quiet else tqdm(total=len(to_run), desc=f"round {server_round}/{sim.rounds}", unit="dev")
+        # Two-phase upload: devices keep their update, bound to this attempt's token, until the round closes.
+        token = round_token(server_round) if two_phase(s, downlink is not None) else None
 
         # What each device receives: its round config and the strategy's downlink.
         def message_for(device_id: int) -> RecordDict:
             content = round_config(settings_json, run.store_dir, device_id, now, server_round, fleet.simulated)
+            if token is not None:
+                content["config"][KEEP_UPDATE] = token
             return RecordDict({**content, **shared})
 
         sent = fleet.dispatch(grid, to_run, message_for, server_round, _progress(bar))
@@ -195,9 +200,15 @@ def run_fleet(grid: Grid, run: FleetRun) -> dict[str, Any]:
         offline |= sent.unreachable
         outcome = coordinator.close_round(now, {d: t for d, t in durations.items() if d not in offline}, offline)
         # ... and a round strategy aggregates the completed replies here (after the round closes).
+        phase2: dict[str, Any] = {}
+        if token is not None:  # phase 2: only the completed devices that kept an update send it
+            contributions, phase2 = _fetch_updates(grid, fleet, run, server_round, token, shared, results,
+                                                   outcome.completed)
+            transport: dict[str, float] = {}
+        else:
+            contributions, transport = round_contributions(sent, outcome.completed)
         rows = _device_rows(server_round, now, results, outcome, hetero, failures)
-        round_row = _round_row(server_round, now, outcome, rows, failures, time.perf_counter() - t0)
-        contributions, transport = round_contributions(sent, outcome.completed)
+        round_row = _round_row(server_round, now, outcome, rows, failures, time.perf_counter() - t0) | phase2
         round_row.update(strategy.aggregate_train(server_round, contributions) | transport)
         coordinator.clock.now = max(coordinator.clock.now, now + sim.round_interval_s)
         ran = [d for d in to_run if d not in sent.unreachable]
@@ -222,6 +233,46 @@ def run_fleet(grid: Grid, run: FleetRun) -> dict[str, Any]:
     if stop_reason and not run.quiet:
         print(f"fedasls: {stop_reason}")
     return run.summary
+
+
+def two_phase(settings: Settings, global_round: bool) -> bool:
+    """Whether a round uploads in two phases (simulation.upload): global-adapter rounds without SecAgg+
+    (which has its own masked protocol; a local round uploads nothing)."""
+    return (global_round and settings.simulation.upload == "two-phase"
+            and settings.federated.secure_aggregation == "none")
+
+
+def _fetch_updates(grid: Grid, fleet: Fleet, run: FleetRun, server_round: int, token: str,
+                   shared: dict[str, Any], results: dict[int, dict[str, Any]], completed: list[int]
+                   ) -> tuple[list[Any], dict[str, Any]]:
+    """Phase 2 of a two-phase round: ask the completed devices that kept an update (withheld_bytes > 0)
+    for it, through the same fleet and ClientApp (the guard checks each update as in one phase). Their
+    withheld_bytes become sent bytes; a device that sends none (no kept update, no reply) is a dropout,
+    counted in `fetch_failed`. Returns the contributions and the round row's phase-2 figures
+    (`stage_fetch_s`: the wall seconds phase 2 added to the round)."""
+    t0 = time.perf_counter()
+    ask = [d for d in completed if int(results[d].get("withheld_bytes", 0)) > 0]
+    updates: dict[int, Any] = {}
+    failed: dict[int, str] = {}
+    if ask:
+        def fetch_for(device_id: int) -> RecordDict:
+            config = ConfigRecord({"device-id": device_id, "server-round": server_round,
+                                   "store": str(run.store_dir), FETCH_UPDATE: token})
+            return RecordDict({"config": config, **shared})  # the global adapter: the layout the guard checks
+
+        sent = fleet.dispatch(grid, ask, fetch_for, server_round)
+        _, failures = _collect(sent, ask, run.on_reply)  # phase-2 metrics hold device ids only
+        failed = {d: reason for d, (_, reason) in failures.items()} | {d: "unavailable" for d in sent.unreachable}
+        for reply in sent.replies:
+            updates |= reply_updates(reply)
+    contributions = fetched_contributions(results, updates, completed)
+    for d, update in updates.items():
+        results[d]["withheld_bytes"] = int(results[d]["withheld_bytes"]) - sum(
+            int(t.numel()) * t.element_size() for t in update.values())
+    for d, reason in failed.items():
+        results[d]["fetch_failure"] = reason
+    return contributions, {"fetched": len(updates), "fetch_failed": len(failed),
+                           "stage_fetch_s": time.perf_counter() - t0}
 
 
 def _audit(path: Path) -> Callable[[Message], None]:

@@ -62,6 +62,18 @@ def completed_contributions(replies: list[Message], completed: list[int]) -> lis
     return [by_device[d] for d in completed if d in by_device]
 
 
+def fetched_contributions(results: dict[int, dict], updates: dict[int, dict], completed: list[int]
+                          ) -> list[Contribution]:
+    """A two-phase round's contributions (server/rounds.py): the phase-2 `updates` with the phase-1
+    metrics of the same devices, exactly as `completed_contributions` builds them from one-phase replies."""
+    out = []
+    for d in completed:
+        if d in updates:
+            metrics = {k: v for k, v in results[d].items() if k != "device_seconds"}
+            out.append(Contribution(d, updates[d], float(metrics["examples"]), metrics))
+    return out
+
+
 def round_contributions(sent: Dispatched, completed: list[int]) -> tuple[list[Contribution], dict[str, float]]:
     """What the round strategy aggregates: the completed devices' decoded updates, or (secure
     aggregation) the aggregate its round recovered; and the transport's figures for the round row."""

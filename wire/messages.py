@@ -48,6 +48,8 @@ METRICS_KEY = "metrics"
 GLOBAL_UPDATE_KEY = "global-update"  # a device's contribution to the global adapter
 GLOBAL_ADAPTER_KEY = "global-adapter"  # downlink: the global adapter's shared tensors (defines what may return)
 DOWNLINK_KEY = "downlink"  # downlink: the round's knobs (fedasls.federated.strategy.Downlink), a ConfigRecord
+KEEP_UPDATE = "keep-update"  # train config, phase 1 of a two-phase round: keep the update for this round token
+FETCH_UPDATE = "fetch-update"  # train config, phase 2: reply with the update kept for this round token
 ALLOWED_KEYS = frozenset({METRICS_KEY, GLOBAL_UPDATE_KEY})
 FAILED_IDS_KEY, FAILED_CODES_KEY = "failed_device_id", "failure_code"  # a batch reply's failed devices
 

@@ -29,6 +29,7 @@ class FailureCode(IntEnum):
     ERROR = 100  # the device round raised
     CORRUPT_STATE = 101  # its stored state was unreadable: moved aside, the device was reset
     REFUSED = 102  # the privacy guard refused the reply the device built
+    NO_KEPT_UPDATE = 103  # two-phase upload: asked for an update it does not hold (wrong round, state lost)
 
     @property
     def reason(self) -> str:
@@ -46,6 +47,8 @@ FIXED_MESSAGES = {
                        "(or in the worker's log, for an error outside the device round)",
     FailureCode.CORRUPT_STATE: "fedasls: the device's stored state was corrupt; it was moved aside and the device reset",
     FailureCode.REFUSED: "fedasls: the privacy guard refused the device's reply; details are in the device's log",
+    FailureCode.NO_KEPT_UPDATE: "fedasls: the device holds no kept update for this round (another round or "
+                                "attempt kept it, or its state was lost); the round counts it as a dropout",
 }
 
 
