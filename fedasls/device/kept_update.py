@@ -14,12 +14,13 @@ Written atomically (fedasls.files.atomic_write); a device keeps at most one.
 
 from __future__ import annotations
 
+import json
 import re
 import uuid
 from pathlib import Path
 
 import torch
-from safetensors.torch import load as load_tensors
+from safetensors import safe_open
 from safetensors.torch import save as save_tensors
 
 from fedasls.files import atomic_write
@@ -53,17 +54,16 @@ def keep(folder: Path, token: str, update: dict[str, torch.Tensor]) -> int:
     discard(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in update.items()}
-    atomic_write(path, save_tensors(tensors))
+    atomic_write(path, save_tensors(tensors, metadata={"order": json.dumps(list(tensors))}))  # it sorts names
     return sum(int(t.numel()) * t.element_size() for t in tensors.values())
 
 
 def take(folder: Path, token: str) -> dict[str, torch.Tensor] | None:
     """The update kept for `token` (removed from the device once read), or None if it holds none for it."""
     path = _path(folder, token)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
+    if not path.is_file():
         return None
-    tensors = load_tensors(data)
+    with safe_open(str(path), framework="pt") as f:
+        tensors = {name: f.get_tensor(name) for name in json.loads(f.metadata()["order"])}  # the kept order
     path.unlink(missing_ok=True)
     return tensors

@@ -19,7 +19,7 @@ from fedasls.device.store import DeviceStore
 from fedasls.federated.strategy import Downlink
 from wire.messages import FETCH_UPDATE, device_failures, downlink_records, reply_updates
 
-A, B = "m.q_proj.lora_A.weight", "m.q_proj.lora_B.weight"
+A, B = "m.q_proj.lora_B.weight", "m.q_proj.lora_A.weight"  # not in name order: the order must survive the keep
 GLOBAL = {A: torch.zeros(4, 8), B: torch.zeros(6, 4)}
 CLIP = 1.0
 
