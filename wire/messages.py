@@ -14,6 +14,11 @@ trained, under "global-update.<device id>". Raw text, buffers, profiles and pers
 never leave: there is no code path that puts them in a reply, and the ClientApp's guard
 (clients/guard.py) refuses any reply that does not fit.
 
+Two-phase upload ([simulation] upload, server/rounds.py): a train config with `KEEP_UPDATE` (phase 1)
+asks the device to keep its update and reply metrics only; one with `FETCH_UPDATE` (phase 2)
+asks for the kept update, which leaves through `build_reply` / `build_batch_reply` like any update
+(metrics: the device id only), the message carrying the global adapter again for the guard's checks.
+
 Under SecAgg+ ([federated] secure_aggregation = "secagg+", server/secagg.py) a round is Flower's
 four-stage protocol and the update never leaves in the clear: `build_fit_reply` builds the
 handler's reply (FitRes layout: the same checked metrics and update, via `build_reply`), and
