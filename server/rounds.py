@@ -263,8 +263,8 @@ def _fetch_updates(grid: Grid, fleet: Fleet, run: FleetRun, server_round: int, t
         sent = fleet.dispatch(grid, ask, fetch_for, server_round)
         _, failures = _collect(sent, ask, run.on_reply)  # phase-2 metrics hold device ids only
         failed = {d: reason for d, (_, reason) in failures.items()} | {d: "unavailable" for d in sent.unreachable}
-        for reply in sent.replies:
-            updates |= reply_updates(reply)
+        for reply in sent.replies:  # (the guard lets a reply hold only the devices its message asked for)
+            updates |= {d: u for d, u in reply_updates(reply).items() if d in ask and d not in failed}
     contributions = fetched_contributions(results, updates, completed)
     for d, update in updates.items():
         results[d]["withheld_bytes"] = int(results[d]["withheld_bytes"]) - sum(

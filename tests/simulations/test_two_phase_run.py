@@ -18,7 +18,7 @@ from simulations.runner import simulate
 pytestmark = pytest.mark.integration  # real runs on Flower + Ray
 
 
-def run(tiny_model_dir: Path, out: Path, upload: str, federated: dict) -> Path:
+def run(tiny_model_dir: Path, out: Path, upload: str, federated: dict, on_reply=None) -> Path:
     settings = Settings.model_validate({
         "model": {"path": str(tiny_model_dir)},
         "population": {"num_devices": 6, "stream_length": 30, "heldout": 2},
@@ -32,7 +32,7 @@ def run(tiny_model_dir: Path, out: Path, upload: str, federated: dict) -> Path:
                        "round_interval_s": 259200.0, "workers": 1, "upload": upload,
                        "output_dir": str(out)},
     })
-    return simulate(settings, out / upload, quiet=True).run_dir
+    return simulate(settings, out / upload, quiet=True, on_reply=on_reply).run_dir
 
 
 def records(run_dir: Path, name: str) -> list[dict]:
@@ -70,3 +70,23 @@ def test_two_phase_releases_the_one_phase_adapter_and_stragglers_do_not_upload(t
         assert r["fetched"] == len(trained) and r["fetch_failed"] == 0
     saved = sum(d["withheld_bytes"] for d in late)
     assert sum(r["uplink_bytes"] for r in r1) - sum(r["uplink_bytes"] for r in r2) == saved
+
+
+def test_a_device_that_lost_its_kept_update_is_a_counted_dropout(tiny_model_dir, tmp_path):
+    """Every kept update is deleted as soon as the server has its phase-1 reply (state lost between
+    the phases): phase 2 gets NO_KEPT_UPDATE from each asked device, nothing is aggregated, the
+    round is recorded with the failures counted and the run goes on."""
+    store = tmp_path / "results" / "two-phase" / "store"
+
+    def lose(reply) -> None:
+        if not reply.has_error() and reply.content["metrics"].get("withheld_bytes", 0) > 0:
+            for path in store.rglob(f"device-{int(reply.content['metrics']['device_id'])}/kept-update-*"):
+                path.unlink()
+
+    two = run(tiny_model_dir, tmp_path / "results", "two-phase", {}, on_reply=lose)
+    rounds, devices = records(two, "rounds.jsonl"), records(two, "device_rounds.jsonl")
+    assert [r["round"] for r in rounds] == [1, 2]
+    lost = [d for d in devices if d["role"] == "completed" and d["adapted"]]
+    assert lost and all(d["fetch_failure"] == "no_kept_update" for d in lost)
+    assert sum(r["fetch_failed"] for r in rounds) == len(lost) and sum(r["fetched"] for r in rounds) == 0
+    assert all(r["global_step_norm"] == 0 for r in rounds)  # nothing reached the aggregate
