@@ -66,7 +66,8 @@ def worker_resources(settings_json: str) -> tuple[Settings, DeviceRuntime, Heter
         settings = Settings.model_validate_json(settings_json)
         shared = next((rt for _, rt, _ in _WORKER.values() if rt.key == resource_key(settings)), None)
         _WORKER.clear()  # a new run in the same process: drop the old model unless it is the same
-        torch.set_num_threads(max(1, int(settings.simulation.cpus_per_worker)))
+        sim = settings.simulation  # a batching slot runs all its devices in this one process
+        torch.set_num_threads(max(1, int(sim.cpus_per_worker * (sim.devices_per_worker if sim.batch_devices else 1))))
         runtime = shared or DeviceRuntime(settings)
         _WORKER[key] = (settings, runtime, HeterogeneityModel.from_settings(settings.heterogeneity))
     return _WORKER[key]
@@ -123,6 +124,19 @@ def device_round_reply(settings_json: str, device_id: int, now: float, store_dir
     result = device_round(settings_json, device_id, now, store_dir, simulated_timing, downlink, server_round,
                           keep_token=keep_token)
     return result.metrics(), (result.contribution.update if result.contribution else None)
+
+
+def _batch_model(settings_json: str) -> object | None:
+    """This process's shared model when the run batches a slot's devices (simulation.batch_devices), else None
+    (also when the worker cannot load: each device then reports that failure itself)."""
+    import json
+
+    if not json.loads(settings_json).get("simulation", {}).get("batch_devices", False):
+        return None
+    try:
+        return worker_resources(settings_json)[1].model
+    except Exception:  # noqa: BLE001 - reported per device by device_round's contained()
+        return None
 
 
 def _config(msg: Message):
@@ -209,7 +223,8 @@ def train(msg: Message, context: Context) -> Message:
         results, failures = run_devices(partial(device_round_reply, downlink=downlink, keep_token=keep_token),
                                         settings_json,
                                         [int(d) for d in config["device-ids"]], now, store, simulated,
-                                        int(config.get("parallel", 1)), server_round)
+                                        int(config.get("parallel", 1)), server_round,
+                                        batch_model=_batch_model(settings_json))
         updates = {int(m["device_id"]): u for m, u in results if u is not None}
         return build_batch_reply(msg, [m for m, _ in results], failures, updates)
     downlink = read_downlink(msg)

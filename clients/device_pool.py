@@ -35,13 +35,21 @@ def _pool(size: int) -> ProcessPoolExecutor:
 
 
 def run_devices(fn: DeviceRoundFn, settings_json: str, device_ids: list[int], now: float, store_dir: str,
-                simulated_timing: bool, parallel: int, server_round: int | None = None
-                ) -> tuple[list[Any], dict[int, FailureCode]]:
+                simulated_timing: bool, parallel: int, server_round: int | None = None,
+                batch_model: Any = None) -> tuple[list[Any], dict[int, FailureCode]]:
     """`fn`'s result for each device that finished its round (in `device_ids` order), and the
     FailureCode of each device that raised (its traceback stays on the worker: the device's
-    errors.log, or this worker's log)."""
+    errors.log, or this worker's log). With `batch_model` (simulation.batch_devices: this process's
+    shared peft model) the devices run here, taking turns, their generation batched
+    (fedasls.device.batched); `parallel` is then not used."""
     args = (settings_json, now, store_dir, simulated_timing, server_round)
-    if parallel <= 1:
+    if batch_model is not None and len(device_ids) > 1:
+        from functools import partial
+
+        from fedasls.device.batched import run_batched
+
+        futures = run_batched(batch_model, [partial(_call, fn, d, *args) for d in device_ids])
+    elif parallel <= 1:
         futures = [_run_inline(fn, d, *args) for d in device_ids]
     else:
         pool = _pool(parallel)

@@ -372,6 +372,11 @@ class SimulationSettings(_Section):
         1, ge=1, description="Devices one worker slot runs side by side (one process each), to use more CPUs "
         "than Flower's min(32, cpu_count + 4) concurrent ClientApp calls."
     )
+    batch_devices: bool = Field(
+        False, description="A worker slot's devices run in ONE process (torch gets all their CPUs) and take turns; "
+        "their greedy answers (feedback, gate, evaluation) and answer losses run as shared batches with a LoRA "
+        "adapter per row (fedasls/device/batched.py). Answers can differ from an unbatched run where padding moves "
+        "a near-tie (benchmarks/batch_devices.py counts it). false = each device alone, as before (exact replication).")
 
 
 class DeploymentSettings(_Section):

@@ -54,22 +54,48 @@ class StageTimer:
     def __init__(self) -> None:
         self._times: dict[str, StageTime] = {}
         self._open: list[list[float]] = []  # per open stage: [wall, cpu] spent in its nested stages
+        self._names: list[str] = []  # the open stages' names, innermost last
 
     @contextlib.contextmanager
     def stage(self, name: str) -> Iterator[None]:
         """Time the block as stage `name` (minus the stages nested in it)."""
         self._open.append([0.0, 0.0])
+        self._names.append(name)
         wall0, cpu0 = time.perf_counter(), time.process_time()
         try:
             yield
         finally:
             wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
             nested_wall, nested_cpu = self._open.pop()
+            self._names.pop()
             entry = self._times.setdefault(name, StageTime())
             entry.add(StageTime(wall - nested_wall, cpu - nested_cpu, 1))
             if self._open:  # the enclosing stage excludes this block's whole time
                 self._open[-1][0] += wall
                 self._open[-1][1] += cpu
+
+    def innermost(self) -> str | None:
+        """The name of the innermost open stage, or None."""
+        return self._names[-1] if self._names else None
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """The block counts for no stage (a device thread waiting while a worker's batcher runs others);
+        what it is owed comes back through `credit`."""
+        self._open.append([0.0, 0.0])
+        wall0, cpu0 = time.perf_counter(), time.process_time()
+        try:
+            yield
+        finally:
+            wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+            self._open.pop()
+            if self._open:
+                self._open[-1][0] += wall
+                self._open[-1][1] += cpu
+
+    def credit(self, name: str, wall: float, cpu: float) -> None:
+        """Add time spent elsewhere on this timer's behalf (its share of a batched call) to stage `name`."""
+        self._times.setdefault(name, StageTime()).add(StageTime(wall, cpu, 0))
 
     def merge(self, other: "StageTimer") -> None:
         """Add another timer's figures to this one."""

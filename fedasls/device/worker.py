@@ -30,6 +30,7 @@ from fedasls.data.population import Population
 from fedasls.data.sources import population_from_settings
 from fedasls.lm.prompts import PromptFormat
 from fedasls.pipeline.synthesis import ParaphraseProbe, probe_paraphrase
+from fedasls.device.batched import lane_suffix
 from fedasls.device.timing import stage
 
 
@@ -116,7 +117,7 @@ class DeviceRuntime:
 
     def activate(self, rank: int, adaptation: AdaptationSettings) -> PeftModel:
         """Make the adapter slot for (rank, LoRA shape) active (adding it on first use) and return the model."""
-        name = slot_name(rank, adaptation)
+        name = slot_name(rank, adaptation) + lane_suffix()  # a batched worker's threads each have their own slots
         if name not in self.model.peft_config:
             a = adaptation
             self.model.add_adapter(name, lora_config(rank, a.alpha_for(rank), a.lora_dropout, a.target_modules))

@@ -167,6 +167,22 @@ def shrink_adapter(
     return out
 
 
+def adapters_enabled(peft_model: PeftModel) -> bool:
+    """False inside peft's `disable_adapter()` (the base model's behaviour), else True."""
+    layer = next((m for m in peft_model.modules() if isinstance(m, LoraLayer)), None)
+    return layer is None or not layer.disable_adapters
+
+
+def set_adapters_enabled(peft_model: PeftModel, enabled: bool) -> None:
+    """Turn every LoRA layer on or off, and peft's own flag with them (what `disable_adapter()` does on entry
+    and exit; mixed-adapter batches run only while the flag says enabled)."""
+    if enabled:
+        peft_model.base_model.enable_adapter_layers()
+    else:
+        peft_model.base_model.disable_adapter_layers()
+    peft_model._adapters_disabled = not enabled
+
+
 def save_adapter(peft_model: PeftModel, directory: str | Path, adapter_name: str | None = None) -> Path:
     """Save one adapter in peft's format (adapter_config.json + adapter_model.safetensors).
 

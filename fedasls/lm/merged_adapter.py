@@ -18,15 +18,21 @@ import torch
 from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 
+from fedasls.lm import batching
+
 
 @contextmanager
 def merged_adapter(model: torch.nn.Module) -> Iterator[bool]:
     """Merge the active adapter for the block (no gradients); yields whether it merged.
 
-    Nothing is merged for a model that is not a peft model, whose adapters are disabled (e.g.
+    Nothing is merged for a model that is not a peft model, that a worker's device batcher serves
+    (`fedasls.lm.batching`), whose adapters are disabled (e.g.
     `DeviceRuntime.base_model`) or already merged, or that is training.
     """
     layers = [m for m in model.modules() if isinstance(m, LoraLayer)] if isinstance(model, PeftModel) else []
+    if batching.route_for(model) is not None:  # the base weights serve other devices' rows meanwhile
+        yield False
+        return
     if not layers or model.training or any(m.merged or m.disable_adapters for m in layers):
         yield False
         return

@@ -35,6 +35,7 @@ from transformers import (
 
 from fedasls.config import ModelSettings
 from fedasls.errors import ModelNotFoundError
+from fedasls.lm import batching
 from fedasls.lm.model_cache import BUILD_INFO, build_once, cache_root, replace_dir
 from fedasls.lm.prompts import PromptFormat, check_prompt_format
 
@@ -377,6 +378,11 @@ def generate(
     Face models and peft-wrapped ones (PeftModel.generate).
     """
     prompts = check_prompt_format(prompts)
+    route = batching.route_for(model)
+    if route is not None:  # a worker batching its devices: this call joins the others' rows
+        out = route.generate(model, prompts, list(questions), max_new_tokens) if questions else []
+        batching.note_answers(questions, out)
+        return out
     limit = _max_positions(model)
     max_prompt = max(1, limit - max_new_tokens) if limit else None
     device = _device(model)
@@ -388,12 +394,45 @@ def generate(
     with eval_mode(model):
         for i in range(0, len(texts), batch_size or 1):
             out += _generate_batch(model, prompts, texts[i : i + batch_size], max_new_tokens, max_prompt, device)
+    batching.note_answers(questions, out)
+    return out
+
+
+@torch.no_grad()
+def generate_mixed(model: torch.nn.Module, prompts: PromptFormat, rows: list[tuple[str, str]],
+                   max_new_tokens: int) -> list[str]:
+    """Greedy answers to (question, adapter name) rows of a peft model, each row with its own LoRA
+    adapter (peft's mixed-adapter batches; "__base__" = the base model), in row order.
+
+    Prompts are formatted and truncated as `generate` does; rows are sorted by prompt length before
+    they are cut into batches (`generation_batch_size`), so a batch pads little. An answer can differ
+    from `generate`'s where padding moves a near-tie of greedy decoding.
+    """
+    prompts = check_prompt_format(prompts)
+    if not rows:
+        return []
+    limit = _max_positions(model)
+    max_prompt = max(1, limit - max_new_tokens) if limit else None
+    texts = [prompts.answer_prompt(q) for q, _ in rows]
+    lengths = [len(ids) for ids in
+               prompts.tokenize(texts, truncation=max_prompt is not None, max_length=max_prompt)["input_ids"]]
+    order = sorted(range(len(rows)), key=lambda i: lengths[i])
+    size = generation_batch_size(model, max(lengths) + max_new_tokens)
+    out: list[str] = [""] * len(rows)
+    with eval_mode(model):
+        for start in range(0, len(order), size):
+            chunk = order[start : start + size]
+            answers = _generate_batch(model, prompts, [texts[i] for i in chunk], max_new_tokens, max_prompt,
+                                      _device(model), adapter_names=[rows[i][1] for i in chunk])
+            for i, answer in zip(chunk, answers):
+                out[i] = answer
     return out
 
 
 def _generate_batch(model: torch.nn.Module, prompts: PromptFormat, texts: list[str], max_new_tokens: int,
-                    max_prompt: int | None, device: torch.device) -> list[str]:
-    """Greedy answers to one left-padded batch of formatted prompts (see `generate`)."""
+                    max_prompt: int | None, device: torch.device, adapter_names: list[str] | None = None) -> list[str]:
+    """Greedy answers to one left-padded batch of formatted prompts (see `generate`); with
+    `adapter_names` (a peft model), row i runs with adapter `adapter_names[i]`."""
     tokenizer, stops = prompts.tokenizer, prompts.stop_ids
     enc = prompts.tokenize(
         texts, return_tensors="pt", padding=True, padding_side="left",
@@ -406,6 +445,7 @@ def _generate_batch(model: torch.nn.Module, prompts: PromptFormat, texts: list[s
         do_sample=False,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=stops,
+        **({"adapter_names": adapter_names} if adapter_names is not None else {}),
     )
     out = []
     for row in gen[:, enc["input_ids"].shape[1] :].tolist():

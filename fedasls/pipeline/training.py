@@ -51,6 +51,7 @@ from peft import PeftModel
 from torch.utils.data import DataLoader, TensorDataset
 
 from fedasls.config import AdaptationSettings
+from fedasls.lm import batching
 from fedasls.lm.fast_lora import fast_lora_training
 from fedasls.lm.lora import adapter_state, load_adapter_state, seeded
 from fedasls.lm.model import eval_mode
@@ -456,7 +457,45 @@ def sequence_loss(
     batch_size: int = 16,
 ) -> float:
     """Mean next-token loss over all answer tokens of `examples` (exp of it = perplexity)."""
+    route = batching.route_for(model)
+    if route is not None:  # a worker batching its devices: this call joins the others' rows
+        return route.loss(model, prompts, list(examples), max_length)
     return _dataset_loss(model, _tensorize(prompts, examples, max_length), batch_size)
+
+
+@torch.no_grad()
+def mixed_sequence_losses(model: PeftModel, prompts: PromptFormat,
+                          requests: Sequence[tuple[Sequence[TrainingExample], int, str]],
+                          batch_size: int = 16) -> list[float]:
+    """`sequence_loss` of each (examples, max_length, adapter name) request, all rows in shared batches with
+    a LoRA adapter per row (peft's mixed-adapter forward; "__base__" = the base model). Rows are sorted by
+    length before batching; each row's loss depends on that row only, so the figures equal
+    `sequence_loss`'s up to float rounding."""
+    rows: list[tuple[int, list[int], list[int], str]] = []
+    for r, (examples, max_length, adapter) in enumerate(requests):
+        rows += [(r, *_encode(prompts, ex, max_length), adapter) for ex in examples]
+    rows.sort(key=lambda row: len(row[1]))
+    totals, tokens = [0.0] * len(requests), [0] * len(requests)
+    tokenizer = prompts.tokenizer
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    device = next(model.parameters()).device
+    with eval_mode(model):
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start : start + batch_size]
+            width = max(len(ids) for _, ids, _, _ in chunk)
+            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            labels = torch.full((len(chunk), width), IGNORE_INDEX, dtype=torch.long)
+            for k, (_, x, y, _) in enumerate(chunk):
+                ids[k, : len(x)], mask[k, : len(x)], labels[k, : len(y)] = torch.tensor(x), 1, torch.tensor(y)
+            ids, mask, labels = ids.to(device), mask.to(device), labels.to(device)
+            with model._enable_peft_forward_hooks(adapter_names=[row[3] for row in chunk]):
+                per_example = _per_example_loss(model, ids, mask, labels)
+            counts = (labels[:, 1:] != IGNORE_INDEX).sum(dim=1)
+            for k, (r, _, _, _) in enumerate(chunk):
+                totals[r] += float(per_example[k] * counts[k])
+                tokens[r] += int(counts[k])
+    return [total / max(n, 1) for total, n in zip(totals, tokens)]
 
 
 @torch.no_grad()
