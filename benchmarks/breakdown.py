@@ -13,7 +13,9 @@ time) is set against torch's float32 matmul FLOP/s on the same threads (a large 
 one of the model's own shapes).
 
     python -m benchmarks.breakdown                                   # quickstart, 6 devices, day 6
+    python -m benchmarks.breakdown --no-embedded --model smollm2-135m-instruct --devices 2 --no-flops
     python -m benchmarks.breakdown --model /path/to/SmolLM2-135M-Instruct-hf
+    python -m benchmarks.breakdown --no-embedded --model smollm2-135m-instruct --devices 2 --batch-devices
     python -m benchmarks.breakdown --set adaptation.fused_adamw=false   # a speed-up off (each one is a setting)
     python -m benchmarks.breakdown --save-baseline before            # commit benchmarks/baselines/
 
@@ -41,8 +43,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--devices", type=int, default=6, help="devices 0..N-1 (default 6)")
     p.add_argument("--day", type=float, default=6.0, help="virtual day of the round (default 6)")
     p.add_argument("--model", dest="models", action="append", default=[],
-                   help="a local Hugging Face causal-LM folder to measure besides the embedded model "
-                        "(repeatable; a missing folder is skipped with a message)")
+                   help="a model preset (smollm2-135m-instruct) or a local Hugging Face causal-LM folder to measure "
+                        "besides the embedded model, with that model's adaptation defaults (repeatable; a missing "
+                        "folder is skipped with a message)")
+    p.add_argument("--batch-devices", action="store_true",
+                   help="run the devices as ONE worker slot's batch with simulation.batch_devices = true (their "
+                        "generation and answer losses batched together) instead of one ClientApp call each")
     p.add_argument("--no-embedded", action="store_true", help="measure only the --model folders")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1, as a Ray worker)")
     p.add_argument("--no-flops", action="store_true", help="skip the training FLOP/s measurement")
@@ -52,9 +58,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _models(args: argparse.Namespace) -> list[tuple[str, str | None]]:
-    """(label, path) pairs; path None is the embedded default. Missing folders are skipped loudly."""
+    """(label, preset name or folder) pairs; None is the embedded default. Missing folders are skipped loudly."""
+    from fedasls.lm.presets import is_preset
+
     out: list[tuple[str, str | None]] = [] if args.no_embedded else [(EMBEDDED, None)]
     for path in args.models:
+        if is_preset(path):
+            out.append((path, path))
+            continue
         if not Path(path).expanduser().is_dir():
             print(f"skipping model {path}: no such folder (pass a local Hugging Face causal-LM folder, e.g. "
                   "one built by `fedasls model build --preset smollm2-135m-instruct`)", file=sys.stderr)
@@ -77,6 +88,22 @@ def _call(app: Any, message_type: str, config: dict[str, Any]) -> dict[str, floa
     return dict(reply.content["metrics"])
 
 
+def run_settings(model: str | None, args: argparse.Namespace) -> Any:
+    """The settings of one model's rounds. The model (a preset or a folder; None = the embedded one) goes in
+    with the other overrides, so that its adaptation defaults apply (a folder patched in afterwards kept the
+    embedded model's: all seven projections, 6 epochs, lr 5e-3)."""
+    from fedasls.config import load_settings
+    from fedasls.lm.presets import model_override
+
+    overrides = run_overrides(args, [model_override(model)] if model else [])
+    if args.batch_devices:  # one process runs them all, on --threads torch threads in all
+        overrides += ["simulation.batch_devices=true", f"simulation.devices_per_worker={args.devices}",
+                      f"simulation.cpus_per_worker={args.threads / args.devices}"]
+    else:
+        overrides += [f"simulation.cpus_per_worker={float(args.threads)}"]
+    return load_settings(config_path(args.config), overrides)
+
+
 def measure_model(label: str, path: str | None, args: argparse.Namespace) -> dict[str, Any]:
     """Run the device rounds of one model; per-stage and per-device figures."""
     import torch
@@ -87,22 +114,18 @@ def measure_model(label: str, path: str | None, args: argparse.Namespace) -> dic
     import fedasls.device.round  # noqa: F401
     import fedasls.device.faults  # noqa: F401
     import fedasls.sim.simulated_timing  # noqa: F401
-    from fedasls.config import load_settings
     from fedasls.lm.model import ensure_model
     from fedasls.device.timing import record
 
-    settings = load_settings(config_path(args.config), run_overrides(args))
-    model_path = path or str(ensure_model(settings.model))
-    settings = settings.model_copy(update={
-        "model": settings.model.at_path(model_path),
-        "simulation": settings.simulation.model_copy(update={"cpus_per_worker": float(args.threads)}),
-    })
+    settings = run_settings(path, args)
+    model_path = str(ensure_model(settings.model))
+    settings = settings.model_copy(update={"model": settings.model.at_path(model_path)})
     torch.set_num_threads(args.threads)
     now = args.day * 86400.0
     per_device: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="fedasls-breakdown-") as store, record() as timer:
         settings_json = settings.model_dump_json()
-        for device_id in range(args.devices):
+        for device_id in ([] if args.batch_devices else range(args.devices)):
             config = {"device-id": device_id, "now": now, "server-round": 1, "settings": settings_json, "store": store}
             with Meter() as m:
                 metrics = _call(app, "train", config)
@@ -113,7 +136,9 @@ def measure_model(label: str, path: str | None, args: argparse.Namespace) -> dic
                 "rouge1": metrics["rouge1"], "base_rouge1": metrics["base_rouge1"],
                 **{k: v for k, v in metrics.items() if k.startswith("stage_")},
             })
-    stages = timer.seconds()
+        if args.batch_devices:
+            per_device = _batched_round(app, settings_json, store, now, args.devices)
+    stages = _stage_sums(per_device) if args.batch_devices else timer.seconds()  # device threads time their own
     setup = stages.pop("worker_setup", None)
     stages.pop("messaging", None)  # measured from outside the round below
     total_wall = sum(d["wall_s"] for d in per_device)
@@ -137,6 +162,64 @@ def measure_model(label: str, path: str | None, args: argparse.Namespace) -> dic
     if not args.no_flops:
         result["training_flops"] = training_efficiency(settings, args.day)
     return result
+
+
+def _batched_round(app: Any, settings_json: str, store: str, now: float, devices: int) -> list[dict[str, Any]]:
+    """All devices in one worker slot's message (simulation.batch_devices): per-device figures from each
+    device's stage times, the call's remaining CPU (messaging, turn-taking) shared evenly."""
+    from fedasls.device.timing import STAGES
+
+    config = {"device-ids": list(range(devices)), "parallel": 1, "now": now, "server-round": 1,
+              "settings": settings_json, "store": store}
+    with Meter() as m:
+        replies = _call_batch(app, config)
+    rows = []
+    for metrics in replies:
+        cpu = sum(metrics.get(f"stage_{n}_cpu_s", 0.0) for n in STAGES if n != "worker_setup")
+        wall = sum(metrics.get(f"stage_{n}_s", 0.0) for n in STAGES if n != "worker_setup")
+        rows.append({"device_id": int(metrics["device_id"]), "wall_s": wall, "cpu_s": cpu, "load": m.load_after,
+                     "adapted": int(metrics["adapted"]), "examples": int(metrics["examples"]),
+                     "rouge1": metrics["rouge1"], "base_rouge1": metrics["base_rouge1"],
+                     **{k: v for k, v in metrics.items() if k.startswith("stage_")}})
+    setup = sum(r.get("stage_worker_setup_cpu_s", 0.0) for r in rows), sum(r.get("stage_worker_setup_s", 0.0) for r in rows)
+    rest_cpu = (m.cpu - setup[0] - sum(r["cpu_s"] for r in rows)) / max(len(rows), 1)
+    rest_wall = (m.wall - setup[1] - sum(r["wall_s"] for r in rows)) / max(len(rows), 1)
+    for r in rows:
+        r["cpu_s"] += rest_cpu
+        r["wall_s"] += rest_wall
+    return rows
+
+
+def _stage_sums(per_device: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stage -> StageTime summed over the devices' reply metrics (stage_<name>_s / _cpu_s)."""
+    from fedasls.device.timing import STAGES, StageTime
+
+    out = {}
+    for name in STAGES:
+        t = StageTime(sum(d.get(f"stage_{name}_s", 0.0) for d in per_device),
+                      sum(d.get(f"stage_{name}_cpu_s", 0.0) for d in per_device), len(per_device))
+        if t.wall or t.cpu:
+            out[name] = t
+    return out
+
+
+def _call_batch(app: Any, config: dict[str, Any]) -> list[dict[str, float]]:
+    """One worker slot's message for several devices; each device's reply metrics."""
+    from flwr.app import ConfigRecord, Context, Message, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from wire.messages import device_metrics
+
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1
+    msg = Message(RecordDict({"config": ConfigRecord(config)}), dst_node_id=1, message_type="train")
+    context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    reply = app(msg, context)
+    if reply.has_error():
+        raise RuntimeError(f"device rounds failed: {reply.error.reason}")
+    rows = device_metrics(reply)
+    if len(rows) != len(config["device-ids"]):
+        raise RuntimeError(f"{len(config['device-ids']) - len(rows)} device round(s) failed (see the store's errors.log)")
+    return rows
 
 
 def training_efficiency(settings: Any, day: float) -> dict[str, float]:

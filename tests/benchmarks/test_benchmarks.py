@@ -13,6 +13,7 @@ import pytest
 from benchmarks.measure import REPO, study_settings
 from benchmarks import (
     adaptation_fleet,
+    batch_devices,
     breakdown,
     global_adapter,
     global_adapter_pooled,
@@ -48,6 +49,33 @@ def test_breakdown_writes_a_stage_table_a_plot_and_training_efficiency(tiny_mode
 def test_breakdown_skips_a_missing_model_folder_with_a_message(tmp_path, capsys):
     assert breakdown._models(breakdown.parse_args(["--no-embedded", "--model", str(tmp_path / "nope")])) == []
     assert "skipping model" in capsys.readouterr().err
+
+
+def test_breakdown_takes_a_preset_name_and_the_models_adaptation_defaults(tiny_model_dir):
+    args = breakdown.parse_args(["--no-embedded", "--model", "smollm2-135m-instruct"])
+    assert breakdown._models(args) == [("smollm2-135m-instruct", "smollm2-135m-instruct")]
+    preset = breakdown.run_settings("smollm2-135m-instruct", args)
+    assert preset.adaptation.target_modules == ["q_proj", "v_proj"] and preset.adaptation.epochs == 3
+    assert breakdown.run_settings(None, args).adaptation.epochs == 6  # the embedded model's profile
+
+
+def test_breakdown_batches_the_devices_of_one_slot_and_its_stages_add_up(tiny_model_dir, tmp_path):
+    summary = breakdown.main(["--no-embedded", "--model", str(tiny_model_dir), "--devices", "2", "--day", "30",
+                              "--no-flops", "--batch-devices", "--out", str(tmp_path), *_sets(tiny_model_dir)])
+    (result,) = summary["results"]
+    stages = {row["stage"]: row["cpu_s"] for row in result["stages"]}
+    assert stages["train"] > 0 and stages["evaluate"] > 0 and len(result["per_device"]) == 2
+    assert abs(sum(stages.values()) - result["device_rounds_cpu_s"]) < 1e-6
+    assert all(d["cpu_s"] > 0 for d in result["per_device"])
+
+
+def test_batch_devices_reports_per_device_differences_of_a_batched_run(tiny_model_dir, tmp_path):
+    summary = batch_devices.main(["--devices", "2", "--days", "30", "--out", str(tmp_path), *_sets(tiny_model_dir)])
+    rows = summary["per_device"]
+    assert [r["device_id"] for r in rows] == [0, 1]
+    assert all(r["answers"] > 0 and 0 <= r["answers_differing"] <= r["answers"] for r in rows)
+    assert summary["unbatched_cpu_s"] > 0 and summary["batched_cpu_s"] > 0
+    assert (tmp_path / "batch_devices.json").is_file()
 
 
 def test_throughput_runs_the_three_variants_and_reports_rates_ratios_and_rouge(tiny_model_dir, tmp_path):
@@ -145,7 +173,7 @@ def test_personalization_runs_on_any_model_folder(tiny_model_dir, tmp_path):
     assert all(r["status"] in ("accepted", "rejected", "waiting") and 0 <= float(r["rouge1"]) <= 1 for r in rows)
 
 
-BENCHMARKS = ("adaptation_fleet", "breakdown", "global_adapter", "global_adapter_pooled", "personalization",
+BENCHMARKS = ("adaptation_fleet", "batch_devices", "breakdown", "global_adapter", "global_adapter_pooled", "personalization",
               "population_scale", "selection_ablation", "throughput")
 
 
