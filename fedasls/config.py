@@ -284,6 +284,10 @@ class AdaptationSettings(_Section):
     fast_lora_backward: bool = Field(
         True, description="Plain (non-DP) training takes LoRA's rank-r products in MKL's fast orientation "
         "(fedasls.lm.fast_lora); false = peft's own LoRA computation (gradients equal within 1e-5, slower).")
+    batch_gate: bool = Field(
+        True, description="The gate scores the kept adapter and every shrink scale of a candidate in ONE mixed-adapter "
+        "batch (greedy answers and losses; on SmolLM2 about half the gate's CPU); false = one adapter at a time, "
+        "merged (as before; answers can differ where padding moves a near-tie).")
     fused_adamw: bool = Field(
         True, description="Plain (non-DP) training uses torch's fused AdamW kernel; false = AdamW's loop over the "
         "LoRA tensors (same update rule, slower).")

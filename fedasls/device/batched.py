@@ -53,9 +53,8 @@ class _Request:
     lane: int
     kind: str  # "generate" | "loss"
     prompts: Any
-    payload: list[Any]  # questions, or TrainingExamples
-    size: int  # max_new_tokens, or max_length
-    adapter: str
+    payload: list[Any]  # (question, adapter) rows, or (examples, max_length, adapter) loss requests
+    size: int  # max_new_tokens (0 for losses)
     timer: timing.StageTimer | None
     stage: str | None
     result: Any = None
@@ -88,10 +87,16 @@ class DeviceBatcher:
         return model is self.model
 
     def generate(self, model: Any, prompts: Any, questions: list[str], max_new_tokens: int) -> list[str]:
-        return self._request("generate", prompts, questions, max_new_tokens)
+        return self._request("generate", prompts, [(q, None) for q in questions], max_new_tokens)
 
     def loss(self, model: Any, prompts: Any, examples: list[Any], max_length: int) -> float:
-        return self._request("loss", prompts, examples, max_length)
+        return self._request("loss", prompts, [(examples, max_length, None)], 0)[0]
+
+    def generate_rows(self, model: Any, prompts: Any, rows: list[tuple[str, str]], max_new_tokens: int) -> list[str]:
+        return self._request("generate", prompts, rows, max_new_tokens)
+
+    def losses(self, model: Any, prompts: Any, requests: list[tuple[list[Any], int, str]]) -> list[float]:
+        return self._request("loss", prompts, requests, 0)
 
     # ------------------------------------------------------------------ turns
     def run(self, calls: Sequence[Callable[[], Any]]) -> list[Future]:
@@ -126,14 +131,16 @@ class DeviceBatcher:
                 self._pass_turn()
 
     def _request(self, kind: str, prompts: Any, payload: list[Any], size: int) -> Any:
+        """Wait for the batch that serves `payload` (rows whose adapter None = the model as this thread has it)."""
         lane = _LANE.get()
         if lane is None:
             raise RuntimeError("a DeviceBatcher route was used outside its threads")
         state = self._lanes[lane]
         state.active, state.enabled = self.model.active_adapter, adapters_enabled(self.model)
+        own = state.active if state.enabled else BASE
+        payload = [(*item[:-1], own if item[-1] is None else item[-1]) for item in payload]
         timer = timing.current()
-        request = _Request(lane, kind, prompts, payload, size, state.active if state.enabled else BASE,
-                           timer, timer.innermost() if timer else None)
+        request = _Request(lane, kind, prompts, payload, size, timer, timer.innermost() if timer else None)
         with timer.paused() if timer else contextlib.nullcontext():
             with self._cond:
                 state.request = request
@@ -171,33 +178,31 @@ class DeviceBatcher:
         """Run the waiting requests, grouped by kind, prompt format and length setting, one call per group."""
         groups: dict[tuple, list[_Request]] = {}
         for r in requests:
-            size = r.size if r.kind == "generate" else 0  # losses take each request's own max_length
-            groups.setdefault((r.kind, id(r.prompts), size), []).append(r)
+            groups.setdefault((r.kind, id(r.prompts), r.size), []).append(r)
         active, enabled = self.model.active_adapter, adapters_enabled(self.model)
         set_adapters_enabled(self.model, True)  # per-row adapters; "__base__" rows run the base model
         try:
             for (kind, _, size), group in groups.items():
                 wall0, cpu0 = time.perf_counter(), time.process_time()
                 try:
-                    if kind == "generate":
-                        rows = [(q, r.adapter) for r in group for q in r.payload]
-                        answers = generate_mixed(self.model, group[0].prompts, rows, size)
-                        k = 0
-                        for r in group:
-                            r.result, k = answers[k : k + len(r.payload)], k + len(r.payload)
-                    else:
-                        losses = mixed_sequence_losses(self.model, group[0].prompts,
-                                                       [(r.payload, r.size, r.adapter) for r in group])
-                        for r, value in zip(group, losses):
-                            r.result = value
+                    with batching.routed(None):  # run here, not through a route again
+                        if kind == "generate":
+                            out = generate_mixed(self.model, group[0].prompts, [row for r in group for row in r.payload],
+                                                 size)
+                        else:
+                            out = mixed_sequence_losses(self.model, group[0].prompts,
+                                                        [item for r in group for item in r.payload])
+                    k = 0
+                    for r in group:
+                        r.result, k = out[k : k + len(r.payload)], k + len(r.payload)
                 except Exception as err:  # noqa: BLE001 - each waiting device raises it in its own thread
                     for r in group:
                         r.error = err
                 wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
-                total = sum(len(r.payload) for r in group) or 1
+                total = sum(_rows(r) for r in group) or 1
                 for r in group:  # each device's stage gets its share of the call, by rows
                     if r.timer is not None and r.stage is not None:
-                        share = len(r.payload) / total
+                        share = _rows(r) / total
                         r.timer.credit(r.stage, wall * share, cpu * share)
                 self.batches += 1
                 self.rows += total
@@ -205,6 +210,10 @@ class DeviceBatcher:
             if self.model.active_adapter != active:
                 self.model.set_adapter(active)
             set_adapters_enabled(self.model, enabled)
+
+
+def _rows(request: _Request) -> int:
+    return len(request.payload) if request.kind == "generate" else sum(len(item[0]) for item in request.payload)
 
 
 def run_batched(model: PeftModel, calls: Sequence[Callable[[], Any]]) -> list[Future]:

@@ -22,7 +22,7 @@ import torch
 
 from fedasls.pipeline.training import LossTerm, TrainingExample, train_adapter
 from fedasls.lm.lora import adapter_state, load_adapter_state, reset_adapter, shrink_adapter
-from fedasls.pipeline.evaluation import EvalResult, evaluate
+from fedasls.pipeline.evaluation import EvalResult, evaluate, evaluate_adapters
 from fedasls.pipeline.feedback import SimulatedUser, feedback_examples
 from fedasls.pipeline.gate import GateScore, gate_accepts
 from fedasls.pipeline.heldback import assign_heldback, one_per_group
@@ -267,8 +267,10 @@ class Device:
             examples = [TrainingExample(q, ans) for q, ans in train_own + rewrites]
             examples += [TrainingExample(q, ans, w) for q, ans, w in train_accepted]
             held_examples = [TrainingExample(it.question, it.preferred) for it in heldback]
-            with stage("gate"):
-                kept = self._score(model, heldback)  # the kept adapter (or the base model) on the held-back items
+            kept = None  # the kept adapter (or the base model) on the held-back items: scored with the first candidate
+            if not a.batch_gate:
+                with stage("gate"):
+                    kept = self._score(model, heldback)
             self.trained |= {i for i in pairs if i not in self.heldback}
             status = "rejected"
             # Re-tune a fresh adapter on the current buffer: continuing the last one epoch after epoch
@@ -300,7 +302,7 @@ class Device:
                         self.dp_history.append((result.noise_multiplier, result.sample_rate, result.steps))
                 gated += 1
                 with stage("gate"):
-                    candidate, scale = self._shrink(model, heldback, start)
+                    candidate, scale, kept = self._shrink(model, heldback, start, kept)
                 if gate_accepts(a.gate, candidate, kept, a.gate_margin):
                     status, self.adapter = "accepted", adapter_state(model)
                     break
@@ -340,27 +342,59 @@ class Device:
         self.counters.history.append(report.to_dict())
         return report
 
-    def _shrink(self, model, heldback: list[Interaction],
-                start: dict[str, torch.Tensor] | None) -> tuple[GateScore, float]:
+    def _shrink(self, model, heldback: list[Interaction], start: dict[str, torch.Tensor] | None,
+                kept: GateScore | None) -> tuple[GateScore, float, GateScore]:
         """Try the trained candidate at each of `adaptation.shrink_scales` (its update pulled toward
-        `start`); leave the best one on held-back items active and return (its score, its scale).
+        `start`); leave the best one on held-back items active and return (its score, its scale, the
+        kept model's score: `kept`, or scored here alongside when None).
         Best = lowest loss under gate "loss", else highest ROUGE-1 (the earlier scale on a tie).
 
         Measured on the quickstart: the full update often garbles words the base model spells
         right (ROUGE-1 -0.10 on some devices) while three quarters of it keeps the user's style.
+        With `adaptation.batch_gate` every scale (and the kept model) is scored in one mixed-adapter batch.
         """
         scales, by_loss = self.settings.adaptation.shrink_scales, self.settings.adaptation.gate == "loss"
         trained = adapter_state(model) if scales != [1.0] else None
+        if self.settings.adaptation.batch_gate:
+            scores = self._score_side_by_side(model, heldback, trained, scales, start, kept is None)
+            if kept is None:
+                kept, scores = scores[0], scores[1:]
         best: tuple[GateScore, float] | None = None
-        for scale in scales:
-            if trained is not None:
-                load_adapter_state(model, shrink_adapter(trained, scale, start))
-            score = self._score(model, heldback)
+        for k, scale in enumerate(scales):
+            if self.settings.adaptation.batch_gate:
+                score = scores[k]
+            else:
+                if trained is not None:
+                    load_adapter_state(model, shrink_adapter(trained, scale, start))
+                score = self._score(model, heldback)
             if best is None or (score.loss < best[0].loss if by_loss else score.rouge1 > best[0].rouge1):
                 best = (score, scale)
-        if trained is not None and best[1] != scales[-1]:  # the last one tried is still loaded
+        loaded = scales[-1] if not self.settings.adaptation.batch_gate else 1.0  # what the active slot holds now
+        if trained is not None and best[1] != loaded:
             load_adapter_state(model, shrink_adapter(trained, best[1], start))
-        return best
+        return best[0], best[1], kept
+
+    def _score_side_by_side(self, model, heldback: list[Interaction], trained: dict[str, torch.Tensor] | None,
+                            scales: list[float], start: dict[str, torch.Tensor] | None,
+                            with_kept: bool) -> list[GateScore]:
+        """Scores of [the kept model, if `with_kept`] and the candidate at each scale, in one mixed-adapter batch
+        (each loaded into a scoring slot of the shared model; the kept base model runs as peft's "__base__")."""
+        states: list[dict[str, torch.Tensor] | None] = []
+        if with_kept:
+            states.append(self.adapter if self.adapter is not None else self.shared_model)
+        states += [shrink_adapter(trained, s, start) if trained is not None else adapter_state(model) for s in scales]
+        slots = self.runtime.scoring_slots(self.lora_rank, self.settings.adaptation, len(states))
+        names = []
+        for slot, state in zip(slots, states):
+            if state is None:
+                names.append("__base__")
+            else:
+                load_adapter_state(model, state, adapter_name=slot)
+                names.append(slot)
+        e = self.settings.evaluation
+        return [GateScore(loss=math.log(r.perplexity), rouge1=r.rouge1)
+                for r in evaluate_adapters(model, self.runtime.prompts, heldback, names, e.max_new_tokens,
+                                           e.reference_cap)]
 
     def _score(self, model, heldback: list[Interaction]) -> GateScore:
         """The active adapter's answer loss and greedy-answer ROUGE-1 on the held-back items."""

@@ -124,6 +124,19 @@ class DeviceRuntime:
         self.model.set_adapter(name)
         return self.model
 
+    def scoring_slots(self, rank: int, adaptation: AdaptationSettings, n: int) -> list[str]:
+        """`n` extra adapter slots of this LoRA shape (added on first use, never trained, the active adapter
+        unchanged), into which the gate loads the adapters it scores side by side."""
+        names = [f"{slot_name(rank, adaptation)}{lane_suffix()}-score{k}" for k in range(n)]
+        missing = [name for name in names if name not in self.model.peft_config]
+        if missing:
+            active = self.model.active_adapter
+            a = adaptation
+            for name in missing:
+                self.model.add_adapter(name, lora_config(rank, a.alpha_for(rank), a.lora_dropout, a.target_modules))
+            self.model.set_adapter(active)  # adding may mark the new slots trainable: only the active one is
+        return names
+
     @contextlib.contextmanager
     def base_model(self) -> Iterator[PeftModel]:
         """The shared model with every adapter disabled (the base model's behaviour)."""

@@ -30,6 +30,12 @@ class Route(Protocol):
     def loss(self, model: Any, prompts: Any, examples: list[Any], max_length: int) -> float:
         """Mean answer-token loss (as `sequence_loss`) of the model's active adapter."""
 
+    def generate_rows(self, model: Any, prompts: Any, rows: list[tuple[str, str]], max_new_tokens: int) -> list[str]:
+        """Greedy answers to (question, adapter name) rows (as `generate_mixed`)."""
+
+    def losses(self, model: Any, prompts: Any, requests: list[tuple[list[Any], int, str]]) -> list[float]:
+        """Mean answer-token loss of each (examples, max_length, adapter name) request (as `mixed_sequence_losses`)."""
+
 
 _ROUTE: contextvars.ContextVar[Route | None] = contextvars.ContextVar("fedasls_route", default=None)
 _ANSWERS: contextvars.ContextVar[list[tuple[str, str]] | None] = contextvars.ContextVar("fedasls_answers",
@@ -43,8 +49,9 @@ def route_for(model: Any) -> Route | None:
 
 
 @contextlib.contextmanager
-def routed(route: Route) -> Iterator[None]:
-    """Send this thread's generate / sequence_loss calls on the route's model to `route` inside the block."""
+def routed(route: Route | None) -> Iterator[None]:
+    """Send this thread's generate / sequence_loss calls on the route's model to `route` inside the block
+    (None: run them directly)."""
     token = _ROUTE.set(route)
     try:
         yield

@@ -411,9 +411,12 @@ def generate_mixed(model: torch.nn.Module, prompts: PromptFormat, rows: list[tup
     prompts = check_prompt_format(prompts)
     if not rows:
         return []
+    route = batching.route_for(model)
+    if route is not None:  # a worker batching its devices: these rows join the others'
+        return route.generate_rows(model, prompts, list(rows), max_new_tokens)
     limit = _max_positions(model)
     max_prompt = max(1, limit - max_new_tokens) if limit else None
-    texts = [prompts.answer_prompt(q) for q, _ in rows]
+    texts = [prompts.fitted_prompt(q, max_prompt) for q, _ in rows]  # as `generate`: context cut first
     lengths = [len(ids) for ids in
                prompts.tokenize(texts, truncation=max_prompt is not None, max_length=max_prompt)["input_ids"]]
     order = sorted(range(len(rows)), key=lambda i: lengths[i])

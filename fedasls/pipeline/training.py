@@ -471,9 +471,12 @@ def mixed_sequence_losses(model: PeftModel, prompts: PromptFormat,
     a LoRA adapter per row (peft's mixed-adapter forward; "__base__" = the base model). Rows are sorted by
     length before batching; each row's loss depends on that row only, so the figures equal
     `sequence_loss`'s up to float rounding."""
+    route = batching.route_for(model)
+    if route is not None:  # a worker batching its devices: these rows join the others'
+        return route.losses(model, prompts, [(list(e), n, a) for e, n, a in requests])
     rows: list[tuple[int, list[int], list[int], str]] = []
     for r, (examples, max_length, adapter) in enumerate(requests):
-        rows += [(r, *_encode(prompts, ex, max_length), adapter) for ex in examples]
+        rows += [(r, x, y, adapter) for ex in examples for x, y in _encode(prompts, ex, max_length, None)]
     rows.sort(key=lambda row: len(row[1]))
     totals, tokens = [0.0] * len(requests), [0] * len(requests)
     tokenizer = prompts.tokenizer
