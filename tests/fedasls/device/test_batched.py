@@ -137,3 +137,22 @@ def test_a_failing_device_stops_no_other(runtime, settings, tmp_path):
         futures[0].result()
     assert futures[1].result().status == "completed"
     assert math.isfinite(futures[1].result().rouge1)
+
+
+def test_the_gate_scores_all_scales_side_by_side_with_the_same_decisions(runtime, settings, tmp_path):
+    """adaptation.batch_gate: the kept model and every shrink scale in one mixed batch (scoring slots), the same
+    statuses and held-back figures (up to float rounding) as scoring them one at a time."""
+    from tests.settings_update import updated
+
+    reports = {}
+    for batch_gate in (False, True):
+        s = updated(settings, adaptation={"batch_gate": batch_gate})
+        results, _ = _rounds(runtime, s, tmp_path / str(batch_gate), [7, 8], batched=False, days=(5.0, 7.0))
+        reports[batch_gate] = [DeviceStore(tmp_path / str(batch_gate)).load(d)["counters"]["history"] for d in (7, 8)]
+    assert any(name.endswith("-score0") for name in runtime.model.peft_config)
+    keys = ("status", "attempts", "scale", "examples")
+    for off, on in zip(reports[False], reports[True]):
+        assert [[h[k] for k in keys] for h in on] == [[h[k] for k in keys] for h in off]
+        for h_on, h_off in zip(on, off):
+            for k in ("kept_heldback_loss", "new_heldback_loss", "kept_heldback_rouge1", "new_heldback_rouge1"):
+                assert h_on[k] == pytest.approx(h_off[k], rel=1e-4, nan_ok=True)

@@ -32,6 +32,20 @@ def test_nested_stage_time_counts_for_the_inner_stage_only():
     assert t["outer"].wall >= t["outer"].cpu * 0.5
 
 
+def test_a_paused_block_counts_for_no_stage_and_a_credit_adds_to_one():
+    """A device thread waiting on its worker's batcher: the wait is no stage's time; its share of the batch is."""
+    timer = StageTimer()
+    with timer.stage("gate"):
+        assert timer.innermost() == "gate"
+        _busy(0.02)
+        with timer.paused():
+            _busy(0.05)
+        timer.credit("gate", 0.01, 0.01)
+    t = timer.seconds()["gate"]
+    assert 0.03 <= t.cpu < 0.06 and t.calls == 1  # 0.02 own + 0.01 credited; not the paused 0.05
+    assert timer.innermost() is None
+
+
 def test_stage_without_recording_is_a_no_op_and_record_merges_into_the_enclosing_one():
     with stage("nobody"):
         assert current() is None
