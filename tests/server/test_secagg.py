@@ -87,10 +87,12 @@ def test_secagg_global_adapter_equals_plain_fedavg_within_the_quantization_error
     assert [(r["device_id"], r["role"], r["examples"]) for r in rows["secagg+"]] == \
            [(r["device_id"], r["role"], r["examples"]) for r in rows["none"]]
 
-    completed = {r["device_id"] for r in rows["none"] if r["role"] == "completed"}
-    updates = [(reply.content["metrics"]["examples"], reply.content[GLOBAL_UPDATE_KEY])
+    # the plain run uploads in two phases: the update comes in the phase-2 reply (metrics: the device id),
+    # its example count in the device's round row
+    examples = {r["device_id"]: r["examples"] for r in rows["none"] if r["role"] == "completed"}
+    updates = [(examples[reply.content["metrics"]["device_id"]], reply.content[GLOBAL_UPDATE_KEY])
                for mode, _, reply in received if mode == "none" and not reply.has_error()
-               and GLOBAL_UPDATE_KEY in reply.content and reply.content["metrics"]["device_id"] in completed]
+               and GLOBAL_UPDATE_KEY in reply.content and reply.content["metrics"]["device_id"] in examples]
     weights = [min(float(w), 50.0) for w, _ in updates] + [0.0] * (4 - len(updates))  # weight-0: no update
     largest = max(float(np.abs(a.numpy()).max()) for _, rec in updates for a in rec.values())
     bound = quantization_bound(weights, 0.05, 50.0, 2**22, largest)
