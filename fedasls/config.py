@@ -310,14 +310,14 @@ class EvaluationSettings(_Section):
         "least max_new_tokens, at most new_tokens_cap, so long answers are scored against answers as long (the "
         "real-LLM profile's default). Feedback answers (the reference is hidden) always get max_new_tokens.")
     new_tokens_cap: int = Field(256, ge=1, description="The most new tokens new_tokens = 'reference' gives an answer.")
+    merge_adapter: bool = Field(
+        True, description="Score with the adapter merged into the base weights (restored exactly after); false = "
+        "peft's unmerged LoRA path (same ROUGE-1, slower).")
 
     @property
     def reference_cap(self) -> int | None:
         """The cap on reference-length answers (new_tokens = 'reference'), else None (fixed length)."""
         return self.new_tokens_cap if self.new_tokens == "reference" else None
-    merge_adapter: bool = Field(
-        True, description="Score with the adapter merged into the base weights (restored exactly after); false = "
-        "peft's unmerged LoRA path (same ROUGE-1, slower).")
 
 
 def devices_per_round(population_size: int, cohort_size: int, overcommit: float) -> int:
