@@ -172,7 +172,7 @@ def _batched_round(app: Any, settings_json: str, store: str, now: float, devices
     config = {"device-ids": list(range(devices)), "parallel": 1, "now": now, "server-round": 1,
               "settings": settings_json, "store": store}
     with Meter() as m:
-        replies = _call_batch(app, config)
+        replies = _call_batch(app, config, store)
     rows = []
     for metrics in replies:
         cpu = sum(metrics.get(f"stage_{n}_cpu_s", 0.0) for n in STAGES if n != "worker_setup")
@@ -203,8 +203,9 @@ def _stage_sums(per_device: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def _call_batch(app: Any, config: dict[str, Any]) -> list[dict[str, float]]:
-    """One worker slot's message for several devices; each device's reply metrics."""
+def _call_batch(app: Any, config: dict[str, Any], store: str) -> list[dict[str, float]]:
+    """One worker slot's message for several devices; each device's reply metrics. A failed device round
+    raises with its traceback (the device's errors.log in the temporary `store`, gone after the run)."""
     from flwr.app import ConfigRecord, Context, Message, RecordDict
     from flwr.supercore.task_identity import TaskIdentity
 
@@ -218,7 +219,8 @@ def _call_batch(app: Any, config: dict[str, Any]) -> list[dict[str, float]]:
         raise RuntimeError(f"device rounds failed: {reply.error.reason}")
     rows = device_metrics(reply)
     if len(rows) != len(config["device-ids"]):
-        raise RuntimeError(f"{len(config['device-ids']) - len(rows)} device round(s) failed (see the store's errors.log)")
+        logs = "\n".join(p.read_text()[-3000:] for p in sorted(Path(store).rglob("errors.log")))
+        raise RuntimeError(f"{len(config['device-ids']) - len(rows)} device round(s) failed; their errors.log:\n{logs}")
     return rows
 
 

@@ -313,6 +313,10 @@ class EvaluationSettings(_Section):
     merge_adapter: bool = Field(
         True, description="Score with the adapter merged into the base weights (restored exactly after); false = "
         "peft's unmerged LoRA path (same ROUGE-1, slower).")
+    batch_base: bool = Field(
+        False, description="A device's first evaluation with an adapter scores the base model and the adapter in ONE "
+        "mixed-adapter batch (unmerged LoRA; answers as the separate calls' up to greedy near-ties under other "
+        "padding). Pays on real LLMs (the real-LLM profile's default); false = two calls, the adapter merged.")
 
     @property
     def reference_cap(self) -> int | None:
@@ -406,8 +410,9 @@ class DeploymentSettings(_Section):
 REAL_LLM_ADAPTATION: dict[str, Any] = {"target_modules": ["q_proj", "v_proj"], "learning_rate": 1e-3, "retry_epochs": [],
                                        "retry_learning_rates": [3e-4], "epochs": 3, "batch_size": 4, "max_length": 128,
                                        "answer_chunks": 8}
-# The real-LLM profile scores long real answers with answers as long (evaluation.new_tokens).
-REAL_LLM_EVALUATION: dict[str, Any] = {"new_tokens": "reference"}
+# The real-LLM profile scores long real answers with answers as long (evaluation.new_tokens), and a device's
+# first evaluation with an adapter in one batch with the base model (evaluation.batch_base).
+REAL_LLM_EVALUATION: dict[str, Any] = {"new_tokens": "reference", "batch_base": True}
 EVALUATION_DEFAULTS_BY_MODEL: dict[str, dict[str, Any]] = {
     "real-llm": REAL_LLM_EVALUATION, "smollm2-135m-instruct": REAL_LLM_EVALUATION}
 ADAPTATION_DEFAULTS_BY_MODEL: dict[str, dict[str, Any]] = {

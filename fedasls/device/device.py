@@ -414,6 +414,14 @@ class Device:
         heldout = heldout or self.runtime.population.heldout(self.device_id)
         prompts = self.runtime.prompts
         user = SimulatedUser(s.feedback, seed=self.seed)
+        e = s.evaluation
+        personal_model = self.adapter is not None or self.shared_model is not None
+        if self.base_eval is None and personal_model and e.batch_base:
+            # the first evaluation with an adapter: base and personal answers in one mixed-adapter batch
+            model = self.activate()
+            self.last_eval, self.base_eval = evaluate_adapters(
+                model, prompts, heldout, [model.active_adapter, "__base__"], e.max_new_tokens, e.reference_cap, user)
+            return self.last_eval, self.base_eval
         if self.base_eval is None:
             with self.runtime.base_model() as base:
                 self.base_eval = evaluate(base, prompts, heldout, s.evaluation.max_new_tokens, user,

@@ -36,7 +36,9 @@ class LoraDelta(torch.autograd.Function):
     ) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
         xa_t = torch.mm(a, x2.t())  # (r, tokens): (x A^T)^T, the fast orientation
-        y = torch.addmm(result.reshape(-1, result.shape[-1]), xa_t.t(), b.t(), alpha=scaling)
+        flat = result.reshape(-1, result.shape[-1])
+        # bfloat16 base weights, float32 adapter (peft's autocast_adapter_dtype): add in float32, as peft does
+        y = torch.addmm(flat.to(x2.dtype), xa_t.t(), b.t(), alpha=scaling).to(flat.dtype)
         ctx.save_for_backward(x2, xa_t, a, b)
         ctx.scaling, ctx.x_shape = scaling, x.shape
         return y.view(result.shape)
@@ -44,7 +46,7 @@ class LoraDelta(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_y: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
         x2, xa_t, a, b = ctx.saved_tensors
-        g = grad_y.reshape(-1, grad_y.shape[-1])
+        g = grad_y.reshape(-1, grad_y.shape[-1]).to(x2.dtype)
         grad_xa_t = torch.mm(b.t(), g.t()).mul_(ctx.scaling)  # (r, tokens): (scaling * g B)^T
         grad_b = torch.mm(xa_t, g).mul_(ctx.scaling).t() if ctx.needs_input_grad[3] else None
         grad_a = torch.mm(grad_xa_t, x2) if ctx.needs_input_grad[2] else None

@@ -475,7 +475,8 @@ def embed_last_token(
     """Last-layer hidden state at each text's last real token, float32 [n, hidden].
 
     `texts` are tokenized as `prompts` says (formatted conversations keep their own special
-    tokens). Batches are right-padded, so a text's embedding does not depend on its batch.
+    tokens). Batches are right-padded, so a text's embedding does not depend on its batch; texts
+    are batched in order of length (little padding) and returned in the given order.
     Works for peft-wrapped models too. `without_head` (selection.embed_without_head) runs Llama-style
     models' decoder stack alone, skipping the vocabulary head; else the full model.
     """
@@ -483,11 +484,14 @@ def embed_last_token(
     device = _device(model)
     limit = _max_positions(model)
     decoder = _decoder(model) if without_head else None
+    lengths = [len(ids) for ids in prompts.tokenize(texts, truncation=limit is not None, max_length=limit)["input_ids"]] \
+        if texts else []
+    order = sorted(range(len(texts)), key=lambda i: lengths[i])
     rows: list[np.ndarray] = []
     with eval_mode(model):
         for i in range(0, len(texts), batch_size):
             enc = prompts.tokenize(
-                texts[i : i + batch_size], return_tensors="pt", padding=True, padding_side="right",
+                [texts[k] for k in order[i : i + batch_size]], return_tensors="pt", padding=True, padding_side="right",
                 truncation=limit is not None, max_length=limit,
             ).to(device)
             if decoder is not None:  # skip the vocabulary projection: only the hidden states are needed
@@ -499,4 +503,7 @@ def embed_last_token(
     if not rows:
         hidden_size = getattr(getattr(model, "config", None), "hidden_size", 0)
         return np.zeros((0, hidden_size), dtype=np.float32)
-    return np.concatenate(rows).astype(np.float32, copy=False)
+    sorted_rows = np.concatenate(rows).astype(np.float32, copy=False)
+    out = np.empty_like(sorted_rows)
+    out[order] = sorted_rows
+    return out

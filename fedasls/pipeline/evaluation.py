@@ -108,8 +108,9 @@ def evaluate(
 
 
 def evaluate_adapters(model: Any, prompts: PromptFormat, heldout: list[Interaction], adapters: list[str],
-                      max_new_tokens: int = 32, reference_cap: int | None = None) -> list[EvalResult]:
-    """`evaluate` (without a user) of several adapters of one peft model at once, "__base__" = the base model:
+                      max_new_tokens: int = 32, reference_cap: int | None = None,
+                      user: "SimulatedUser | None" = None) -> list[EvalResult]:
+    """`evaluate` of several adapters of one peft model at once, "__base__" = the base model:
     every adapter's greedy answers in shared mixed-adapter batches (`generate_mixed`), their answer losses
     likewise (`mixed_sequence_losses`). One batch of n x k rows costs far less than k batches of n rows on a
     CPU (a decoding step reads the weights once for all rows). Figures equal `evaluate`'s up to float
@@ -124,7 +125,12 @@ def evaluate_adapters(model: Any, prompts: PromptFormat, heldout: list[Interacti
     losses = mixed_sequence_losses(model, prompts, [(examples, limit, name) for name in adapters])
     out = []
     for k, loss in enumerate(losses):
-        scores = mean_scores(answers[k * len(heldout) : (k + 1) * len(heldout)], references)
+        mine = answers[k * len(heldout) : (k + 1) * len(heldout)]
+        scores = mean_scores(mine, references)
+        accept_rate = None
+        if user is not None:
+            signals = [user.react(item, answer).signal for item, answer in zip(heldout, mine)]
+            accept_rate = signals.count("accept") / len(signals)
         out.append(EvalResult(rouge1=scores["rouge1"], rougeL=scores["rougeL"], perplexity=math.exp(loss),
-                              accept_rate=None, n=len(heldout), rougeL_recall=scores["rougeL_recall"]))
+                              accept_rate=accept_rate, n=len(heldout), rougeL_recall=scores["rougeL_recall"]))
     return out

@@ -96,6 +96,27 @@ def test_fast_lora_backward_gives_peft_losses_and_gradients(tiny_model_dir, drop
     assert all(not m.lora_variant for m in peft.modules() if hasattr(m, "lora_variant"))
 
 
+def test_fast_lora_backward_on_bfloat16_base_weights_gives_peft_losses_and_gradients(tiny_model_dir):
+    """model.dtype = bfloat16: the base layers compute in bfloat16, peft keeps the adapter in float32."""
+    model, tokenizer = load_model(tiny_model_dir, dtype="bfloat16")
+    peft = attach_lora(model, 4, 8, 0.0, "p")
+    lora = {n: p for n, p in peft.named_parameters() if "lora_" in n}
+    assert lora and {p.dtype for p in lora.values()} == {torch.float32}
+    with torch.no_grad():
+        for name, param in lora.items():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
+    ids, mask, labels, _ = _tensorize(PromptFormat(tokenizer), [TrainingExample(q, a) for q, a in PAIRS], 96).tensors
+    peft.train()
+    expected_loss, expected = _loss_and_grads(peft, (ids, mask, labels), seed=3)
+    with fast_lora_training(peft):
+        loss, grads = _loss_and_grads(peft, (ids, mask, labels), seed=3)
+    assert grads.keys() == expected.keys() and {g.dtype for g in grads.values()} == {torch.float32}
+    torch.testing.assert_close(loss, expected_loss, rtol=2e-2, atol=2e-2)  # bfloat16: ~3 significant digits
+    for name in expected:
+        torch.testing.assert_close(grads[name], expected[name], rtol=5e-2, atol=5e-3)
+
+
 def test_fast_lora_training_gives_peft_its_own_path_back_after_an_error(peft_lm):
     model, _ = peft_lm
     with pytest.raises(RuntimeError, match="inside"), fast_lora_training(model):
@@ -202,6 +223,36 @@ def test_a_round_whose_gate_keeps_the_old_adapter_reuses_the_saved_evaluation(ti
     personal, base = state.evaluate()  # a fresh evaluation of the kept adapter gives the reused figures
     assert (again.rouge1, again.perplexity, again.accept_rate) == (personal.rouge1, personal.perplexity, personal.accept_rate)
     assert (again.rouge1, again.perplexity, again.base_rouge1) == (first.rouge1, first.perplexity, base.rouge1)
+
+
+def test_batch_base_scores_base_and_adapter_in_one_batch_with_the_separate_calls_figures(tiny_model_dir, tmp_path,
+                                                                                          monkeypatch):
+    import fedasls.pipeline.evaluation as evaluation
+
+    calls: list[list[tuple[str, str]]] = []
+    real = evaluation.generate_mixed
+    monkeypatch.setattr(evaluation, "generate_mixed", lambda model, prompts, rows, *a: calls.append(rows) or
+                        real(model, prompts, rows, *a))
+    results = {}
+    for batch_base in (False, True):
+        settings = Settings.model_validate({
+            "model": {"path": str(tiny_model_dir)},
+            "population": {"num_devices": 3, "stream_length": 30, "heldout": 3},
+            "synthesis": {"method": "fallback", "rewrites": 1},
+            "adaptation": {"epochs": 1, "lora_rank": 4, "min_new_items": 2, "gate": "off", "batch_gate": False},
+            "evaluation": {"max_new_tokens": 6, "batch_base": batch_base},
+            "heterogeneity": {"availability": "always"},
+        })
+        runtime, store = DeviceRuntime(settings), DeviceStore(tmp_path / str(batch_base))
+        hetero = HeterogeneityModel.from_settings(settings.heterogeneity)
+        results[batch_base] = run_device_round(1, 40 * 86400.0, runtime, settings, store, hetero)
+        assert results[batch_base].adapted == 1
+        assert len(calls) == int(batch_base)  # with batch_base: one mixed batch, base rows beside the adapter's
+    assert sorted({name for _, name in calls[0]})[0] == "__base__" and len({name for _, name in calls[0]}) == 2
+    separate, batched = results[False], results[True]
+    assert (batched.rouge1, batched.base_rouge1, batched.accept_rate) == \
+        (separate.rouge1, separate.base_rouge1, separate.accept_rate)
+    assert batched.perplexity == pytest.approx(separate.perplexity, rel=1e-4)
 
 
 def _head_inputs(model) -> tuple[list[int], object]:
