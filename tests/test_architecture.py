@@ -16,7 +16,8 @@ PACKAGES = ("fedasls", "wire", "clients", "server", "simulations")
 
 # Lowest first. A module may import its own group and any group on a lower level, nothing else.
 LEVELS: tuple[tuple[str, ...], ...] = (
-    ("fedasls", "fedasls.errors", "fedasls.files", "fedasls.interaction", "fedasls.model_folder", "fedasls.stats"),  # "fedasls": the package root
+    ("fedasls", "fedasls.errors", "fedasls.files", "fedasls.interaction", "fedasls.model_folder", "fedasls.recording",
+     "fedasls.stats"),  # "fedasls": the package root
     ("fedasls.federated", "fedasls.sim"),  # pure aggregation maths; the simulated world's devices
     ("fedasls.config",),
     ("fedasls.scenarios", "fedasls.data", "fedasls.privacy"),

@@ -22,10 +22,11 @@ another adds its figures to the outer one when it ends, so a benchmark sees ever
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import time
 from dataclasses import dataclass
 from typing import Iterator
+
+from fedasls.recording import Recording
 
 # The stages of a device round, in pipeline order (others may be added; these are reported first).
 STAGES: tuple[str, ...] = (
@@ -121,29 +122,16 @@ class StageTimer:
         return out
 
 
-_ACTIVE: contextvars.ContextVar[StageTimer | None] = contextvars.ContextVar("fedasls_stage_timer", default=None)
-
-
-@contextlib.contextmanager
-def record() -> Iterator[StageTimer]:
-    """Record the stages run inside the block into a new timer (merged into an enclosing one)."""
-    timer = StageTimer()
-    outer = _ACTIVE.get()
-    token = _ACTIVE.set(timer)
-    try:
-        yield timer
-    finally:
-        _ACTIVE.reset(token)
-        if outer is not None:
-            outer.merge(timer)
+_TIMERS: Recording[StageTimer] = Recording("fedasls_stage_timer", StageTimer, StageTimer.merge)
+record = _TIMERS.record  # record the stages run inside the block into a new timer (merged into an enclosing one)
 
 
 def stage(name: str) -> contextlib.AbstractContextManager[None]:
     """Time the block as stage `name` in the recording timer; a no-op when none records."""
-    timer = _ACTIVE.get()
+    timer = _TIMERS.current()
     return contextlib.nullcontext() if timer is None else timer.stage(name)
 
 
 def current() -> StageTimer | None:
     """The timer recording now, if any."""
-    return _ACTIVE.get()
+    return _TIMERS.current()

@@ -14,11 +14,10 @@ one when it ends. Counts are per use: a held-back prompt the gate scores five ti
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import math
 from dataclasses import dataclass, fields
-from typing import Iterator
+
+from fedasls.recording import Recording
 
 
 @dataclass
@@ -49,26 +48,13 @@ class CutCounts:
         return out
 
 
-_ACTIVE: contextvars.ContextVar[CutCounts | None] = contextvars.ContextVar("fedasls_cut_counts", default=None)
-
-
-@contextlib.contextmanager
-def record() -> Iterator[CutCounts]:
-    """Count the cuts made inside the block into new counts (added to an enclosing recording)."""
-    counts = CutCounts()
-    outer = _ACTIVE.get()
-    token = _ACTIVE.set(counts)
-    try:
-        yield counts
-    finally:
-        _ACTIVE.reset(token)
-        if outer is not None:
-            outer.add(counts)
+_CUTS: Recording[CutCounts] = Recording("fedasls_cut_counts", CutCounts, CutCounts.add)
+record = _CUTS.record  # count the cuts made inside the block into new counts (added to an enclosing recording)
 
 
 def note_prompt(context_cut: bool, question_cut: bool) -> None:
     """One prompt fitted: was its context (or more) cut, did its question lose its tail."""
-    counts = _ACTIVE.get()
+    counts = _CUTS.current()
     if counts is not None:
         counts.prompts += 1
         counts.prompts_cut += int(context_cut or question_cut)
@@ -77,7 +63,7 @@ def note_prompt(context_cut: bool, question_cut: bool) -> None:
 
 def note_answer(tokens: int, dropped: int) -> None:
     """One answer made into examples: its token count and how many of them no example holds."""
-    counts = _ACTIVE.get()
+    counts = _CUTS.current()
     if counts is not None:
         counts.answers += 1
         counts.answers_cut += int(dropped > 0)
