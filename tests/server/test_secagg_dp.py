@@ -25,7 +25,8 @@ from fedasls.privacy.secrets import DpSecrets
 from server.rounds import FleetRun
 from server.secagg import quantized_sensitivity, sum_quantization_bound
 from tests.recording_grid import run_recorded
-from tests.server.test_secagg import write_users
+from tests.server.test_secagg import settings_for as plain_settings, write_users
+from tests.settings_update import updated
 
 pytestmark = pytest.mark.integration  # real SecAgg+ and plain DP runs on Flower (module fixture)
 
@@ -33,21 +34,11 @@ SLOTS, CLIP, Z, SEED, Q = 6, 0.05, 0.5, 7, 2**22
 
 
 def settings_for(tiny_model_dir, data, mode: str) -> Settings:
-    return Settings.model_validate({
-        "model": {"path": str(tiny_model_dir)},
-        "population": {"source": "jsonl", "jsonl_path": str(data), "partition": "user", "num_devices": 6,
-                       "heldout": 2},
-        "feedback": {"annotation_budget": 4},
-        "synthesis": {"rewrites": 1, "method": "fallback"},
-        "adaptation": {"epochs": 1, "lora_rank": 4, "min_new_items": 1, "min_items": 2, "gate": "off",
-                       "max_length": 48},
-        "evaluation": {"max_new_tokens": 4},
-        "heterogeneity": {"availability": "always", "dropout_scale": 0.0},
-        "simulation": {"rounds": 1, "cohort_size": 4, "sampling": "poisson", "start_time_s": 9 * 86400.0,
-                       "round_interval_s": 86400.0, "workers": 2},
-        "federated": {"strategy": "global", "clip_norm": CLIP, "secure_aggregation": mode, "secagg_max_weight": 50.0,
-                      "dp": True, "noise_multiplier": Z, "noise_seed": SEED, "release_diagnostics": True},
-    })
+    """test_secagg's run with Poisson sampling and central DP on the global adapter."""
+    dp = updated(plain_settings(tiny_model_dir, data, mode), simulation={"sampling": "poisson", "overcommit": 1.3},
+                 federated={"clip_norm": CLIP, "dp": True, "noise_multiplier": Z, "noise_seed": SEED,
+                            "release_diagnostics": True})
+    return Settings.model_validate(dp.model_dump())  # the load-time checks of a DP run
 
 
 @pytest.fixture(scope="module")

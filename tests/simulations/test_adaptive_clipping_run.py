@@ -8,8 +8,8 @@ import json
 
 import pytest
 
-from fedasls.config import Settings
 from simulations.runner import simulate
+from tests.tiny_fleet import tiny_fleet_settings
 
 pytestmark = pytest.mark.integration  # a real run on Flower + Ray
 
@@ -17,18 +17,11 @@ pytestmark = pytest.mark.integration  # a real run on Flower + Ray
 def test_a_dp_run_with_adaptive_clipping_moves_records_and_accounts_its_clip_norm(tiny_model_dir, tmp_path,
                                                                                  monkeypatch):
     monkeypatch.setenv("FEDASLS_PRIVATE_DIR", str(tmp_path / "private"))
-    settings = Settings.model_validate({
-        "model": {"path": str(tiny_model_dir)},
-        "population": {"num_devices": 6, "stream_length": 30, "heldout": 2},
-        "synthesis": {"rewrites": 1, "method": "fallback"},
-        "adaptation": {"epochs": 1, "lora_rank": 4, "min_new_items": 2},
-        "evaluation": {"max_new_tokens": 8},
-        "heterogeneity": {"availability": "always", "dropout_scale": 0.0},
-        "federated": {"strategy": "global", "dp": True, "noise_multiplier": 1.0, "delta": 1e-3, "clip_norm": 0.05,
-                      "adaptive_clipping": True, "clipped_count_stddev": 2.0, "clip_learning_rate": 0.5},
-        "simulation": {"rounds": 2, "cohort_size": 4, "sampling": "poisson", "start_time_s": 259200.0,
-                       "round_interval_s": 259200.0, "workers": 1, "output_dir": str(tmp_path / "results")},
-    })
+    settings = tiny_fleet_settings(tiny_model_dir, federated={
+        "dp": True, "noise_multiplier": 1.0, "delta": 1e-3, "clip_norm": 0.05, "adaptive_clipping": True,
+        "clipped_count_stddev": 2.0, "clip_learning_rate": 0.5,
+    }, simulation={"rounds": 2, "cohort_size": 4, "sampling": "poisson", "start_time_s": 259200.0,
+                   "round_interval_s": 259200.0, "workers": 1, "output_dir": str(tmp_path / "results")})
     run = simulate(settings, tmp_path / "results" / "run", quiet=True)
     rounds = [json.loads(line) for line in (run.run_dir / "rounds.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rounds] == [1, 2]

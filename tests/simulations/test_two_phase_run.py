@@ -12,26 +12,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fedasls.config import Settings
 from simulations.runner import simulate
+from tests.tiny_fleet import tiny_fleet_settings
 
 pytestmark = pytest.mark.integration  # real runs on Flower + Ray
 
 
 def run(tiny_model_dir: Path, out: Path, upload: str, federated: dict, on_reply=None) -> Path:
-    settings = Settings.model_validate({
-        "model": {"path": str(tiny_model_dir)},
-        "population": {"num_devices": 6, "stream_length": 30, "heldout": 2},
-        "synthesis": {"rewrites": 1, "method": "fallback"},
-        "adaptation": {"epochs": 1, "lora_rank": 4, "min_new_items": 2},
-        "evaluation": {"max_new_tokens": 8},
-        "heterogeneity": {"availability": "always", "dropout_scale": 0.0},
-        "federated": {"strategy": "global", **federated},
-        "simulation": {"rounds": 2, "cohort_size": 4, "overcommit": 1.5, "start_time_s": 259200.0,
-                       "sampling": "poisson" if federated.get("dp") else "available",
-                       "round_interval_s": 259200.0, "workers": 1, "upload": upload,
-                       "output_dir": str(out)},
-    })
+    settings = tiny_fleet_settings(tiny_model_dir, federated=federated, simulation={
+        "rounds": 2, "cohort_size": 4, "overcommit": 1.5, "start_time_s": 259200.0,
+        "sampling": "poisson" if federated.get("dp") else "available",
+        "round_interval_s": 259200.0, "workers": 1, "upload": upload, "output_dir": str(out)})
     return simulate(settings, out / upload, quiet=True, on_reply=on_reply).run_dir
 
 
