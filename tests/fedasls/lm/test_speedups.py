@@ -177,6 +177,12 @@ def test_generation_batches_are_sized_for_the_model_and_give_the_same_answers(pe
     huge = type("Config", (), {"num_hidden_layers": 80, "hidden_size": 8192, "num_attention_heads": 64,
                                "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 128_000})()
     assert generation_batch_size(type("Model", (), {"config": huge})(), 4096) == 1  # a 70B-class model: one row
+    smol = type("Config", (), {"num_hidden_layers": 30, "hidden_size": 576, "num_attention_heads": 9,
+                               "num_key_value_heads": 3, "head_dim": 64, "vocab_size": 49_152})()
+    def weights_in(dtype):
+        return type("Model", (), {"config": smol, "parameters": lambda self: iter([torch.zeros(1, dtype=dtype)])})()
+    rows32, rows16 = (generation_batch_size(weights_in(d), 1024) for d in (torch.float32, torch.bfloat16))
+    assert rows32 < 40 and 1.9 * rows32 <= rows16  # a bfloat16 KV cache holds twice the rows
     questions = [f"{q} ({i})" for i in range(6) for q, _ in PAIRS]
     assert generate(model, prompts, questions, 10) == generate(model, prompts, questions, 10, batch_size=4)
 
