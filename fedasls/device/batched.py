@@ -4,8 +4,10 @@
 turns, one at a time, in a fixed order (device order): a thread runs until its device asks for
 greedy answers or answer losses (`fedasls.lm.model.generate`, `fedasls.pipeline.training.sequence_loss`,
 routed here by `fedasls.lm.batching`), then the next thread runs. Once every unfinished thread waits,
-their requests run as ONE batched call with a LoRA adapter per row (peft's mixed-adapter batches;
-`generate_mixed`, `mixed_sequence_losses`), and the threads go on in the same order. Everything else
+their requests run as batched calls with a LoRA adapter per row (peft's mixed-adapter batches;
+`generate_mixed`, `mixed_sequence_losses`), and the threads go on in the same order: answer losses
+first (the early stopping's, between training epochs), so that the greedy answers of as many devices
+as possible (feedback, gate, evaluation; each row with its own token budget) share one call. Everything else
 (training, embedding, loading adapters) runs alone on the thread holding the turn, so the device
 code is the same code as in an unbatched worker.
 
@@ -54,7 +56,7 @@ class _Request:
     kind: str  # "generate" | "loss"
     prompts: Any
     payload: list[Any]  # (question, adapter) rows, or (examples, max_length, adapter) loss requests
-    size: int  # max_new_tokens (0 for losses)
+    budgets: list[int]  # max_new_tokens per generated row ([] for losses)
     timer: timing.StageTimer | None
     stage: str | None
     result: Any = None
@@ -87,16 +89,18 @@ class DeviceBatcher:
         return model is self.model
 
     def generate(self, model: Any, prompts: Any, questions: list[str], max_new_tokens: int) -> list[str]:
-        return self._request("generate", prompts, [(q, None) for q in questions], max_new_tokens)
+        return self._request("generate", prompts, [(q, None) for q in questions], [max_new_tokens] * len(questions))
 
     def loss(self, model: Any, prompts: Any, examples: list[Any], max_length: int) -> float:
-        return self._request("loss", prompts, [(examples, max_length, None)], 0)[0]
+        return self._request("loss", prompts, [(examples, max_length, None)], [])[0]
 
-    def generate_rows(self, model: Any, prompts: Any, rows: list[tuple[str, str]], max_new_tokens: int) -> list[str]:
-        return self._request("generate", prompts, rows, max_new_tokens)
+    def generate_rows(self, model: Any, prompts: Any, rows: list[tuple[str, str]],
+                      max_new_tokens: int | Sequence[int]) -> list[str]:
+        budgets = [max_new_tokens] * len(rows) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+        return self._request("generate", prompts, rows, budgets)
 
     def losses(self, model: Any, prompts: Any, requests: list[tuple[list[Any], int, str]]) -> list[float]:
-        return self._request("loss", prompts, requests, 0)
+        return self._request("loss", prompts, requests, [])
 
     # ------------------------------------------------------------------ turns
     def run(self, calls: Sequence[Callable[[], Any]]) -> list[Future]:
@@ -130,7 +134,7 @@ class DeviceBatcher:
                 self._lanes[lane].done = True
                 self._pass_turn()
 
-    def _request(self, kind: str, prompts: Any, payload: list[Any], size: int) -> Any:
+    def _request(self, kind: str, prompts: Any, payload: list[Any], budgets: list[int]) -> Any:
         """Wait for the batch that serves `payload` (rows whose adapter None = the model as this thread has it)."""
         lane = _LANE.get()
         if lane is None:
@@ -140,7 +144,7 @@ class DeviceBatcher:
         own = state.active if state.enabled else BASE
         payload = [(*item[:-1], own if item[-1] is None else item[-1]) for item in payload]
         timer = timing.current()
-        request = _Request(lane, kind, prompts, payload, size, timer, timer.innermost() if timer else None)
+        request = _Request(lane, kind, prompts, payload, budgets, timer, timer.innermost() if timer else None)
         with timer.paused() if timer else contextlib.nullcontext():
             with self._cond:
                 state.request = request
@@ -157,12 +161,18 @@ class DeviceBatcher:
 
     def _pass_turn(self) -> None:
         """Give the turn to the first lane that can run (lock held); when every unfinished lane waits on a
-        request, run them all as one batch first."""
+        request, run the waiting answer losses first (cheap: the lanes they free go on, e.g. to their
+        next training epoch, and may come back with rows for the generation batch), and the waiting
+        generation requests once no lane waits on a loss: one batch of greedy answers for as many
+        devices as possible."""
         nxt = self._next_runnable()
-        if nxt is None and any(lane.request for lane in self._lanes):
-            self._run_batch([lane.request for lane in self._lanes if lane.request is not None])
+        waiting = [lane.request for lane in self._lanes if lane.request is not None]
+        if nxt is None and waiting:
+            batch = [r for r in waiting if r.kind == "loss"] or waiting
+            self._run_batch(batch)
             for lane in self._lanes:
-                lane.request = None
+                if any(lane.request is r for r in batch):
+                    lane.request = None
             nxt = self._next_runnable()
         self._turn = nxt
         self._cond.notify_all()
@@ -175,20 +185,21 @@ class DeviceBatcher:
 
     # ------------------------------------------------------------------ batched calls
     def _run_batch(self, requests: list[_Request]) -> None:
-        """Run the waiting requests, grouped by kind, prompt format and length setting, one call per group."""
+        """Run the waiting requests, grouped by kind and prompt format, one call per group (generated rows
+        of different token budgets share it: `generate_mixed` keeps each row's own budget)."""
         groups: dict[tuple, list[_Request]] = {}
         for r in requests:
-            groups.setdefault((r.kind, id(r.prompts), r.size), []).append(r)
+            groups.setdefault((r.kind, id(r.prompts)), []).append(r)
         active, enabled = self.model.active_adapter, adapters_enabled(self.model)
         set_adapters_enabled(self.model, True)  # per-row adapters; "__base__" rows run the base model
         try:
-            for (kind, _, size), group in groups.items():
+            for (kind, _), group in groups.items():
                 wall0, cpu0 = time.perf_counter(), time.process_time()
                 try:
                     with batching.routed(None):  # run here, not through a route again
                         if kind == "generate":
                             out = generate_mixed(self.model, group[0].prompts, [row for r in group for row in r.payload],
-                                                 size)
+                                                 [n for r in group for n in r.budgets])
                         else:
                             out = mixed_sequence_losses(self.model, group[0].prompts,
                                                         [item for r in group for item in r.payload])

@@ -17,6 +17,7 @@ import shutil
 import time
 import uuid
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any, Iterator
 
 import numpy as np
@@ -405,42 +406,51 @@ def generate(
 
 @torch.no_grad()
 def generate_mixed(model: torch.nn.Module, prompts: PromptFormat, rows: list[tuple[str, str]],
-                   max_new_tokens: int) -> list[str]:
+                   max_new_tokens: int | Sequence[int]) -> list[str]:
     """Greedy answers to (question, adapter name) rows of a peft model, each row with its own LoRA
     adapter (peft's mixed-adapter batches; "__base__" = the base model), in row order.
 
-    Prompts are formatted and truncated as `generate` does; rows are sorted by prompt length before
-    they are cut into batches (`generation_batch_size`), so a batch pads little. An answer can differ
-    from `generate`'s where padding moves a near-tie of greedy decoding.
+    `max_new_tokens` is one budget for every row or one per row: a row with a smaller budget than its
+    batch's largest gets the first tokens of its answer, which greedy decoding makes the answer it
+    would get alone with its own budget. Prompts are formatted and truncated as `generate` does (each
+    for its own budget); rows are sorted by budget, then prompt length, before they are cut into
+    batches (`generation_batch_size`), so a batch pads little. An answer can differ from `generate`'s
+    where padding moves a near-tie of greedy decoding.
     """
     prompts = check_prompt_format(prompts)
     if not rows:
         return []
+    budgets = [max_new_tokens] * len(rows) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    if len(budgets) != len(rows):
+        raise ValueError(f"generate_mixed: {len(budgets)} token budgets for {len(rows)} rows")
     route = batching.route_for(model)
     if route is not None:  # a worker batching its devices: these rows join the others'
         return route.generate_rows(model, prompts, list(rows), max_new_tokens)
     limit = _max_positions(model)
-    max_prompt = max(1, limit - max_new_tokens) if limit else None
-    texts = [prompts.fitted_prompt(q, max_prompt) for q, _ in rows]  # as `generate`: context cut first
-    lengths = [len(ids) for ids in
-               prompts.tokenize(texts, truncation=max_prompt is not None, max_length=max_prompt)["input_ids"]]
-    order = sorted(range(len(rows)), key=lambda i: lengths[i])
-    size = generation_batch_size(model, max(lengths) + max_new_tokens)
+    texts = [prompts.fitted_prompt(q, max(1, limit - n) if limit else None) for (q, _), n in zip(rows, budgets)]
+    lengths = [len(ids) for ids in prompts.tokenize(texts, truncation=limit is not None, max_length=limit)["input_ids"]]
+    order = sorted(range(len(rows)), key=lambda i: (budgets[i], lengths[i]))
+    size = generation_batch_size(model, max(lengths) + max(budgets))
     out: list[str] = [""] * len(rows)
     with eval_mode(model):
         for start in range(0, len(order), size):
             chunk = order[start : start + size]
-            answers = _generate_batch(model, prompts, [texts[i] for i in chunk], max_new_tokens, max_prompt,
-                                      _device(model), adapter_names=[rows[i][1] for i in chunk])
+            batch_budget = max(budgets[i] for i in chunk)
+            max_prompt = max(1, limit - batch_budget) if limit else None
+            answers = _generate_batch(model, prompts, [texts[i] for i in chunk], batch_budget, max_prompt,
+                                      _device(model), adapter_names=[rows[i][1] for i in chunk],
+                                      row_budgets=[budgets[i] for i in chunk])
             for i, answer in zip(chunk, answers):
                 out[i] = answer
     return out
 
 
 def _generate_batch(model: torch.nn.Module, prompts: PromptFormat, texts: list[str], max_new_tokens: int,
-                    max_prompt: int | None, device: torch.device, adapter_names: list[str] | None = None) -> list[str]:
+                    max_prompt: int | None, device: torch.device, adapter_names: list[str] | None = None,
+                    row_budgets: list[int] | None = None) -> list[str]:
     """Greedy answers to one left-padded batch of formatted prompts (see `generate`); with
-    `adapter_names` (a peft model), row i runs with adapter `adapter_names[i]`."""
+    `adapter_names` (a peft model), row i runs with adapter `adapter_names[i]`; with `row_budgets`,
+    row i keeps its first `row_budgets[i]` new tokens."""
     tokenizer, stops = prompts.tokenizer, prompts.stop_ids
     enc = prompts.tokenize(
         texts, return_tensors="pt", padding=True, padding_side="left",
@@ -456,7 +466,8 @@ def _generate_batch(model: torch.nn.Module, prompts: PromptFormat, texts: list[s
         **({"adapter_names": adapter_names} if adapter_names is not None else {}),
     )
     out = []
-    for row in gen[:, enc["input_ids"].shape[1] :].tolist():
+    for k, row in enumerate(gen[:, enc["input_ids"].shape[1] :].tolist()):
+        row = row[: row_budgets[k]] if row_budgets is not None else row
         end = next((j for j, t in enumerate(row) if t in stops), len(row))
         out.append(prompts.clean_answer(tokenizer.decode(row[:end], skip_special_tokens=True)))
     return out

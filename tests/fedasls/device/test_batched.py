@@ -122,6 +122,32 @@ def test_rows_of_different_adapters_share_one_batch_and_match_each_alone(runtime
         assert results[i][1] == pytest.approx(sequence_loss(runtime.model, prompts, examples, 96), rel=1e-5)
 
 
+def test_answers_wait_for_losses_and_rows_of_other_token_budgets_join_the_same_batch(runtime, settings):
+    """Lane 0 asks for answers at once; lane 1 first for a loss (as between training epochs), then for shorter
+    answers: the loss runs first, then ONE generation call serves both lanes, each row cut to its own budget,
+    which is what each lane's model gives alone with that budget."""
+    prompts = runtime.prompts
+    questions = [it.question for it in runtime.population.heldout(0)]
+    examples = [TrainingExample(it.question, it.preferred) for it in runtime.population.heldout(0)]
+
+    def answers_at_once():
+        with runtime.base_model() as m:
+            return generate(m, prompts, questions, 12)
+
+    def loss_then_answers():
+        with runtime.base_model() as m:
+            sequence_loss(m, prompts, examples, 96)
+            return generate(m, prompts, questions[:2], 5)
+
+    batcher = DeviceBatcher(runtime.model, 2)
+    long, short = (f.result() for f in batcher.run([answers_at_once, loss_then_answers]))
+    assert batcher.batches == 2 and batcher.rows == len(examples) + len(questions) + 2  # a loss call, one generation call
+    with runtime.base_model() as base:
+        assert long == generate(base, prompts, questions, 12)
+        assert short == generate(base, prompts, questions[:2], 5)
+        assert short != [a for a in long[:2]]  # the budgets differ: the short rows were cut
+
+
 def test_a_failing_device_stops_no_other(runtime, settings, tmp_path):
     hetero = HeterogeneityModel.from_settings(settings.heterogeneity)
 
