@@ -415,6 +415,12 @@ REAL_LLM_ADAPTATION: dict[str, Any] = {"target_modules": ["q_proj", "v_proj"], "
 REAL_LLM_EVALUATION: dict[str, Any] = {"new_tokens": "reference", "batch_base": True}
 EVALUATION_DEFAULTS_BY_MODEL: dict[str, dict[str, Any]] = {
     "real-llm": REAL_LLM_EVALUATION, "smollm2-135m-instruct": REAL_LLM_EVALUATION}
+# A real LLM's selection embeddings are wide (SmolLM2: 576 floats = 2,304 bytes an item, the embedded
+# model's 4x), so the default 16 KiB buffer holds 4-6 items of a real user's (2 at 8 KiB): too few to
+# train on and to hold back for the gate. Its profile's buffer is 64 KiB (what the SmolLM2 benchmarks use).
+REAL_LLM_SELECTION: dict[str, Any] = {"buffer_bytes": 65536}
+SELECTION_DEFAULTS_BY_MODEL: dict[str, dict[str, Any]] = {
+    "real-llm": REAL_LLM_SELECTION, "smollm2-135m-instruct": REAL_LLM_SELECTION}
 ADAPTATION_DEFAULTS_BY_MODEL: dict[str, dict[str, Any]] = {
     "embedded": {},  # the embedded model, or a small folder with no chat template
     "real-llm": REAL_LLM_ADAPTATION,  # a folder given by path holding a chat model or one of 20M+ parameters
@@ -459,7 +465,8 @@ class Settings(_Section):
             return data
         model = data.get("model")
         kind = model_kind(model if isinstance(model, dict) else None)
-        for section, by_model in (("adaptation", ADAPTATION_DEFAULTS_BY_MODEL), ("evaluation", EVALUATION_DEFAULTS_BY_MODEL)):
+        for section, by_model in (("adaptation", ADAPTATION_DEFAULTS_BY_MODEL), ("evaluation", EVALUATION_DEFAULTS_BY_MODEL),
+                                  ("selection", SELECTION_DEFAULTS_BY_MODEL)):
             defaults, given = by_model.get(kind, {}), data.get(section, {})
             if defaults and isinstance(given, dict):
                 data = {**data, section: {**defaults, **given}}

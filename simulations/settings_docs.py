@@ -20,7 +20,8 @@ from annotated_types import Ge, Gt, Le, Lt, MaxLen, MinLen
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
-from fedasls.config import ADAPTATION_DEFAULTS_BY_MODEL, EVALUATION_DEFAULTS_BY_MODEL, Settings
+from fedasls.config import (ADAPTATION_DEFAULTS_BY_MODEL, EVALUATION_DEFAULTS_BY_MODEL, SELECTION_DEFAULTS_BY_MODEL,
+                            Settings)
 
 DEFAULT_PATH = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
 COMMAND = "fedasls docs config"
@@ -168,6 +169,8 @@ def _section_text(name: str, model: type[BaseModel]) -> list[str]:
                               ["- `lora_scaling` is `\"uniform\"` when `[federated] strategy` is not `\"local\"`."])
     if name == "evaluation":
         lines += _model_notes(EVALUATION_DEFAULTS_BY_MODEL, "EVALUATION_DEFAULTS_BY_MODEL", [])
+    if name == "selection":
+        lines += _model_notes(SELECTION_DEFAULTS_BY_MODEL, "SELECTION_DEFAULTS_BY_MODEL", [])
     return lines
 
 

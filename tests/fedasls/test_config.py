@@ -87,6 +87,9 @@ def test_a_preset_gets_its_own_adaptation_defaults_and_user_keys_still_win():
     chosen = Settings.model_validate({"model": {"preset": "smollm2-135m-instruct"},
                                       "adaptation": {"learning_rate": 4e-4}})
     assert chosen.adaptation.learning_rate == 4e-4 and chosen.adaptation.epochs == own["epochs"]
+    assert smol.selection.buffer_bytes == 65536 != embedded.selection.buffer_bytes  # room for wide embeddings
+    small = Settings.model_validate({"model": {"preset": "smollm2-135m-instruct"}, "selection": {"buffer_bytes": 8192}})
+    assert small.selection.buffer_bytes == 8192 and small.selection.policy == embedded.selection.policy
 
 
 def test_settings_resolved_to_a_model_folder_validate_again_and_keep_the_presets_defaults(tmp_path):
