@@ -16,8 +16,8 @@ import os
 import shutil
 import time
 import uuid
-from pathlib import Path
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
@@ -412,8 +412,8 @@ def generate_mixed(model: torch.nn.Module, prompts: PromptFormat, rows: list[tup
 
     `max_new_tokens` is one budget for every row or one per row: a row with a smaller budget than its
     batch's largest gets the first tokens of its answer, which greedy decoding makes the answer it
-    would get alone with its own budget. Prompts are formatted and truncated as `generate` does (each
-    for its own budget); rows are sorted by budget, then prompt length, before they are cut into
+    would get alone with its own budget. Prompts are formatted and truncated as `generate` does, to
+    leave room for the largest budget; rows are sorted by budget, then prompt length, before they are cut into
     batches (`generation_batch_size`), so a batch pads little. An answer can differ from `generate`'s
     where padding moves a near-tie of greedy decoding.
     """
@@ -427,8 +427,10 @@ def generate_mixed(model: torch.nn.Module, prompts: PromptFormat, rows: list[tup
     if route is not None:  # a worker batching its devices: these rows join the others'
         return route.generate_rows(model, prompts, list(rows), max_new_tokens)
     limit = _max_positions(model)
-    texts = [prompts.fitted_prompt(q, max(1, limit - n) if limit else None) for (q, _), n in zip(rows, budgets)]
-    lengths = [len(ids) for ids in prompts.tokenize(texts, truncation=limit is not None, max_length=limit)["input_ids"]]
+    max_prompt = max(1, limit - max(budgets)) if limit else None
+    texts = [prompts.fitted_prompt(q, max_prompt) for q, _ in rows]  # as `generate`: context cut first
+    lengths = [len(ids) for ids in
+               prompts.tokenize(texts, truncation=max_prompt is not None, max_length=max_prompt)["input_ids"]]
     order = sorted(range(len(rows)), key=lambda i: (budgets[i], lengths[i]))
     size = generation_batch_size(model, max(lengths) + max(budgets))
     out: list[str] = [""] * len(rows)
@@ -436,7 +438,6 @@ def generate_mixed(model: torch.nn.Module, prompts: PromptFormat, rows: list[tup
         for start in range(0, len(order), size):
             chunk = order[start : start + size]
             batch_budget = max(budgets[i] for i in chunk)
-            max_prompt = max(1, limit - batch_budget) if limit else None
             answers = _generate_batch(model, prompts, [texts[i] for i in chunk], batch_budget, max_prompt,
                                       _device(model), adapter_names=[rows[i][1] for i in chunk],
                                       row_budgets=[budgets[i] for i in chunk])
