@@ -371,6 +371,8 @@ def run_device_variant(task: tuple[str, str, int, str, int | None]) -> dict[str,
     items = device.selector.interactions()
     train = cpu.get("train", 0.0)
     examples = sum(r.examples for r in reports)
+    gated = [r for r in reports if r.status in ("accepted", "rejected")]
+    last = gated[-1] if gated else None  # the last gated step: why the device kept or refused an adapter
     s = settings
     return {
         "study": study, "variant": variant, "device_id": device_id, "settings_hash": settings_hash(settings),
@@ -392,6 +394,9 @@ def run_device_variant(task: tuple[str, str, int, str, int | None]) -> dict[str,
         "adapt_cpu_s": sum(cpu.get(k, 0.0) for k in ADAPT_STAGES),
         "observe_cpu_s": sum(cpu.get(k, 0.0) for k in OBSERVE_STAGES),
         "train_cpu_per_example": train / examples if examples else float("nan"),
+        "heldback": last.heldback if last else 0,
+        "kept_heldback_rouge1": last.kept_heldback_rouge1 if last else float("nan"),
+        "new_heldback_rouge1": last.new_heldback_rouge1 if last else float("nan"),
         "buffered": len(items), "valuable_share": sum(it.kind == "valuable" for it in items) / len(items) if items else 0.0,
         "interactions": len(stream), "wall_s": wall,
     }

@@ -227,6 +227,10 @@ def test_selection_and_synthesis_studies_apply_their_variants(tiny_model_dir, tm
     assert sorted((r["policy"], r["buffer_budget_bytes"]) for r in rows) == [
         ("fifo", 1024), ("fifo", 2048), ("full", 1024), ("full", 2048)]
     assert all(r["adaptations"] == 1 for r in rows)  # one adaptation at the end of the stream
+    assert any(r["statuses"] in ("accepted", "rejected") for r in rows)
+    for r in rows:  # the last gated step's evidence, or none when nothing was gated
+        gated = r["statuses"] in ("accepted", "rejected")
+        assert (r["heldback"] >= 1 and 0 <= r["new_heldback_rouge1"] <= 1) if gated else r["heldback"] == 0
     assert "| fifo@1024 | full@1024 | 1 |" in (out / "report.md").read_text()
 
     out = tmp_path / "synthesis"
