@@ -366,6 +366,7 @@ def run_device_variant(task: tuple[str, str, int, str, int | None]) -> dict[str,
     wall = time.perf_counter() - t0
     personal, base = device.evaluate()
     _BASE_EVALS[base_key] = base
+    example = held_out_example(device, runtime, settings) if device.adapter is not None else {}
     cpu = {name: t.cpu for name, t in timer.seconds().items()}
     reports = progress.adaptations
     items = device.selector.interactions()
@@ -398,8 +399,28 @@ def run_device_variant(task: tuple[str, str, int, str, int | None]) -> dict[str,
         "kept_heldback_rouge1": last.kept_heldback_rouge1 if last else float("nan"),
         "new_heldback_rouge1": last.new_heldback_rouge1 if last else float("nan"),
         "buffered": len(items), "valuable_share": sum(it.kind == "valuable" for it in items) / len(items) if items else 0.0,
-        "interactions": len(stream), "wall_s": wall,
+        "interactions": len(stream), "wall_s": wall, **example,
     }
+
+
+EXAMPLE_CHARS = 400  # characters of each text kept in a row's held-out example
+
+
+def held_out_example(device: Any, runtime: Any, settings: Settings) -> dict[str, str]:
+    """What a device's kept adapter learned, on its first held-out question: the question, the user's
+    answer, the base model's and the adapter's greedy answers (EXAMPLE_CHARS each; a row's
+    `example_*` columns)."""
+    from fedasls.lm.model import generate
+    from fedasls.pipeline.evaluation import answer_tokens
+
+    item = runtime.population.heldout(device.device_id)[0]
+    e = settings.evaluation
+    tokens = answer_tokens(runtime.prompts, [item.preferred], e.max_new_tokens, e.reference_cap)
+    personal = generate(device.activate(), runtime.prompts, [item.question], tokens)[0]
+    with runtime.base_model() as base_model:
+        base = generate(base_model, runtime.prompts, [item.question], tokens)[0]
+    texts = {"question": item.question, "preferred": item.preferred, "base": base, "personal": personal}
+    return {f"example_{k}": v[:EXAMPLE_CHARS] for k, v in texts.items()}
 
 
 def _worker_init() -> None:

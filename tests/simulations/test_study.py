@@ -195,6 +195,7 @@ def test_asls_runs_writes_its_report_and_resumes(tiny_model_dir, tmp_path, capsy
     assert rows["fixed-schedule"]["adaptations"] == 3  # 24 interactions checked every 8: adapt at every check
     assert rows["full"]["adaptations"] <= rows["fixed-schedule"]["adaptations"]
     assert rows["no-feedback"]["edits"] == 0 and not rows["no-feedback"]["use_implicit"]
+    assert "example_question" not in off  # no adapter: no example of what one learned
     report = (out / "report.md").read_text()
     assert "fedasls study asls" in report and "Machine: cpu" in report and "| profiling-only | full | 1 |" in report
     for name in ("results.csv", "summary.csv", "study.json", "variants.png", "utility_vs_cost.png"):
@@ -239,6 +240,18 @@ def test_selection_and_synthesis_studies_apply_their_variants(tiny_model_dir, tm
     assert rows["rewrites=0"]["synthesized"] == 0 < rows["rewrites=3"]["synthesized"]
     assert rows["rewrites=3"]["examples"] > rows["rewrites=0"]["examples"]
     assert rows["rewrites=3"]["train_cpu_per_example"] > 0
+
+
+def test_a_device_that_kept_an_adapter_shows_what_it_learned_on_a_held_out_question(tiny_model_dir, tmp_path):
+    out = tmp_path / "kept"
+    inputs = st.StudyInputs(name="selection", config=None, devices=1, budgets=[2048], only=["fifo@2048"], out=out,
+                            user_overrides=[*TOY, f'model.path="{tiny_model_dir}"', 'adaptation.gate="off"'])
+    st.run_study(inputs)
+    rows = _rows(out)
+    assert rows and all(r["accepted"] == 1 for r in rows)  # the gate off: every trained adapter is kept
+    for r in rows:
+        assert r["example_question"] and r["example_preferred"] and {"example_base", "example_personal"} <= set(r)
+        assert max(len(r[f"example_{k}"]) for k in ("question", "preferred", "base", "personal")) <= st.EXAMPLE_CHARS
 
 
 def test_profile_weight_survives_a_saved_device(tiny_model_dir):
