@@ -259,8 +259,9 @@ class Device:
             status = "off"  # profiling only (ablation): the base model keeps answering
         elif first and len(own) < needed:
             status = "waiting"  # too few labelled items for a first adapter worth gating
-        elif len(heldback) < 1 or not train_own:
-            status = "waiting"  # no held-back slice (all items are one near-duplicate group) or nothing to train on
+        elif len(heldback) < (a.gate_min_heldback if a.gate != "off" else 1) or not train_own:
+            status = "waiting"  # too few held-back items to decide on (or all items are one near-duplicate group),
+            # or nothing to train on
         else:
             with stage("synthesize"):
                 rewrites = synthesizer.synthesize(model, prompts, train_own)

@@ -131,6 +131,24 @@ def test_a_full_buffer_smaller_than_min_items_does_not_wait_forever(runtime, set
     assert not roomy.selector.buffer.is_full() and roomy.adapt().status == "waiting"
 
 
+def test_a_gate_with_too_few_held_back_items_waits_and_trains_nothing(runtime, settings):
+    tiny_buffer = updated(settings, selection={"buffer_bytes": 2500}, adaptation={"min_items": 50})
+    decided = Device(2, runtime, no_feedback(tiny_buffer))
+    decided.catch_up()
+    report = decided.adapt()
+    assert report.status in ("accepted", "rejected") and 1 <= report.heldback  # one or two items decided it
+    strict = updated(tiny_buffer, adaptation={"min_items": 50, "gate_min_heldback": report.heldback + 1})
+    device = Device(2, runtime, no_feedback(strict))
+    device.catch_up()
+    waited = device.adapt()
+    assert waited.status == "waiting" and waited.examples == 0 and waited.epochs == 0
+    assert device.adapter is None and device.counters.gate_waiting == 1
+    off = updated(strict, adaptation={"min_items": 50, "gate_min_heldback": report.heldback + 1, "gate": "off"})
+    ungated = Device(2, runtime, no_feedback(off))  # no gate: nothing to decide, the minimum does not apply
+    ungated.catch_up()
+    assert ungated.adapt().status == "accepted"
+
+
 def test_gate_rejects_an_adapter_trained_on_wrong_answers_and_keeps_the_old_one(runtime, settings):
     device = Device(3, runtime, no_feedback(settings))
     device.catch_up()
