@@ -34,15 +34,20 @@ PAIRS = [
 ]
 
 
-@pytest.fixture()
-def peft_lm(tiny_model_dir):
-    model, tokenizer = load_model(tiny_model_dir)  # a private copy: LoRA wraps it in place
-    peft = attach_lora(model, 4, 8, 0.0, "p")
-    with torch.no_grad():  # a non-zero adapter, so the LoRA path matters
+def _nonzero_lora(model, dropout: float = 0.0):
+    """`model` (a private copy: LoRA wraps it in place) with a rank-4 adapter whose B is not zero, so the LoRA path matters."""
+    peft = attach_lora(model, 4, 8, dropout, "p")
+    with torch.no_grad():
         for name, param in peft.named_parameters():
             if "lora_B" in name:
                 param.normal_(0, 0.05)
-    return peft, PromptFormat(tokenizer)
+    return peft
+
+
+@pytest.fixture()
+def peft_lm(tiny_model_dir):
+    model, tokenizer = load_model(tiny_model_dir)
+    return _nonzero_lora(model), PromptFormat(tokenizer)
 
 
 def test_answer_only_head_gives_the_full_logits_loss_and_gradients(peft_lm):
@@ -77,11 +82,7 @@ def _loss_and_grads(model, batch, seed: int) -> tuple[torch.Tensor, dict[str, to
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 def test_fast_lora_backward_gives_peft_losses_and_gradients(tiny_model_dir, dropout):
     model, tokenizer = load_model(tiny_model_dir)
-    peft = attach_lora(model, 4, 8, dropout, "p")
-    with torch.no_grad():
-        for name, param in peft.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.05)
+    peft = _nonzero_lora(model, dropout)
     ids, mask, labels, _ = _tensorize(PromptFormat(tokenizer), [TrainingExample(q, a) for q, a in PAIRS], 96).tensors
     peft.train()
     expected_loss, expected = _loss_and_grads(peft, (ids, mask, labels), seed=3)
@@ -99,13 +100,9 @@ def test_fast_lora_backward_gives_peft_losses_and_gradients(tiny_model_dir, drop
 def test_fast_lora_backward_on_bfloat16_base_weights_gives_peft_losses_and_gradients(tiny_model_dir):
     """model.dtype = bfloat16: the base layers compute in bfloat16, peft keeps the adapter in float32."""
     model, tokenizer = load_model(tiny_model_dir, dtype="bfloat16")
-    peft = attach_lora(model, 4, 8, 0.0, "p")
+    peft = _nonzero_lora(model)
     lora = {n: p for n, p in peft.named_parameters() if "lora_" in n}
     assert lora and {p.dtype for p in lora.values()} == {torch.float32}
-    with torch.no_grad():
-        for name, param in lora.items():
-            if "lora_B" in name:
-                param.normal_(0, 0.05)
     ids, mask, labels, _ = _tensorize(PromptFormat(tokenizer), [TrainingExample(q, a) for q, a in PAIRS], 96).tensors
     peft.train()
     expected_loss, expected = _loss_and_grads(peft, (ids, mask, labels), seed=3)
