@@ -137,13 +137,13 @@ def test_a_gate_with_too_few_held_back_items_waits_and_trains_nothing(runtime, s
     decided.catch_up()
     report = decided.adapt()
     assert report.status in ("accepted", "rejected") and 1 <= report.heldback  # one or two items decided it
-    strict = updated(tiny_buffer, adaptation={"min_items": 50, "gate_min_heldback": report.heldback + 1})
+    strict = updated(tiny_buffer, adaptation={"gate_min_heldback": report.heldback + 1})
     device = Device(2, runtime, no_feedback(strict))
     device.catch_up()
     waited = device.adapt()
     assert waited.status == "waiting" and waited.examples == 0 and waited.epochs == 0
     assert device.adapter is None and device.counters.gate_waiting == 1
-    off = updated(strict, adaptation={"min_items": 50, "gate_min_heldback": report.heldback + 1, "gate": "off"})
+    off = updated(strict, adaptation={"gate": "off"})
     ungated = Device(2, runtime, no_feedback(off))  # no gate: nothing to decide, the minimum does not apply
     ungated.catch_up()
     assert ungated.adapt().status == "accepted"
