@@ -94,10 +94,8 @@ class DeviceBatcher:
     def loss(self, model: Any, prompts: Any, examples: list[Any], max_length: int) -> float:
         return self._request("loss", prompts, [(examples, max_length, None)], [])[0]
 
-    def generate_rows(self, model: Any, prompts: Any, rows: list[tuple[str, str]],
-                      max_new_tokens: int | Sequence[int]) -> list[str]:
-        budgets = [max_new_tokens] * len(rows) if isinstance(max_new_tokens, int) else list(max_new_tokens)
-        return self._request("generate", prompts, rows, budgets)
+    def generate_rows(self, model: Any, prompts: Any, rows: list[tuple[str, str]], budgets: Sequence[int]) -> list[str]:
+        return self._request("generate", prompts, rows, list(budgets))
 
     def losses(self, model: Any, prompts: Any, requests: list[tuple[list[Any], int, str]]) -> list[float]:
         return self._request("loss", prompts, requests, [])

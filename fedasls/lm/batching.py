@@ -30,9 +30,8 @@ class Route(Protocol):
     def loss(self, model: Any, prompts: Any, examples: list[Any], max_length: int) -> float:
         """Mean answer-token loss (as `sequence_loss`) of the model's active adapter."""
 
-    def generate_rows(self, model: Any, prompts: Any, rows: list[tuple[str, str]],
-                      max_new_tokens: int | Sequence[int]) -> list[str]:
-        """Greedy answers to (question, adapter name) rows, one token budget or one per row (as `generate_mixed`)."""
+    def generate_rows(self, model: Any, prompts: Any, rows: list[tuple[str, str]], budgets: Sequence[int]) -> list[str]:
+        """Greedy answers to (question, adapter name) rows, each with its own token budget (as `generate_mixed`)."""
 
     def losses(self, model: Any, prompts: Any, requests: list[tuple[list[Any], int, str]]) -> list[float]:
         """Mean answer-token loss of each (examples, max_length, adapter name) request (as `mixed_sequence_losses`)."""

@@ -425,7 +425,7 @@ def generate_mixed(model: torch.nn.Module, prompts: PromptFormat, rows: list[tup
         raise ValueError(f"generate_mixed: {len(budgets)} token budgets for {len(rows)} rows")
     route = batching.route_for(model)
     if route is not None:  # a worker batching its devices: these rows join the others'
-        return route.generate_rows(model, prompts, list(rows), max_new_tokens)
+        return route.generate_rows(model, prompts, list(rows), budgets)
     limit = _max_positions(model)
     max_prompt = max(1, limit - max(budgets)) if limit else None
     texts = [prompts.fitted_prompt(q, max_prompt) for q, _ in rows]  # as `generate`: context cut first
