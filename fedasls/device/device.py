@@ -425,14 +425,13 @@ class Device:
             return self.last_eval, self.base_eval
         if self.base_eval is None:
             with self.runtime.base_model() as base:
-                self.base_eval = evaluate(base, prompts, heldout, s.evaluation.max_new_tokens, user,
-                                          merge_adapter=s.evaluation.merge_adapter,
-                                          reference_cap=s.evaluation.reference_cap)
-        if self.adapter is None and self.shared_model is None:  # the base model
+                self.base_eval = evaluate(base, prompts, heldout, e.max_new_tokens, user, merge_adapter=e.merge_adapter,
+                                          reference_cap=e.reference_cap)
+        if not personal_model:  # the base model
             self.last_eval = self.base_eval
         else:
-            self.last_eval = evaluate(self.activate(), prompts, heldout, s.evaluation.max_new_tokens, user,
-                                      merge_adapter=s.evaluation.merge_adapter, reference_cap=s.evaluation.reference_cap)
+            self.last_eval = evaluate(self.activate(), prompts, heldout, e.max_new_tokens, user,
+                                      merge_adapter=e.merge_adapter, reference_cap=e.reference_cap)
         return self.last_eval, self.base_eval
 
     # ------------------------------------------------------------------ state
