@@ -268,6 +268,10 @@ class AdaptationSettings(_Section):
         description="Each candidate's LoRA update is tried at these scales (pulled toward its start); the best "
         "held-back ROUGE-1 wins (ties: the earlier scale). [1.0] = no shrinking.",
     )
+    shrink_by: Literal["gate", "loss"] = Field(
+        "gate", description="How the best shrink scale is picked: 'gate' = by what the gate compares (greedy answers "
+        "at every scale: held-back ROUGE-1, or loss under gate = loss); 'loss' = by held-back answer loss (forward "
+        "passes only, the earlier scale on a tie), then only that scale's answers are generated for the gate.")
     gate: Literal["rouge1", "loss", "both", "off"] = Field(
         "rouge1", description="What a new adapter must beat the kept one on (held-back items); off = always keep."
     )
@@ -410,10 +414,12 @@ class DeploymentSettings(_Section):
 # The real-LLM profile: q/v LoRA (SmolLM2-135M-Instruct, one step, r=8, 4 x 128 tokens: 5.7 CPU s);
 # max_length 128 (at 96, 18% of the pairs lose their end-of-turn token); a lower learning rate and fewer
 # epochs than the 0.7M-parameter embedded model; long real answers train as up to 8 windows (answer_chunks: on the
-# Stack Exchange test fragment the first window alone dropped 69% of the answer tokens, 8 windows drop 21%). Figures: docs/results/smollm2.md.
+# Stack Exchange test fragment the first window alone dropped 69% of the answer tokens, 8 windows drop 21%); the shrink
+# scale picked on held-back loss (the gate then answers with that scale only: 43% less gate CPU on 8 SmolLM2 devices,
+# docs/performance.md). Figures: docs/results/smollm2.md.
 REAL_LLM_ADAPTATION: dict[str, Any] = {"target_modules": ["q_proj", "v_proj"], "learning_rate": 1e-3, "retry_epochs": [],
                                        "retry_learning_rates": [3e-4], "epochs": 3, "batch_size": 4, "max_length": 128,
-                                       "answer_chunks": 8, "gate_min_heldback": 3}
+                                       "answer_chunks": 8, "gate_min_heldback": 3, "shrink_by": "loss"}
 # The real-LLM profile scores long real answers with answers as long (evaluation.new_tokens), and a device's
 # first evaluation with an adapter in one batch with the base model (evaluation.batch_base).
 REAL_LLM_EVALUATION: dict[str, Any] = {"new_tokens": "reference", "batch_base": True}

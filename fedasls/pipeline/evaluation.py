@@ -107,6 +107,16 @@ def evaluate(
                       n=len(heldout), rougeL_recall=scores["rougeL_recall"])
 
 
+def adapter_losses(model: Any, prompts: PromptFormat, items: list[Interaction], adapters: list[str]) -> list[float]:
+    """Mean answer loss (nats a token) of the preferred answers of `items` under each of several adapters of one
+    peft model ("__base__" = the base model): forward passes only, all rows in shared mixed-adapter batches."""
+    if not items:
+        raise ValueError("adapter_losses: no items; pass the held-back or held-out interactions")
+    examples = [TrainingExample(item.question, item.preferred) for item in items]
+    limit = _max_positions(model) or _DEFAULT_CONTEXT
+    return mixed_sequence_losses(model, prompts, [(examples, limit, name) for name in adapters])
+
+
 def evaluate_adapters(model: Any, prompts: PromptFormat, heldout: list[Interaction], adapters: list[str],
                       max_new_tokens: int = 32, reference_cap: int | None = None,
                       user: "SimulatedUser | None" = None) -> list[EvalResult]:
@@ -120,9 +130,7 @@ def evaluate_adapters(model: Any, prompts: PromptFormat, heldout: list[Interacti
     references = [item.preferred for item in heldout]
     rows = [(item.question, name) for name in adapters for item in heldout]
     answers = generate_mixed(model, prompts, rows, answer_tokens(prompts, references, max_new_tokens, reference_cap))
-    examples = [TrainingExample(item.question, item.preferred) for item in heldout]
-    limit = _max_positions(model) or _DEFAULT_CONTEXT
-    losses = mixed_sequence_losses(model, prompts, [(examples, limit, name) for name in adapters])
+    losses = adapter_losses(model, prompts, heldout, adapters)
     out = []
     for k, loss in enumerate(losses):
         mine = answers[k * len(heldout) : (k + 1) * len(heldout)]

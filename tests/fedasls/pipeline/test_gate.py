@@ -266,3 +266,28 @@ def test_rejected_candidate_is_followed_by_its_own_earlier_epochs_then_retrainin
     assert stages["gate"].calls == report.attempts  # each candidate (with batch_gate the kept model's score rides along)
     assert history["status"] == "rejected" and device.adapter is None
 
+
+
+def test_shrink_by_loss_keeps_the_least_loss_scale_and_answers_only_it(runtime, settings, monkeypatch):
+    from fedasls.pipeline import evaluation
+
+    scales = [1.0, 0.5, 0.25]
+
+    def adapted(update: dict) -> object:
+        s = updated(settings, adaptation={"gate": "rouge1", "gate_margin": 0.0, "retry_epochs": [],
+                                          "retry_learning_rates": [], **update})
+        device = Device(4, runtime, no_feedback(s))
+        device.catch_up()
+        return device.adapt()
+
+    # each scale alone: the same training (same seed), that scale's held-back loss
+    losses = {scale: adapted({"shrink_scales": [scale]}).new_heldback_loss for scale in scales}
+    assert len(set(losses.values())) == len(scales)  # the scales differ, so the choice means something
+    rows: list[int] = []
+    real = evaluation.generate_mixed  # a spy: it counts the gate's answer rows and runs the real call
+    monkeypatch.setattr(evaluation, "generate_mixed",
+                        lambda model, prompts, batch, *a: rows.append(len(batch)) or real(model, prompts, batch, *a))
+    report = adapted({"shrink_scales": scales, "shrink_by": "loss"})
+    assert report.scale == min(scales, key=lambda scale: losses[scale])
+    assert report.new_heldback_loss == pytest.approx(losses[report.scale], abs=1e-4)
+    assert rows == [2 * report.heldback]  # the kept model and the chosen scale, not every scale
