@@ -48,8 +48,8 @@ from wire.messages import (
     check_metrics,
     check_update_layout,
     check_update_values,
+    downlink_knobs,
     error_reply,
-    read_downlink,
     secagg_stage,
     unit_weight,
 )
@@ -232,8 +232,8 @@ def unmasked_guard(call_next: Callable[[Message, Context], Message]) -> Callable
 
 def round_clip_norm(msg: Message) -> float | None:
     """The clip norm of the round's Downlink the message carries (None: no global-adapter round)."""
-    downlink = read_downlink(msg)
-    return None if downlink is None else float(downlink.clip_norm)
+    knobs = downlink_knobs(msg)
+    return None if knobs is None else float(knobs["clip_norm"])
 
 
 UNCLIPPED = "unclipped"  # adaptive clipping's bit (fedasls.privacy.adaptive_clipping): METRIC_RULES bounds it to {0, 1}
@@ -241,8 +241,8 @@ UNCLIPPED = "unclipped"  # adaptive clipping's bit (fedasls.privacy.adaptive_cli
 
 def round_asks_unclipped(msg: Message) -> bool:
     """Whether the round's Downlink asks devices for adaptive clipping's unclipped bit."""
-    downlink = read_downlink(msg)
-    return downlink is not None and bool(downlink.report_unclipped)
+    knobs = downlink_knobs(msg)
+    return knobs is not None and bool(knobs["report_unclipped"])
 
 
 def check_unclipped_asked(reply: Message, asked: bool) -> None:

@@ -22,7 +22,8 @@ from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from tqdm import tqdm
 
-from wire.messages import FETCH_UPDATE, KEEP_UPDATE, device_failures, device_metrics, downlink_records, reply_updates
+from wire.messages import (FETCH_UPDATE, KEEP_UPDATE, device_failures, device_metrics, downlink_records,
+                           fetch_records, reply_updates)
 from fedasls.config import Settings
 from fedasls.device.faults import FailureCode
 from fedasls.sim.heterogeneity import HeterogeneityModel
@@ -202,8 +203,8 @@ def run_fleet(grid: Grid, run: FleetRun) -> dict[str, Any]:
         # ... and a round strategy aggregates the completed replies here (after the round closes).
         phase2: dict[str, Any] = {}
         if token is not None:  # phase 2: only the completed devices that kept an update send it
-            contributions, phase2 = _fetch_updates(grid, fleet, run, server_round, token, shared, results,
-                                                   outcome.completed)
+            contributions, phase2 = _fetch_updates(grid, fleet, run, server_round, token, fetch_records(downlink),
+                                                   results, outcome.completed)
             transport: dict[str, float] = {}
         else:
             contributions, transport = round_contributions(sent, outcome.completed)
@@ -243,10 +244,11 @@ def two_phase(settings: Settings, global_round: bool) -> bool:
 
 
 def _fetch_updates(grid: Grid, fleet: Fleet, run: FleetRun, server_round: int, token: str,
-                   shared: dict[str, Any], results: dict[int, dict[str, Any]], completed: list[int]
+                   layout: dict[str, Any], results: dict[int, dict[str, Any]], completed: list[int]
                    ) -> tuple[list[Any], dict[str, Any]]:
     """Phase 2 of a two-phase round: ask the completed devices that kept an update (withheld_bytes > 0)
-    for it, through the same fleet and ClientApp (the guard checks each update as in one phase). Their
+    for it, through the same fleet and ClientApp, sending the global adapter's layout (`layout`:
+    `fetch_records`), not its tensors again; the guard checks each update as in one phase. Their
     withheld_bytes become sent bytes; a device that sends none (no kept update, no reply) is a dropout,
     counted in `fetch_failed`. Returns the contributions and the round row's phase-2 figures
     (`stage_fetch_s`: the wall seconds phase 2 added to the round)."""
@@ -258,7 +260,7 @@ def _fetch_updates(grid: Grid, fleet: Fleet, run: FleetRun, server_round: int, t
         def fetch_for(device_id: int) -> RecordDict:
             config = ConfigRecord({"device-id": device_id, "server-round": server_round,
                                    "store": str(run.store_dir), FETCH_UPDATE: token})
-            return RecordDict({"config": config, **shared})  # the global adapter: the layout the guard checks
+            return RecordDict({"config": config, **layout})  # the adapter's layout (for the guard), not its tensors
 
         sent = fleet.dispatch(grid, ask, fetch_for, server_round)
         _, failures = _collect(sent, ask, run.on_reply)  # phase-2 metrics hold device ids only

@@ -55,6 +55,7 @@ GLOBAL_ADAPTER_KEY = "global-adapter"  # downlink: the global adapter's shared t
 DOWNLINK_KEY = "downlink"  # downlink: the round's knobs (fedasls.federated.strategy.Downlink), a ConfigRecord
 KEEP_UPDATE = "keep-update"  # train config, phase 1 of a two-phase round: keep the update for this round token
 FETCH_UPDATE = "fetch-update"  # train config, phase 2: reply with the update kept for this round token
+ADAPTER_LAYOUT_KEY = "adapter-layout"  # phase 2: the global adapter's names and shapes only (what may return)
 ALLOWED_KEYS = frozenset({METRICS_KEY, GLOBAL_UPDATE_KEY})
 FAILED_IDS_KEY, FAILED_CODES_KEY = "failed_device_id", "failure_code"  # a batch reply's failed devices
 
@@ -259,8 +260,36 @@ def reply_updates(reply: Message) -> dict[int, dict[str, torch.Tensor]]:
 
 def downlink_records(downlink: Downlink) -> dict[str, ArrayRecord | ConfigRecord]:
     """A round's Downlink as records: its shared tensors (ArrayRecord) and its knobs (ConfigRecord)."""
-    knobs = {f.name: getattr(downlink, f.name) for f in fields(downlink) if f.name != "shared"}
-    return {GLOBAL_ADAPTER_KEY: ArrayRecord(dict(downlink.shared)), DOWNLINK_KEY: ConfigRecord(knobs)}
+    return {GLOBAL_ADAPTER_KEY: ArrayRecord(dict(downlink.shared)), DOWNLINK_KEY: _knobs(downlink)}
+
+
+def _knobs(downlink: Downlink) -> ConfigRecord:
+    return ConfigRecord({f.name: getattr(downlink, f.name) for f in fields(downlink) if f.name != "shared"})
+
+
+def fetch_records(downlink: Downlink) -> dict[str, ConfigRecord]:
+    """Phase 2 of a two-phase round: the downlink's knobs and its adapter's layout (names in order, shapes),
+    not its tensors: the devices already hold them, the guard needs only what an update may look like."""
+    names = list(downlink.shared)
+    shapes = [tuple(int(d) for d in downlink.shared[k].shape) for k in names]
+    layout = ConfigRecord({"names": names, "ranks": [len(shape) for shape in shapes],
+                           "dims": [d for shape in shapes for d in shape]})
+    return {ADAPTER_LAYOUT_KEY: layout, DOWNLINK_KEY: _knobs(downlink)}
+
+
+def _fetch_layout(msg: Message) -> Layout | None:
+    """The layout a phase-2 message (config with FETCH_UPDATE) names in its ADAPTER_LAYOUT_KEY record."""
+    config = msg.content["config"] if "config" in msg.content else None
+    record = msg.content[ADAPTER_LAYOUT_KEY] if ADAPTER_LAYOUT_KEY in msg.content else None
+    if not isinstance(config, ConfigRecord) or FETCH_UPDATE not in config or not isinstance(record, ConfigRecord):
+        return None
+    names, ranks, dims = list(record["names"]), [int(r) for r in record["ranks"]], [int(d) for d in record["dims"]]
+    if len(names) != len(ranks) or sum(ranks) != len(dims):
+        return None
+    layout, at = {}, 0
+    for name, rank in zip(names, ranks):
+        layout[str(name)], at = tuple(dims[at:at + rank]), at + rank
+    return layout
 
 
 def fit_downlink_config(content: RecordDict) -> dict[str, Any]:
@@ -275,16 +304,24 @@ def read_downlink(msg: Message) -> Downlink | None:
         import torch
 
         shared = {k: torch.from_numpy(a.copy()) for k, a in fit_adapter(msg).items()}
-        prefix = f"{DOWNLINK_KEY}."
-        knobs = {k[len(prefix):]: v for k, v in msg.content[FIT_CONFIG].items() if k.startswith(prefix)}
     elif GLOBAL_ADAPTER_KEY in msg.content:
         shared = torch_tensors(msg.content[GLOBAL_ADAPTER_KEY])
-        knobs = dict(msg.content[DOWNLINK_KEY])
     else:
         return None
     from fedasls.federated.strategy import Downlink
 
-    return Downlink(shared=shared, **knobs)
+    return Downlink(shared=shared, **downlink_knobs(msg))
+
+
+def downlink_knobs(msg: Message) -> dict[str, Any] | None:
+    """The round's Downlink knobs a message carries (also phase 2 of a two-phase round, which carries no
+    tensors), or None (a local round)."""
+    if FIT_CONFIG in msg.content:
+        prefix = f"{DOWNLINK_KEY}."
+        return {k[len(prefix):]: v for k, v in msg.content[FIT_CONFIG].items() if k.startswith(prefix)}
+    if DOWNLINK_KEY in msg.content:
+        return dict(msg.content[DOWNLINK_KEY])
+    return None
 
 
 def fit_adapter(msg: Message) -> dict[str, np.ndarray]:
@@ -303,7 +340,7 @@ def allowed_layout(msg: Message) -> Layout | None:
     if FIT_CONFIG in msg.content and FIT_PARAMS in msg.content:  # a SecAgg+ round (legacy FitIns)
         return {k: tuple(int(d) for d in a.shape) for k, a in fit_adapter(msg).items()}
     if GLOBAL_ADAPTER_KEY not in msg.content:
-        return None
+        return _fetch_layout(msg)  # phase 2 of a two-phase round names the layout alone; any other message: None
     record = msg.content[GLOBAL_ADAPTER_KEY]
     if not isinstance(record, ArrayRecord):
         return None

@@ -17,7 +17,8 @@ from fedasls.device import kept_update
 from fedasls.device.faults import FailureCode
 from fedasls.device.store import DeviceStore
 from fedasls.federated.strategy import Downlink
-from wire.messages import FETCH_UPDATE, device_failures, downlink_records, reply_updates
+from wire.messages import (FETCH_UPDATE, GLOBAL_ADAPTER_KEY, allowed_layout, device_failures, fetch_records,
+                           reply_updates)
 
 A, B = "m.q_proj.lora_B.weight", "m.q_proj.lora_A.weight"  # not in name order: the order must survive the keep
 GLOBAL = {A: torch.zeros(4, 8), B: torch.zeros(6, 4)}
@@ -35,7 +36,11 @@ def fetch(store: DeviceStore, token: str, devices: list[int]) -> Message:
     """The server's phase-2 message (as server/rounds.py builds it) run through the ClientApp."""
     ids = {"device-id": devices[0]} if len(devices) == 1 else {"device-ids": devices, "parallel": 1}
     config = ConfigRecord({**ids, "server-round": 2, "store": str(store.root), FETCH_UPDATE: token})
-    records = {"config": config, **downlink_records(Downlink("global", False, 4, 0, CLIP, dict(GLOBAL)))}
+    records = {"config": config, **fetch_records(Downlink("global", False, 4, 0, CLIP, dict(GLOBAL)))}
+    return run(records)
+
+
+def run(records: dict) -> Message:
     msg = Message(RecordDict(records), dst_node_id=1, message_type="train")
     return app(msg, Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={}))
 
@@ -77,6 +82,25 @@ def test_the_guard_checks_a_phase_two_update_as_any_update(tmp_path):
     assert fetch(store, token, [3]).error.code == FailureCode.REFUSED
     kept_update.keep(store.folder(3), token, {k: v * math.nan for k, v in update(0.5).items()})
     assert fetch(store, token, [3]).error.code == FailureCode.REFUSED
+
+
+def test_phase_two_sends_the_layout_not_the_tensors_and_the_layout_binds_only_phase_two(tmp_path):
+    store, token = DeviceStore(tmp_path), kept_update.round_token(2)
+    records = fetch_records(Downlink("global", False, 4, 0, CLIP, dict(GLOBAL)))
+    assert GLOBAL_ADAPTER_KEY not in records  # the devices hold the tensors since phase 1
+    ids = {"device-id": 3, "server-round": 2, "store": str(store.root)}
+
+    def message(config: dict, layout: dict) -> Message:
+        return Message(RecordDict({"config": ConfigRecord(config), **layout}), dst_node_id=1, message_type="train")
+
+    assert allowed_layout(message({**ids, FETCH_UPDATE: token}, records)) == {A: (4, 8), B: (6, 4)}  # in order
+    assert allowed_layout(message(ids, records)) is None  # outside phase 2 a layout record opens nothing
+    # the guard checks the kept update against the layout the message names
+    other = fetch_records(Downlink("global", False, 4, 0, CLIP, {A: torch.zeros(4, 8), B: torch.zeros(6, 5)}))
+    kept_update.keep(store.folder(3), token, update(0.5))
+    assert run({"config": ConfigRecord({**ids, FETCH_UPDATE: token}), **other}).error.code == FailureCode.REFUSED
+    kept_update.keep(store.folder(3), token, update(0.5))  # (the refused reply took it)
+    assert not run({"config": ConfigRecord({**ids, FETCH_UPDATE: token}), **records}).has_error()
 
 
 def test_a_worker_slot_sends_the_kept_updates_and_names_the_devices_that_hold_none(tmp_path):
