@@ -231,7 +231,8 @@ def test_selection_and_synthesis_studies_apply_their_variants(tiny_model_dir, tm
     assert any(r["statuses"] in ("accepted", "rejected") for r in rows)
     for r in rows:  # the last gated step's evidence, or none when nothing was gated
         gated = r["statuses"] in ("accepted", "rejected")
-        assert (r["heldback"] >= 1 and 0 <= r["new_heldback_rouge1"] <= 1) if gated else r["heldback"] == 0
+        assert (r["heldback"] >= 1 and 0 <= r["new_heldback_rouge1"] <= 1 and r["new_heldback_loss"] > 0
+                and r["scale"] in (1.0, 0.75, 0.5)) if gated else r["heldback"] == 0
     assert "| fifo@1024 | full@1024 | 1 |" in (out / "report.md").read_text()
 
     out = tmp_path / "synthesis"
