@@ -36,8 +36,11 @@ def _scenario(tiny_model_dir: Path, path: Path, nodes: int) -> Path:
 
 
 def _fedasls(*argv: str, **kwargs) -> subprocess.Popen:
+    # Ctrl-C reaches a command started from a terminal; a test run in the background (`pytest &` in a
+    # script) would otherwise pass on an ignored SIGINT, which Python then leaves ignored
     return subprocess.Popen([sys.executable, "-m", "simulations.cli", *argv], cwd=PROJECT_DIR, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True, **kwargs)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL), **kwargs)
 
 
 def _alive(pid: int) -> bool:
