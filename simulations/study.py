@@ -71,7 +71,8 @@ class StudySpec:
     default_devices: int
     base: tuple[str, ...] = ()  # the study's own overrides of the scenario (the user's --set wins)
     check_every: int | None = None  # device studies: interactions between trigger checks (None: one at the end)
-    metrics: tuple[str, ...] = ("rouge1", "rougeL", "accept_rate", "train_cpu_s", "generate_cpu_s", "examples")
+    metrics: tuple[str, ...] = ("rouge1", "uplift_rouge1", "loss_reduction", "rougeL", "accept_rate", "train_cpu_s",
+                                "generate_cpu_s", "examples")
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -111,7 +112,8 @@ STUDIES: dict[str, StudySpec] = {
         "ROUGE-1/L against training cost (train CPU seconds, training examples, CPU seconds per example). Paired "
         "differences: against rewrites=0.",
         "device", None, 30, base=('selection.policy="full"', *ONCE_AT_THE_END),
-        metrics=("rouge1", "rougeL", "train_cpu_s", "examples", "train_cpu_per_example", "synthesized")),
+        metrics=("rouge1", "uplift_rouge1", "loss_reduction", "rougeL", "train_cpu_s", "examples",
+                 "train_cpu_per_example", "synthesized")),
     "asls": StudySpec(
         "asls", "the ASLS five-way ablation: full, adaptation-only, profiling-only, fixed-schedule, no-feedback",
         "The ASLS ablation on a stream checked every --check-every interactions (default 20): full (profile-weighted "
@@ -122,7 +124,8 @@ STUDIES: dict[str, StudySpec] = {
         "says); no-feedback (feedback.use_implicit=false: annotations only). Reports utility (held-out ROUGE-1/L), "
         "accept rate and compute (train and generation CPU seconds). Paired differences: against full.",
         "device", None, 30, base=ASLS_FULL, check_every=20,
-        metrics=("rouge1", "rougeL", "accept_rate", "adaptations", "train_cpu_s", "generate_cpu_s", "adapt_cpu_s")),
+        metrics=("rouge1", "uplift_rouge1", "loss_reduction", "rougeL", "accept_rate", "adaptations", "train_cpu_s",
+                 "generate_cpu_s", "adapt_cpu_s")),
     "heterogeneity": StudySpec(
         "heterogeneity", "fleet runs: uplift and fairness across device tiers vs a homogeneous fleet",
         "Two fleet runs on Flower's Simulation Engine (Ray) of the scenario (default: heterogeneity, a low-end-heavy "
@@ -387,6 +390,7 @@ def run_device_variant(task: tuple[str, str, int, str, int | None]) -> dict[str,
         "base_rouge1": base.rouge1, "base_rougeL": base.rougeL, "base_perplexity": base.perplexity,
         "base_accept_rate": base.accept_rate,
         "uplift_rouge1": personal.rouge1 - base.rouge1, "uplift_rougeL": personal.rougeL - base.rougeL,
+        "loss_reduction": loss_reduction(base.perplexity, personal.perplexity),
         "adaptations": len(reports), "trained": sum(r.status in ("accepted", "rejected") for r in reports),
         "accepted": sum(r.status == "accepted" for r in reports), "statuses": " ".join(r.status for r in reports),
         "annotations": device.counters.annotations, "edits": sum(r.edits for r in reports),
@@ -404,6 +408,26 @@ def run_device_variant(task: tuple[str, str, int, str, int | None]) -> dict[str,
         "buffered": len(items), "valuable_share": sum(it.kind == "valuable" for it in items) / len(items) if items else 0.0,
         "interactions": len(stream), "wall_s": wall, **example,
     }
+
+
+def loss_reduction(base_perplexity: Any, perplexity: Any) -> float:
+    """How much less surprised the device's model is by the user's own held-out answers than the base
+    model: log(base perplexity) - log(perplexity), nats a token (> 0: it learned the user's text).
+    Length-aware, unlike ROUGE of a greedy answer against a long reference. NaN where either is missing."""
+    try:
+        base, mine = float(base_perplexity), float(perplexity)
+    except (TypeError, ValueError):
+        return math.nan
+    if not (math.isfinite(base) and math.isfinite(mine) and base > 0 and mine > 0):
+        return math.nan
+    return math.log(base) - math.log(mine)
+
+
+def with_derived(row: dict[str, Any]) -> dict[str, Any]:
+    """A row with `loss_reduction` (rows written before it existed derive it from their perplexities)."""
+    if "loss_reduction" in row or "base_perplexity" not in row:
+        return row
+    return {**row, "loss_reduction": loss_reduction(row.get("base_perplexity"), row.get("perplexity"))}
 
 
 EXAMPLE_CHARS = 400  # characters of each text kept in a row's held-out example
@@ -617,10 +641,12 @@ def tier_rows(variants: Sequence[str], rows: list[dict[str, Any]]) -> list[dict[
     return out
 
 
+SIGNED = frozenset({"uplift_rouge1", "loss_reduction"})  # differences against the base model: shown with a sign
 LABELS = {"rouge1": "ROUGE-1", "rougeL": "ROUGE-L", "accept_rate": "accept rate", "train_cpu_s": "train CPU s",
           "generate_cpu_s": "generation CPU s", "adapt_cpu_s": "adaptation CPU s", "examples": "training examples",
           "train_cpu_per_example": "train CPU s / example", "synthesized": "rewrites kept",
-          "adaptations": "adaptations", "uplift_rouge1": "uplift ROUGE-1", "participated": "participation",
+          "adaptations": "adaptations", "uplift_rouge1": "uplift ROUGE-1",
+          "loss_reduction": "answer loss reduction (nats)", "participated": "participation",
           "rounds_completed": "rounds completed"}
 
 
@@ -640,7 +666,7 @@ def report_markdown(inputs: StudyInputs, variants: Study, summary: list[dict[str
               for m in metrics}
     for row in summary:
         over = " ".join(variants[row["variant"]]) or "(base)"
-        cells = [_fmt(row[m], row[f"{m}_low"], row[f"{m}_high"], digits[m]) for m in metrics]
+        cells = [_fmt(row[m], row[f"{m}_low"], row[f"{m}_high"], digits[m], sign=m in SIGNED) for m in metrics]
         lines.append(f"| {row['variant']} | `{over}` | {row['devices']} | " + " | ".join(cells) + " |")
     lines += ["", "## Paired differences against the reference (mean of per-device differences, bootstrap 95% CI)", "",
               "| variant | reference | pairs | " + " | ".join(f"Δ {LABELS.get(m, m)}" for m in metrics) + " |",
@@ -747,7 +773,8 @@ def write_outputs(inputs: StudyInputs, variants: Study, rows: list[dict[str, Any
 
     out = inputs.out_dir
     order = {v: i for i, v in enumerate(variants)}
-    rows = sorted((r for r in rows if r["variant"] in variants), key=lambda r: (order[r["variant"]], int(r["device_id"])))
+    rows = sorted((with_derived(r) for r in rows if r["variant"] in variants),
+                  key=lambda r: (order[r["variant"]], int(r["device_id"])))
     write_csv(out / "results.csv", rows)
     summary = summary_rows(inputs.name, list(variants), rows, inputs.spec.metrics)
     write_csv(out / "summary.csv", summary)

@@ -191,6 +191,7 @@ def test_asls_runs_writes_its_report_and_resumes(tiny_model_dir, tmp_path, capsy
     off = rows["profiling-only"]
     assert off["train_cpu_s"] == 0 and off["examples"] == 0 and set(off["statuses"].split()) <= {"off"}
     assert off["rouge1"] == off["base_rouge1"]  # the base model answers
+    assert off["loss_reduction"] == pytest.approx(0.0, abs=1e-9)  # ... and is as surprised by the user's answers
     assert rows["adaptation-only"]["profile_weight"] == 0 and rows["full"]["profile_weight"] == 1
     assert rows["fixed-schedule"]["adaptations"] == 3  # 24 interactions checked every 8: adapt at every check
     assert rows["full"]["adaptations"] <= rows["fixed-schedule"]["adaptations"]
@@ -253,6 +254,17 @@ def test_a_device_that_kept_an_adapter_shows_what_it_learned_on_a_held_out_quest
     for r in rows:
         assert r["example_question"] and r["example_preferred"] and {"example_base", "example_personal"} <= set(r)
         assert max(len(r[f"example_{k}"]) for k in ("question", "preferred", "base", "personal")) <= st.EXAMPLE_CHARS
+        # the length-aware endpoint: the kept adapter's loss on the user's own held-out answers against the base's
+        assert r["loss_reduction"] == pytest.approx(math.log(r["base_perplexity"]) - math.log(r["perplexity"]))
+        assert r["loss_reduction"] != 0
+    assert "answer loss reduction (nats)" in (out / "report.md").read_text()
+
+
+def test_rows_written_before_loss_reduction_derive_it_from_their_perplexities():
+    old = {"variant": "full", "device_id": 0, "perplexity": 20.0, "base_perplexity": 25.0}
+    assert st.with_derived(old)["loss_reduction"] == pytest.approx(math.log(25.0 / 20.0))
+    assert math.isnan(st.with_derived({**old, "perplexity": float("nan")})["loss_reduction"])
+    assert st.with_derived({**old, "loss_reduction": 0.5})["loss_reduction"] == 0.5  # a recorded value wins
 
 
 def test_profile_weight_survives_a_saved_device(tiny_model_dir):
