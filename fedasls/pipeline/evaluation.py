@@ -37,6 +37,8 @@ class EvalResult:
     accept_rate: float | None
     n: int
     rougeL_recall: float = math.nan  # NaN in a state saved before it was measured
+    answer_words: float = math.nan  # mean words of the model's answers (NaN: saved before it was measured)
+    reference_words: float = math.nan  # mean words of the user's own answers to the same questions
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -104,7 +106,14 @@ def evaluate(
         signals = [user.react(item, answer).signal for item, answer in zip(heldout, answers)]
         accept_rate = signals.count("accept") / len(signals)
     return EvalResult(rouge1=scores["rouge1"], rougeL=scores["rougeL"], perplexity=ppl, accept_rate=accept_rate,
-                      n=len(heldout), rougeL_recall=scores["rougeL_recall"])
+                      n=len(heldout), rougeL_recall=scores["rougeL_recall"], answer_words=mean_words(answers),
+                      reference_words=mean_words(references))
+
+
+def mean_words(texts: list[str]) -> float:
+    """Mean whitespace-separated words of `texts` (answer length: a greedy answer much shorter than the
+    user's own caps its ROUGE-1 by recall)."""
+    return sum(len(t.split()) for t in texts) / len(texts) if texts else math.nan
 
 
 def adapter_losses(model: Any, prompts: PromptFormat, items: list[Interaction], adapters: list[str]) -> list[float]:
@@ -140,5 +149,6 @@ def evaluate_adapters(model: Any, prompts: PromptFormat, heldout: list[Interacti
             signals = [user.react(item, answer).signal for item, answer in zip(heldout, mine)]
             accept_rate = signals.count("accept") / len(signals)
         out.append(EvalResult(rouge1=scores["rouge1"], rougeL=scores["rougeL"], perplexity=math.exp(loss),
-                              accept_rate=accept_rate, n=len(heldout), rougeL_recall=scores["rougeL_recall"]))
+                              accept_rate=accept_rate, n=len(heldout), rougeL_recall=scores["rougeL_recall"],
+                              answer_words=mean_words(mine), reference_words=mean_words(references)))
     return out

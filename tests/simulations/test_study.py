@@ -257,6 +257,7 @@ def test_a_device_that_kept_an_adapter_shows_what_it_learned_on_a_held_out_quest
         # the length-aware endpoint: the kept adapter's loss on the user's own held-out answers against the base's
         assert r["loss_reduction"] == pytest.approx(math.log(r["base_perplexity"]) - math.log(r["perplexity"]))
         assert r["loss_reduction"] != 0
+        assert r["reference_words"] > 0 and r["answer_words"] >= 0 and r["base_answer_words"] >= 0
     assert "answer loss reduction (nats)" in (out / "report.md").read_text()
 
 

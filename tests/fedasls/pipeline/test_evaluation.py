@@ -13,7 +13,7 @@ from fedasls.pipeline.evaluation import EvalResult, answer_perplexity, evaluate
 from fedasls.pipeline.metrics import rouge, score_answers
 from fedasls.pipeline.feedback import SimulatedUser
 from fedasls.interaction import Interaction
-from fedasls.lm.model import load_model
+from fedasls.lm.model import generate, load_model
 from fedasls.lm.prompts import PromptFormat
 from fedasls.stats import mean_ci
 
@@ -79,6 +79,10 @@ def test_evaluate_returns_sane_numbers_and_leaves_model_alone(tiny_lm) -> None:
     assert math.isfinite(result.perplexity) and result.perplexity > 1.0
     assert result.accept_rate is None
     assert torch.equal(_weights(model), before) and not model.training
+    # answer length beside the user's own (a short answer caps ROUGE-1 against a long reference)
+    answers = generate(model, PromptFormat(tokenizer), [it.question for it in HELDOUT], max_new_tokens=8)
+    assert result.answer_words == pytest.approx(np.mean([len(a.split()) for a in answers]))
+    assert result.reference_words == pytest.approx(np.mean([len(it.preferred.split()) for it in HELDOUT]))
 
     lenient = SimulatedUser(FeedbackSettings(accept_threshold=0.0, edit_threshold=0.0))
     assert evaluate(model, PromptFormat(tokenizer), HELDOUT, max_new_tokens=8, user=lenient).accept_rate == 1.0
