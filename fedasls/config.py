@@ -263,6 +263,10 @@ class AdaptationSettings(_Section):
         default_factory=list,
         description="Then retrain at these learning rates (in order) until a candidate passes the gate.",
     )
+    later_window_stops: bool = Field(
+        True, description="A long answer's last window (answer_chunks) is labelled on its end-of-turn token too; false "
+        "= only a window that starts at the answer's start teaches the model to stop (a later window's frame shows "
+        "the answer ending about one window after the prompt, which can teach answers shorter than the user's).")
     shrink_scales: list[Annotated[float, Field(gt=0, le=1)]] = Field(
         default_factory=lambda: [1.0, 0.75, 0.5], min_length=1,
         description="Each candidate's LoRA update is tried at these scales (pulled toward its start); the best "

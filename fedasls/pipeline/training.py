@@ -24,6 +24,7 @@ rows, each with the whole prompt: the first holds the answer's first window; eac
 the half window of answer before it (unlabelled: the model sees where it is in the answer) and is
 labelled on the next half window, so every answer token is labelled exactly once, up to
 `adaptation.answer_chunks` rows per answer (the tail beyond is dropped and counted, fedasls.lm.cuts).
+The last window labels the answer's end-of-turn token unless `adaptation.later_window_stops` is false.
 Each row carries its example's weight. Under DP-SGD an answer stays one row (its first window):
 opacus' example-level guarantee is then about one interaction, not one chunk of it. Early stopping's
 held-back loss sees answers as training does (`answer_chunks` windows); `sequence_loss` (perplexity)
@@ -102,10 +103,11 @@ class TrainResult:
 
 
 def _encode(prompts: PromptFormat, example: TrainingExample, max_length: int, chunks: int | None,
-            count: bool = False) -> list[tuple[list[int], list[int]]]:
+            count: bool = False, later_window_stops: bool = True) -> list[tuple[list[int], list[int]]]:
     """Rows (token ids, labels: -100 on the prompt and on a window's lead) of one example, each at most
     `max_length` tokens: the long-answer policy (module docstring). `chunks` caps the windows per
-    answer (None: as many as the answer needs); `count` notes the prompt and answer in fedasls.lm.cuts."""
+    answer (None: as many as the answer needs); `count` notes the prompt and answer in fedasls.lm.cuts;
+    `later_window_stops` false leaves a later window's closing end-of-turn token unlabelled."""
     prompt, answer = prompts.example_ids(example.question, example.answer)
     fitted = FittedQuestion(example.question)
     # The prompt may take what the answer leaves, but never more than half the window of a long answer.
@@ -119,7 +121,10 @@ def _encode(prompts: PromptFormat, example: TrainingExample, max_length: int, ch
     end = window
     while end < len(answer) and (chunks is None or len(rows) < chunks):
         piece = answer[end - lead : end - lead + window]
-        rows.append((prompt + piece, [IGNORE_INDEX] * (len(prompt) + lead) + piece[lead:]))
+        labels = [IGNORE_INDEX] * (len(prompt) + lead) + piece[lead:]
+        if not later_window_stops and end - lead + window >= len(answer) and labels[-1] in prompts.stop_ids:
+            labels[-1] = IGNORE_INDEX  # its frame shows the answer ending one window after the prompt
+        rows.append((prompt + piece, labels))
         end += window - lead
     if count:
         note_prompt(fitted.context_cut, fitted.question_cut)
@@ -128,7 +133,7 @@ def _encode(prompts: PromptFormat, example: TrainingExample, max_length: int, ch
 
 
 def _tensorize(prompts: PromptFormat, examples: Sequence[TrainingExample], max_length: int,
-               chunks: int | None = None, count: bool = False) -> TensorDataset:
+               chunks: int | None = None, count: bool = False, later_window_stops: bool = True) -> TensorDataset:
     """Right-padded [n, L] ids / mask / labels plus [n] weights: one row per answer window (`_encode`;
     `chunks` windows per answer at most, None: the whole answer), each with its example's weight."""
     prompts = check_prompt_format(prompts)
@@ -140,7 +145,7 @@ def _tensorize(prompts: PromptFormat, examples: Sequence[TrainingExample], max_l
     for i, ex in enumerate(examples):
         if not (math.isfinite(ex.weight) and ex.weight > 0):
             raise ValueError(f"examples[{i}].weight must be a finite number > 0, got {ex.weight!r}")
-        rows = _encode(prompts, ex, max_length, chunks, count)
+        rows = _encode(prompts, ex, max_length, chunks, count, later_window_stops)
         encoded += rows
         row_weights += [float(ex.weight)] * len(rows)
     length = max(len(ids) for ids, _ in encoded)
@@ -289,10 +294,11 @@ def train_adapter(
     params = _trainable(peft_model)
     limit = getattr(getattr(peft_model, "config", None), "max_position_embeddings", None)
     max_length = min(settings.max_length, limit) if limit else settings.max_length
-    data = _tensorize(prompts, examples, max_length, chunks=1 if settings.dp else settings.answer_chunks, count=True)
+    data = _tensorize(prompts, examples, max_length, chunks=1 if settings.dp else settings.answer_chunks, count=True,
+                      later_window_stops=settings.later_window_stops)
     device = next(peft_model.parameters()).device
     stopper = (_EarlyStopping(peft_model, prompts, heldback, settings.patience, max_length, settings.answer_only_head,
-                              settings.answer_chunks) if heldback else None)
+                              settings.answer_chunks, settings.later_window_stops) if heldback else None)
     with seeded(seed, peft_model):
         loader_gen = torch.Generator().manual_seed(seed)
         if settings.dp:  # opacus replaces the sampler with Poisson sampling of the dataset
@@ -328,10 +334,11 @@ class _EarlyStopping:
     """Held-back answer loss after each epoch; remembers the best epoch's LoRA weights."""
 
     def __init__(self, peft_model: PeftModel, prompts: PromptFormat, heldback: Sequence[TrainingExample],
-                 patience: int, max_length: int, answer_only_head: bool = True, chunks: int | None = None) -> None:
+                 patience: int, max_length: int, answer_only_head: bool = True, chunks: int | None = None,
+                 later_window_stops: bool = True) -> None:
         self.model, self.patience, self.answer_only_head = peft_model, patience, answer_only_head
         # tokenized once (as training sees answers: `chunks` windows), scored after every epoch
-        self.data = _tensorize(prompts, heldback, max_length, chunks)
+        self.data = _tensorize(prompts, heldback, max_length, chunks, later_window_stops=later_window_stops)
         self.losses: list[float] = []
         self.best_epoch: int | None = None
         self.best_state: dict[str, torch.Tensor] | None = None

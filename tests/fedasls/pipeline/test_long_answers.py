@@ -48,6 +48,20 @@ def test_a_long_answer_becomes_windows_that_label_every_answer_token_once(fmt) -
     assert counted.answer_tokens == len(answer)
 
 
+def test_later_window_stops_off_leaves_only_a_later_windows_end_of_turn_unlabelled(fmt) -> None:
+    _, answer = fmt.example_ids(QUESTION, LONG_ANSWER)
+    assert answer[-1] in fmt.stop_ids
+    long, short = TrainingExample(QUESTION, LONG_ANSWER), TrainingExample(QUESTION, "Pinch the side shoots.")
+    on = _tensorize(fmt, [long, short], 64).tensors[2]
+    off = _tensorize(fmt, [long, short], 64, later_window_stops=False).tensors[2]
+    windows = len(on) - 1
+    assert windows >= 3
+    assert sum(map(_labelled, on[:windows]), []) == answer  # default: the last window teaches the stop
+    assert sum(map(_labelled, off[:windows]), []) == answer[:-1]  # off: every token but that stop, once
+    _, short_answer = fmt.example_ids(QUESTION, "Pinch the side shoots.")
+    assert _labelled(off[windows]) == _labelled(on[windows]) == short_answer  # a first window keeps its stop
+
+
 def test_the_window_cap_drops_the_tail_and_counts_it_and_dp_keeps_one_row(fmt) -> None:
     _, answer = fmt.example_ids(QUESTION, LONG_ANSWER)
     example = [TrainingExample(QUESTION, LONG_ANSWER)]
