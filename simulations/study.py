@@ -670,12 +670,12 @@ def report_markdown(inputs: StudyInputs, variants: Study, summary: list[dict[str
         over = " ".join(variants[row["variant"]]) or "(base)"
         cells = [_fmt(row[m], row[f"{m}_low"], row[f"{m}_high"], digits[m], sign=m in SIGNED) for m in metrics]
         lines.append(f"| {row['variant']} | `{over}` | {row['devices']} | " + " | ".join(cells) + " |")
-    lines += ["", "## Paired differences against the reference (mean of per-device differences, bootstrap 95% CI)", "",
-              "| variant | reference | pairs | " + " | ".join(f"Δ {LABELS.get(m, m)}" for m in metrics) + " |",
-              "|---|---|---|" + "---|" * len(metrics)]
-    for row in summary:
-        if row["variant"] == row["reference"] or row["reference"] not in variants:
-            continue
+    compared = [row for row in summary if row["variant"] != row["reference"] and row["reference"] in variants]
+    if compared:
+        lines += ["", "## Paired differences against the reference (mean of per-device differences, bootstrap 95% CI)",
+                  "", "| variant | reference | pairs | " + " | ".join(f"Δ {LABELS.get(m, m)}" for m in metrics) + " |",
+                  "|---|---|---|" + "---|" * len(metrics)]
+    for row in compared:
         pairs = max(row.get(f"diff_{m}_pairs", 0) for m in metrics)
         cells = [_fmt(row[f"diff_{m}"], row[f"diff_{m}_low"], row[f"diff_{m}_high"], digits[m], sign=True)
                  for m in metrics]

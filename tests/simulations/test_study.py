@@ -261,6 +261,25 @@ def test_a_device_that_kept_an_adapter_shows_what_it_learned_on_a_held_out_quest
     assert "answer loss reduction (nats)" in (out / "report.md").read_text()
 
 
+def test_a_report_with_nothing_to_pair_has_no_empty_paired_table():
+    inputs = st.StudyInputs(name="selection", config=None, user_overrides=[])
+    rows = [{"variant": v, "device_id": 0, "rouge1": 0.2 + 0.1 * k, "base_rouge1": 0.2, "perplexity": 20.0,
+             "base_perplexity": 25.0} for k, v in enumerate(("full@1024", "fifo@1024"))]
+    info = {"command": "fedasls study selection", "machine_line": "cpu", "devices": 1, "base_overrides": [],
+            "finished": "now"}
+
+    def report(variants):
+        mine = [st.with_derived(r) for r in rows if r["variant"] in variants]
+        summary = st.summary_rows("selection", list(variants), mine, st.STUDIES["selection"].metrics)
+        return st.report_markdown(inputs, variants, summary, [], info, [])
+
+    paired = report({"full@1024": [], "fifo@1024": []})
+    assert "## Paired differences" in paired and "| fifo@1024 | full@1024 | 1 |" in paired
+    assert "+0.1000 [+0.1000, +0.1000]" in paired  # fifo's ROUGE-1 uplift, signed
+    alone = report({"full@1024": []})  # the reference alone: nothing to pair
+    assert "## Paired differences" not in alone and "| full@1024 |" in alone
+
+
 def test_rows_written_before_loss_reduction_derive_it_from_their_perplexities():
     old = {"variant": "full", "device_id": 0, "perplexity": 20.0, "base_perplexity": 25.0}
     assert st.with_derived(old)["loss_reduction"] == pytest.approx(math.log(25.0 / 20.0))
