@@ -124,7 +124,8 @@ def _encode(prompts: PromptFormat, example: TrainingExample, max_length: int, ch
         labels = [IGNORE_INDEX] * (len(prompt) + lead) + piece[lead:]
         if not later_window_stops and end - lead + window >= len(answer) and labels[-1] in prompts.stop_ids:
             labels[-1] = IGNORE_INDEX  # its frame shows the answer ending one window after the prompt
-        rows.append((prompt + piece, labels))
+        if any(t != IGNORE_INDEX for t in labels):  # (a window left with the stop alone is no row)
+            rows.append((prompt + piece, labels))
         end += window - lead
     if count:
         note_prompt(fitted.context_cut, fitted.question_cut)

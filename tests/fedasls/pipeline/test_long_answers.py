@@ -60,6 +60,16 @@ def test_later_window_stops_off_leaves_only_a_later_windows_end_of_turn_unlabell
     assert sum(map(_labelled, off[:windows]), []) == answer[:-1]  # off: every token but that stop, once
     _, short_answer = fmt.example_ids(QUESTION, "Pinch the side shoots.")
     assert _labelled(off[windows]) == _labelled(on[windows]) == short_answer  # a first window keeps its stop
+    stop_alone = 0  # answers whose last window labels the stop alone: off makes no empty row of it
+    for words in range(40, 120):
+        text = " ".join(LONG_ANSWER.split()[:words])
+        _, ids = fmt.example_ids(QUESTION, text)
+        on_rows = [_labelled(r) for r in _tensorize(fmt, [TrainingExample(QUESTION, text)], 64).tensors[2]]
+        off_rows = [_labelled(r) for r in _tensorize(fmt, [TrainingExample(QUESTION, text)], 64,
+                                                     later_window_stops=False).tensors[2]]
+        stop_alone += on_rows[-1] == ids[-1:] and len(on_rows) > 1
+        assert all(off_rows) and sum(off_rows, []) == (ids[:-1] if len(on_rows) > 1 else ids)
+    assert stop_alone > 0
 
 
 def test_the_window_cap_drops_the_tail_and_counts_it_and_dp_keeps_one_row(fmt) -> None:
