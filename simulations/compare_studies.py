@@ -1,0 +1,80 @@
+"""Paired differences between two study runs on the same devices (e.g. one setting changed).
+
+    python -m simulations.compare_studies RUN_A RUN_B METRIC [METRIC ...] [--variant NAME]
+
+For each METRIC (a column of results.csv, or `length_gap`: |answer_words - reference_words|),
+the mean of the per-device differences B - A over the devices both runs finished, with a 95%
+bootstrap CI over devices (fedasls.stats.mean_ci). Both runs must hold the variant (default: the
+only one both have).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+from fedasls.stats import mean_ci
+from simulations.study import with_derived
+
+DERIVED = {"length_gap": lambda r: abs(float(r["answer_words"]) - float(r["reference_words"]))}
+
+
+def read_rows(run: Path) -> list[dict[str, Any]]:
+    path = run / "results.csv"
+    if not path.is_file():
+        raise SystemExit(f"compare_studies: {path} not found: pass a study's --out folder")
+    with path.open(newline="") as f:
+        return [with_derived({k: _number(v) for k, v in row.items()}) for row in csv.DictReader(f)]
+
+
+def _number(text: str) -> Any:
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def _value(row: dict[str, Any], metric: str) -> float:
+    value = DERIVED[metric](row) if metric in DERIVED else row.get(metric)
+    return float(value) if isinstance(value, (int, float)) else math.nan
+
+
+def paired(a: list[dict[str, Any]], b: list[dict[str, Any]], metric: str) -> tuple[float, float, float, int]:
+    """(mean, low, high, pairs) of B - A over the devices both hold with finite values."""
+    first = {int(r["device_id"]): _value(r, metric) for r in a}
+    diffs = [_value(r, metric) - first[int(r["device_id"])] for r in b if int(r["device_id"]) in first]
+    diffs = [d for d in diffs if math.isfinite(d)]
+    if not diffs:
+        return math.nan, math.nan, math.nan, 0
+    return (*mean_ci(diffs), len(diffs))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m simulations.compare_studies", description=__doc__.split("\n\n")[0])
+    parser.add_argument("run_a", type=Path)
+    parser.add_argument("run_b", type=Path)
+    parser.add_argument("metrics", nargs="+", metavar="METRIC")
+    parser.add_argument("--variant", help="the variant to compare (default: the one both runs hold)")
+    args = parser.parse_args(argv)
+    a, b = read_rows(args.run_a), read_rows(args.run_b)
+    shared = sorted({r["variant"] for r in a} & {r["variant"] for r in b})
+    variant = args.variant or (shared[0] if len(shared) == 1 else None)
+    if variant is None or variant not in shared:
+        print(f"compare_studies: the runs share the variants {shared or 'none'}; pick one with --variant",
+              file=sys.stderr)
+        return 2
+    a = [r for r in a if r["variant"] == variant]
+    b = [r for r in b if r["variant"] == variant]
+    print(f"{variant}: {args.run_b} - {args.run_a} (mean of per-device differences, 95% bootstrap CI)")
+    for metric in args.metrics:
+        mean, low, high, n = paired(a, b, metric)
+        print(f"  {metric}: {mean:+.4f} [{low:+.4f}, {high:+.4f}] over {n} devices" if n else f"  {metric}: no pairs")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
