@@ -1,11 +1,12 @@
 """Paired differences between two study runs on the same devices (e.g. one setting changed).
 
-    python -m simulations.compare_studies RUN_A RUN_B METRIC [METRIC ...] [--variant NAME]
+    python -m simulations.compare_studies RUN_A RUN_B METRIC [METRIC ...] [--variant NAME] [--variant-b NAME]
 
 For each METRIC (a column of results.csv, or `length_gap`: |answer_words - reference_words|),
 the mean of the per-device differences B - A over the devices both runs finished, with a 95%
 bootstrap CI over devices (fedasls.stats.mean_ci). Both runs must hold the variant (default: the
-only one both have).
+only one both have); --variant-b names RUN_B's when the two differ (e.g. `full@65536` of a selection
+run against `full` of an asls run on the same devices).
 """
 
 from __future__ import annotations
@@ -59,17 +60,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run_b", type=Path)
     parser.add_argument("metrics", nargs="+", metavar="METRIC")
     parser.add_argument("--variant", help="the variant to compare (default: the one both runs hold)")
+    parser.add_argument("--variant-b", help="RUN_B's variant when it differs from RUN_A's (default: --variant)")
     args = parser.parse_args(argv)
     a, b = read_rows(args.run_a), read_rows(args.run_b)
-    shared = sorted({r["variant"] for r in a} & {r["variant"] for r in b})
-    variant = args.variant or (shared[0] if len(shared) == 1 else None)
-    if variant is None or variant not in shared:
-        print(f"compare_studies: the runs share the variants {shared or 'none'}; pick one with --variant",
-              file=sys.stderr)
-        return 2
+    names_a, names_b = {r["variant"] for r in a}, {r["variant"] for r in b}
+    if args.variant_b:
+        variant = args.variant or (next(iter(names_a)) if len(names_a) == 1 else None)
+        variant_b = args.variant_b
+        if variant not in names_a or variant_b not in names_b:
+            print(f"compare_studies: {args.run_a} holds {sorted(names_a)}, {args.run_b} holds {sorted(names_b)}; "
+                  "name one of each with --variant and --variant-b", file=sys.stderr)
+            return 2
+    else:
+        shared = sorted(names_a & names_b)
+        variant = args.variant or (shared[0] if len(shared) == 1 else None)
+        if variant is None or variant not in shared:
+            print(f"compare_studies: the runs share the variants {shared or 'none'}; pick one with --variant "
+                  "(or name each run's with --variant and --variant-b)", file=sys.stderr)
+            return 2
+        variant_b = variant
     a = [r for r in a if r["variant"] == variant]
-    b = [r for r in b if r["variant"] == variant]
-    print(f"{variant}: {args.run_b} - {args.run_a} (mean of per-device differences, 95% bootstrap CI)")
+    b = [r for r in b if r["variant"] == variant_b]
+    label = variant if variant_b == variant else f"{variant_b} - {variant}"
+    print(f"{label}: {args.run_b} - {args.run_a} (mean of per-device differences, 95% bootstrap CI)")
     for metric in args.metrics:
         mean, low, high, n = paired(a, b, metric)
         print(f"  {metric}: {mean:+.4f} [{low:+.4f}, {high:+.4f}] over {n} devices" if n else f"  {metric}: no pairs")

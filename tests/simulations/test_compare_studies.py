@@ -44,3 +44,15 @@ def test_runs_with_several_shared_variants_need_one_named(tmp_path, capsys):
     assert main([str(a), str(b), "rouge1", "--variant", "random@65536"]) == 0
     with pytest.raises(SystemExit, match="results.csv not found"):
         main([str(tmp_path / "missing"), str(b), "rouge1"])
+
+
+def test_variants_of_different_names_pair_with_variant_b(tmp_path, capsys):
+    a = _run(tmp_path / "a", [_row(0, 0.1, 90), _row(1, 0.2, 90)])
+    b = _run(tmp_path / "b", [_row(0, 0.4, 90, variant="full"), _row(1, 0.2, 90, variant="full"),
+                              _row(0, 0.9, 90, variant="fixed-schedule")])
+    assert main([str(a), str(b), "rouge1"]) == 2  # no variant in common
+    assert main([str(a), str(b), "rouge1", "--variant-b", "nope"]) == 2
+    assert "holds ['fixed-schedule', 'full']" in capsys.readouterr().err
+    assert main([str(a), str(b), "rouge1", "--variant-b", "full"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("full - full@65536:") and "rouge1: +0.1500" in out and "over 2 devices" in out
