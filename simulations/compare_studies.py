@@ -2,7 +2,7 @@
 
     python -m simulations.compare_studies RUN_A RUN_B METRIC [METRIC ...] [--variant NAME] [--variant-b NAME]
 
-For each METRIC (a column of results.csv, or `length_gap`: |answer_words - reference_words|),
+For each METRIC (a column of results.csv, or of results.jsonl for a run not finished yet, or `length_gap`: |answer_words - reference_words|),
 the mean of the per-device differences B - A over the devices both runs finished, with a 95%
 bootstrap CI over devices (fedasls.stats.mean_ci). Both runs must hold the variant (default: the
 only one both have); --variant-b names RUN_B's when the two differ (e.g. `full@65536` of a selection
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import math
 import sys
 from pathlib import Path
@@ -25,11 +26,14 @@ DERIVED = {"length_gap": lambda r: abs(float(r["answer_words"]) - float(r["refer
 
 
 def read_rows(run: Path) -> list[dict[str, Any]]:
-    path = run / "results.csv"
-    if not path.is_file():
-        raise SystemExit(f"compare_studies: {path} not found: pass a study's --out folder")
-    with path.open(newline="") as f:
-        return [with_derived({k: _number(v) for k, v in row.items()}) for row in csv.DictReader(f)]
+    """A study folder's rows: results.csv, or for a run not finished yet its results.jsonl."""
+    path, partial = run / "results.csv", run / "results.jsonl"
+    if path.is_file():
+        with path.open(newline="") as f:
+            return [with_derived({k: _number(v) for k, v in row.items()}) for row in csv.DictReader(f)]
+    if partial.is_file():
+        return [with_derived(json.loads(line)) for line in partial.read_text().splitlines() if line.strip()]
+    raise SystemExit(f"compare_studies: neither results.csv nor results.jsonl in {run}: pass a study's --out folder")
 
 
 def _number(text: str) -> Any:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import pytest
@@ -42,7 +43,7 @@ def test_runs_with_several_shared_variants_need_one_named(tmp_path, capsys):
     assert main([str(a), str(b), "rouge1"]) == 2
     assert "--variant" in capsys.readouterr().err
     assert main([str(a), str(b), "rouge1", "--variant", "random@65536"]) == 0
-    with pytest.raises(SystemExit, match="results.csv not found"):
+    with pytest.raises(SystemExit, match="neither results.csv nor results.jsonl"):
         main([str(tmp_path / "missing"), str(b), "rouge1"])
 
 
@@ -56,3 +57,12 @@ def test_variants_of_different_names_pair_with_variant_b(tmp_path, capsys):
     assert main([str(a), str(b), "rouge1", "--variant-b", "full"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("full - full@65536:") and "rouge1: +0.1500" in out and "over 2 devices" in out
+
+
+def test_an_unfinished_run_is_read_from_its_results_jsonl(tmp_path, capsys):
+    a = _run(tmp_path / "a", [_row(0, 0.1, 90), _row(1, 0.2, 90)])
+    b = tmp_path / "b"
+    b.mkdir()
+    (b / "results.jsonl").write_text(json.dumps(_row(1, 0.5, 90)) + "\n")  # a study writes a line per finished row
+    assert main([str(a), str(b), "rouge1"]) == 0
+    assert "rouge1: +0.3000" in capsys.readouterr().out
