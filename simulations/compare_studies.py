@@ -2,9 +2,10 @@
 
     python -m simulations.compare_studies RUN_A RUN_B METRIC [METRIC ...] [--variant NAME] [--variant-b NAME]
 
-For each METRIC (a column of results.csv, or of results.jsonl for a run not finished yet, or `length_gap`: |answer_words - reference_words|),
-the mean of the per-device differences B - A over the devices both runs finished, with a 95%
-bootstrap CI over devices (fedasls.stats.mean_ci). Both runs must hold the variant (default: the
+For each METRIC (a column of results.csv, or of results.jsonl for a run not finished yet, or
+`length_gap`: |answer_words - reference_words|), the mean of the per-device differences B - A over
+the devices both runs finished, with a 95% bootstrap CI over devices (the study's own
+`paired_difference`). Both runs must hold the variant (default: the
 only one both have); --variant-b names RUN_B's when the two differ (e.g. `full@65536` of a selection
 run against `full` of an asls run on the same devices).
 """
@@ -13,27 +14,29 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
-import math
 import sys
 from pathlib import Path
 from typing import Any
 
-from fedasls.stats import mean_ci
-from simulations.study import with_derived
-
-DERIVED = {"length_gap": lambda r: abs(float(r["answer_words"]) - float(r["reference_words"]))}
+from fedasls.config import ConfigError
+from simulations.study import RESULTS_FILE, paired_difference, read_results, with_derived
 
 
 def read_rows(run: Path) -> list[dict[str, Any]]:
-    """A study folder's rows: results.csv, or for a run not finished yet its results.jsonl."""
-    path, partial = run / "results.csv", run / "results.jsonl"
+    """A study folder's rows (results.csv, or for a run not finished yet its results.jsonl), each with
+    the derived `loss_reduction` and `length_gap`."""
+    path, partial = run / "results.csv", run / RESULTS_FILE
     if path.is_file():
         with path.open(newline="") as f:
-            return [with_derived({k: _number(v) for k, v in row.items()}) for row in csv.DictReader(f)]
-    if partial.is_file():
-        return [with_derived(json.loads(line)) for line in partial.read_text().splitlines() if line.strip()]
-    raise SystemExit(f"compare_studies: neither results.csv nor results.jsonl in {run}: pass a study's --out folder")
+            rows = [{k: _number(v) for k, v in row.items()} for row in csv.DictReader(f)]
+    elif partial.is_file():
+        try:
+            rows = read_results(partial)
+        except ConfigError as exc:
+            raise SystemExit(f"compare_studies: {exc}") from None
+    else:
+        raise SystemExit(f"compare_studies: neither results.csv nor {RESULTS_FILE} in {run}: pass a study's --out folder")
+    return [_with_length_gap(with_derived(row)) for row in rows]
 
 
 def _number(text: str) -> Any:
@@ -43,19 +46,12 @@ def _number(text: str) -> Any:
         return text
 
 
-def _value(row: dict[str, Any], metric: str) -> float:
-    value = DERIVED[metric](row) if metric in DERIVED else row.get(metric)
-    return float(value) if isinstance(value, (int, float)) else math.nan
-
-
-def paired(a: list[dict[str, Any]], b: list[dict[str, Any]], metric: str) -> tuple[float, float, float, int]:
-    """(mean, low, high, pairs) of B - A over the devices both hold with finite values."""
-    first = {int(r["device_id"]): _value(r, metric) for r in a}
-    diffs = [_value(r, metric) - first[int(r["device_id"])] for r in b if int(r["device_id"]) in first]
-    diffs = [d for d in diffs if math.isfinite(d)]
-    if not diffs:
-        return math.nan, math.nan, math.nan, 0
-    return (*mean_ci(diffs), len(diffs))
+def _with_length_gap(row: dict[str, Any]) -> dict[str, Any]:
+    """`length_gap`: |answer_words - reference_words| where both are numbers."""
+    words, reference = row.get("answer_words"), row.get("reference_words")
+    if isinstance(words, (int, float)) and isinstance(reference, (int, float)):
+        return {**row, "length_gap": abs(float(words) - float(reference))}
+    return row
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,12 +79,13 @@ def main(argv: list[str] | None = None) -> int:
                   "(or name each run's with --variant and --variant-b)", file=sys.stderr)
             return 2
         variant_b = variant
-    a = [r for r in a if r["variant"] == variant]
-    b = [r for r in b if r["variant"] == variant_b]
+    # One list with the two runs' rows as variants "a" and "b": the study's own paired statistic.
+    rows = [{**r, "variant": "a"} for r in a if r["variant"] == variant] + \
+           [{**r, "variant": "b"} for r in b if r["variant"] == variant_b]
     label = variant if variant_b == variant else f"{variant_b} - {variant}"
     print(f"{label}: {args.run_b} - {args.run_a} (mean of per-device differences, 95% bootstrap CI)")
     for metric in args.metrics:
-        mean, low, high, n = paired(a, b, metric)
+        mean, low, high, n = paired_difference(rows, metric, "b", "a")
         print(f"  {metric}: {mean:+.4f} [{low:+.4f}, {high:+.4f}] over {n} devices" if n else f"  {metric}: no pairs")
     return 0
 

@@ -280,6 +280,24 @@ def settings_hash(settings: Settings) -> str:
 # --- results file (resume) ------------------------------------------------------------------------
 
 
+def read_results(path: Path) -> list[dict[str, Any]]:
+    """The rows of a study's results.jsonl; a last line cut short by an interruption (or still being
+    written) is left out, any other damaged line is an error."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number == len(lines):
+                continue  # that (variant, device) runs again when the study resumes
+            raise ConfigError(f"{path}:{number} is not a JSON row (the file is damaged). Fix: delete "
+                              "that line, or rerun with --overwrite to start the study afresh") from None
+    return rows
+
+
 class Results:
     """results.jsonl: one row per finished (variant, device), appended and flushed as it finishes."""
 
@@ -289,17 +307,7 @@ class Results:
         if overwrite and self.path.exists():
             self.path.unlink()
         self.rows: list[dict[str, Any]] = []
-        lines = self.path.read_text(encoding="utf-8").splitlines() if self.path.is_file() else []
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                if number == len(lines):
-                    continue  # a line cut short by an interruption: that (variant, device) runs again
-                raise ConfigError(f"{self.path}:{number} is not a JSON row (the file is damaged). Fix: delete "
-                                  "that line, or rerun with --overwrite to start the study afresh") from None
+        for row in read_results(self.path) if self.path.is_file() else []:
             variant = row.get("variant")
             if variant in hashes and row.get("settings_hash") != hashes[variant]:
                 raise ConfigError(

@@ -63,6 +63,11 @@ def test_an_unfinished_run_is_read_from_its_results_jsonl(tmp_path, capsys):
     a = _run(tmp_path / "a", [_row(0, 0.1, 90), _row(1, 0.2, 90)])
     b = tmp_path / "b"
     b.mkdir()
-    (b / "results.jsonl").write_text(json.dumps(_row(1, 0.5, 90)) + "\n")  # a study writes a line per finished row
+    # a study appends a line per finished row; the last one may still be being written
+    (b / "results.jsonl").write_text(json.dumps(_row(1, 0.5, 90)) + "\n" + json.dumps(_row(0, 0.9, 90))[:20])
     assert main([str(a), str(b), "rouge1"]) == 0
-    assert "rouge1: +0.3000" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "rouge1: +0.3000" in out and "over 1 devices" in out
+    (b / "results.jsonl").write_text("{not json\n" + json.dumps(_row(1, 0.5, 90)) + "\n")
+    with pytest.raises(SystemExit, match="results.jsonl:1 is not a JSON row"):
+        main([str(a), str(b), "rouge1"])
