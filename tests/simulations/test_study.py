@@ -211,7 +211,8 @@ def test_asls_runs_writes_its_report_and_resumes(tiny_model_dir, tmp_path, capsy
     (out / st.RESULTS_FILE).write_text("\n".join(lines[:-1]) + "\n" + lines[-1][:20])
     ran = []
     real = st.run_device_variant
-    # a spy, not a mock: it records which (variant, device) runs again and then runs it for real
+    # a spy, not a mock: it records which (variant, device) runs again and then runs it for real (which
+    # tasks a resumed study re-runs is not visible in its outputs, whose rows are the same either way)
     monkeypatch.setattr(st, "run_device_variant", lambda task: ran.append(task[1]) or real(task))
     assert main(argv) == 0
     assert ran == [json.loads(lines[-1])["variant"]]
@@ -312,8 +313,10 @@ def test_privacy_delegates_to_the_sweep_with_the_study_settings(tiny_model_dir, 
                  "cold_uplift_high": 0.02, "finetuned_rouge1": 0.4, "finetuned_rouge1_low": 0.3,
                  "finetuned_rouge1_high": 0.5, "reports": ["epsilon 3.2 (delta 1e-5)"]}]
 
-    # The sweep itself runs for real in tests/simulations/test_privacy_sweep.py (integration, ~2 min);
-    # here only the study's wiring of its arguments is checked, so the sweep is replaced.
+    # The sweep itself runs for real in tests/simulations/test_privacy_sweep.py (integration, ~2 min of a CI
+    # near its 20-minute limit), whose assertions pin the row keys this report reads (noise_multiplier, epsilon,
+    # cold_uplift and finetuned_rouge1 with _low/_high, reports); here only the study's wiring of its arguments
+    # and its report of such rows is checked, so the sweep is replaced.
     monkeypatch.setattr(sweep, "sweep_privacy", fake)
     out = tmp_path / "privacy"
     assert main(["study", "privacy", "--model", str(tiny_model_dir), "--devices", "12", "--noise", "1", "4",

@@ -234,7 +234,8 @@ def test_batch_base_scores_base_and_adapter_in_one_batch_with_the_separate_calls
 
     calls: list[list[tuple[str, str]]] = []
     real = evaluation.generate_mixed
-    # a spy, not a mock: it records which rows share one call, then runs the real generation
+    # a spy, not a mock: it records which rows share one call, then runs the real generation (one batch against
+    # two calls is what batch_base changes; the figures, asserted equal below, cannot show it)
     monkeypatch.setattr(evaluation, "generate_mixed", lambda model, prompts, rows, *a: calls.append(rows) or
                         real(model, prompts, rows, *a))
     results = {}
