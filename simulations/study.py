@@ -590,7 +590,7 @@ def _finite(values: Sequence[Any]) -> list[float]:
 
 def summarize_variant(rows: list[dict[str, Any]], metric: str) -> tuple[float, float, float, int]:
     """Mean [95% bootstrap CI] of `metric` over devices (NaN where no finite value), and n."""
-    values = _finite([r.get(metric) for r in rows])
+    values = _finite([r.get(metric) for r in sorted(rows, key=lambda r: int(r["device_id"]))])  # order-free CI
     if not values:
         return math.nan, math.nan, math.nan, 0
     return (*mean_ci(values), len(values))
@@ -601,16 +601,17 @@ def paired_difference(rows: list[dict[str, Any]], metric: str, variant: str,
     """Mean of the per-device differences variant - reference over the devices both ran (finite
     values), with a bootstrap 95% CI over devices, and the number of pairs."""
     ref = {int(r["device_id"]): r.get(metric) for r in rows if r["variant"] == reference}
-    diffs = []
+    diffs = {}
     for r in rows:
         if r["variant"] != variant or int(r["device_id"]) not in ref:
             continue
         a, b = _finite([r.get(metric)]), _finite([ref[int(r["device_id"])]])
         if a and b:
-            diffs.append(a[0] - b[0])
+            diffs[int(r["device_id"])] = a[0] - b[0]
     if not diffs:
         return math.nan, math.nan, math.nan, 0
-    return (*mean_ci(diffs), len(diffs))
+    # In device order, so the bootstrap CI does not depend on the order the rows were written in
+    return (*mean_ci([diffs[d] for d in sorted(diffs)]), len(diffs))
 
 
 def _fmt(mean: float, low: float, high: float, digits: int = 4, sign: bool = False) -> str:

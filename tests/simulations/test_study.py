@@ -113,6 +113,16 @@ def test_paired_difference_is_the_mean_of_per_device_differences():
     assert "diff_rouge1" not in summary[0]  # the reference has no difference with itself
 
 
+def test_confidence_intervals_do_not_depend_on_the_order_rows_were_written_in():
+    # a study's devices finish out of order (two jobs); its report and compare_studies must agree
+    values = [0.31, -0.2, 0.05, 0.4, -0.12, 0.22, 0.0, 0.17, -0.3, 0.09]
+    rows = [{"variant": "a", "device_id": d, "m": 0.0} for d in range(len(values))]
+    rows += [{"variant": "b", "device_id": d, "m": v} for d, v in enumerate(values)]
+    shuffled = rows[:len(values)] + rows[len(values):][::-1]
+    assert st.paired_difference(shuffled, "m", "b", "a") == st.paired_difference(rows, "m", "b", "a")
+    b_rows = rows[len(values):]
+    assert st.summarize_variant(b_rows[::-1], "m") == st.summarize_variant(b_rows, "m")
+
 # --- inputs ----------------------------------------------------------------------------------------
 
 
