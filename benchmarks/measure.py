@@ -10,7 +10,8 @@
   1-minute load average before and after.
 - `TreeCPU`: CPU seconds of a process and all its descendants (Ray workers included), sampled
   in a thread, so processes that exit before the end still count up to their last sample.
-- `machine()`: what ran the benchmark (CPU model, cores, memory, library versions, threads).
+- `machine()` (from simulations/machine.py): what ran the benchmark (CPU model, cores, memory, library
+  versions, threads).
 - `matmul_flops()`: float32 matmul FLOP/s of torch on this process's threads, for efficiency ratios.
 """
 
@@ -19,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import sys
 import threading
@@ -30,6 +30,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import psutil
+
+from simulations.machine import load_avg, machine  # noqa: F401 (the benchmarks' machine record)
 
 if TYPE_CHECKING:
     from fedasls.config import Settings
@@ -119,11 +121,6 @@ def study_settings(args: argparse.Namespace, study: Study, extra: Sequence[str] 
 def command_line(module: str, argv: Sequence[str] | None) -> str:
     """The command that ran benchmark `module` (e.g. "benchmarks.throughput"), for its summary file."""
     return " ".join(["python", "-m", module, *(argv if argv is not None else sys.argv[1:])])
-
-
-def load_avg() -> float:
-    """The 1-minute load average (how many runnable processes shared the cores)."""
-    return os.getloadavg()[0]
 
 
 @dataclass
@@ -226,35 +223,6 @@ class TreeCPU:
             seen = sum(self._own[c] + self._reaped[c] for c in gone)  # already counted above (and below)
             unseen += max(0.0, reaped - self._base_reaped.get(key, 0.0) - seen)
         return own + unseen
-
-
-def machine() -> dict[str, Any]:
-    """The machine and software the figures come from."""
-    import torch
-
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    versions = {}
-    for name in ("torch", "transformers", "peft", "flwr", "ray"):
-        try:
-            versions[name] = __import__(name).__version__
-        except Exception:  # a missing optional library is simply not listed
-            pass
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
-        "python": sys.version.split()[0],
-        "torch_threads": torch.get_num_threads(),
-        "load_avg_1m": round(load_avg(), 2),
-        **versions,
-    }
 
 
 def matmul_flops(n: int = 512, m: int | None = None, k: int | None = None, seconds: float = 1.0) -> float:

@@ -707,17 +707,10 @@ def report_markdown(inputs: StudyInputs, variants: Study, summary: list[dict[str
 
 
 def machine_info() -> dict[str, Any]:
-    """benchmarks/measure.py's machine() where the repository's benchmarks are importable, else the basics."""
-    try:
-        from benchmarks.measure import machine  # type: ignore[import-not-found]
+    """What ran the study (CPU model, cores, memory, threads, library versions)."""
+    from simulations.machine import machine
 
-        return machine()
-    except ImportError:  # an installed fedasls without the repository's benchmarks/
-        import os
-        import platform
-
-        return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                "python": platform.python_version()}
+    return machine()
 
 
 def plot_study(inputs: StudyInputs, summary: list[dict[str, Any]], tiers: list[dict[str, Any]]) -> list[str]:

@@ -1,0 +1,52 @@
+"""What a run's figures come from: the CPU model, cores, memory, threads, load and library versions.
+
+Benchmarks (benchmarks/measure.py) and study reports (simulations/study.py) both record it, so two
+sets of CPU seconds can be told apart when they come from different machines.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), else what the platform reports."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def load_avg() -> float:
+    """The 1-minute load average (how many runnable processes shared the cores)."""
+    return os.getloadavg()[0]
+
+
+def machine() -> dict[str, Any]:
+    """The machine and software the figures come from."""
+    import torch
+
+    versions = {}
+    for name in ("torch", "transformers", "peft", "flwr", "ray"):
+        try:
+            versions[name] = __import__(name).__version__
+        except Exception:  # a missing optional library is simply not listed
+            pass
+    return {
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        "python": sys.version.split()[0],
+        "torch_threads": torch.get_num_threads(),
+        "load_avg_1m": round(load_avg(), 2),
+        **versions,
+    }
