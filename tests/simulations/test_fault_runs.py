@@ -136,9 +136,13 @@ DP_GLOBAL_SEEDED = DP_GLOBAL + "noise_seed = 11\n"
 DP_ADAPTIVE_SEEDED = DP_GLOBAL_SEEDED + "adaptive_clipping = true\nclipped_count_stddev = 2.0\nclip_learning_rate = 0.5\n"
 
 
-@pytest.mark.parametrize(("federated", "kill_round"),
-                         [("", 2), (DP_GLOBAL_SEEDED, 2), ("", 1), (DP_ADAPTIVE_SEEDED, 2)],
-                         ids=["local", "dp-global", "local-in-round-1", "dp-adaptive-clipping"])
+# Two cases cover the four ways a resume can go wrong here, at about 45 s each on 2 cores (CI's 20-minute
+# budget): local adapters killed in round 1 (nothing recorded yet), and DP global adapters with adaptive
+# clipping killed in round 2 (a recorded round, the server's adapter, accountant, secrets and clip norm
+# to carry over). Plain DP-global (fixed clip norm) and local-in-round-2 were separate cases; what they
+# checked on resume is checked here too.
+@pytest.mark.parametrize(("federated", "kill_round"), [("", 1), (DP_ADAPTIVE_SEEDED, 2)],
+                         ids=["local-in-round-1", "dp-adaptive-clipping"])
 def test_kill_9_mid_round_then_resume_equals_an_uninterrupted_run(tiny_model_dir, tmp_path, federated, kill_round):
     config = scenario(tmp_path, tiny_model_dir, rounds=2, federated=federated)
     results = tmp_path / "results"
