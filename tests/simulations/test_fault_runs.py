@@ -136,7 +136,7 @@ DP_GLOBAL_SEEDED = DP_GLOBAL + "noise_seed = 11\n"
 DP_ADAPTIVE_SEEDED = DP_GLOBAL_SEEDED + "adaptive_clipping = true\nclipped_count_stddev = 2.0\nclip_learning_rate = 0.5\n"
 
 
-# Two cases cover the four ways a resume can go wrong here, at about 45 s each on 2 cores (CI's 20-minute
+# Two cases, at about 45 s each on 2 cores (CI's 20-minute
 # budget): local adapters killed in round 1 (nothing recorded yet), and DP global adapters with adaptive
 # clipping killed in round 2 (a recorded round, the server's adapter, accountant, secrets and clip norm
 # to carry over). Plain DP-global (fixed clip norm) and local-in-round-2 were separate cases; what they
