@@ -46,6 +46,7 @@ from typing import Any, Literal
 from fedasls.config import ConfigError, Settings, load_settings
 from fedasls.pipeline.selection import POLICY_NAMES
 from fedasls.stats import mean_ci
+from simulations.machine import cpu_model, machine
 
 RESULTS_FILE = "results.jsonl"
 POLICIES = POLICY_NAMES
@@ -327,6 +328,29 @@ class Results:
         self.done.add((row["variant"], int(row["device_id"])))
 
 
+UNRECORDED_CPU = "not recorded"  # rows written before rows named their CPU
+
+
+def rows_by_cpu(rows: Sequence[dict[str, Any]]) -> dict[str, int]:
+    """How many rows each CPU model wrote (bfloat16 greedy answers can differ between CPUs)."""
+    counts: dict[str, int] = defaultdict(int)
+    for r in rows:
+        counts[r.get("cpu") or UNRECORDED_CPU] += 1
+    return dict(counts)
+
+
+def mixed_machine_warning(rows: Sequence[dict[str, Any]], here: str) -> str | None:
+    """A warning when rows already in a study's folder may come from another CPU than this one."""
+    other = {cpu: n for cpu, n in rows_by_cpu(rows).items() if cpu != here}
+    if not other:
+        return None
+    said = ", ".join(f"{n} from {cpu}" for cpu, n in other.items())
+    return (f"warning: this study's folder holds rows from another machine or an unrecorded one ({said}); this "
+            f"machine is {here}. Greedy answers (bfloat16 above all) can differ between CPUs, so the report mixes "
+            "machines: it lists the rows by CPU. For a clean comparison run every variant on one machine "
+            "(docs/results/studies.md, 'Compare real-author runs only within one machine').")
+
+
 def _plain(value: Any) -> Any:
     return str(value)
 
@@ -416,7 +440,7 @@ def run_device_variant(task: tuple[str, str, int, str, int | None]) -> dict[str,
         "new_heldback_loss": last.new_heldback_loss if last else float("nan"),
         "scale": last.scale if last else float("nan"),
         "buffered": len(items), "valuable_share": sum(it.kind == "valuable" for it in items) / len(items) if items else 0.0,
-        "interactions": len(stream), "wall_s": wall, **example,
+        "interactions": len(stream), "wall_s": wall, "cpu": cpu_model(), **example,
     }
 
 
@@ -539,7 +563,7 @@ def fleet_rows(study: str, variant: str, settings: Settings, run_dir: Path, devi
             "examples": examples, "train_cpu_s": train,
             "generate_cpu_s": sum(float(r.get(f"stage_{k}_cpu_s", 0.0)) for r in mine for k in GENERATION_STAGES),
             "train_cpu_per_example": train / examples if examples else nan,
-            "run_dir": str(run_dir),
+            "run_dir": str(run_dir), "cpu": cpu_model(),
         })
     return out
 
@@ -668,6 +692,7 @@ def report_markdown(inputs: StudyInputs, variants: Study, summary: list[dict[str
     lines = [f"# Study: {spec.name}", "", spec.description, "",
              f"Command: `{info['command']}`", "",
              f"Machine: {info['machine_line']}", "",
+             *([f"Rows by CPU (a mix of machines): {info['rows_by_cpu']}", ""] if info.get("rows_by_cpu") else []),
              f"Devices: {info['devices']} ({'devices 0..N-1, a plain loop per device' if spec.kind == 'device' else 'the fleet population'}); "
              f"base overrides: `{' '.join(info['base_overrides']) or 'none'}`; written {info['finished']}.", "",
              "## Variants (mean [95% bootstrap CI over devices])", "",
@@ -708,8 +733,6 @@ def report_markdown(inputs: StudyInputs, variants: Study, summary: list[dict[str
 
 def machine_info() -> dict[str, Any]:
     """What ran the study (CPU model, cores, memory, threads, library versions)."""
-    from simulations.machine import machine
-
     return machine()
 
 
@@ -851,6 +874,9 @@ def run_study(inputs: StudyInputs) -> Path:
     check_dataset(load_settings(inputs.config, inputs.base_overrides()))  # a bad --data file: said at once
     plan = {name: build_settings(inputs, overrides) for name, overrides in variants.items()}
     results = Results(inputs.out_dir, {v: settings_hash(s) for v, s in plan.items()}, inputs.overwrite)
+    warning = mixed_machine_warning(results.rows, cpu_model()) if results.rows else None
+    if warning:
+        print(warning, file=sys.stderr)
     t0 = time.perf_counter()
     if spec.kind == "device":
         run_device_study(inputs, plan, results)
@@ -858,6 +884,9 @@ def run_study(inputs: StudyInputs) -> Path:
         run_fleet_study(inputs, plan, results)
     devices = len({r["device_id"] for r in results.rows if r["variant"] in variants})
     info = _info(inputs, devices) | {"wall_s_this_run": time.perf_counter() - t0}
+    cpus = rows_by_cpu([r for r in results.rows if r["variant"] in variants])
+    if len(cpus) > 1:
+        info["rows_by_cpu"] = ", ".join(f"{cpu}: {n}" for cpu, n in cpus.items())
     return write_outputs(inputs, variants, results.rows, info)
 
 
