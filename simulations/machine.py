@@ -26,6 +26,23 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+LIBRARIES = ("torch", "transformers", "peft", "flwr", "ray")
+
+
+def environment() -> str:
+    """What decides a run's numbers besides its settings, in one line: the CPU model and the versions of
+    the libraries that compute (greedy answers and losses can differ where either does)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    parts = [cpu_model()]
+    for name in ("torch", "transformers", "peft"):
+        try:
+            parts.append(f"{name} {version(name)}")
+        except PackageNotFoundError:
+            parts.append(f"{name} missing")
+    return "; ".join(parts)
+
+
 def load_avg() -> float:
     """The 1-minute load average (how many runnable processes shared the cores)."""
     return os.getloadavg()[0]
@@ -36,7 +53,7 @@ def machine() -> dict[str, Any]:
     import torch
 
     versions = {}
-    for name in ("torch", "transformers", "peft", "flwr", "ray"):
+    for name in LIBRARIES:
         try:
             versions[name] = __import__(name).__version__
         except Exception:  # a missing optional library is simply not listed

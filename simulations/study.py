@@ -46,7 +46,7 @@ from typing import Any, Literal
 from fedasls.config import ConfigError, Settings, load_settings
 from fedasls.pipeline.selection import POLICY_NAMES
 from fedasls.stats import mean_ci
-from simulations.machine import cpu_model, machine
+from simulations.machine import environment, machine
 
 RESULTS_FILE = "results.jsonl"
 POLICIES = POLICY_NAMES
@@ -328,27 +328,28 @@ class Results:
         self.done.add((row["variant"], int(row["device_id"])))
 
 
-UNRECORDED_CPU = "not recorded"  # rows written before rows named their CPU
+UNRECORDED = "not recorded"  # rows written before rows named their environment
 
 
-def rows_by_cpu(rows: Sequence[dict[str, Any]]) -> dict[str, int]:
-    """How many rows each CPU model wrote (bfloat16 greedy answers can differ between CPUs)."""
+def rows_by_environment(rows: Sequence[dict[str, Any]]) -> dict[str, int]:
+    """How many rows each environment (CPU model and library versions) wrote."""
     counts: dict[str, int] = defaultdict(int)
     for r in rows:
-        counts[r.get("cpu") or UNRECORDED_CPU] += 1
+        counts[r.get("environment") or UNRECORDED] += 1
     return dict(counts)
 
 
-def mixed_machine_warning(rows: Sequence[dict[str, Any]], here: str) -> str | None:
-    """A warning when rows already in a study's folder may come from another CPU than this one."""
-    other = {cpu: n for cpu, n in rows_by_cpu(rows).items() if cpu != here}
+def mixed_environment_warning(rows: Sequence[dict[str, Any]], here: str) -> str | None:
+    """A warning when rows already in a study's folder may come from another environment than this one."""
+    other = {env: n for env, n in rows_by_environment(rows).items() if env != here}
     if not other:
         return None
-    said = ", ".join(f"{n} from {cpu}" for cpu, n in other.items())
-    return (f"warning: this study's folder holds rows from another machine or an unrecorded one ({said}); this "
-            f"machine is {here}. Greedy answers (bfloat16 above all) can differ between CPUs, so the report mixes "
-            "machines: it lists the rows by CPU. For a clean comparison run every variant on one machine "
-            "(docs/results/studies.md, 'Compare real-author runs only within one machine').")
+    said = ", ".join(f"{n} from {env}" for env, n in other.items())
+    return (f"warning: this study's folder holds rows from another environment or an unrecorded one ({said}); "
+            f"this one is {here}. CPU seconds differ between machines, and greedy answers and losses can differ "
+            "between library versions and machines, so the report lists the rows by environment. For a clean "
+            "comparison run every variant in one environment; `python -m benchmarks.example_answers RUN` checks "
+            "whether this one reproduces a run's answers.")
 
 
 def _plain(value: Any) -> Any:
@@ -440,7 +441,7 @@ def run_device_variant(task: tuple[str, str, int, str, int | None]) -> dict[str,
         "new_heldback_loss": last.new_heldback_loss if last else float("nan"),
         "scale": last.scale if last else float("nan"),
         "buffered": len(items), "valuable_share": sum(it.kind == "valuable" for it in items) / len(items) if items else 0.0,
-        "interactions": len(stream), "wall_s": wall, "cpu": cpu_model(), **example,
+        "interactions": len(stream), "wall_s": wall, "environment": environment(), **example,
     }
 
 
@@ -563,7 +564,7 @@ def fleet_rows(study: str, variant: str, settings: Settings, run_dir: Path, devi
             "examples": examples, "train_cpu_s": train,
             "generate_cpu_s": sum(float(r.get(f"stage_{k}_cpu_s", 0.0)) for r in mine for k in GENERATION_STAGES),
             "train_cpu_per_example": train / examples if examples else nan,
-            "run_dir": str(run_dir), "cpu": cpu_model(),
+            "run_dir": str(run_dir), "environment": environment(),
         })
     return out
 
@@ -692,7 +693,8 @@ def report_markdown(inputs: StudyInputs, variants: Study, summary: list[dict[str
     lines = [f"# Study: {spec.name}", "", spec.description, "",
              f"Command: `{info['command']}`", "",
              f"Machine: {info['machine_line']}", "",
-             *([f"Rows by CPU (a mix of machines): {info['rows_by_cpu']}", ""] if info.get("rows_by_cpu") else []),
+             *([f"Rows by environment (a mix): {info['rows_by_environment']}", ""]
+               if info.get("rows_by_environment") else []),
              f"Devices: {info['devices']} ({'devices 0..N-1, a plain loop per device' if spec.kind == 'device' else 'the fleet population'}); "
              f"base overrides: `{' '.join(info['base_overrides']) or 'none'}`; written {info['finished']}.", "",
              "## Variants (mean [95% bootstrap CI over devices])", "",
@@ -874,7 +876,7 @@ def run_study(inputs: StudyInputs) -> Path:
     check_dataset(load_settings(inputs.config, inputs.base_overrides()))  # a bad --data file: said at once
     plan = {name: build_settings(inputs, overrides) for name, overrides in variants.items()}
     results = Results(inputs.out_dir, {v: settings_hash(s) for v, s in plan.items()}, inputs.overwrite)
-    warning = mixed_machine_warning(results.rows, cpu_model()) if results.rows else None
+    warning = mixed_environment_warning(results.rows, environment()) if results.rows else None
     if warning:
         print(warning, file=sys.stderr)
     t0 = time.perf_counter()
@@ -884,9 +886,9 @@ def run_study(inputs: StudyInputs) -> Path:
         run_fleet_study(inputs, plan, results)
     devices = len({r["device_id"] for r in results.rows if r["variant"] in variants})
     info = _info(inputs, devices) | {"wall_s_this_run": time.perf_counter() - t0}
-    cpus = rows_by_cpu([r for r in results.rows if r["variant"] in variants])
-    if len(cpus) > 1:
-        info["rows_by_cpu"] = ", ".join(f"{cpu}: {n}" for cpu, n in cpus.items())
+    envs = rows_by_environment([r for r in results.rows if r["variant"] in variants])
+    if len(envs) > 1:
+        info["rows_by_environment"] = ", ".join(f"{env}: {n}" for env, n in envs.items())
     return write_outputs(inputs, variants, results.rows, info)
 
 

@@ -11,10 +11,12 @@ import time
 import pytest
 
 from benchmarks.measure import REPO, study_settings
+from simulations import cli
 from benchmarks import (
     adaptation_fleet,
     batch_devices,
     breakdown,
+    example_answers,
     global_adapter,
     global_adapter_pooled,
     personalization,
@@ -173,8 +175,9 @@ def test_personalization_runs_on_any_model_folder(tiny_model_dir, tmp_path):
     assert all(r["status"] in ("accepted", "rejected", "waiting") and 0 <= float(r["rouge1"]) <= 1 for r in rows)
 
 
-BENCHMARKS = ("adaptation_fleet", "batch_devices", "breakdown", "global_adapter", "global_adapter_pooled", "personalization",
-              "population_scale", "selection_ablation", "throughput")
+BENCHMARKS = ("adaptation_fleet", "batch_devices", "breakdown", "example_answers", "global_adapter", "global_adapter_pooled",
+              "personalization", "population_scale", "selection_ablation", "throughput")
+OWN_SETTINGS = ("global_adapter_pooled", "example_answers")  # they read result files, whose settings they use
 
 
 def test_every_benchmark_runs_as_a_module_and_explains_itself():
@@ -184,7 +187,7 @@ def test_every_benchmark_runs_as_a_module_and_explains_itself():
         out = subprocess.run([sys.executable, "-m", f"benchmarks.{name}", "--help"], cwd=REPO, capture_output=True,
                              text=True, timeout=120)
         assert out.returncode == 0 and out.stdout.startswith("usage:"), (name, out.stderr[-2000:])
-        assert name == "global_adapter_pooled" or "--set SECTION.KEY=VALUE" in out.stdout, name  # it pools result files
+        assert name in OWN_SETTINGS or "--set SECTION.KEY=VALUE" in out.stdout, name
 
 
 def test_a_study_is_the_base_scenario_plus_each_variants_overrides(tiny_model_dir):
@@ -276,3 +279,26 @@ def test_device_flag_becomes_settings_and_a_missing_gpu_is_said_not_hidden():
         done = subprocess.run([sys.executable, "-m", "benchmarks.breakdown", "--device", "cuda", "--devices", "1"],
                               capture_output=True, text=True, timeout=120)
         assert done.returncode != 0 and "sees no CUDA device" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_example_answers_regenerates_a_runs_stored_base_examples_identically_on_one_machine(tiny_model_dir, tmp_path,
+                                                                                          capsys):
+    out = tmp_path / "study"
+    argv = ["study", "selection", "--devices", "2", "--budgets", "4096", "--variants", "full@4096", "--out", str(out),
+            *_sets(tiny_model_dir, ['adaptation.gate="off"'])]
+    assert cli.main(argv) == 0, capsys.readouterr().err
+    checked = example_answers.main([str(out), "--out", str(tmp_path / "check")])
+    assert len(checked) == 2 and all(r["identical"] for r in checked)  # the gate is off: both kept an adapter
+    assert "2 of 2 stored base-model examples generated identically" in capsys.readouterr().out
+    # a stored answer that this machine would not give is found, with where it parts
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert len(rows[0]["example_base"]) > 3 and rows[0]["example_base"][2] != "#"
+    rows[0]["example_base"] = rows[0]["example_base"][:2] + "#" + rows[0]["example_base"][3:]
+    with (out / "results.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    checked = example_answers.main([str(out), "--out", str(tmp_path / "check")])
+    assert [r["identical"] for r in checked] == [False, True] and checked[0]["parts_at_char"] == 2
+    with pytest.raises(SystemExit, match="study.json is missing"):
+        example_answers.main([str(tmp_path / "nothing")])

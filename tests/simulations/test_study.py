@@ -12,6 +12,7 @@ import pytest
 from fedasls.config import ConfigError
 from simulations import study as st
 from simulations.cli import main
+from simulations.machine import cpu_model
 
 TOY = ["population.stream_length=24", "population.heldout=2", "adaptation.epochs=1", "adaptation.lora_rank=4",
        "evaluation.max_new_tokens=4", 'synthesis.method="fallback"', "synthesis.rewrites=1"]
@@ -227,15 +228,16 @@ def test_asls_runs_writes_its_report_and_resumes(tiny_model_dir, tmp_path, capsy
     assert main(argv) == 0
     assert ran == [json.loads(lines[-1])["variant"]]
     assert len(_rows(out)) == 5
-    assert main(argv) == 0 and "another machine" not in capsys.readouterr().err  # one machine: no warning
-    assert "Rows by CPU" not in (out / "report.md").read_text()
-    # rows from another CPU (a resume on another machine): said on resume and in the report
+    assert main(argv) == 0 and "another environment" not in capsys.readouterr().err  # one environment: no warning
+    assert "Rows by environment" not in (out / "report.md").read_text()
+    # rows from another machine or library version (a resume elsewhere): said on resume and in the report
     moved = [json.loads(x) for x in (out / st.RESULTS_FILE).read_text().splitlines()]
-    moved[0]["cpu"] = "Another CPU 9000"
+    assert moved[0]["environment"].startswith(cpu_model()) and "; peft " in moved[0]["environment"]
+    moved[0]["environment"] = "Another CPU 9000; torch 0.1"
     (out / st.RESULTS_FILE).write_text("".join(json.dumps(r) + "\n" for r in moved))
     assert main(argv) == 0
-    assert "1 from Another CPU 9000" in capsys.readouterr().err
-    assert "Rows by CPU (a mix of machines): Another CPU 9000: 1, " in (out / "report.md").read_text()
+    assert "1 from Another CPU 9000; torch 0.1" in capsys.readouterr().err
+    assert "Rows by environment (a mix): Another CPU 9000; torch 0.1: 1, " in (out / "report.md").read_text()
     # other settings in the same folder: refused, unless --overwrite
     assert main([*argv, "--set", "adaptation.learning_rate=0.001"]) == 2
     assert "made with other settings" in capsys.readouterr().err
