@@ -3,7 +3,7 @@
 A device study's row keeps, for a device with a kept adapter, the base model's greedy answer to the
 device's first held-out question (`example_base`, its first 400 characters). This rebuilds each such
 device's question from the run's own settings (study.json: base overrides and the row's variant) and
-answers it with the base model here, as `simulations.study.held_out_example` did. Identical answers on
+answers it with the base model here, through the same functions `simulations.study.held_out_example` uses. Identical answers on
 every row mean this environment (CPU, library versions, model files) reproduces the run's generation;
 where they part, a comparison between a run made here and that run holds the two environments'
 numerics as well as what was varied (docs/results/studies.md, "Reproducing a run's greedy answers").
@@ -23,7 +23,7 @@ from typing import Any
 
 from benchmarks.measure import RESULTS, parser, write_rows
 from simulations.machine import environment
-from simulations.study import EXAMPLE_CHARS
+from simulations.study import EXAMPLE_CHARS, base_answer, example_item, resolved_settings
 
 ROWS_FILE = "results.csv"
 
@@ -58,10 +58,7 @@ def check(run: Path) -> list[dict[str, Any]]:
     """One row per stored example: device, variant, identical or where the answers part."""
     import torch
 
-    from fedasls.config import load_settings
     from fedasls.device.worker import DeviceRuntime
-    from fedasls.lm.model import ensure_model, generate
-    from fedasls.pipeline.evaluation import answer_tokens
 
     torch.set_num_threads(1)
     info, rows = read_run(run)
@@ -72,15 +69,11 @@ def check(run: Path) -> list[dict[str, Any]]:
             continue  # no kept adapter: no example
         variant = row["variant"]
         if variant not in runtimes:
-            settings = load_settings(info.get("config"), [*info["base_overrides"], *info["variants"][variant]])
-            settings = settings.model_copy(update={"model": settings.model.at_path(ensure_model(settings.model))})
+            settings = resolved_settings(info.get("config"), [*info["base_overrides"], *info["variants"][variant]])
             runtimes[variant] = (DeviceRuntime(settings), settings)
         runtime, settings = runtimes[variant]
-        item = runtime.population.heldout(int(row["device_id"]))[0]
-        e = settings.evaluation
-        tokens = answer_tokens(runtime.prompts, [item.preferred], e.max_new_tokens, e.reference_cap)
-        with runtime.base_model() as base:
-            answer = generate(base, runtime.prompts, [item.question], tokens)[0][:EXAMPLE_CHARS]
+        item, tokens = example_item(runtime, settings, int(row["device_id"]))
+        answer = base_answer(runtime, item.question, tokens)[:EXAMPLE_CHARS]
         part = first_difference(answer, stored)
         out.append({"variant": variant, "device_id": int(row["device_id"]), "identical": part is None,
                     "parts_at_char": part, "stored_in": row.get("environment") or "not recorded",

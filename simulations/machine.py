@@ -26,21 +26,28 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-LIBRARIES = ("torch", "transformers", "peft", "flwr", "ray")
+LIBRARIES = ("torch", "transformers", "peft", "flwr", "ray")  # what a benchmark's machine record lists
+COMPUTING = ("torch", "transformers", "peft")  # the libraries whose versions change a run's numbers
+
+
+def library_versions(names: tuple[str, ...]) -> dict[str, str | None]:
+    """Installed versions (None where a library is missing), read from package metadata: nothing is imported."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out: dict[str, str | None] = {}
+    for name in names:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out
 
 
 def environment() -> str:
     """What decides a run's numbers besides its settings, in one line: the CPU model and the versions of
     the libraries that compute (greedy answers and losses can differ where either does)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    parts = [cpu_model()]
-    for name in ("torch", "transformers", "peft"):
-        try:
-            parts.append(f"{name} {version(name)}")
-        except PackageNotFoundError:
-            parts.append(f"{name} missing")
-    return "; ".join(parts)
+    versions = library_versions(COMPUTING)
+    return "; ".join([cpu_model(), *(f"{name} {v or 'missing'}" for name, v in versions.items())])
 
 
 def load_avg() -> float:
@@ -52,12 +59,7 @@ def machine() -> dict[str, Any]:
     """The machine and software the figures come from."""
     import torch
 
-    versions = {}
-    for name in LIBRARIES:
-        try:
-            versions[name] = __import__(name).__version__
-        except Exception:  # a missing optional library is simply not listed
-            pass
+    versions = {name: v for name, v in library_versions(LIBRARIES).items() if v is not None}  # missing: not listed
     return {
         "cpu": cpu_model(),
         "cores": os.cpu_count(),

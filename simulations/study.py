@@ -268,9 +268,15 @@ class StudyInputs:
 
 def build_settings(inputs: StudyInputs, variant: Sequence[str] = ()) -> Settings:
     """The settings of one variant, the model built or converted and resolved to its folder."""
+    return resolved_settings(inputs.config, [*inputs.base_overrides(), *variant])
+
+
+def resolved_settings(config: str | None, overrides: Sequence[str]) -> Settings:
+    """Settings from a scenario and overrides, the model built or converted and resolved to its folder
+    (a run's settings again from its study.json: benchmarks/example_answers.py)."""
     from fedasls.lm.model import ensure_model
 
-    settings = load_settings(inputs.config, [*inputs.base_overrides(), *variant])
+    settings = load_settings(config, list(overrides))
     return settings.model_copy(update={"model": settings.model.at_path(ensure_model(settings.model))})
 
 
@@ -473,16 +479,29 @@ def held_out_example(device: Any, runtime: Any, settings: Settings) -> dict[str,
     answer, the base model's and the adapter's greedy answers (EXAMPLE_CHARS each; a row's
     `example_*` columns)."""
     from fedasls.lm.model import generate
-    from fedasls.pipeline.evaluation import answer_tokens
 
-    item = runtime.population.heldout(device.device_id)[0]
-    e = settings.evaluation
-    tokens = answer_tokens(runtime.prompts, [item.preferred], e.max_new_tokens, e.reference_cap)
+    item, tokens = example_item(runtime, settings, device.device_id)
     personal = generate(device.activate(), runtime.prompts, [item.question], tokens)[0]
-    with runtime.base_model() as base_model:
-        base = generate(base_model, runtime.prompts, [item.question], tokens)[0]
+    base = base_answer(runtime, item.question, tokens)
     texts = {"question": item.question, "preferred": item.preferred, "base": base, "personal": personal}
     return {f"example_{k}": v[:EXAMPLE_CHARS] for k, v in texts.items()}
+
+
+def example_item(runtime: Any, settings: Settings, device_id: int) -> tuple[Any, int]:
+    """A device's example: its first held-out item, and the new tokens its answers get (as in evaluation)."""
+    from fedasls.pipeline.evaluation import answer_tokens
+
+    item = runtime.population.heldout(device_id)[0]
+    e = settings.evaluation
+    return item, answer_tokens(runtime.prompts, [item.preferred], e.max_new_tokens, e.reference_cap)
+
+
+def base_answer(runtime: Any, question: str, tokens: int) -> str:
+    """The base model's greedy answer (every adapter of the runtime's shared model disabled)."""
+    from fedasls.lm.model import generate
+
+    with runtime.base_model() as base_model:
+        return generate(base_model, runtime.prompts, [question], tokens)[0]
 
 
 def _worker_init() -> None:
