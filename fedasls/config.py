@@ -156,6 +156,10 @@ class SelectionSettings(_Section):
     embed_without_head: bool = Field(
         True, description="LM embeddings from the decoder stack alone (Llama-style models), skipping the vocabulary "
         "head; false = the full model with output_hidden_states (same embeddings, slower).")
+    embed_shared_prefix: bool = Field(
+        True, description="LM embeddings (decoder stack): the tokens every text of a call begins with (a chat "
+        "template's system turn, about a third of a short exchange's tokens on SmolLM2) run once and are attended to "
+        "from a cache; false = every text run whole (the same embeddings up to float rounding, slower).")
 
 
 class FeedbackSettings(_Section):
@@ -300,6 +304,16 @@ class AdaptationSettings(_Section):
         True, description="The gate scores the kept adapter and every shrink scale of a candidate in ONE mixed-adapter "
         "batch (greedy answers and losses; on SmolLM2 about half the gate's CPU); false = one adapter at a time, "
         "merged (as before; answers can differ where padding moves a near-tie).")
+    math_attention: bool = Field(
+        True, description="Plain training on a CPU runs attention through torch's math kernel (matmuls and a "
+        "softmax) instead of its fused flash-attention kernel, whose backward is slow in bfloat16 (SmolLM2 in "
+        "bfloat16: a training run 5-18% cheaper; float32: the same speed, losses equal to 4 decimals); false = the "
+        "fused kernel (the code before it). GPUs keep their fused kernels.")
+    gate_reuses_feedback: bool = Field(
+        True, description="With batch_gate, the kept model's greedy answers to held-back items are the answers it "
+        "gave them in this round's feedback stage where the token budget is the same (evaluation.new_tokens = "
+        "'fixed', or references short enough), not generated again; false = generated again (the code before it; an "
+        "answer can differ where other padding moves a greedy near-tie).")
     fused_adamw: bool = Field(
         True, description="Plain (non-DP) training uses torch's fused AdamW kernel; false = AdamW's loop over the "
         "LoRA tensors (same update rule, slower).")

@@ -22,7 +22,7 @@ import torch
 
 from fedasls.pipeline.training import LossTerm, TrainingExample, train_adapter
 from fedasls.lm.lora import adapter_state, load_adapter_state, reset_adapter, shrink_adapter
-from fedasls.pipeline.evaluation import EvalResult, adapter_losses, evaluate, evaluate_adapters
+from fedasls.pipeline.evaluation import EvalResult, KnownAnswers, adapter_losses, evaluate, evaluate_adapters
 from fedasls.pipeline.feedback import SimulatedUser, feedback_examples
 from fedasls.pipeline.gate import GateScore, gate_accepts
 from fedasls.pipeline.heldback import assign_heldback, one_per_group
@@ -205,10 +205,14 @@ class Device:
         # Implicit feedback on the buffered items the user has not annotated: edits reveal preferences.
         unlabelled = [it for it in items if it.index not in self.annotations]
         feedback_pairs = []
+        given = None  # the kept model's answers this round, which the gate reuses (adaptation.gate_reuses_feedback)
         if s.feedback.use_implicit and unlabelled:
             with stage("feedback"):
                 answers = generate(model, prompts, [it.question for it in unlabelled],
                                    max_new_tokens=s.evaluation.max_new_tokens)
+                if a.gate_reuses_feedback:
+                    given = KnownAnswers(s.evaluation.max_new_tokens,
+                                         {it.question: answer for it, answer in zip(unlabelled, answers)})
                 for it, answer in zip(unlabelled, answers):
                     fb = self.user.react(it, answer)
                     self.profile.record_feedback(fb.signal)
@@ -303,7 +307,7 @@ class Device:
                         self.dp_history.append((result.noise_multiplier, result.sample_rate, result.steps))
                 gated += 1
                 with stage("gate"):
-                    candidate, scale, kept = self._shrink(model, heldback, start, kept)
+                    candidate, scale, kept = self._shrink(model, heldback, start, kept, given)
                 if gate_accepts(a.gate, candidate, kept, a.gate_margin):
                     status, self.adapter = "accepted", adapter_state(model)
                     break
@@ -344,7 +348,7 @@ class Device:
         return report
 
     def _shrink(self, model, heldback: list[Interaction], start: dict[str, torch.Tensor] | None,
-                kept: GateScore | None) -> tuple[GateScore, float, GateScore]:
+                kept: GateScore | None, given: KnownAnswers | None = None) -> tuple[GateScore, float, GateScore]:
         """Try the trained candidate at each of `adaptation.shrink_scales` (its update pulled toward
         `start`); leave the best one on held-back items active and return (its score, its scale, the
         kept model's score: `kept`, or scored here alongside when None).
@@ -353,14 +357,15 @@ class Device:
 
         Measured on the quickstart: the full update often garbles words the base model spells
         right (ROUGE-1 -0.10 on some devices) while three quarters of it keeps the user's style.
-        With `adaptation.batch_gate` every scale (and the kept model) is scored in one mixed-adapter batch.
+        With `adaptation.batch_gate` every scale (and the kept model) is scored in one mixed-adapter batch, the kept
+        model's answers taken from `given` (its feedback answers this round) where they are the same question's.
         """
         scales, by_loss = self.settings.adaptation.shrink_scales, self.settings.adaptation.gate == "loss"
         trained = adapter_state(model) if scales != [1.0] else None
         if trained is not None and self.settings.adaptation.shrink_by == "loss":
             scales = [self._least_loss_scale(model, heldback, trained, scales, start)]
         if self.settings.adaptation.batch_gate:
-            scores = self._score_side_by_side(model, heldback, trained, scales, start, kept is None)
+            scores = self._score_side_by_side(model, heldback, trained, scales, start, kept is None, given)
             if kept is None:
                 kept, scores = scores[0], scores[1:]
         best: tuple[GateScore, float] | None = None
@@ -390,9 +395,10 @@ class Device:
 
     def _score_side_by_side(self, model, heldback: list[Interaction], trained: dict[str, torch.Tensor] | None,
                             scales: list[float], start: dict[str, torch.Tensor] | None,
-                            with_kept: bool) -> list[GateScore]:
-        """Scores of [the kept model, if `with_kept`] and the candidate at each scale, in one mixed-adapter batch
-        (each loaded into a scoring slot of the shared model; the kept base model runs as peft's "__base__")."""
+                            with_kept: bool, given: KnownAnswers | None = None) -> list[GateScore]:
+        """Scores of [the kept model, if `with_kept`, reusing its answers in `given`] and the candidate at each scale,
+        in one mixed-adapter batch (each loaded into a scoring slot of the shared model; the kept base model runs as
+        peft's "__base__")."""
         states: list[dict[str, torch.Tensor] | None] = []
         if with_kept:
             states.append(self.adapter if self.adapter is not None else self.shared_model)
@@ -408,7 +414,8 @@ class Device:
         e = self.settings.evaluation
         return [GateScore(loss=math.log(r.perplexity), rouge1=r.rouge1)
                 for r in evaluate_adapters(model, self.runtime.prompts, heldback, names, e.max_new_tokens,
-                                           e.reference_cap)]
+                                           e.reference_cap,
+                                           known={names[0]: given} if with_kept and given is not None else None)]
 
     def _score(self, model, heldback: list[Interaction]) -> GateScore:
         """The active adapter's answer loss and greedy-answer ROUGE-1 on the held-back items."""

@@ -40,7 +40,7 @@ def resource_key(settings: Settings) -> str:
     loads = {
         "model": settings.model.model_dump(mode="json"),
         "population": settings.population.model_dump(mode="json"),
-        "embedding": [s.embedding, s.embed_batch_size, s.embed_without_head],
+        "embedding": [s.embedding, s.embed_batch_size, s.embed_without_head, s.embed_shared_prefix],
     }
     return hashlib.sha256(json.dumps(loads, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -88,7 +88,8 @@ class DeviceRuntime:
     @cached_property
     def embedder(self) -> Embedder:
         s = self._selection
-        return make_embedder(s.embedding, self.model, self.prompts, s.embed_batch_size, s.embed_without_head)
+        return make_embedder(s.embedding, self.model, self.prompts, s.embed_batch_size, s.embed_without_head,
+                             s.embed_shared_prefix)
 
     def paraphrase_probe(self, synthesis: SynthesisSettings) -> ParaphraseProbe:
         """How well the base model paraphrases (fixed probe questions, seeded, 3 rewrites each),

@@ -45,13 +45,15 @@ def _check_texts(texts: list[str]) -> None:
 class LMEmbedder:
     """Last-layer, last-token hidden state of the base causal LM."""
 
-    def __init__(self, model: Any, prompts: PromptFormat, batch_size: int = 16, without_head: bool = True) -> None:
+    def __init__(self, model: Any, prompts: PromptFormat, batch_size: int = 16, without_head: bool = True,
+                 shared_prefix: bool = False) -> None:
         if batch_size < 1:
             raise ValueError(f"LMEmbedder: batch_size must be >= 1 (got {batch_size})")
         self.model = model
         self.prompts = check_prompt_format(prompts)
         self.batch_size = batch_size
         self.without_head = without_head  # selection.embed_without_head
+        self.shared_prefix = shared_prefix  # selection.embed_shared_prefix
 
     def text(self, interaction: Interaction) -> str:
         """The text embedded for an interaction: its exchange in the model's own format."""
@@ -64,7 +66,7 @@ class LMEmbedder:
         if not texts:
             return np.zeros((0, int(self.model.config.hidden_size)), dtype=np.float32)
         out = embed_last_token(self.model, self.prompts, texts, batch_size=self.batch_size,
-                               without_head=self.without_head)
+                               without_head=self.without_head, shared_prefix=self.shared_prefix)
         return np.asarray(out, dtype=np.float32)
 
 
@@ -123,13 +125,13 @@ class MiniLMEmbedder:
 
 
 def make_embedder(name: str, model: Any = None, prompts: PromptFormat | None = None, batch_size: int = 16,
-                  without_head: bool = True) -> Embedder:
+                  without_head: bool = True, shared_prefix: bool = False) -> Embedder:
     """Build the embedder named by `selection.embedding` ("lm" needs the model and its PromptFormat;
-    `without_head` is selection.embed_without_head)."""
+    `without_head` and `shared_prefix` are selection.embed_without_head and embed_shared_prefix)."""
     if name == "lm":
         if model is None or prompts is None:
             raise ValueError("make_embedder('lm') needs the base model and its PromptFormat (DeviceRuntime.prompts)")
-        return LMEmbedder(model, prompts, batch_size, without_head)
+        return LMEmbedder(model, prompts, batch_size, without_head, shared_prefix)
     if name == "minilm":
         return MiniLMEmbedder(batch_size=batch_size)
     raise ValueError(f"unknown embedder '{name}' (selection.embedding): choose one of {EMBEDDER_NAMES}")

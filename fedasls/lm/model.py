@@ -485,9 +485,51 @@ def _decoder(model: torch.nn.Module) -> torch.nn.Module | None:
     return get() if callable(get) else None
 
 
+MIN_SHARED_PREFIX = 8  # tokens: a shorter common beginning is not worth a cache
+
+
+def _common_prefix(ids: Sequence[Sequence[int]]) -> list[int]:
+    """The tokens all of `ids` begin with, leaving every text at least one token of its own
+    (empty when shorter than MIN_SHARED_PREFIX, or for fewer than two texts)."""
+    if len(ids) < 2:
+        return []
+    first, n = ids[0], min(len(x) for x in ids) - 1
+    for k in range(n):
+        if any(x[k] != first[k] for x in ids):
+            n = k
+            break
+    return list(first[:n]) if n >= MIN_SHARED_PREFIX else []
+
+
+def _prefix_cache(decoder: torch.nn.Module, prefix: list[int], device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each layer's (keys, values) of `prefix`, run once through the decoder stack, batch 1."""
+    out = decoder(input_ids=torch.tensor([prefix], device=device), use_cache=True)
+    return [(layer.keys, layer.values) for layer in out.cache.layers]
+
+
+def _embed_after_prefix(decoder: torch.nn.Module, prompts: PromptFormat, rest: list[list[int]],
+                        prefix: list[tuple[torch.Tensor, torch.Tensor]], offset: int,
+                        device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Last hidden states of right-padded token rows that continue a cached prefix of `offset` tokens, and
+    each row's last real position."""
+    from transformers import DynamicCache
+
+    width = max(map(len, rest))
+    pad = prompts.tokenizer.pad_token_id if prompts.tokenizer.pad_token_id is not None else 0
+    input_ids = torch.tensor([r + [pad] * (width - len(r)) for r in rest], device=device)
+    mask = torch.tensor([[1] * (offset + len(r)) + [0] * (width - len(r)) for r in rest], device=device)
+    cache = DynamicCache([(k.expand(len(rest), -1, -1, -1), v.expand(len(rest), -1, -1, -1)) for k, v in prefix],
+                        config=decoder.config)
+    positions = torch.arange(offset, offset + width, device=device)
+    hidden = decoder(input_ids=input_ids, attention_mask=mask, cache=cache, use_cache=True,
+                     position_ids=positions.unsqueeze(0).expand(len(rest), -1)).last_hidden_state
+    return hidden, torch.tensor([len(r) - 1 for r in rest], device=device)
+
+
 @torch.no_grad()
 def embed_last_token(
-    model: torch.nn.Module, prompts: PromptFormat, texts: list[str], batch_size: int = 16, without_head: bool = True
+    model: torch.nn.Module, prompts: PromptFormat, texts: list[str], batch_size: int = 16, without_head: bool = True,
+    shared_prefix: bool = False,
 ) -> np.ndarray:
     """Last-layer hidden state at each text's last real token, float32 [n, hidden].
 
@@ -495,27 +537,36 @@ def embed_last_token(
     tokens). Batches are right-padded, so a text's embedding does not depend on its batch; texts
     are batched in order of length (little padding) and returned in the given order.
     Works for peft-wrapped models too. `without_head` (selection.embed_without_head) runs Llama-style
-    models' decoder stack alone, skipping the vocabulary head; else the full model.
+    models' decoder stack alone, skipping the vocabulary head; else the full model. `shared_prefix`
+    (selection.embed_shared_prefix; decoder stack only) runs the tokens every text begins with (a chat
+    template's system turn) once and lets each batch attend to their cached keys and values: the same
+    embeddings up to float rounding, for fewer tokens.
     """
     prompts = check_prompt_format(prompts)
     device = _device(model)
     limit = _max_positions(model)
     decoder = _decoder(model) if without_head else None
-    lengths = [len(ids) for ids in prompts.tokenize(texts, truncation=limit is not None, max_length=limit)["input_ids"]] \
-        if texts else []
-    order = sorted(range(len(texts)), key=lambda i: lengths[i])
+    ids = prompts.tokenize(texts, truncation=limit is not None, max_length=limit)["input_ids"] if texts else []
+    order = sorted(range(len(texts)), key=lambda i: len(ids[i]))
+    prefix = _common_prefix(ids) if decoder is not None and shared_prefix else []
     rows: list[np.ndarray] = []
     with eval_mode(model):
+        cache = _prefix_cache(decoder, prefix, device) if prefix else None
         for i in range(0, len(texts), batch_size):
-            enc = prompts.tokenize(
-                [texts[k] for k in order[i : i + batch_size]], return_tensors="pt", padding=True, padding_side="right",
-                truncation=limit is not None, max_length=limit,
-            ).to(device)
-            if decoder is not None:  # skip the vocabulary projection: only the hidden states are needed
-                hidden = decoder(**enc).last_hidden_state
+            chunk = order[i : i + batch_size]
+            if cache is not None:
+                hidden, last = _embed_after_prefix(decoder, prompts, [ids[k][len(prefix):] for k in chunk], cache,
+                                                   len(prefix), device)
             else:
-                hidden = model(**enc, output_hidden_states=True).hidden_states[-1]
-            last = enc["attention_mask"].sum(dim=1) - 1
+                enc = prompts.tokenize(
+                    [texts[k] for k in chunk], return_tensors="pt", padding=True, padding_side="right",
+                    truncation=limit is not None, max_length=limit,
+                ).to(device)
+                if decoder is not None:  # skip the vocabulary projection: only the hidden states are needed
+                    hidden = decoder(**enc).last_hidden_state
+                else:
+                    hidden = model(**enc, output_hidden_states=True).hidden_states[-1]
+                last = enc["attention_mask"].sum(dim=1) - 1
             rows.append(hidden[torch.arange(hidden.shape[0], device=device), last].float().cpu().numpy())
     if not rows:
         hidden_size = getattr(getattr(model, "config", None), "hidden_size", 0)

@@ -13,6 +13,7 @@ answer covers, in order) and perplexity, the per-token loss of the user's own an
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
@@ -126,19 +127,34 @@ def adapter_losses(model: Any, prompts: PromptFormat, items: list[Interaction], 
     return mixed_sequence_losses(model, prompts, [(examples, limit, name) for name in adapters])
 
 
+@dataclass(frozen=True)
+class KnownAnswers:
+    """Greedy answers one model already gave this round (question -> answer), each with `budget` new tokens:
+    a scoring call on the same model with the same budget takes them instead of generating them again."""
+
+    budget: int
+    answers: Mapping[str, str]
+
+
 def evaluate_adapters(model: Any, prompts: PromptFormat, heldout: list[Interaction], adapters: list[str],
                       max_new_tokens: int = 32, reference_cap: int | None = None,
-                      user: "SimulatedUser | None" = None) -> list[EvalResult]:
+                      user: "SimulatedUser | None" = None,
+                      known: Mapping[str, KnownAnswers] | None = None) -> list[EvalResult]:
     """`evaluate` of several adapters of one peft model at once, "__base__" = the base model:
     every adapter's greedy answers in shared mixed-adapter batches (`generate_mixed`), their answer losses
     likewise (`mixed_sequence_losses`). One batch of n x k rows costs far less than k batches of n rows on a
     CPU (a decoding step reads the weights once for all rows). Figures equal `evaluate`'s up to float
-    rounding (a greedy near-tie can flip under other padding)."""
+    rounding (a greedy near-tie can flip under other padding). `known[adapter]` answers already given by an
+    adapter are reused where their budget is this call's."""
     if not heldout:
         raise ValueError("evaluate_adapters: heldout is empty; pass the held-back or held-out interactions")
     references = [item.preferred for item in heldout]
+    budget = answer_tokens(prompts, references, max_new_tokens, reference_cap)
     rows = [(item.question, name) for name in adapters for item in heldout]
-    answers = generate_mixed(model, prompts, rows, answer_tokens(prompts, references, max_new_tokens, reference_cap))
+    answers = [_known_answer(known, name, question, budget) for question, name in rows]
+    todo = [i for i, answer in enumerate(answers) if answer is None]
+    for i, answer in zip(todo, generate_mixed(model, prompts, [rows[i] for i in todo], budget)):
+        answers[i] = answer
     losses = adapter_losses(model, prompts, heldout, adapters)
     out = []
     for k, loss in enumerate(losses):
@@ -152,3 +168,9 @@ def evaluate_adapters(model: Any, prompts: PromptFormat, heldout: list[Interacti
                               accept_rate=accept_rate, n=len(heldout), rougeL_recall=scores["rougeL_recall"],
                               answer_words=mean_words(mine), reference_words=mean_words(references)))
     return out
+
+
+def _known_answer(known: Mapping[str, KnownAnswers] | None, adapter: str, question: str, budget: int) -> str | None:
+    """The answer `adapter` already gave to `question` with `budget` new tokens, if `known` holds it."""
+    given = known.get(adapter) if known else None
+    return given.answers.get(question) if given is not None and given.budget == budget else None

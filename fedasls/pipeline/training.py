@@ -49,6 +49,7 @@ import torch
 import torch.nn.functional as F
 from opacus import PrivacyEngine
 from peft import PeftModel
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.data import DataLoader, TensorDataset
 
 from fedasls.config import AdaptationSettings
@@ -370,17 +371,20 @@ def _train_plain(
     extra_loss: LossTerm | None = None,
 ) -> TrainResult:
     losses, steps = [], 0
+    math_attention = settings.math_attention and device.type == "cpu"
     with fast_lora_training(peft_model) if settings.fast_lora_backward else nullcontext():
         for _ in range(settings.epochs):
             total, count = 0.0, 0
             for batch in loader:
                 ids, mask, labels, weights = _trim(batch, device)
-                per_example = _per_example_loss(peft_model, ids, mask, labels, settings.answer_only_head)
-                loss = (weights * per_example).mean()
-                if extra_loss is not None:
-                    loss = loss + extra_loss(peft_model)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                # a step's forward and backward alone (nothing in it hands a batched worker's turn to another thread)
+                with sdpa_kernel(SDPBackend.MATH) if math_attention else nullcontext():
+                    per_example = _per_example_loss(peft_model, ids, mask, labels, settings.answer_only_head)
+                    loss = (weights * per_example).mean()
+                    if extra_loss is not None:
+                        loss = loss + extra_loss(peft_model)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
                 if on_step is not None:
                     on_step(peft_model, steps)
                 optimizer.step()

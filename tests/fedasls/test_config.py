@@ -111,7 +111,8 @@ def test_settings_resolved_to_a_model_folder_validate_again_and_keep_the_presets
 def test_every_ablation_switch_is_a_setting_that_defaults_to_on_and_takes_an_override():
     switches = ["adaptation.use_profile_trigger", "feedback.use_implicit", "adaptation.answer_only_head",
                 "adaptation.fast_lora_backward", "adaptation.fused_adamw", "evaluation.merge_adapter",
-                "selection.embed_without_head"]
+                "selection.embed_without_head", "selection.embed_shared_prefix",
+                "adaptation.gate_reuses_feedback"]
 
     def value(s, dotted: str):
         section, key = dotted.split(".")

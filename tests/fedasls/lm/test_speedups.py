@@ -343,6 +343,41 @@ def test_merge_adapter_setting_scores_without_lora_calls_and_gives_the_same_figu
     assert merged.perplexity == pytest.approx(unmerged.perplexity, rel=1e-4)
 
 
+SYSTEM_TEMPLATE = (  # a chat template whose every conversation begins with the same system turn
+    "<|system|>\nYou are a helpful assistant that answers in one short sentence.{{ eos_token }}\n"
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{{ eos_token }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+def test_embed_shared_prefix_runs_the_common_beginning_once_for_the_same_embeddings(tiny_lm):
+    import copy
+    import os
+
+    model, tokenizer = tiny_lm
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.chat_template = SYSTEM_TEMPLATE
+    prompts = PromptFormat(tokenizer)
+    texts = [prompts.conversation(q, a) for q, a in PAIRS] * 2
+    tokens: list[int] = []  # tokens the decoder stack runs over, counted at its embedding layer
+    hook = model.get_decoder().embed_tokens.register_forward_hook(lambda m, args, out: tokens.append(args[0].numel()))
+    whole = LMEmbedder(model, prompts, batch_size=4).embed(texts)
+    whole_tokens = sum(tokens)
+    tokens.clear()
+    shared = LMEmbedder(model, prompts, batch_size=4, shared_prefix=True).embed(texts)
+    hook.remove()
+    ids = prompts.tokenize(texts)["input_ids"]
+    prefix = len(os.path.commonprefix(ids))  # the system turn and the user turn's opening
+    assert prefix >= 8 and sum(tokens) == whole_tokens - (len(texts) - 1) * prefix  # run once, not once a text
+    np.testing.assert_allclose(shared, whole, rtol=1e-4, atol=1e-4)
+    # no common beginning worth a cache (the embedded model's plain template): the texts run whole, as before
+    plain = PromptFormat(tiny_lm[1])
+    plain_texts = [plain.conversation(q, a) for q, a in PAIRS]
+    np.testing.assert_array_equal(LMEmbedder(model, plain, shared_prefix=True).embed(plain_texts),
+                                  LMEmbedder(model, plain).embed(plain_texts))
+    assert resource_key(load_settings()) != resource_key(load_settings(None, ["selection.embed_shared_prefix=false"]))
+
+
 def test_embed_without_head_setting_skips_the_vocabulary_head_for_the_same_embeddings(peft_lm):
     model, prompts = peft_lm
     texts = [q for q, _ in PAIRS]

@@ -293,3 +293,30 @@ def test_shrink_by_loss_keeps_the_least_loss_scale_and_answers_only_it(runtime, 
     assert report.scale == min(scales, key=lambda scale: losses[scale])
     assert report.new_heldback_loss == pytest.approx(losses[report.scale], abs=1e-4)
     assert rows == [2 * report.heldback]  # the kept model and the chosen scale, not every scale
+
+
+def test_gate_reuses_the_kept_models_feedback_answers_for_the_same_scores(runtime, settings, monkeypatch):
+    from fedasls.pipeline import evaluation
+
+    rows: list[int] = []
+    # a spy, not a mock: it counts the gate's answer rows and runs the real call (which answers are generated
+    # again is the point of gate_reuses_feedback and does not show in the report, which is the same either way)
+    real = evaluation.generate_mixed
+    monkeypatch.setattr(evaluation, "generate_mixed",
+                        lambda model, prompts, batch, *a: rows.append(len(batch)) or real(model, prompts, batch, *a))
+
+    def adapted(reuse: bool):
+        rows.clear()
+        s = updated(settings, adaptation={"gate": "rouge1", "gate_margin": 0.0, "retry_epochs": [],
+                                          "retry_learning_rates": [], "shrink_scales": [1.0],
+                                          "gate_reuses_feedback": reuse})
+        device = Device(4, runtime, s)
+        device.catch_up()
+        return device.adapt(), list(rows)
+
+    (again, again_rows), (reused, reused_rows) = adapted(False), adapted(True)
+    assert again.heldback > 0
+    assert again_rows == [2 * again.heldback]  # the kept (base) model's answers and the candidate's
+    assert reused_rows == [reused.heldback]  # the candidate's alone: the base model answered these in feedback
+    for key in ("status", "heldback", "kept_heldback_rouge1", "new_heldback_rouge1", "kept_heldback_loss"):
+        assert getattr(reused, key) == getattr(again, key), key
