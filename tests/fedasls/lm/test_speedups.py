@@ -327,6 +327,22 @@ def test_fused_adamw_setting_picks_the_optimizer_kernel_and_trains_the_same_adap
         torch.testing.assert_close(fast[name], plain[name], rtol=1e-3, atol=1e-4)
 
 
+def test_math_attention_setting_trains_without_the_fused_attention_kernel_to_the_same_adapter(peft_lm):
+    from torch.profiler import ProfilerActivity, profile
+
+    model, prompts = peft_lm
+    start = adapter_state(model)
+    kernels = {}
+    for math_attention in (True, False):
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            _, trained = _trained(model, prompts, start, math_attention=math_attention)
+        kernels[math_attention] = ({e.key for e in prof.key_averages() if "flash_attention" in e.key}, trained)
+    (math_ops, math_adapter), (fused_ops, fused_adapter) = kernels[True], kernels[False]
+    assert any("backward" in op for op in fused_ops) and not math_ops  # neither the fused kernel nor its backward
+    for name in fused_adapter:
+        torch.testing.assert_close(math_adapter[name], fused_adapter[name], rtol=1e-3, atol=1e-4)
+
+
 def test_merge_adapter_setting_scores_without_lora_calls_and_gives_the_same_figures(peft_lm):
     model, prompts = peft_lm
     heldout = [Interaction(0, i, float(i), q, "generic", a, "cooking") for i, (q, a) in enumerate(PAIRS)]
