@@ -307,7 +307,7 @@ class AdaptationSettings(_Section):
     math_attention: bool = Field(
         True, description="Plain training on a CPU runs attention through torch's math kernel (matmuls and a "
         "softmax) instead of its fused flash-attention kernel, whose backward is slow in bfloat16 (SmolLM2 in "
-        "bfloat16: a training run 5-18% cheaper; float32: the same speed, losses equal to 4 decimals); false = the "
+        "bfloat16: training 6.5% cheaper, paired; float32: the same speed, losses equal to 4 decimals); false = the "
         "fused kernel (the code before it). GPUs keep their fused kernels.")
     gate_reuses_feedback: bool = Field(
         True, description="With batch_gate, the kept model's greedy answers to held-back items are the answers it "

@@ -501,7 +501,8 @@ def _common_prefix(ids: Sequence[Sequence[int]]) -> list[int]:
     return list(first[:n]) if n >= MIN_SHARED_PREFIX else []
 
 
-def _prefix_cache(decoder: torch.nn.Module, prefix: list[int], device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _prefix_cache(decoder: torch.nn.Module, prefix: list[int],
+                  device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Each layer's (keys, values) of `prefix`, run once through the decoder stack, batch 1."""
     out = decoder(input_ids=torch.tensor([prefix], device=device), use_cache=True)
     return [(layer.keys, layer.values) for layer in out.cache.layers]
