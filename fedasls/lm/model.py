@@ -493,12 +493,8 @@ def _common_prefix(ids: Sequence[Sequence[int]]) -> list[int]:
     (empty when shorter than MIN_SHARED_PREFIX, or for fewer than two texts)."""
     if len(ids) < 2:
         return []
-    first, n = ids[0], min(len(x) for x in ids) - 1
-    for k in range(n):
-        if any(x[k] != first[k] for x in ids):
-            n = k
-            break
-    return list(first[:n]) if n >= MIN_SHARED_PREFIX else []
+    common = list(os.path.commonprefix([list(x) for x in ids]))[: min(len(x) for x in ids) - 1]
+    return common if len(common) >= MIN_SHARED_PREFIX else []
 
 
 def _prefix_cache(decoder: torch.nn.Module, prefix: list[int],
@@ -508,23 +504,18 @@ def _prefix_cache(decoder: torch.nn.Module, prefix: list[int],
     return [(layer.keys, layer.values) for layer in out.cache.layers]
 
 
-def _embed_after_prefix(decoder: torch.nn.Module, prompts: PromptFormat, rest: list[list[int]],
-                        prefix: list[tuple[torch.Tensor, torch.Tensor]], offset: int,
-                        device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Last hidden states of right-padded token rows that continue a cached prefix of `offset` tokens, and
-    each row's last real position."""
+def _after_prefix(decoder: torch.nn.Module, enc: Any, prefix: list[tuple[torch.Tensor, torch.Tensor]],
+                  offset: int) -> torch.Tensor:
+    """Last hidden states of a right-padded batch whose rows continue a cached prefix of `offset` tokens."""
     from transformers import DynamicCache
 
-    width = max(map(len, rest))
-    pad = prompts.tokenizer.pad_token_id if prompts.tokenizer.pad_token_id is not None else 0
-    input_ids = torch.tensor([r + [pad] * (width - len(r)) for r in rest], device=device)
-    mask = torch.tensor([[1] * (offset + len(r)) + [0] * (width - len(r)) for r in rest], device=device)
-    cache = DynamicCache([(k.expand(len(rest), -1, -1, -1), v.expand(len(rest), -1, -1, -1)) for k, v in prefix],
-                        config=decoder.config)
-    positions = torch.arange(offset, offset + width, device=device)
-    hidden = decoder(input_ids=input_ids, attention_mask=mask, cache=cache, use_cache=True,
-                     position_ids=positions.unsqueeze(0).expand(len(rest), -1)).last_hidden_state
-    return hidden, torch.tensor([len(r) - 1 for r in rest], device=device)
+    rows, width = enc["input_ids"].shape
+    mask = torch.cat([enc["attention_mask"].new_ones(rows, offset), enc["attention_mask"]], dim=1)
+    cache = DynamicCache([(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1)) for k, v in prefix],
+                         config=decoder.config)
+    positions = torch.arange(offset, offset + width, device=mask.device).unsqueeze(0).expand(rows, -1)
+    return decoder(input_ids=enc["input_ids"], attention_mask=mask, cache=cache, use_cache=True,
+                   position_ids=positions).last_hidden_state
 
 
 @torch.no_grad()
@@ -554,20 +545,15 @@ def embed_last_token(
     with eval_mode(model):
         cache = _prefix_cache(decoder, prefix, device) if prefix else None
         for i in range(0, len(texts), batch_size):
-            chunk = order[i : i + batch_size]
+            chunk = [ids[k][len(prefix):] for k in order[i : i + batch_size]]  # the text's own tokens after a prefix
+            enc = prompts.tokenizer.pad({"input_ids": chunk}, padding_side="right", return_tensors="pt").to(device)
             if cache is not None:
-                hidden, last = _embed_after_prefix(decoder, prompts, [ids[k][len(prefix):] for k in chunk], cache,
-                                                   len(prefix), device)
+                hidden = _after_prefix(decoder, enc, cache, len(prefix))
+            elif decoder is not None:  # skip the vocabulary projection: only the hidden states are needed
+                hidden = decoder(**enc).last_hidden_state
             else:
-                enc = prompts.tokenize(
-                    [texts[k] for k in chunk], return_tensors="pt", padding=True, padding_side="right",
-                    truncation=limit is not None, max_length=limit,
-                ).to(device)
-                if decoder is not None:  # skip the vocabulary projection: only the hidden states are needed
-                    hidden = decoder(**enc).last_hidden_state
-                else:
-                    hidden = model(**enc, output_hidden_states=True).hidden_states[-1]
-                last = enc["attention_mask"].sum(dim=1) - 1
+                hidden = model(**enc, output_hidden_states=True).hidden_states[-1]
+            last = enc["attention_mask"].sum(dim=1) - 1
             rows.append(hidden[torch.arange(hidden.shape[0], device=device), last].float().cpu().numpy())
     if not rows:
         hidden_size = getattr(getattr(model, "config", None), "hidden_size", 0)
