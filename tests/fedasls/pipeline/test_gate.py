@@ -268,9 +268,20 @@ def test_rejected_candidate_is_followed_by_its_own_earlier_epochs_then_retrainin
 
 
 
-def test_shrink_by_loss_keeps_the_least_loss_scale_and_answers_only_it(runtime, settings, monkeypatch):
+@pytest.fixture()
+def answer_rows(monkeypatch) -> list[int]:
+    """The rows of each greedy-answer call the gate makes (`generate_mixed`), in order. A spy, not a mock: it runs
+    the real call. How many answers the gate generates does not show in its report, which is the same either way."""
     from fedasls.pipeline import evaluation
 
+    rows: list[int] = []
+    real = evaluation.generate_mixed
+    monkeypatch.setattr(evaluation, "generate_mixed",
+                        lambda model, prompts, batch, *a: rows.append(len(batch)) or real(model, prompts, batch, *a))
+    return rows
+
+
+def test_shrink_by_loss_keeps_the_least_loss_scale_and_answers_only_it(runtime, settings, answer_rows):
     scales = [1.0, 0.5, 0.25]
 
     def adapted(update: dict) -> object:
@@ -283,36 +294,22 @@ def test_shrink_by_loss_keeps_the_least_loss_scale_and_answers_only_it(runtime, 
     # each scale alone: the same training (same seed), that scale's held-back loss
     losses = {scale: adapted({"shrink_scales": [scale]}).new_heldback_loss for scale in scales}
     assert len(set(losses.values())) == len(scales)  # the scales differ, so the choice means something
-    rows: list[int] = []
-    # a spy, not a mock: it counts the gate's answer rows and runs the real call (how many scales are answered
-    # is the point of shrink_by = loss and does not show in the report, which is the same for either count)
-    real = evaluation.generate_mixed
-    monkeypatch.setattr(evaluation, "generate_mixed",
-                        lambda model, prompts, batch, *a: rows.append(len(batch)) or real(model, prompts, batch, *a))
+    answer_rows.clear()
     report = adapted({"shrink_scales": scales, "shrink_by": "loss"})
     assert report.scale == min(scales, key=lambda scale: losses[scale])
     assert report.new_heldback_loss == pytest.approx(losses[report.scale], abs=1e-4)
-    assert rows == [2 * report.heldback]  # the kept model and the chosen scale, not every scale
+    assert answer_rows == [2 * report.heldback]  # the kept model and the chosen scale, not every scale
 
 
-def test_gate_reuses_the_kept_models_feedback_answers_for_the_same_scores(runtime, settings, monkeypatch):
-    from fedasls.pipeline import evaluation
-
-    rows: list[int] = []
-    # a spy, not a mock: it counts the gate's answer rows and runs the real call (which answers are generated
-    # again is the point of gate_reuses_feedback and does not show in the report, which is the same either way)
-    real = evaluation.generate_mixed
-    monkeypatch.setattr(evaluation, "generate_mixed",
-                        lambda model, prompts, batch, *a: rows.append(len(batch)) or real(model, prompts, batch, *a))
-
+def test_gate_reuses_the_kept_models_feedback_answers_for_the_same_scores(runtime, settings, answer_rows):
     def adapted(reuse: bool):
-        rows.clear()
+        answer_rows.clear()
         s = updated(settings, adaptation={"gate": "rouge1", "gate_margin": 0.0, "retry_epochs": [],
                                           "retry_learning_rates": [], "shrink_scales": [1.0],
                                           "gate_reuses_feedback": reuse})
         device = Device(4, runtime, s)
         device.catch_up()
-        return device.adapt(), list(rows)
+        return device.adapt(), list(answer_rows)
 
     (again, again_rows), (reused, reused_rows) = adapted(False), adapted(True)
     assert again.heldback > 0
