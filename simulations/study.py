@@ -225,6 +225,7 @@ class StudyInputs:
     check_every: int | None = None
     budgets: list[int] | None = None
     only: list[str] | None = None  # run these variants only (plus their references)
+    no_references: bool = False  # with `only`: leave the references out (paired against another run)
     noises: list[float] | None = None
     no_baseline: bool = False
     overwrite: bool = False
@@ -261,8 +262,10 @@ class StudyInputs:
             if unknown:
                 raise ConfigError(f"--variants {' '.join(unknown)}: not a variant of study {self.name}; its variants: "
                                   f"{' '.join(study)}")
-            keep = set(self.only) | {reference_of(self.name, v) for v in self.only}
+            keep = set(self.only) | (set() if self.no_references else {reference_of(self.name, v) for v in self.only})
             study = {k: v for k, v in study.items() if k in keep}
+        elif self.no_references:
+            raise ConfigError("--no-references needs --variants: name the variants to run without their references")
         return study
 
 
@@ -735,6 +738,12 @@ def report_markdown(inputs: StudyInputs, variants: Study, summary: list[dict[str
         cells = [_fmt(row[f"diff_{m}"], row[f"diff_{m}_low"], row[f"diff_{m}_high"], digits[m], sign=True)
                  for m in metrics]
         lines.append(f"| {row['variant']} | {row['reference']} | {pairs} | " + " | ".join(cells) + " |")
+    unpaired = [row for row in summary if row["reference"] not in variants]
+    if unpaired:
+        lines += ["", "Not paired here (their reference was not run in this folder: --no-references): "
+                  + ", ".join(f"{row['variant']} (reference {row['reference']})" for row in unpaired)
+                  + ". Pair them with a run that holds the reference: `python -m simulations.compare_studies "
+                  "REFERENCE_RUN THIS_RUN METRIC... --variant REFERENCE --variant-b VARIANT`."]
     if tiers:
         lines += ["", "## By device tier (uplift = held-out ROUGE-1 of the device's model minus the base model's)", "",
                   "| variant | tier | devices | participation | uplift ROUGE-1 | with a result |", "|---|---|---|---|---|---|"]
@@ -935,6 +944,10 @@ def add_study_parsers(sub: Any, settings_args: Callable[[argparse.ArgumentParser
         if spec.kind != "privacy":
             p.add_argument("--variants", nargs="+", metavar="VARIANT",
                            help="run only these variants (and their references); default: all")
+            p.add_argument("--no-references", action="store_true",
+                           help="with --variants: run those only, not their references (e.g. to add variants to a "
+                           "reference run made by earlier code, in a new --out; pair the two runs with "
+                           "`python -m simulations.compare_studies`)")
             p.add_argument("--overwrite", action="store_true", help="discard results already in --out")
         if spec.kind == "device":
             p.add_argument("--check-every", type=int, metavar="N",
@@ -955,6 +968,7 @@ def inputs_from_args(args: argparse.Namespace, config: str | None, overrides: li
         name=args.study, config=config, user_overrides=overrides, data=args.data, devices=args.devices,
         out=Path(args.out) if args.out else None, jobs=args.jobs, check_every=getattr(args, "check_every", None),
         budgets=getattr(args, "budgets", None), only=getattr(args, "variants", None),
+        no_references=getattr(args, "no_references", False),
         noises=getattr(args, "noise", None), no_baseline=getattr(args, "no_baseline", False),
         overwrite=getattr(args, "overwrite", False),
         command="fedasls " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])))

@@ -93,6 +93,13 @@ def test_variants_option_keeps_the_references_and_refuses_unknown_names(tiny_mod
         _inputs("selection", tiny_model_dir, only=["fifo@1"]).variants()
 
 
+def test_no_references_runs_the_named_variants_alone_and_needs_them_named(tiny_model_dir):
+    inputs = _inputs("asls", tiny_model_dir, only=["fixed-schedule", "no-feedback"], no_references=True)
+    assert list(inputs.variants()) == ["fixed-schedule", "no-feedback"]
+    with pytest.raises(ConfigError, match="--no-references needs --variants"):
+        _inputs("asls", tiny_model_dir, no_references=True).variants()
+
+
 # --- statistics ------------------------------------------------------------------------------------
 
 
@@ -300,6 +307,10 @@ def test_a_report_with_nothing_to_pair_has_no_empty_paired_table():
     assert "+0.1000 [+0.1000, +0.1000]" in paired  # fifo's ROUGE-1 uplift, signed
     alone = report({"full@1024": []})  # the reference alone: nothing to pair
     assert "## Paired differences" not in alone and "| full@1024 |" in alone
+    assert "Not paired here" not in paired + alone
+    without_reference = report({"fifo@1024": []})  # --no-references: says where its pairing is
+    assert "## Paired differences" not in without_reference
+    assert "Not paired here" in without_reference and "fifo@1024 (reference full@1024)" in without_reference
 
 
 def test_rows_written_before_loss_reduction_derive_it_from_their_perplexities():
