@@ -437,6 +437,8 @@ def run_device_variant(task: tuple[str, str, int, str, int | None]) -> dict[str,
         "reference_words": personal.reference_words,
         "adaptations": len(reports), "trained": sum(r.status in ("accepted", "rejected") for r in reports),
         "accepted": sum(r.status == "accepted" for r in reports), "statuses": " ".join(r.status for r in reports),
+        # per adaptation, the epoch whose weights early stopping kept for the first candidate (0: none trained)
+        "best_epochs": " ".join(str(r.best_epoch) for r in reports),
         "annotations": device.counters.annotations, "edits": sum(r.edits for r in reports),
         "synthesized": sum(r.synthesized for r in reports), "examples": examples,
         "train_cpu_s": train, "generate_cpu_s": sum(cpu.get(k, 0.0) for k in GENERATION_STAGES),

@@ -208,6 +208,11 @@ def test_asls_runs_writes_its_report_and_resumes(tiny_model_dir, tmp_path, capsy
     assert set(rows) == set(st.asls_variants())
     off = rows["profiling-only"]
     assert off["train_cpu_s"] == 0 and off["examples"] == 0 and set(off["statuses"].split()) <= {"off"}
+    assert set(off["best_epochs"].split()) == {"0"}  # nothing trained
+    for r in rows.values():  # one best epoch per adaptation; a trained candidate's is one of its epochs (TOY: 1)
+        statuses, best = r["statuses"].split(), r["best_epochs"].split()
+        assert len(best) == len(statuses)
+        assert all(b == ("1" if s in ("accepted", "rejected") else "0") for s, b in zip(statuses, best))
     assert off["rouge1"] == off["base_rouge1"]  # the base model answers
     assert off["loss_reduction"] == pytest.approx(0.0, abs=1e-9)  # ... and is as surprised by the user's answers
     assert rows["adaptation-only"]["profile_weight"] == 0 and rows["full"]["profile_weight"] == 1
