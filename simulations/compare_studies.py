@@ -2,7 +2,7 @@
 
     python -m simulations.compare_studies RUN_A RUN_B METRIC [METRIC ...] [--variant NAME] [--variant-b NAME]
 
-For each METRIC (a column of results.csv, or of results.jsonl for a run not finished yet, or
+For each METRIC (a column of the run's results.jsonl, else of its results.csv, or
 `length_gap`: |answer_words - reference_words|), the mean of the per-device differences B - A over
 the devices both runs finished, with a 95% bootstrap CI over devices (the study's own
 `paired_difference`). Both runs must hold the variant (default: the
@@ -23,17 +23,18 @@ from simulations.study import RESULTS_FILE, paired_difference, read_results, wit
 
 
 def read_rows(run: Path) -> list[dict[str, Any]]:
-    """A study folder's rows (results.csv, or for a run not finished yet its results.jsonl), each with
-    the derived `loss_reduction` and `length_gap`."""
+    """A study folder's rows, each with the derived `loss_reduction` and `length_gap`: its results.jsonl
+    where there is one (every finished row, also those a run added after its last report, e.g. variants
+    added with --no-references), else its results.csv."""
     path, partial = run / "results.csv", run / RESULTS_FILE
-    if path.is_file():
-        with path.open(newline="") as f:
-            rows = [{k: _number(v) for k, v in row.items()} for row in csv.DictReader(f)]
-    elif partial.is_file():
+    if partial.is_file():
         try:
             rows = read_results(partial)
         except ConfigError as exc:
             raise SystemExit(f"compare_studies: {exc}") from None
+    elif path.is_file():
+        with path.open(newline="") as f:
+            rows = [{k: _number(v) for k, v in row.items()} for row in csv.DictReader(f)]
     else:
         raise SystemExit(f"compare_studies: neither results.csv nor {RESULTS_FILE} in {run}: pass a study's --out folder")
     return [_with_length_gap(with_derived(row)) for row in rows]

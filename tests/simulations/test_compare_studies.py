@@ -71,3 +71,14 @@ def test_an_unfinished_run_is_read_from_its_results_jsonl(tmp_path, capsys):
     (b / "results.jsonl").write_text("{not json\n" + json.dumps(_row(1, 0.5, 90)) + "\n")
     with pytest.raises(SystemExit, match="results.jsonl:1 is not a JSON row"):
         main([str(a), str(b), "rouge1"])
+
+
+def test_rows_added_after_the_last_report_are_read_from_results_jsonl(tmp_path, capsys):
+    a = _run(tmp_path / "a", [_row(0, 0.1, 90, variant="full"), _row(1, 0.2, 90, variant="full")])
+    b = _run(tmp_path / "b", [_row(0, 0.3, 90, variant="profiling-only")])  # the report of its first variant
+    rows = [_row(0, 0.3, 90, variant="profiling-only"), _row(0, 0.6, 90, variant="fixed-schedule"),
+            _row(1, 0.4, 90, variant="fixed-schedule")]
+    (b / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main([str(a), str(b), "rouge1", "--variant", "full", "--variant-b", "fixed-schedule"]) == 0
+    out = capsys.readouterr().out
+    assert "rouge1: +0.3500" in out and "over 2 devices" in out
